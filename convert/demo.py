@@ -1,0 +1,38 @@
+"""`make demo`: build a tiny random-weight Qwen3-VL checkpoint, convert it, show what was written.
+
+A random-weight model's words are noise; the point is the whole path on any
+machine without downloading anything. See README for a real checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .pipeline import convert_checkpoint
+from .synthetic import SyntheticSpec, build_checkpoint
+
+DEMO_DIR = Path(".cache/demo")
+
+
+def main() -> None:
+    ckpt = DEMO_DIR / "qwen3-vl-tiny"
+    if not (ckpt / "config.json").is_file():
+        print(f"building a tiny synthetic Qwen3-VL checkpoint in {ckpt} ...", file=sys.stderr)
+        build_checkpoint(ckpt, SyntheticSpec())
+    out = DEMO_DIR / "gguf"
+    manifest = convert_checkpoint(ckpt, out, "f16", overwrite=True)
+    print(f"converted {ckpt} -> {out}")
+    for role in ("text", "mmproj"):
+        e = manifest[role]
+        print(f"  {role:7s} {out / e['path']}  type={e['type']}  {e['bytes']:,} bytes  sha256={e['sha256'][:16]}...")
+    print(f"  manifest {out / 'manifest.json'}")
+    try:
+        from edge_runtime import demo as runtime_demo
+    except ImportError:
+        return
+    runtime_demo.run(out)
+
+
+if __name__ == "__main__":
+    main()

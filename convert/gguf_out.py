@@ -1,0 +1,98 @@
+"""Write a GGUF file tensor by tensor, never holding the model in memory.
+
+gguf-py's GGUFWriter writes the header, metadata and tensor table; the payloads
+are streamed here in row blocks. The file appears under its final name only
+once complete (temp name + rename), so an interrupted run leaves nothing that
+looks finished.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from tqdm import tqdm
+
+from .floats import f32_to_bf16_bits
+
+FLOAT_TYPES = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+}
+_STORAGE = {  # numpy storage of each float type inside the file
+    GGMLQuantizationType.F32: np.dtype("<f4"),
+    GGMLQuantizationType.F16: np.dtype("<f2"),
+    GGMLQuantizationType.BF16: np.dtype("<u2"),
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the output: its name, shape (outermost first), type, and a
+    producer of float32 row blocks that concatenate along axis 0 to the tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _STORAGE[self.ggml_type].itemsize
+
+
+def encode(block: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    if ggml_type == GGMLQuantizationType.BF16:
+        return f32_to_bf16_bits(block)
+    return np.ascontiguousarray(block, dtype=_STORAGE[ggml_type])
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    set_metadata: Callable[[GGUFWriter], None],
+    tensors: Sequence[PlannedTensor],
+    *,
+    progress: bool = True,
+) -> int:
+    """Write `path` atomically; returns its size in bytes."""
+    tmp = partial_path(path)
+    writer = GGUFWriter(tmp, arch)
+    try:
+        set_metadata(writer)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, _STORAGE[t.ggml_type], t.nbytes, raw_dtype=t.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        total = sum(t.nbytes for t in tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
+            for t in tensors:
+                writer.write_padding(fout, fout.tell())
+                written = 0
+                for block in t.blocks():
+                    data = encode(block, t.ggml_type)
+                    data.tofile(fout)
+                    written += data.nbytes
+                    bar.update(data.nbytes)
+                if written != t.nbytes:
+                    raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
+                writer.write_padding(fout, t.nbytes)
+        fout.flush()
+        os.fsync(fout.fileno())
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size

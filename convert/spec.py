@@ -1,0 +1,49 @@
+"""The shape of an architecture description, as the generic pipeline consumes it.
+
+An architecture module (convert/arch/<name>.py) fills these in declaratively:
+which Hugging Face architectures it takes, which GGUF files come out, how source
+tensor names map to GGUF names (with any reshaping), and which metadata goes in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGUFWriter
+
+from .checkpoint import Checkpoint
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """A source tensor becomes `name`, after `transform` (a view-like reshaping) if any."""
+
+    name: str
+    transform: Transform | None = None
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One GGUF file the architecture produces."""
+
+    role: str  # key in manifest.json: "text" or "mmproj"
+    gguf_arch: str
+    file_name: Callable[[str, str], str]  # (model name, type name) -> file name
+    claims: Callable[[str], bool]  # does this source tensor belong to this file?
+    map_tensor: Callable[[str, dict[str, Any]], list[TensorMapping]]
+    write_metadata: Callable[[GGUFWriter, Checkpoint], None]
+    skip: Callable[[str, dict[str, Any]], bool] = lambda name, config: False
+    # GGUF tensors kept at f16 in an f16 file and f32 otherwise (loaders need it).
+    keep_f16_or_f32: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    hf_architectures: tuple[str, ...]
+    outputs: tuple[OutputFile, ...]
+    validate: Callable[[Checkpoint], None] = lambda ckpt: None
+    unsupported_relatives: dict[str, str] = field(default_factory=dict)

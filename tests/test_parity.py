@@ -1,0 +1,75 @@
+"""The converted GGUF pair, run by llama.cpp, must compute what transformers computes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from convert.reference import Reference
+from convert.synthetic import SyntheticSpec
+from edge_runtime.llama_io import Context, ContextOptions, Model, Projector
+
+PROMPT = "<|im_start|>user\nDescribe the red box on the left, please! How many circles: 3?<|im_end|>\n<|im_start|>assistant\n"
+BEFORE, AFTER = "<|im_start|>user\n", "What is in this picture?<|im_end|>\n<|im_start|>assistant\n"
+
+VARIANTS = {
+    "hf5-bf16-tied-4L": SyntheticSpec(),
+    "hf4-f32-untied-5L-sharded": SyntheticSpec(layout="hf4", dtype="f32", tied=False, text_layers=5, shards=2, seed=1),
+    "hf5-f16-tied-6L-vision4": SyntheticSpec(dtype="f16", text_layers=6, vision_depth=4, seed=2),
+}
+TOL = {"f32": 1e-2, "f16": 5e-2}
+
+
+def manifest_paths(out_dir):
+    m = json.loads((out_dir / "manifest.json").read_text())
+    return out_dir / m["text"]["path"], out_dir / m["mmproj"]["path"]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, artifacts):
+    spec = VARIANTS[request.param]
+    return spec, Reference.load(artifacts.model(spec))
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+def test_text_logits_match_transformers(variant, artifacts, quant):
+    spec, ref = variant
+    text_path, _ = manifest_paths(artifacts.converted(spec, quant))
+    model = Model(text_path)
+    ctx = Context(model, ContextOptions(n_ctx=256))
+    try:
+        ids = model.tokenize(PROMPT)
+        assert ids == ref.tokenize(PROMPT), "llama.cpp's qwen2 pre-tokenizer must split like the HF tokenizer"
+        ctx.decode(ids, all_logits=True)
+        ours = ctx.all_logits(len(ids))[:, : ref.config["text_config"]["vocab_size"]]
+    finally:
+        ctx.close(), model.close()
+    theirs = ref.text_logits(ids)
+    assert np.abs(theirs).max() > 1.0, "fixture logits should have a useful magnitude"
+    assert np.abs(ours - theirs).max() < TOL[quant]
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_image_embeddings_and_image_prompt_match_transformers(variant, artifacts, test_image):
+    spec, ref = variant
+    text_path, mmproj_path = manifest_paths(artifacts.converted(spec, "f32"))
+    model = Model(text_path)
+    proj = Projector(mmproj_path, model)
+    ctx = Context(model, ContextOptions(n_ctx=512))
+    try:
+        chunks = proj.tokenize(BEFORE + proj.marker + AFTER, [np.asarray(test_image)])
+        image_chunk = chunks[1]
+        ours = proj.encode(image_chunk)
+        n_past = proj.eval_chunks(ctx, chunks)
+        last = ctx.logits()[: ref.config["text_config"]["vocab_size"]]
+        chunks.close()
+    finally:
+        ctx.close(), proj.close(), model.close()
+    theirs = ref.image_embeddings(test_image)
+    assert ours.shape == theirs.shape == (48, model.n_embd * (1 + len(spec.vision_shape().deepstack)))
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 5e-3
+    assert n_past > 0
+    theirs_last = ref.image_prompt_logits(BEFORE, test_image, AFTER)
+    assert np.abs(last - theirs_last).max() < 1e-2
+    assert last.argmax() == theirs_last.argmax()
