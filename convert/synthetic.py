@@ -247,7 +247,7 @@ def random_tensor(name: str, shape: tuple[int, ...], gen):
     if len(shape) == 1:
         return 1.0 + 0.1 * x if "norm" in name else 0.02 * x
     if "embed_tokens" in name or name == "lm_head.weight":
-        return 0.4 * x
+        return x * (3.0 / math.sqrt(shape[1]))  # logits ~ +-3 whatever the width
     if "pos_embed" in name:
         return 0.5 * x
     fan_in = math.prod(shape[1:])

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from convert.reference import Reference
-from convert.synthetic import SyntheticSpec
+from convert.synthetic import SyntheticSpec, TextShape, VisionShape
+import llama_cpp
+
 from edge_runtime.llama_io import Context, ContextOptions, Model, Projector
+
+# f32 KV cache and no flash attention (which rounds Q to f16): the exact path, so
+# that what is measured is the conversion, not llama.cpp's speed-for-precision trades.
+EXACT = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+             flash_attn=llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
 
 PROMPT = "<|im_start|>user\nDescribe the red box on the left, please! How many circles: 3?<|im_end|>\n<|im_start|>assistant\n"
 BEFORE, AFTER = "<|im_start|>user\n", "What is in this picture?<|im_end|>\n<|im_start|>assistant\n"
@@ -17,6 +24,12 @@ VARIANTS = {
     "hf5-bf16-tied-4L": SyntheticSpec(),
     "hf4-f32-untied-5L-sharded": SyntheticSpec(layout="hf4", dtype="f32", tied=False, text_layers=5, shards=2, seed=1),
     "hf5-f16-tied-6L-vision4": SyntheticSpec(dtype="f16", text_layers=6, vision_depth=4, seed=2),
+    # Other widths, head counts and rope sections, as 4B/8B differ from 2B only in numbers.
+    "hf4-bf16-wide": SyntheticSpec(
+        layout="hf4", seed=4,
+        text=TextShape(hidden=128, ff=320, layers=5, heads=8, kv_heads=2, head_dim=32, mrope_section=(4, 6, 6)),
+        vision=VisionShape(depth=4, hidden=96, ff=192, heads=6, deepstack=(1, 2, 3)),
+    ),
 }
 TOL = {"f32": 1e-2, "f16": 5e-2}
 
@@ -37,7 +50,7 @@ def test_text_logits_match_transformers(variant, artifacts, quant):
     spec, ref = variant
     text_path, _ = manifest_paths(artifacts.converted(spec, quant))
     model = Model(text_path)
-    ctx = Context(model, ContextOptions(n_ctx=256))
+    ctx = Context(model, ContextOptions(n_ctx=256, **EXACT))
     try:
         ids = model.tokenize(PROMPT)
         assert ids == ref.tokenize(PROMPT), "llama.cpp's qwen2 pre-tokenizer must split like the HF tokenizer"
@@ -56,7 +69,7 @@ def test_image_embeddings_and_image_prompt_match_transformers(variant, artifacts
     text_path, mmproj_path = manifest_paths(artifacts.converted(spec, "f32"))
     model = Model(text_path)
     proj = Projector(mmproj_path, model)
-    ctx = Context(model, ContextOptions(n_ctx=512))
+    ctx = Context(model, ContextOptions(n_ctx=512, **EXACT))
     try:
         chunks = proj.tokenize(BEFORE + proj.marker + AFTER, [np.asarray(test_image)])
         image_chunk = chunks[1]
