@@ -37,11 +37,11 @@ class ConvertOptions:
     name: str | None = None  # file-name stem; default: the checkpoint folder's name
 
 
-def choose_type(name: str, shape: tuple[int, ...], ftype: GGMLQuantizationType, keep: tuple[str, ...]) -> GGMLQuantizationType:
+def choose_type(name: str, shape: tuple[int, ...], ftype: GGMLQuantizationType, out: OutputFile) -> GGMLQuantizationType:
     """llama.cpp's convert rules: vectors and norms stay f32; some loaders need f16/f32."""
-    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith("_norm.weight"):
+    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith("_norm.weight") or name in out.keep_f32:
         return GGMLQuantizationType.F32
-    if name in keep:
+    if name in out.keep_f16_or_f32:
         return GGMLQuantizationType.F16 if ftype == GGMLQuantizationType.F16 else GGMLQuantizationType.F32
     return ftype
 
@@ -80,7 +80,7 @@ def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) 
             if m.name in planned:
                 raise ConvertError(f"{ckpt.model_dir}: two checkpoint tensors map to {m.name!r}; the checkpoint is inconsistent.")
             planned[m.name] = PlannedTensor(
-                m.name, shape, choose_type(m.name, shape, ftype, out.keep_f16_or_f32),
+                m.name, shape, choose_type(m.name, shape, ftype, out),
                 lambda ref=ref, t=m.transform: row_blocks(ref, t),
             )
     if not planned:

@@ -38,6 +38,8 @@ class OutputFile:
     skip: Callable[[str, dict[str, Any]], bool] = lambda name, config: False
     # GGUF tensors kept at f16 in an f16 file and f32 otherwise (loaders need it).
     keep_f16_or_f32: tuple[str, ...] = ()
+    # GGUF tensors always f32 (ops that assert f32 inputs, e.g. ggml_interpolate).
+    keep_f32: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ hub) and transformers 5 (`rope_parameters`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -130,8 +131,13 @@ def write_text_metadata(w: GGUFWriter, ckpt: Checkpoint) -> None:
     write_bpe_vocab(w, ckpt.model_dir, hp.n_vocab, TOKENIZER_PRE, add_bos=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_blocks)
+
+
 def _text_map(config: dict[str, Any]) -> gguf.TensorNameMap:
-    return gguf.get_tensor_name_map(MODEL_ARCH.QWEN3VL, text_hparams(config).n_layer)
+    return _name_map(MODEL_ARCH.QWEN3VL, text_hparams(config).n_layer)
 
 
 def map_text_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
@@ -211,7 +217,7 @@ def map_vision_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
         if parts[2] == "norm":
             return [TensorMapping(TENSOR_NAMES[MODEL_TENSOR.V_POST_NORM] + "." + parts[3])]
         raise ConvertError(f"checkpoint tensor {name!r}: unknown merger part.")
-    tmap = gguf.get_tensor_name_map(MODEL_ARCH.MMPROJ, vc["depth"])
+    tmap = _name_map(MODEL_ARCH.MMPROJ, vc["depth"])
     new = tmap.get_name(short, try_suffixes=(".weight", ".bias"))
     if new is None:
         raise ConvertError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL vision tower.")
@@ -253,6 +259,7 @@ SPEC = ArchSpec(
             map_tensor=map_vision_tensor,
             write_metadata=write_vision_metadata,
             keep_f16_or_f32=(f"{PATCH_EMBD}.weight", f"{PATCH_EMBD}.weight.1"),
+            keep_f32=(f"{TENSOR_NAMES[MODEL_TENSOR.V_ENC_EMBD_POS]}.weight",),  # resized with ggml_interpolate
         ),
     ),
     validate=validate,

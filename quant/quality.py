@@ -1,0 +1,450 @@
+"""How much a quantized pair differs from its reference, in numbers users can compare.
+
+Both text models run the same probe sequences through llama.cpp (the runtime's
+engine), with and without images (through mtmd, the runtime's vision path):
+the reference evaluates each prompt and greedily continues it; the quantized
+model is teacher-forced on exactly the same tokens. At every position we
+compare the two next-token distributions: KL(ref || test), and whether the
+top-1 tokens agree. Projectors are compared on image embeddings: cosine
+similarity between the reference's and the quantized projector's output for
+the same image. Nothing here knows the architecture: prompts are raw text with
+mtmd's media marker, and mtmd adds whatever image framing the model needs.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import QuantError
+
+PROBE_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog. Then it",
+    "Question: What is the capital of France?\nAnswer:",
+    "def add(a, b):\n    return",
+    "A small robot on a table looks at a red ball and",
+    "List three colors: red, green,",
+    "In 1969, the first humans landed on the",
+)
+IMAGE_PROMPTS = (
+    "Describe this image.",
+    "What colors and shapes are in this picture?",
+    "Is there any text in the image?",
+)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """A text GGUF and (optionally) its projector."""
+
+    text: Path
+    mmproj: Path | None = None
+
+    @classmethod
+    def from_dir(cls, out_dir: str | Path) -> "ModelPair":
+        """The pair recorded in OUT/manifest.json by the converter."""
+        d = Path(out_dir)
+        mf = d / "manifest.json"
+        if not mf.is_file():
+            raise QuantError(f"{d}: no manifest.json; point at a folder written by edge-convert, or pass a ModelPair.")
+        m = json.loads(mf.read_text(encoding="utf-8"))
+        mm = m.get("mmproj")
+        return cls(d / m["text"]["path"], d / mm["path"] if mm else None)
+
+
+def as_pair(x: "ModelPair | str | Path | tuple") -> ModelPair:
+    if isinstance(x, ModelPair):
+        return x
+    if isinstance(x, tuple):
+        return ModelPair(Path(x[0]), Path(x[1]) if len(x) > 1 and x[1] else None)
+    return ModelPair.from_dir(x)
+
+
+@dataclass(frozen=True)
+class QualityOptions:
+    n_ctx: int = 2048
+    threads: int | None = None  # None: every core
+    continuation: int = 24  # greedy tokens the reference adds after each prompt
+    prompts: tuple[str, ...] = PROBE_PROMPTS
+    image_prompts: tuple[str, ...] = IMAGE_PROMPTS
+    images: tuple[Any, ...] | None = None  # PIL images or paths; None: built-in synthetic ones
+    image_size: tuple[int, int] = (288, 224)
+    text: bool = True  # run the text probes (KL / top-1)
+    embeddings: bool = True  # compare projector embeddings
+
+
+@dataclass(frozen=True)
+class DivergenceStats:
+    positions: int
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+
+    @classmethod
+    def of(cls, kl: np.ndarray, agree: np.ndarray) -> "DivergenceStats | None":
+        if kl.size == 0:
+            return None
+        return cls(int(kl.size), float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max()), float(agree.mean()))
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    ref: str
+    test: str
+    overall: DivergenceStats | None
+    text_only: DivergenceStats | None
+    with_images: DivergenceStats | None
+    image_cosine_mean: float | None = None
+    image_cosine_min: float | None = None
+    image_token_cosine_min: float | None = None
+    images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for manifest.json's "quality" section."""
+        d = asdict(self)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+
+# --- llama.cpp plumbing -------------------------------------------------------------
+
+class _TextModel:
+    def __init__(self, path: Path, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self.lc = llama_cpp
+        mp = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise QuantError(f"{path}: llama.cpp cannot load this text model.")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = min(512, n_ctx)
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise QuantError(f"{path}: llama.cpp cannot create a context (n_ctx={n_ctx}).")
+        self.n_batch = n_ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def reset(self) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+
+    def decode_tokens(self, tokens: Sequence[int], n_past: int) -> np.ndarray:
+        """Decode with logits at every position; returns [len(tokens), n_vocab] float32."""
+        lc = self.lc
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for s in range(0, len(tokens), self.n_batch):
+            part = tokens[s: s + self.n_batch]
+            batch = lc.llama_batch_init(len(part), 0, 1)
+            try:
+                batch.n_tokens = len(part)
+                for i, tok in enumerate(part):
+                    batch.token[i] = int(tok)
+                    batch.pos[i] = n_past + s + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                if lc.llama_decode(self.ctx, batch) != 0:
+                    raise QuantError("llama_decode failed while evaluating probe prompts.")
+                for i in range(len(part)):
+                    ptr = lc.llama_get_logits_ith(self.ctx, i)
+                    out[s + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            finally:
+                lc.llama_batch_free(batch)
+        return out
+
+    def close(self) -> None:
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
+
+
+class _Vision:
+    def __init__(self, mmproj: Path, text: _TextModel, threads: int):
+        from llama_cpp import mtmd_cpp
+
+        self.m = mtmd_cpp
+        check_projector(mmproj)
+        p = mtmd_cpp.mtmd_context_params_default()
+        p.use_gpu = False
+        p.print_timings = False
+        p.n_threads = threads
+        p.warmup = False
+        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), text.model, p)
+        if not self.ctx:
+            raise QuantError(f"{mmproj}: mtmd cannot load this projector with {text.model!r}.")
+        self.text = text
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+
+    def tokenize(self, prompt: str, images: Sequence[Any]):
+        m = self.m
+        bitmaps = [_bitmap(m, img) for img in images]
+        chunks = m.mtmd_input_chunks_init()
+        raw = prompt.encode()
+        inp = m.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
+        arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        try:
+            rc = m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+        finally:
+            for b in bitmaps:
+                m.mtmd_bitmap_free(b)
+        if rc != 0:
+            m.mtmd_input_chunks_free(chunks)
+            raise QuantError(f"mtmd_tokenize failed ({rc}) for probe {prompt!r}.")
+        return chunks
+
+    def image_embedding(self, image: Any) -> np.ndarray:
+        """The projector's output for one image: [n_tokens, n_embd_inp]."""
+        m, lc = self.m, self.text.lc
+        chunks = self.tokenize(self.marker, [image])
+        try:
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                ch = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(ch) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue
+                if m.mtmd_encode_chunk(self.ctx, ch) != 0:
+                    raise QuantError("mtmd_encode_chunk failed.")
+                n = m.mtmd_input_chunk_get_n_tokens(ch)
+                dim = lc.llama_model_n_embd_inp(self.text.model)
+                ptr = m.mtmd_get_output_embd(self.ctx)
+                return np.ctypeslib.as_array(ptr, shape=(n * dim,)).reshape(n, dim).copy()
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+        raise QuantError("the probe produced no image chunk; does the projector support vision?")
+
+    def close(self) -> None:
+        self.m.mtmd_free(self.ctx)
+
+
+def check_projector(path: Path) -> None:
+    """Refuse what would abort the process inside clip: it interpolates position embeddings in F32 only."""
+    import gguf
+
+    for t in gguf.GGUFReader(path).tensors:
+        if ".position_embd" in t.name and t.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise QuantError(f"{path}: {t.name} is {t.tensor_type.name}; llama.cpp's clip needs it in F32 "
+                             "(re-convert, or rewrite it with quant.mmproj.quantize_mmproj).")
+
+
+def _bitmap(m, image: Any):
+    from PIL import Image
+
+    img = image if isinstance(image, Image.Image) else Image.open(image)
+    rgb = np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    h, w = rgb.shape[:2]
+    data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+    bmp = m.mtmd_bitmap_init(w, h, data)
+    if not bmp:
+        raise QuantError("mtmd_bitmap_init failed.")
+    return bmp
+
+
+def _run(model: _TextModel, vision: "_Vision | None", prompt: str, images: Sequence[Any],
+         forced: Sequence[int] | None, n_new: int) -> tuple[np.ndarray, list[int]]:
+    """Logits at every text position of prompt (+ continuation); returns (logits, continuation tokens)."""
+    lc = model.lc
+    model.reset()
+    if vision is not None:
+        chunks = vision.tokenize(prompt, images)
+    else:
+        chunks = None
+    logits: list[np.ndarray] = []
+    n_past = 0
+    try:
+        if chunks is None:
+            toks = _tokenize(model, prompt)
+            logits.append(model.decode_tokens(toks, n_past))
+            n_past += len(toks)
+        else:
+            m = vision.m
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                ch = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                    toks = [ptr[j] for j in range(n.value)]
+                    logits.append(model.decode_tokens(toks, n_past))
+                    n_past += len(toks)
+                else:
+                    new_past = lc.llama_pos(0)
+                    if m.mtmd_helper_eval_chunk_single(vision.ctx, model.ctx, ch, n_past, 0, model.n_batch, False,
+                                                       ctypes.byref(new_past)) != 0:
+                        raise QuantError("mtmd could not evaluate a probe image.")
+                    n_past = new_past.value
+    finally:
+        if chunks is not None:
+            vision.m.mtmd_input_chunks_free(chunks)
+    out = np.concatenate(logits) if logits else np.empty((0, model.n_vocab), np.float32)
+    cont: list[int] = []
+    last = out[-1] if len(out) else None
+    for k in range(n_new if forced is None else len(forced)):
+        tok = int(np.argmax(last)) if forced is None else int(forced[k])
+        if forced is None and lc.llama_vocab_is_eog(model.vocab, tok):
+            break
+        cont.append(tok)
+        last = model.decode_tokens([tok], n_past)[0]
+        n_past += 1
+        out = np.concatenate([out, last[None]])
+    return out, cont
+
+
+def _tokenize(model: _TextModel, text: str) -> list[int]:
+    lc = model.lc
+    raw = text.encode()
+    buf = (lc.llama_token * (len(raw) + 16))()
+    n = lc.llama_tokenize(model.vocab, raw, len(raw), buf, len(buf), True, True)
+    if n < 0:
+        raise QuantError("llama_tokenize failed on a probe prompt.")
+    return list(buf[:n])
+
+
+def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_test) per row, from logits (float64 log-softmax)."""
+    a = ref_logits.astype(np.float64)
+    b = test_logits.astype(np.float64)
+    la = a - a.max(1, keepdims=True)
+    la -= np.log(np.exp(la).sum(1, keepdims=True))
+    lb = b - b.max(1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(1, keepdims=True))
+    return np.maximum(0.0, (np.exp(la) * (la - lb)).sum(1))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def probe_images(options: QualityOptions) -> list[Any]:
+    if options.images is not None:
+        return list(options.images)
+    from .imatrix import synthetic_images
+
+    return synthetic_images(options.image_size)[:3]
+
+
+def image_cosines(ref: ModelPair, test: ModelPair, images: Iterable[Any], *, threads: int | None = None,
+                  n_ctx: int = 512) -> list[tuple[float, float]]:
+    """(whole-image cosine, worst per-token cosine) of the two projectors' embeddings, per image."""
+    from . import llamalog
+
+    if ref.mmproj is None or test.mmproj is None:
+        raise QuantError("both pairs need a projector to compare image embeddings.")
+    threads = threads or os.cpu_count() or 1
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    out = []
+    with llamalog.capture(mtmd=True):
+        text = _TextModel(ref.text, n_ctx, threads)
+        try:
+            va, vb = _Vision(ref.mmproj, text, threads), None
+            try:
+                vb = _Vision(test.mmproj, text, threads)
+                for img in images:
+                    ea, eb = va.image_embedding(img), vb.image_embedding(img)
+                    per_token = [cosine(x, y) for x, y in zip(ea, eb)]
+                    out.append((cosine(ea, eb), min(per_token)))
+            finally:
+                va.close()
+                if vb is not None:
+                    vb.close()
+        finally:
+            text.close()
+    return out
+
+
+def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Path | tuple",
+             options: QualityOptions = QualityOptions()) -> QualityReport:
+    """Compare `test` against `ref` (each a converted output dir, a ModelPair or a (text, mmproj) tuple)."""
+    import llama_cpp
+
+    from . import llamalog
+
+    ref, test = as_pair(ref), as_pair(test)
+    threads = options.threads or os.cpu_count() or 1
+    images = probe_images(options)
+    use_images = ref.mmproj is not None and test.mmproj is not None
+    groups: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"text": ([], []), "image": ([], [])}
+    llama_cpp.llama_backend_init()
+    if options.text:
+        probes = [(p, []) for p in options.prompts]
+        if use_images:
+            from llama_cpp import mtmd_cpp
+
+            marker = mtmd_cpp.mtmd_default_marker().decode()
+            probes += [(f"{marker}\n{q}", [img]) for q, img in zip(_cycle(options.image_prompts, len(images)), images)]
+        ref_runs = _run_all(ref, probes, None, options, threads, use_images, llamalog)
+        test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images, llamalog)
+        for (p, imgs), (la, _), (lb, _) in zip(probes, ref_runs, test_runs):
+            n = min(len(la), len(lb))
+            kl = kl_divergence(la[:n], lb[:n])
+            agree = la[:n].argmax(1) == lb[:n].argmax(1)
+            g = groups["image" if imgs else "text"]
+            g[0].append(kl)
+            g[1].append(agree)
+    stats = {k: DivergenceStats.of(np.concatenate(v[0]) if v[0] else np.empty(0),
+                                   np.concatenate(v[1]) if v[1] else np.empty(0)) for k, v in groups.items()}
+    all_kl = [x for v in groups.values() for x in v[0]]
+    all_agree = [x for v in groups.values() for x in v[1]]
+    overall = DivergenceStats.of(np.concatenate(all_kl), np.concatenate(all_agree)) if all_kl else None
+    cos: list[tuple[float, float]] = []
+    if options.embeddings and use_images:
+        cos = image_cosines(ref, test, images, threads=threads)
+    return QualityReport(
+        ref=str(ref.text),
+        test=str(test.text),
+        overall=overall, text_only=stats["text"], with_images=stats["image"],
+        image_cosine_mean=float(np.mean([c for c, _ in cos])) if cos else None,
+        image_cosine_min=float(min(c for c, _ in cos)) if cos else None,
+        image_token_cosine_min=float(min(t for _, t in cos)) if cos else None,
+        images=len(cos),
+    )
+
+
+def _cycle(items: Sequence[str], n: int) -> list[str]:
+    return [items[i % len(items)] for i in range(n)] if items else ["Describe this image."] * n
+
+
+def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: int, use_images: bool, llamalog):
+    runs = []
+    with llamalog.capture(mtmd=True):
+        model = _TextModel(pair.text, options.n_ctx, threads)
+        vision = None
+        try:
+            if use_images:
+                vision = _Vision(pair.mmproj, model, threads)
+            for k, (prompt, imgs) in enumerate(probes):
+                runs.append(_run(model, vision, prompt, imgs, None if forced is None else forced[k],
+                                 options.continuation))
+        finally:
+            if vision is not None:
+                vision.close()
+            model.close()
+    return runs
+
+
+def format_table(report: QualityReport) -> str:
+    """A plain-text table of the report, for the CLI."""
+    rows = [("probe set", "positions", "KL mean", "KL p99", "KL max", "top-1 agree")]
+    for label, s in (("all", report.overall), ("text only", report.text_only), ("with images", report.with_images)):
+        if s is not None:
+            rows.append((label, str(s.positions), f"{s.kl_mean:.5f}", f"{s.kl_p99:.5f}", f"{s.kl_max:.5f}",
+                         f"{100 * s.top1_agreement:.1f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"quality of {report.test} vs {report.ref}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if report.image_cosine_mean is not None:
+        lines.append(f"image embeddings: cosine mean {report.image_cosine_mean:.5f}, min {report.image_cosine_min:.5f} "
+                     f"(worst token {report.image_token_cosine_min:.5f}) over {report.images} image(s)")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Size and memory estimates from shapes alone, checked against the files llama.cpp and we write."""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from quant import catalog, estimate as E, llamalog
+from quant.mmproj import MmprojQuantOptions, quantize_mmproj
+from quant.report import read_tensors
+from quant.text import TextQuantOptions, quantize_text
+from test_quant_support import WIDE_SPEC, pair_of, sparse_f16_text_gguf, wide_imatrix
+
+CONFIG_2B = Path("/work/shared/qwen3-vl-2b-instruct.config.json")
+
+
+@pytest.fixture(scope="module")
+def wide(artifacts):
+    return artifacts.model(WIDE_SPEC), pair_of(artifacts.converted(WIDE_SPEC, "f16"))
+
+
+@pytest.fixture(scope="module")
+def wide_shapes(wide):
+    return E.load_shapes(wide[0])
+
+
+# Imatrix types whose (slow) search quantizers run here; every type's mix is also checked on the 2B shapes below.
+QUANTIZED_HERE = [q for q in catalog.names() if not catalog.lookup(q).is_float and
+                  (not catalog.lookup(q).needs_imatrix or q in ("iq2_xxs", "iq3_s", "iq1_s", "q2_k_s"))]
+
+
+def test_text_types_match_llama_cpp_tensor_by_tensor(artifacts, wide, wide_shapes, tmp_path):
+    src = wide[1][0]
+    im = wide_imatrix(artifacts)
+    for q in QUANTIZED_HERE:
+        t = catalog.lookup(q)
+        out = tmp_path / f"{q}.gguf"
+        r = quantize_text(src, out, TextQuantOptions(q, imatrix=im if t.needs_imatrix else None, progress=False))
+        est = E.estimate(wide_shapes, q)
+        assert est.text.types() == r.types(), q
+        assert abs(est.text.bytes - r.file_bytes) <= 0.03 * r.file_bytes, q
+        assert est.text.tensor_bytes == sum(x.n_bytes for x in r.tensors), q
+        out.unlink()
+
+
+def test_float_files_are_predicted_exactly(artifacts, tiny_model_dir, tiny_f16_dir, tiny_f32_dir):
+    shapes = E.load_shapes(tiny_model_dir)
+    for d, q in ((tiny_f16_dir, "f16"), (tiny_f32_dir, "f32")):
+        text, mm = pair_of(d)
+        e = E.estimate(shapes, q)
+        assert e.text.bytes == text.stat().st_size
+        assert e.mmproj.bytes == mm.stat().st_size
+        assert e.text.types() == {t.name: t.ggml_type for t in read_tensors(text)}
+
+
+@pytest.mark.parametrize("mq", ["q8_0", "q4_k", "q6_k", "f16"])
+def test_projector_sizes(wide, wide_shapes, tmp_path, mq):
+    r = quantize_mmproj(wide[1][1], tmp_path / "m.gguf", MmprojQuantOptions(mq, progress=False))
+    e = E.estimate(wide_shapes, "q4_k_m", mq)
+    assert e.mmproj.types() == r.types()
+    assert e.mmproj.bytes == r.file_bytes
+
+
+def test_runtime_memory_parts(wide_shapes):
+    e = E.estimate(wide_shapes, "q4_k_m", n_ctx=1000, kv_type="q8_0")
+    # 4 layers, one KV head of 64, q8_0 rows of 64 = 2 blocks of 34 bytes, 1024 cells after padding
+    assert e.kv_bytes == 4 * 2 * 68 * 1024
+    assert e.total_runtime_bytes == e.weights_bytes + e.kv_bytes + e.compute_bytes + e.vision_compute_bytes
+    assert e.compute_bytes > 0 and e.vision_compute_bytes > 0
+    assert E.estimate(wide_shapes, "q4_k_m", n_ctx=1000, kv_type="f16").kv_bytes == 2 * e.kv_bytes * 64 // 68
+
+
+def test_plan_table_lists_every_type(wide_shapes):
+    rows = E.plan_table(wide_shapes, n_ctx=2048)
+    assert [r.quant for r in rows] == list(catalog.names())
+    sizes = {r.quant: r.text.bytes for r in rows}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q6_k"] > sizes["q4_k_m"] > sizes["q2_k"]
+    text = E.format_plan(rows)
+    for q in catalog.names():
+        assert re.search(rf"^{q}\s", text, re.M), q
+    assert "required" in text and "n_ctx 2048" in text
+
+
+@pytest.fixture(scope="module")
+def shapes_2b():
+    if not CONFIG_2B.is_file():
+        pytest.skip(f"{CONFIG_2B} not present")
+    cfg = json.loads(CONFIG_2B.read_text())
+    return cfg, E.load_shapes(cfg)  # transformers meta-device shapes, no weights
+
+
+def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
+    """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
+    import llama_cpp
+
+    from convert.synthetic import train_tokenizer, write_tokenizer
+
+    cfg, shapes = shapes_2b
+    write_tokenizer(tmp_path, train_tokenizer(300))
+    sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-2b-f16.gguf", shapes)
+    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB "
+                      r"\((\S+)\))?")
+    # dry_run types every tensor without reading data; one imatrix entry is enough to switch llama.cpp's
+    # has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
+    values = (ctypes.c_float * 2048)(*([1.0] * 2048))
+    one = (llama_cpp.llama_model_imatrix_data * 2)()
+    one[0].name, one[0].data, one[0].size = b"blk.0.attn_q.weight", values, 2048
+    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
+        for with_imatrix in (False, True):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = catalog.lookup(q).ftype
+            params.dry_run = True
+            if with_imatrix:
+                params.imatrix = ctypes.cast(one, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+            with llamalog.capture() as log:
+                assert llama_cpp.llama_model_quantize(str(sparse).encode(), b"", ctypes.byref(params)) == 0
+            real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
+            quant_mib = float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])
+            est = E.estimate(shapes, q, imatrix=with_imatrix)
+            assert est.text.types() == real, (q, with_imatrix)
+            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+    e = E.estimate(shapes, "q4_k_m", n_ctx=4096)
+    assert 1.05e9 < e.text.bytes < 1.15e9  # the published Q4_K_M file of Qwen3-VL-2B-Instruct is 1.11 GB
+    assert e.kv_bytes == 448 * 2**20  # llama.cpp: "KV buffer size = 448.00 MiB" at n_ctx 4096
+    assert abs(e.compute_bytes / (320.75 * 2**20) - 1) < 0.03  # llama.cpp: "compute buffer size = 320.75 MiB"
+    assert abs(e.vision_compute_bytes / (322.49 * 2**20) - 1) < 0.05  # mtmd warmup: 322.49 MiB

@@ -1,0 +1,78 @@
+"""Shared pieces of the quantization tests (no tests here).
+
+The tiny synthetic model's rows (64 values) are narrower than the 256-value
+blocks of k-quants, so llama.cpp falls back to 32-block types for every
+tensor; WIDE_SPEC has 256-wide rows so q4_k_m, q6_k and the imatrix types
+really produce their own types, while staying small enough for two CPU cores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from convert.synthetic import SyntheticSpec, TextShape, VisionShape
+
+WIDE_SPEC = SyntheticSpec(
+    text=TextShape(hidden=256, ff=512, layers=4, heads=4, kv_heads=1, head_dim=64, mrope_section=(8, 12, 12),
+                   max_positions=4096),
+    vision=VisionShape(depth=2, hidden=256, ff=512, heads=4, patch=16, merge=2, num_positions=256, deepstack=(0,)),
+    seed=3,
+)
+
+
+def pair_of(out_dir: Path) -> tuple[Path, Path]:
+    """(text, mmproj) paths recorded in a converted folder's manifest."""
+    import json
+
+    m = json.loads((Path(out_dir) / "manifest.json").read_text())
+    return Path(out_dir) / m["text"]["path"], Path(out_dir) / m["mmproj"]["path"]
+
+
+def reference_projector(src: Path, dst: Path) -> Path:
+    """The f16 projector rewritten by quant.mmproj (F32 position embeddings, as clip needs)."""
+    from quant.mmproj import MmprojQuantOptions, quantize_mmproj
+
+    if not dst.exists():
+        quantize_mmproj(src, dst, MmprojQuantOptions("f16", progress=False))
+    return dst
+
+
+def sparse_f16_text_gguf(config: dict, tokenizer_dir: Path, path: Path, shapes=None) -> Path:
+    """A text GGUF with the config's real shapes whose data is a sparse hole (zeros, no disk).
+
+    llama_model_quantize in dry-run mode reads only the header, so this gives
+    llama.cpp's exact per-tensor types and sizes for a 2B model in seconds.
+    """
+    import gguf
+    import numpy as np
+
+    from convert.arch.qwen3vl import write_text_metadata
+    from convert.checkpoint import Checkpoint
+    from quant.estimate import load_shapes
+
+    shapes = shapes or load_shapes(config)
+    ckpt = Checkpoint(tokenizer_dir, config, {})
+    w = gguf.GGUFWriter(path, "qwen3vl")
+    write_text_metadata(w, ckpt)
+    total = 0
+    for t in shapes.tensors["text"]:
+        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+        total += -(-t.nbytes // 32) * 32
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    f = w.fout[0]
+    w.write_padding(f, f.tell())
+    f.truncate(f.tell() + total)
+    w.close()
+    return path
+
+
+def wide_imatrix(artifacts) -> Path:
+    """An imatrix computed once per test session for the WIDE_SPEC model (cached as a file)."""
+    from quant.imatrix import ImatrixOptions, compute_imatrix, save
+
+    path = artifacts.root / "wide-imatrix.gguf"
+    if not path.exists():
+        im = compute_imatrix(artifacts.model(WIDE_SPEC), None, ImatrixOptions(max_samples=6, progress=False))
+        save(im, path)
+    return path
