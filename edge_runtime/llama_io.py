@@ -8,9 +8,6 @@ by these objects and freed on close(); errors become LlamaError with the file.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +16,8 @@ import numpy as np
 import llama_cpp as L
 from llama_cpp import mtmd_cpp as M
 
-GGML_LOG_LEVEL_ERROR = 4
+from .backend import ensure_backend, physical_cores
+
 CHUNK_TEXT = M.MTMD_INPUT_CHUNK_TYPE_TEXT if hasattr(M, "MTMD_INPUT_CHUNK_TYPE_TEXT") else 0
 
 
@@ -27,49 +25,14 @@ class LlamaError(RuntimeError):
     """llama.cpp refused a file or an operation."""
 
 
-@L.llama_log_callback
-def _log(level: int, text: bytes, user_data) -> None:
-    if level >= GGML_LOG_LEVEL_ERROR and level != 5 or os.environ.get("EDGE_VERBOSE"):
-        sys.stderr.write(text.decode("utf-8", "replace"))
-
-
-@functools.cache
-def init_backend() -> None:
-    """Once per process: quiet llama.cpp/mtmd logging (errors only unless EDGE_VERBOSE=1)."""
-    L.llama_backend_init()
-    L.llama_log_set(_log, ctypes.c_void_p())
-    M.mtmd_log_set(_log, ctypes.c_void_p())
-    M.mtmd_helper_log_set(_log, ctypes.c_void_p())
-
-
-def physical_cores() -> int:
-    """Threads default to physical cores: SMT siblings only slow matmuls down."""
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        if cores:
-            return min(len(cores), os.cpu_count() or 1)
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // (2 if sys.platform == "darwin" else 1))
-
-
 class Model:
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, use_mmap: bool = True):
-        init_backend()
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
+        ensure_backend()
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: model file not found")
         params = L.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = use_mmap
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"{self.path}: llama.cpp could not load this GGUF (run with EDGE_VERBOSE=1 for its log)")
@@ -229,7 +192,7 @@ def chunk_text_tokens(chunk) -> list[int]:
 
 class Projector:
     def __init__(self, path: str | Path, model: Model, options: ProjectorOptions = ProjectorOptions()):
-        init_backend()
+        ensure_backend()
         self.path, self.model = Path(path), model
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: projector file not found")

@@ -1,0 +1,48 @@
+"""Edge runtime for Qwen3-VL GGUF pairs on llama.cpp.
+
+    from edge_runtime import VisionChat
+    with VisionChat.from_dir("models/") as chat:
+        print(chat.ask("What is in this picture?", images=["photo.jpg"]))
+
+Names are imported lazily, so `import edge_runtime.images` does not load llama.cpp.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "VisionChat": "chat",
+    "Engine": "engine",
+    "EngineOptions": "options",
+    "GenerationOptions": "options",
+    "GenerationStats": "stats",
+    "ImageInput": "prompt",
+    "ImageError": "images",
+    "ImageLimits": "images",
+    "EdgeRuntimeError": "errors",
+    "ModelFileError": "errors",
+    "ModelLoadError": "errors",
+    "ProjectorMismatchError": "errors",
+    "VisionUnsupportedError": "errors",
+    "EmptyPromptError": "errors",
+    "ContextOverflowError": "errors",
+    "DecodeError": "errors",
+    "EngineClosedError": "errors",
+    "create_qwen3_vl_2b_plugin": "plugin",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,240 @@
+"""Process-wide llama.cpp setup and hardware choices (threads, GPU offload, KV types).
+
+Which backend exists (CPU, CUDA, Metal) is fixed by how llama-cpp-python was
+compiled; this module only asks llama.cpp what it has and picks settings.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import platform
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+
+log = logging.getLogger("edge_runtime")
+_llama_log = logging.getLogger("edge_runtime.llama_cpp")
+
+# ggml log levels (ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT.
+# llama.cpp talks a lot; its failures reach users as exceptions carrying the error
+# lines, so nothing here needs to pass logging's default WARNING threshold.
+_GGML_TO_LOGGING = {
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.DEBUG,  # warnings are mostly advisory ("n_ctx_seq < n_ctx_train")
+    4: logging.INFO,
+}
+_CONT = 5
+
+
+class _LogBridge:
+    """Routes llama.cpp / mtmd logs into `logging` and remembers recent errors.
+
+    llama.cpp reports why a load failed only through its log, so the runtime
+    keeps the last error lines to put them into the exception it raises.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._level = 2
+        self._partial = ""
+        self.errors: collections.deque[str] = collections.deque(maxlen=32)
+        # Keep a reference: ctypes callbacks are freed with their Python object.
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        try:
+            chunk = text.decode("utf-8", errors="replace") if text else ""
+            with self._lock:
+                if level != _CONT:
+                    self._level = level
+                self._partial += chunk
+                if "\n" not in self._partial:
+                    return
+                *done, self._partial = self._partial.split("\n")
+                level_now = self._level
+            for line in done:
+                if not line.strip():
+                    continue
+                if level_now >= 4:
+                    self.errors.append(line)
+                _llama_log.log(_GGML_TO_LOGGING.get(level_now, logging.DEBUG), "%s", line)
+        except Exception:  # a C callback must never raise
+            pass
+
+    def install(self) -> None:
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(self._callback, ctypes.c_void_p(0))
+
+    def take_errors(self) -> list[str]:
+        with self._lock:
+            errors = list(self.errors)
+            self.errors.clear()
+        return errors
+
+
+_init_lock = threading.Lock()
+_bridge: _LogBridge | None = None
+
+
+def ensure_backend() -> _LogBridge:
+    """Initialise llama.cpp once per process; (re)install the log bridge.
+
+    The log callback is process-wide and other code may replace it; the engine
+    needs it to explain load failures, so every load puts it back.
+    """
+    global _bridge
+    with _init_lock:
+        if _bridge is None:
+            _bridge = _LogBridge()
+            llama_cpp.llama_backend_init()
+        _bridge.install()
+        return _bridge
+
+
+def take_errors() -> list[str]:
+    """Pop the llama.cpp error lines logged since the last call."""
+    return ensure_backend().take_errors()
+
+
+def gpu_offload_available() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def resolve_gpu_layers(n_gpu_layers: int | str) -> int:
+    """"auto" offloads every layer when a GPU backend is compiled in, else none."""
+    if n_gpu_layers == "auto":
+        return -1 if gpu_offload_available() else 0
+    if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
+        raise ValueError(f"n_gpu_layers must be 'auto' or an int, got {n_gpu_layers!r}")
+    return n_gpu_layers
+
+
+# ---------------------------------------------------------------- threads
+
+
+def parse_cpuinfo_cores(cpuinfo: str) -> int:
+    """Count distinct (physical id, core id) pairs in /proc/cpuinfo text; 0 if absent."""
+    cores: set[tuple[str, str]] = set()
+    physical = core = None
+    for line in cpuinfo.splitlines() + [""]:
+        if not line.strip():
+            if core is not None:
+                cores.add((physical or "0", core))
+            physical = core = None
+            continue
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            core = value.strip()
+    return len(cores)
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (SMT siblings slow llama.cpp down)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = 0
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True, check=False
+            ).stdout.strip() or subprocess.run(
+                ["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            cores = int(out) if out else 0
+        except (OSError, ValueError):
+            cores = 0
+    else:
+        try:
+            cores = parse_cpuinfo_cores(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            cores = 0
+    if cores <= 0:
+        cores = logical
+    return max(1, min(cores, logical))
+
+
+# ---------------------------------------------------------------- KV cache types
+
+
+@dataclass(frozen=True)
+class KVType:
+    name: str
+    ggml_type: int
+    block_elems: int
+    block_bytes: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.block_elems > 1
+
+    def row_bytes(self, n_elems: int) -> int:
+        return (n_elems // self.block_elems) * self.block_bytes
+
+
+KV_TYPES: dict[str, KVType] = {
+    t.name: t
+    for t in (
+        KVType("f32", llama_cpp.GGML_TYPE_F32, 1, 4),
+        KVType("f16", llama_cpp.GGML_TYPE_F16, 1, 2),
+        KVType("bf16", 30, 1, 2),  # GGML_TYPE_BF16
+        KVType("q8_0", llama_cpp.GGML_TYPE_Q8_0, 32, 34),
+        KVType("q5_1", llama_cpp.GGML_TYPE_Q5_1, 32, 24),
+        KVType("q5_0", llama_cpp.GGML_TYPE_Q5_0, 32, 22),
+        KVType("q4_1", llama_cpp.GGML_TYPE_Q4_1, 32, 20),
+        KVType("q4_0", llama_cpp.GGML_TYPE_Q4_0, 32, 18),
+        KVType("iq4_nl", llama_cpp.GGML_TYPE_IQ4_NL, 32, 18),
+    )
+}
+
+
+def kv_type(name: str) -> KVType:
+    try:
+        return KV_TYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown KV cache type {name!r}; choose one of {', '.join(KV_TYPES)}") from None
+
+
+_FLASH = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+def resolve_flash_attn(flash_attn: bool | str, v_type: KVType) -> int:
+    """llama.cpp stores a quantized V cache only with flash attention: switch it on."""
+    key = flash_attn.lower() if isinstance(flash_attn, str) else flash_attn
+    if key not in _FLASH:
+        raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+    choice = _FLASH[key]
+    if v_type.quantized:
+        if choice == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED:
+            raise ValueError(
+                f"a quantized V cache ({v_type.name}) needs flash attention; "
+                "use flash_attn='auto' or True, or kv_cache_type_v='f16'"
+            )
+        if choice != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED:
+            log.warning("quantized V cache (%s) needs flash attention: turning it on", v_type.name)
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    return choice
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if platform.system() == "Darwin" else peak * 1024)

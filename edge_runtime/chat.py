@@ -1,0 +1,331 @@
+"""`VisionChat`: a multimodal conversation over one `Engine`.
+
+Each turn re-renders the whole conversation with the model's chat template; the
+engine finds what is already in the KV cache, so a follow-up question about the
+same image costs only its new tokens.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .backend import peak_rss_bytes
+from .detokenize import PieceTable, StopMatcher, Utf8Stream
+from .engine import DecodeOutcome, Engine, PrefillResult
+from .errors import ContextOverflowError, EmptyPromptError, VisionUnsupportedError
+from .images import ImageLimits
+from .manifest_paths import resolve_model_paths
+from .messages import image_input, split_messages, user_message
+from .options import EngineOptions, GenerationOptions
+from .prompt import ImageInput, Prompt
+from .sampling import Sampler
+from .stats import GenerationStats
+from .template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate, ThinkFilter, replace_image_placeholders
+
+
+class VisionChat:
+    """Chat with a Qwen3-VL GGUF pair about images, keeping the conversation in the KV cache.
+
+    >>> with VisionChat.from_dir("out/") as chat:
+    ...     chat.ask("What is in this picture?", images=["photo.jpg"])
+    ...     chat.ask("And what colour is it?")  # no re-encoding, no re-prefill
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        mmproj: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        kv_cache_type: str = "f16",
+        kv_cache_type_k: str | None = None,
+        kv_cache_type_v: str | None = None,
+        flash_attn: bool | str = "auto",
+        n_gpu_layers: int | str = "auto",
+        threads: int | None = None,
+        image_min_tokens: int | None = None,
+        image_max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        seed: int = 0,
+        n_batch: int = 512,
+        encoder_cache_mb: float = 128,
+        chat_template: str | None = None,
+        generation: GenerationOptions | None = None,
+        image_limits: ImageLimits = ImageLimits(),
+        seq_id: int = 0,
+    ) -> None:
+        options = EngineOptions(
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            kv_cache_type_k=kv_cache_type_k or kv_cache_type,
+            kv_cache_type_v=kv_cache_type_v or kv_cache_type,
+            flash_attn=flash_attn,
+            n_gpu_layers=n_gpu_layers,
+            threads=threads,
+            image_min_tokens=image_min_tokens,
+            image_max_tokens=image_max_tokens,
+            encoder_cache_bytes=int(encoder_cache_mb * (1 << 20)),
+            n_seq_max=seq_id + 1,
+        )
+        self.engine = Engine(model, mmproj, options)
+        try:
+            self.template = ChatTemplate(
+                chat_template or self.engine.chat_template or DEFAULT_QWEN3_VL_TEMPLATE,
+                bos_token=self.engine.special_token_text("bos") or "",
+                eos_token=self.engine.special_token_text("eos") or "",
+            )
+        except BaseException:
+            self.engine.close()
+            raise
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.generation = generation or GenerationOptions()
+        self.image_limits = image_limits
+        self.seq_id = seq_id
+        self.history: list[dict] = []
+        self.last_stats: GenerationStats | None = None
+        self._pieces = PieceTable(self.engine.vocab)
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @classmethod
+    def from_dir(cls, out_dir: str | Path, **kwargs: Any) -> "VisionChat":
+        """Open a converter output directory (manifest.json names the text model and projector)."""
+        model, mmproj = resolve_model_paths(out_dir)
+        return cls(model, mmproj, **kwargs)
+
+    # ------------------------------------------------------------ public API
+
+    def ask(self, prompt: str, images: Sequence[Any] | None = None, **gen: Any) -> str:
+        """Answer `prompt` (about `images`, if any) and add the turn to the history."""
+        return "".join(self.stream(prompt, images, **gen))
+
+    def stream(self, prompt: str, images: Sequence[Any] | None = None, **gen: Any) -> Iterator[str]:
+        """Like `ask`, yielding text pieces as they are generated.
+
+        The turn joins the history when the stream ends, also when the caller
+        stops early (then with the text seen so far).
+        """
+        t_start = time.perf_counter()
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        loaded = self._load_images(images or ())
+        if not prompt.strip() and not loaded:
+            raise EmptyPromptError("the prompt is empty and no image was given: nothing to answer")
+        history = list(self.history)
+        turn = user_message(prompt, loaded)
+        messages = self._with_system(history + [turn])
+        return self._stream(messages, loaded_from_history(messages), gen, t_start, record=history + [turn])
+
+    def generate(self, messages: Sequence[dict], **gen: Any) -> str:
+        """Answer an OpenAI-style message list, used as given (no system_prompt added).
+
+        The chat history is left as it was; the KV cache still serves any prefix
+        these messages share with what it holds.
+        """
+        return "".join(self.generate_stream(messages, **gen))
+
+    def generate_stream(self, messages: Sequence[dict], **gen: Any) -> Iterator[str]:
+        t_start = time.perf_counter()
+        template_messages, images = split_messages(
+            messages, load=lambda src, name: image_input(src, name, self.image_limits)
+        )
+        return self._stream(template_messages, images, gen, t_start, record=None)
+
+    def reset(self) -> None:
+        """Forget the conversation (the encoder cache keeps recent images)."""
+        with self._guard():
+            self.history = []
+            self.engine.reset(self.seq_id)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "VisionChat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def has_vision(self) -> bool:
+        return self.engine.has_vision
+
+    # ------------------------------------------------------------ internals
+
+    def _load_images(self, images: Sequence[Any]) -> list[ImageInput]:
+        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+            images = [images]  # a single image where a list was expected
+        if images and not self.engine.has_vision:
+            raise VisionUnsupportedError(
+                f"{self.engine.model_path.name} was loaded without a projector (mmproj), so it cannot see "
+                "images; pass mmproj=... or open the converter's output directory"
+            )
+        return [image_input(src, f"image {i + 1}", self.image_limits) for i, src in enumerate(images)]
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
+            return [{"role": "system", "content": self.system_prompt}] + messages
+        return messages
+
+    def _render(self, messages: list[dict], images: Sequence[ImageInput]) -> str:
+        text = self.template.render(messages, add_generation_prompt=True)
+        if not self.engine.has_vision:
+            return text
+        text, count = replace_image_placeholders(text, self.engine.marker)
+        if count != len(images):
+            raise ValueError(
+                f"the chat template placed {count} image(s) but the messages carry {len(images)}; "
+                "images are only supported where the template renders them (user turns)"
+            )
+        return text
+
+    def _guard(self) -> "_Guard":
+        return _Guard(self)
+
+    def _stream(
+        self,
+        messages: list[dict],
+        images: Sequence[ImageInput],
+        gen: dict,
+        t_start: float,
+        record: list[dict] | None,
+    ) -> Iterator[str]:
+        """Validate and tokenize now, so bad input raises at the call rather than at first next()."""
+        options = self.generation.updated(gen)
+        text = self._render(messages, images)
+        prompt = self.engine.tokenize(text, images)
+        try:
+            max_tokens = options.max_tokens or (self.engine.n_ctx_seq - prompt.n_tokens)
+            if max_tokens < 1:
+                raise ContextOverflowError(
+                    f"the prompt needs {prompt.n_tokens} tokens, the whole n_ctx={self.engine.n_ctx_seq}: "
+                    "raise n_ctx or reset the conversation"
+                )
+            self.engine.check_fits(prompt.n_tokens, max_tokens)
+        except BaseException:
+            prompt.close()
+            raise
+        starts_inside = text.rstrip().endswith("<think>")
+        return self._run(prompt, options, max_tokens, t_start, starts_inside, record)
+
+    def _run(
+        self,
+        prompt: Prompt,
+        options: GenerationOptions,
+        max_tokens: int,
+        t_start: float,
+        starts_inside: bool,
+        record: list[dict] | None,
+    ) -> Iterator[str]:
+        """Prefill, sample and detokenize. `record` (history + new user turn) is
+        stored with the answer when the stream ends or the caller closes it; after
+        an error the history stays as it was (the KV cache is rolled back too)."""
+        stats = GenerationStats()
+        outcome = DecodeOutcome()
+        shown: list[str] = []
+        finished = cancelled = False
+        with self._guard():
+            try:
+                with prompt:
+                    pre = self.engine.prefill(prompt, self.seq_id, reserve=max_tokens)
+                _fill_prefill(stats, pre)
+                seed = options.seed if options.seed is not None else self.seed
+                with Sampler(options, self.engine.vocab, seed) as sampler:
+                    tokens = self.engine.decode_tokens(sampler, self.seq_id, max_tokens, outcome)
+                    t_first = None
+                    utf8 = Utf8Stream()
+                    think = None if options.keep_think else ThinkFilter(starts_inside=starts_inside)
+                    stops = StopMatcher(options.stop)
+                    try:
+                        for token in tokens:
+                            if t_first is None:
+                                t_first = time.perf_counter()
+                                stats.ttft_s = t_first - t_start
+                            piece = self._visible(utf8.feed(self._pieces(token)), think, stops)
+                            if piece:
+                                shown.append(piece)
+                                yield piece
+                            if stops.stopped:
+                                outcome.stop_reason = "stop"
+                                break
+                        if not stops.stopped:
+                            tail = utf8.flush()
+                            tail = (think.feed(tail) + think.flush()) if think else tail
+                            tail, _ = stops.feed(tail)
+                            tail += stops.flush()
+                            if tail:
+                                shown.append(tail)
+                                yield tail
+                    finally:
+                        tokens.close()
+                        t_end = time.perf_counter()
+                        if t_first is not None:
+                            stats.decode_s = t_end - t_first
+                        else:
+                            stats.ttft_s = t_end - t_start
+                finished = True
+            except GeneratorExit:  # the caller stopped reading: keep what it saw
+                cancelled = True
+                raise
+            finally:
+                stats.generated_tokens = outcome.generated
+                stats.stop_reason = outcome.stop_reason if finished else (outcome.stop_reason or "cancelled")
+                stats.kv_cache_bytes = self.engine.kv_cache_bytes
+                stats.kv_used_bytes = self.engine.kv_used_bytes(self.seq_id)
+                stats.peak_rss_bytes = peak_rss_bytes()
+                self.last_stats = stats
+                if record is not None and (finished or (cancelled and shown)):
+                    self.history = record + [{"role": "assistant", "content": "".join(shown)}]
+
+    @staticmethod
+    def _visible(text: str, think: ThinkFilter | None, stops: StopMatcher) -> str:
+        if think is not None:
+            text = think.feed(text)
+        out, _ = stops.feed(text)
+        return out
+
+
+def loaded_from_history(messages: list[dict]) -> list[ImageInput]:
+    """The ImageInputs of a history (already loaded), in prompt order."""
+    return [
+        part["image"]
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and isinstance(part.get("image"), ImageInput)
+    ]
+
+
+class _Guard:
+    """One answer at a time per chat; a second call from the thread that is still
+    iterating a stream would corrupt the KV bookkeeping, so it is refused."""
+
+    def __init__(self, chat: VisionChat) -> None:
+        self._chat = chat
+
+    def __enter__(self) -> None:
+        chat = self._chat
+        if chat._owner == threading.get_ident():
+            raise RuntimeError("this chat is still streaming an answer: finish or close that stream first")
+        chat._lock.acquire()
+        chat._owner = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self._chat._owner = None
+        self._chat._lock.release()
+
+
+
+def _fill_prefill(stats: GenerationStats, pre: PrefillResult) -> None:
+    stats.prompt_tokens = pre.prompt_tokens
+    stats.image_tokens = pre.image_tokens
+    stats.images = pre.images
+    stats.reused_tokens = pre.reused_tokens
+    stats.evaluated_tokens = pre.evaluated_tokens
+    stats.images_encoded = pre.images_encoded
+    stats.encoder_cache_hits = pre.encoder_cache_hits
+    stats.image_encode_s = pre.image_encode_s
+    stats.prefill_s = pre.prefill_s

@@ -1,0 +1,88 @@
+"""Streaming token -> text: never split a UTF-8 character, never leak a stop string."""
+from __future__ import annotations
+
+import codecs
+import ctypes
+from typing import Any
+
+import llama_cpp
+
+
+class PieceTable:
+    """Token id -> bytes, cached (generation revisits the same few thousand tokens)."""
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+        self._cache: dict[int, bytes] = {}
+        self._buf = ctypes.create_string_buffer(256)
+
+    def __call__(self, token: int) -> bytes:
+        piece = self._cache.get(token)
+        if piece is None:
+            piece = self._render(token)
+            self._cache[token] = piece
+        return piece
+
+    def _render(self, token: int) -> bytes:
+        # special=False: control tokens (<|im_end|>, <|vision_start|>) render as "".
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            self._buf = ctypes.create_string_buffer(-n + 1)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        return self._buf.raw[: max(n, 0)]
+
+
+class Utf8Stream:
+    """Bytes in, complete characters out; a character split over tokens waits for its tail."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string.
+
+    `feed` returns (text safe to show, stopped). Once stopped, the stop string
+    and everything after it are dropped.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self._stops:
+            return text, False
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            self.stopped = True
+            return buf[:cut], True
+        keep = _longest_partial_suffix(buf, self._stops)
+        self._pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+
+def _longest_partial_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,525 @@
+"""The engine: a text GGUF + projector on llama.cpp's low-level API, with KV reuse.
+
+One `Engine` owns a llama model, one llama context (its KV cache holds up to
+`n_seq_max` sequences) and, for vision models, an mtmd context. For each
+sequence it remembers which units (text tokens, images by content hash) are in
+the KV cache, so `prefill` evaluates only what follows the longest common
+prefix. Encoder outputs are kept in a byte-bounded LRU cache so another
+conversation about the same image skips the vision encoder.
+
+The engine is not thread-safe; callers serialise access (VisionChat holds a lock).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+
+from .backend import (
+    ensure_backend,
+    gpu_offload_available,
+    kv_type,
+    physical_cores,
+    resolve_flash_attn,
+    resolve_gpu_layers,
+    take_errors,
+)
+from .encoder_cache import EncoderCache
+from .errors import (
+    ContextOverflowError,
+    DecodeError,
+    EngineClosedError,
+    ModelFileError,
+    ModelLoadError,
+    ProjectorMismatchError,
+    VisionUnsupportedError,
+)
+from .kv_state import SeqState, image_unit, plan_reuse, text_units
+from .options import EngineOptions
+from .preflight import projector_problems
+from .prompt import Chunk, ImageInput, Prompt, tokenize_multimodal, tokenize_text
+from .sampling import Sampler
+
+log = logging.getLogger("edge_runtime")
+
+
+@dataclass
+class PrefillResult:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    images: int = 0
+    reused_tokens: int = 0
+    evaluated_tokens: int = 0
+    images_encoded: int = 0
+    encoder_cache_hits: int = 0
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass
+class DecodeOutcome:
+    """Filled in by `Engine.decode_tokens` as it runs."""
+
+    generated: int = 0
+    stop_reason: str = ""
+
+
+def _check_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{what} not found: {p}")
+    return p
+
+
+class Engine:
+    def __init__(
+        self, model_path: str | Path, mmproj_path: str | Path | None = None, options: EngineOptions | None = None
+    ) -> None:
+        self.options = options or EngineOptions()
+        self.model_path = _check_file(model_path, "text model GGUF")
+        self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
+        ensure_backend()
+        self._model = self._ctx = self._mctx = None
+        self._batch: Any = None
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ loading
+
+    def _load(self) -> None:
+        opts = self.options
+        type_k, type_v = kv_type(opts.kv_cache_type_k), kv_type(opts.kv_cache_type_v)
+        self.flash_attn_type = resolve_flash_attn(opts.flash_attn, type_v)
+        self.n_gpu_layers = resolve_gpu_layers(opts.n_gpu_layers)
+        self.threads = opts.threads or physical_cores()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = self.n_gpu_layers
+        take_errors()
+        self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise ModelLoadError(_with_log(f"llama.cpp could not load the text model {self.model_path}"))
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.arch = self.meta("general.architecture") or ""
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = opts.n_ctx
+        cparams.n_batch = opts.n_batch
+        cparams.n_ubatch = opts.n_batch  # images are decoded in one ubatch where possible
+        cparams.n_seq_max = opts.n_seq_max
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.flash_attn_type = self.flash_attn_type
+        cparams.type_k = type_k.ggml_type
+        cparams.type_v = type_v.ggml_type
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise ModelLoadError(
+                _with_log(
+                    f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, "
+                    f"K={type_k.name}, V={type_v.name}, flash_attn={opts.flash_attn!r})"
+                )
+            )
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self.marker = mtmd.mtmd_default_marker().decode("utf-8")
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_embd_inp = int(llama_cpp.llama_model_n_embd_inp(self._model))
+        self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
+
+        if self.mmproj_path is not None:
+            self._load_projector()
+
+        self._seqs: dict[int, SeqState] = {}
+        self.encoder_cache = EncoderCache(opts.encoder_cache_bytes)
+        self._eot = self._end_of_turn_tokens()
+        log.info(
+            "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d",
+            self.model_path.name,
+            self.arch,
+            f" + {self.mmproj_path.name}" if self.mmproj_path else "",
+            self.n_ctx,
+            type_k.name,
+            type_v.name,
+            {-1: "auto", 0: "off", 1: "on"}.get(self.flash_attn_type, self.flash_attn_type),
+            self.n_gpu_layers,
+            self.threads,
+        )
+
+    def _load_projector(self) -> None:
+        problems = projector_problems(self.mmproj_path)
+        if problems:
+            raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
+        opts = self.options
+        params = mtmd.mtmd_context_params_default()
+        use_gpu = opts.mmproj_gpu if opts.mmproj_gpu is not None else (self.n_gpu_layers != 0 and gpu_offload_available())
+        params.use_gpu = bool(use_gpu)
+        params.print_timings = False
+        params.n_threads = self.threads
+        params.flash_attn_type = self.flash_attn_type
+        params.warmup = bool(use_gpu)  # on CPU a warm-up encode only delays start-up
+        if opts.image_min_tokens is not None:
+            params.image_min_tokens = opts.image_min_tokens
+        if opts.image_max_tokens is not None:
+            params.image_max_tokens = opts.image_max_tokens
+        take_errors()
+        self._mctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
+        if not self._mctx:
+            errors = take_errors()
+            mismatch = next((e for e in errors if "mismatch between text model" in e), None)
+            if mismatch:
+                raise ProjectorMismatchError(
+                    f"projector {self.mmproj_path.name} does not fit text model {self.model_path.name}: "
+                    f"{mismatch.split(': error: ')[-1].strip()} (text model expects "
+                    f"{self.n_embd_inp}-wide image embeddings); use the mmproj converted with this model"
+                )
+            raise ModelLoadError(
+                f"llama.cpp could not load the projector {self.mmproj_path}"
+                + (": " + " | ".join(errors) if errors else "")
+            )
+        if not mtmd.mtmd_support_vision(self._mctx):
+            raise ModelLoadError(f"{self.mmproj_path.name} has no vision encoder")
+
+    def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
+        """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""
+        n_layer = int(llama_cpp.llama_model_n_layer(self._model))
+        n_head = int(llama_cpp.llama_model_n_head(self._model))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(self._model))
+        n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        head_k = int(self.meta(f"{self.arch}.attention.key_length") or n_embd // max(n_head, 1))
+        head_v = int(self.meta(f"{self.arch}.attention.value_length") or head_k)
+        return n_layer * (type_k.row_bytes(n_head_kv * head_k) + type_v.row_bytes(n_head_kv * head_v))
+
+    def _end_of_turn_tokens(self) -> frozenset[int]:
+        """EOG tokens plus the template's end-of-turn token if the vocab forgot to flag it."""
+        extra = set()
+        for text in ("<|im_end|>", "<|endoftext|>"):
+            ids = tokenize_text_ids(self._vocab, text)
+            if len(ids) == 1:
+                extra.add(ids[0])
+        return frozenset(extra)
+
+    # ------------------------------------------------------------ metadata
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value of the text model as a string (None if absent)."""
+        self._require_open()
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    @property
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def special_token_text(self, which: str) -> str | None:
+        """Text of the "bos" or "eos" token, for chat templates that mention them."""
+        fn = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which]
+        token = fn(self._vocab)
+        if token < 0:
+            return None
+        text = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else None
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mctx is not None
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def ctx(self) -> Any:
+        return self._ctx
+
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
+
+    def is_end_of_turn(self, token: int) -> bool:
+        return token in self._eot or bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # ------------------------------------------------------------ KV accounting
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes allocated for K and V (n_ctx cells)."""
+        return self._kv_token_bytes * self.n_ctx
+
+    def kv_used_bytes(self, seq_id: int | None = None) -> int:
+        seqs = self._seqs.values() if seq_id is None else [self._seq(seq_id)]
+        return self._kv_token_bytes * sum(s.n_tokens for s in seqs)
+
+    def seq_state(self, seq_id: int = 0) -> SeqState:
+        return self._seq(seq_id)
+
+    def _seq(self, seq_id: int) -> SeqState:
+        if not 0 <= seq_id < self.options.n_seq_max:
+            raise ValueError(f"seq_id {seq_id} outside [0, n_seq_max={self.options.n_seq_max})")
+        return self._seqs.setdefault(seq_id, SeqState())
+
+    def reset(self, seq_id: int = 0) -> None:
+        """Forget sequence `seq_id` (its KV cells are freed)."""
+        self._require_open()
+        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        self._seq(seq_id).clear()
+
+    # ------------------------------------------------------------ prompts
+
+    def tokenize(self, text: str, images: Sequence[ImageInput] = ()) -> Prompt:
+        """Tokenize a rendered prompt; `text` holds `self.marker` once per image."""
+        self._require_open()
+        if images and not self.has_vision:
+            raise VisionUnsupportedError(
+                f"{self.model_path.name} was loaded without a projector (mmproj), so it cannot see images; "
+                "pass mmproj=... or load the output directory"
+            )
+        if not self.has_vision:
+            return tokenize_text(self._vocab, text)
+        pinned = {img.digest: e for img in images if (e := self.encoder_cache.get(img.digest)) is not None}
+        prompt = tokenize_multimodal(self._mctx, text, images, frozenset(pinned))
+        prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
+        return prompt
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.n_ctx_seq:
+            raise ContextOverflowError(
+                f"the prompt needs {prompt_tokens} tokens and max_tokens={max_tokens} more: "
+                f"{prompt_tokens + max_tokens} > n_ctx={self.n_ctx_seq}. Raise n_ctx (e.g. "
+                f"n_ctx={_round_up(prompt_tokens + max_tokens, 1024)}), lower max_tokens, "
+                "use fewer/smaller images (image_max_tokens) or reset the conversation"
+            )
+
+    # ------------------------------------------------------------ evaluation
+
+    def prefill(self, prompt: Prompt, seq_id: int = 0, reserve: int = 0) -> PrefillResult:
+        """Bring the KV cache of `seq_id` to `prompt`, evaluating only the new suffix.
+
+        `reserve` is the number of tokens generation will need after the prompt.
+        On error the sequence keeps what it held before the call minus at most
+        the diverging suffix; its bookkeeping always matches the KV cache.
+        """
+        self._require_open()
+        if not prompt.chunks:
+            raise DecodeError("empty prompt")
+        if prompt.chunks[-1].kind != "text":
+            raise DecodeError("a prompt must end with text (the generation prompt)")
+        self.check_fits(prompt.n_tokens, reserve)
+        state = self._seq(seq_id)
+        keep = plan_reuse(state, prompt.units)
+        result = PrefillResult(
+            prompt_tokens=prompt.n_tokens,
+            image_tokens=prompt.n_image_tokens,
+            images=prompt.n_images,
+            reused_tokens=sum(u.n_tokens for u in prompt.units[:keep]),
+        )
+        if keep < len(state):
+            self._truncate(seq_id, state, keep)
+        t0 = time.perf_counter()
+        try:
+            unit = 0
+            last = len(prompt.chunks) - 1
+            for i, chunk in enumerate(prompt.chunks):
+                n_units = len(chunk.tokens) if chunk.kind == "text" else 1
+                start, unit = unit, unit + n_units
+                if unit <= keep:
+                    continue
+                if chunk.kind == "text":
+                    tokens = chunk.tokens[max(0, keep - start) :]
+                    self._decode_text(tokens, seq_id, state, logits_last=i == last)
+                    result.evaluated_tokens += len(tokens)
+                else:
+                    self._decode_image(chunk, prompt, seq_id, state, result)
+                    result.evaluated_tokens += chunk.n_tokens
+        except BaseException:
+            self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
+            raise
+        result.prefill_s = time.perf_counter() - t0 - result.image_encode_s
+        return result
+
+    def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
+        pos = state.truncate(keep)
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq_id, pos, -1):
+            # only partial removal can fail (recurrent memory): drop the whole sequence
+            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            state.clear()
+
+    def _decode_text(self, tokens: Sequence[int], seq_id: int, state: SeqState, logits_last: bool) -> None:
+        batch = self._batch
+        for begin in range(0, len(tokens), self.n_batch):
+            part = tokens[begin : begin + self.n_batch]
+            n = len(part)
+            final = logits_last and begin + n == len(tokens)
+            for j, token in enumerate(part):
+                batch.token[j] = token
+                batch.pos[j] = state.n_pos + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = seq_id
+                batch.logits[j] = 0
+            if final:
+                batch.logits[n - 1] = 1
+            batch.n_tokens = n
+            self._decode_batch(n)
+            state.extend(text_units(part))
+
+    def _decode_batch(self, n: int) -> None:
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            reason = {1: "no free KV-cache slot (raise n_ctx)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
+            raise DecodeError(f"llama_decode failed on {n} token(s): {reason} (code {rc})" + _log_suffix())
+
+    def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: PrefillResult) -> None:
+        digest = chunk.digest or ""
+        embd = prompt.embeddings.get(digest)
+        if embd is None and not chunk.placeholder:
+            embd = self.encoder_cache.get(digest) if digest else None
+        if embd is None:
+            if chunk.placeholder:
+                raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+            t0 = time.perf_counter()
+            take_errors()
+            if mtmd.mtmd_encode_chunk(self._mctx, chunk.handle) != 0:
+                raise DecodeError("the vision encoder failed on an image" + _log_suffix())
+            out = mtmd.mtmd_get_output_embd(self._mctx)
+            n = chunk.n_tokens * self.n_embd_inp
+            embd = np.ctypeslib.as_array(out, shape=(n,)).copy()
+            result.image_encode_s += time.perf_counter() - t0
+            result.images_encoded += 1
+            if digest:
+                self.encoder_cache.put(digest, embd)
+        else:
+            result.encoder_cache_hits += 1
+        new_n_past = llama_cpp.llama_pos(0)
+        rc = mtmd.mtmd_helper_decode_image_chunk(
+            self._mctx,
+            self._ctx,
+            chunk.handle,
+            embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            state.n_pos,
+            seq_id,
+            self.n_batch,
+            ctypes.byref(new_n_past),
+            mtmd.mtmd_helper_post_decode_callback(),
+            None,
+        )
+        if rc != 0:
+            raise DecodeError(f"decoding image embeddings failed (code {rc})" + _log_suffix())
+        state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
+        if new_n_past.value != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
+            raise DecodeError(f"position mismatch after image: mtmd {new_n_past.value}, engine {state.n_pos}")
+
+    # ------------------------------------------------------------ generation
+
+    def decode_tokens(
+        self, sampler: Sampler, seq_id: int = 0, max_tokens: int | None = None, outcome: DecodeOutcome | None = None
+    ) -> Iterator[int]:
+        """Sample tokens after a `prefill`; yields each token before evaluating it.
+
+        Closing the generator early (a stop string) leaves the KV cache holding
+        exactly the tokens already evaluated. End-of-turn tokens are not yielded.
+        """
+        self._require_open()
+        state = self._seq(seq_id)
+        outcome = outcome if outcome is not None else DecodeOutcome()
+        limit = self.n_ctx_seq - state.n_tokens
+        if max_tokens is not None:
+            limit = min(limit, max_tokens)
+        batch = self._batch
+        while True:
+            token = sampler.sample(self._ctx, -1)
+            if self.is_end_of_turn(token):
+                outcome.stop_reason = "eog"
+                return
+            outcome.generated += 1
+            outcome.stop_reason = "cancelled"
+            yield token
+            if outcome.generated >= limit:
+                outcome.stop_reason = "length"
+                return
+            batch.token[0] = token
+            batch.pos[0] = state.n_pos
+            batch.n_seq_id[0] = 1
+            batch.seq_id[0][0] = seq_id
+            batch.logits[0] = 1
+            batch.n_tokens = 1
+            try:
+                self._decode_batch(1)
+            except BaseException:
+                self._truncate(seq_id, state, len(state))
+                raise
+            state.append(text_units((token,))[0])
+
+    # ------------------------------------------------------------ lifetime
+
+    def _require_open(self) -> None:
+        if self._model is None:
+            raise EngineClosedError("the engine is closed")
+
+    def close(self) -> None:
+        if self._mctx:
+            mtmd.mtmd_free(self._mctx)
+        self._mctx = None
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+        self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def tokenize_text_ids(vocab: Any, text: str) -> list[int]:
+    """Token ids of `text` with special tokens parsed and no BOS added."""
+    data = text.encode("utf-8")
+    buf = (llama_cpp.llama_token * (len(data) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
+    return list(buf[: max(n, 0)])
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _log_suffix() -> str:
+    errors = take_errors()
+    return (": " + " | ".join(errors[-3:])) if errors else ""
+
+
+def _with_log(message: str) -> str:
+    return message + _log_suffix()

@@ -1,0 +1,42 @@
+"""Exceptions the runtime raises, so callers can tell user mistakes from engine faults.
+
+Every error leaves the engine usable: the conversation and KV cache are rolled
+back to their state before the failed call.
+"""
+from __future__ import annotations
+
+
+class EdgeRuntimeError(Exception):
+    """Base class of every error raised by the runtime (besides `ImageError`)."""
+
+
+class ModelFileError(EdgeRuntimeError, FileNotFoundError):
+    """A GGUF file, output directory or manifest entry does not exist."""
+
+
+class ModelLoadError(EdgeRuntimeError):
+    """llama.cpp refused to load a file; the message carries its log lines."""
+
+
+class ProjectorMismatchError(ModelLoadError):
+    """The projector's output width differs from the text model's input width."""
+
+
+class VisionUnsupportedError(EdgeRuntimeError, ValueError):
+    """Images were given to an engine that has no (vision) projector."""
+
+
+class EmptyPromptError(EdgeRuntimeError, ValueError):
+    """Nothing to answer: no text and no image."""
+
+
+class ContextOverflowError(EdgeRuntimeError, ValueError):
+    """The prompt plus the requested `max_tokens` do not fit in `n_ctx`."""
+
+
+class DecodeError(EdgeRuntimeError):
+    """llama.cpp failed while evaluating a batch or encoding an image."""
+
+
+class EngineClosedError(EdgeRuntimeError):
+    """The engine was used after `close()`."""

@@ -1,0 +1,112 @@
+"""Typed options: how an engine is built, and how one answer is generated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping, Sequence
+
+from .backend import kv_type
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Settings fixed when the model is loaded (changing them means reloading)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    kv_cache_type_k: str = "f16"
+    kv_cache_type_v: str = "f16"
+    flash_attn: bool | str = "auto"
+    n_gpu_layers: int | str = "auto"
+    threads: int | None = None  # None: physical cores
+    image_min_tokens: int | None = None  # None: the projector's default
+    image_max_tokens: int | None = None
+    # Encoder outputs of recent images, so a new conversation about the same
+    # picture skips the vision encoder. A 2B model's 640x480 image is ~10 MB.
+    encoder_cache_bytes: int = 128 << 20
+    n_seq_max: int = 1  # parallel sequences (a server would raise it)
+    mmproj_gpu: bool | None = None  # None: follow n_gpu_layers
+
+    def __post_init__(self) -> None:
+        kv_type(self.kv_cache_type_k)
+        kv_type(self.kv_cache_type_v)
+        if self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ValueError(f"n_batch must be positive, got {self.n_batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+        if self.n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be positive, got {self.n_seq_max}")
+        if self.encoder_cache_bytes < 0:
+            raise ValueError("encoder_cache_bytes must be >= 0")
+        for name in ("image_min_tokens", "image_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if (
+            self.image_min_tokens is not None
+            and self.image_max_tokens is not None
+            and self.image_min_tokens > self.image_max_tokens
+        ):
+            raise ValueError(
+                f"image_min_tokens ({self.image_min_tokens}) > image_max_tokens ({self.image_max_tokens})"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling and stopping for one answer.
+
+    Defaults follow Qwen3-VL Instruct's generation_config; temperature 0 is greedy.
+    """
+
+    max_tokens: int | None = 512  # None: until n_ctx is full
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.8
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None: the chat's seed
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF
+    json_schema: Mapping[str, Any] | str | None = None
+    keep_think: bool = False  # keep <think>...</think> of Thinking models
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("give either grammar or json_schema, not both")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def updated(self, overrides: Mapping[str, Any]) -> "GenerationOptions":
+        """A copy with keyword overrides, rejecting unknown names early."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(overrides)
+        if isinstance(values.get("stop"), Sequence) and not isinstance(values.get("stop"), str):
+            values["stop"] = tuple(values["stop"])
+        return replace(self, **values)
+
+
+DEFAULT_GENERATION = GenerationOptions()

@@ -1,0 +1,51 @@
+"""Per-answer measurements (`VisionChat.last_stats`)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # whole prompt, text + image tokens
+    image_tokens: int = 0
+    images: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the KV cache
+    evaluated_tokens: int = 0  # prompt tokens decoded this call
+    images_encoded: int = 0  # images that ran the vision encoder
+    encoder_cache_hits: int = 0  # images whose embeddings came from the LRU cache
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0  # decoding new prompt tokens, excluding the encoder
+    ttft_s: float = 0.0  # call start -> first generated token
+    generated_tokens: int = 0
+    decode_s: float = 0.0  # first -> last generated token
+    stop_reason: str = ""  # "eog" | "stop" | "length" | "cancelled"
+    kv_cache_bytes: int = 0  # allocated K+V buffers
+    kv_used_bytes: int = 0  # the part holding this sequence
+    peak_rss_bytes: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.evaluated_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (the first is part of TTFT)."""
+        return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        data: dict[str, float | int | str] = asdict(self)
+        data["prefill_tok_s"] = self.prefill_tok_s
+        data["decode_tok_s"] = self.decode_tok_s
+        return data
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (
+            f"prompt {self.prompt_tokens} tok ({self.image_tokens} image, {self.reused_tokens} reused) | "
+            f"image encode {self.image_encode_s * 1000:.0f} ms | "
+            f"prefill {self.evaluated_tokens} tok in {self.prefill_s * 1000:.0f} ms ({self.prefill_tok_s:.1f} tok/s) | "
+            f"TTFT {self.ttft_s * 1000:.0f} ms | "
+            f"decode {self.generated_tokens} tok at {self.decode_tok_s:.1f} tok/s ({self.stop_reason}) | "
+            f"KV {self.kv_used_bytes / mib:.1f}/{self.kv_cache_bytes / mib:.1f} MiB | "
+            f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB"
+        )

@@ -1,0 +1,86 @@
+"""`edge-chat` through click's CliRunner, on the tiny converted model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edge_runtime.cli import main
+
+FAST = ["--max-tokens", "4", "--temperature", "0", "--n-ctx", "1024"]
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory, test_image):
+    path = tmp_path_factory.mktemp("cli") / "picture.png"
+    test_image.save(path)
+    return path
+
+
+def run(args, stdin=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=stdin, catch_exceptions=False)
+
+
+def test_one_shot_answer_streams_to_stdout(tiny_f32_dir, image_path):
+    result = run([tiny_f32_dir, "--image", image_path, *FAST, "--stats", "What is in this picture?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and len(result.stdout.strip()) > 0
+    assert "TTFT" in result.stderr and "image" in result.stderr
+
+
+def test_text_gguf_with_explicit_mmproj(tiny_f32_dir, image_path):
+    m = json.loads((tiny_f32_dir / "manifest.json").read_text())
+    text, mmproj = tiny_f32_dir / m["text"]["path"], tiny_f32_dir / m["mmproj"]["path"]
+    result = run([text, "--mmproj", mmproj, "--image", image_path, *FAST, "Describe it."])
+    assert result.exit_code == 0, result.output
+    result = run([text, "--image", image_path, *FAST, "Describe it."])
+    assert result.exit_code == 1 and "without a projector" in result.stderr
+
+
+def test_interactive_session_commands(tiny_f32_dir, image_path, tmp_path):
+    script = "\n".join(
+        [
+            f"/image {image_path}",
+            f"/image {tmp_path / 'missing.png'}",
+            "What is in this picture?",
+            "/stats",
+            "And the colours?",
+            "/reset",
+            "/stats",
+            "/help",
+            "Hello",
+            "/quit",
+            "never asked",
+        ]
+    ) + "\n"
+    result = run([tiny_f32_dir, *FAST], stdin=script)
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "(vision)" in err and "/image PATH" in err
+    assert "no such file" in err
+    assert err.count("TTFT") >= 2 and "(new conversation)" in err
+    assert "1 image(s)" in err
+    assert len([line for line in result.stdout.splitlines() if line.strip()]) == 3
+
+
+def test_errors_are_messages_not_tracebacks(tiny_f32_dir, tmp_path):
+    result = run([tmp_path / "nowhere", "Hi"])
+    assert result.exit_code == 1 and "not found" in result.stderr and "Traceback" not in result.output
+    result = run([tiny_f32_dir, "--kv-cache-type", "q9", "Hi"])
+    assert result.exit_code == 1 and "unknown KV cache type" in result.stderr
+    result = run([tiny_f32_dir, *FAST, "--image", tmp_path / "nope.png", "Hi"])
+    assert result.exit_code != 0
+
+
+def test_module_entry_point_runs(tiny_f32_dir, image_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", str(tiny_f32_dir), "--image", str(image_path), *FAST, "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

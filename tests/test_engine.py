@@ -1,0 +1,211 @@
+"""Engine: KV-prefix reuse across text and images, the encoder cache, KV-cache types.
+
+Real llama.cpp on the tiny converted model; logits are compared against a fresh
+evaluation, which checks M-RoPE positions after images as well as token reuse.
+"""
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from convert.synthetic import SyntheticSpec, TextShape
+from edge_runtime.detokenize import PieceTable
+from edge_runtime.engine import DecodeOutcome, Engine
+from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
+from edge_runtime.images import image_digest, to_rgb_array
+from edge_runtime.options import EngineOptions, GenerationOptions
+from edge_runtime.prompt import ImageInput
+from edge_runtime.sampling import Sampler
+
+GREEDY = GenerationOptions(temperature=0.0)
+# Quantized KV blocks hold 32 values: the head size must be a multiple (the tiny model's is 16).
+HEAD32 = SyntheticSpec(text=TextShape(head_dim=32, mrope_section=(4, 6, 6)))
+
+
+def pair(out_dir):
+    m = json.loads((out_dir / "manifest.json").read_text())
+    return out_dir / m["text"]["path"], out_dir / m["mmproj"]["path"]
+
+
+def turn(marker: str, question: str, n_images: int = 1) -> str:
+    return f"<|im_start|>user\n{marker * n_images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def last_logits(engine: Engine) -> np.ndarray:
+    n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(engine.ctx, -1), shape=(n_vocab,)).copy()
+
+
+def answer(engine: Engine, seq_id: int = 0, n: int = 6) -> list[int]:
+    with Sampler(GREEDY, engine.vocab, 0) as sampler:
+        return list(engine.decode_tokens(sampler, seq_id, n))
+
+
+@pytest.fixture(scope="module")
+def image(test_image) -> ImageInput:
+    return ImageInput.from_array(to_rgb_array(test_image), image_digest(test_image))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_f32_dir):
+    text, mmproj = pair(tiny_f32_dir)
+    with Engine(text, mmproj, EngineOptions(n_ctx=1024, n_seq_max=2)) as e:
+        yield e
+
+
+@pytest.fixture()
+def fresh(engine):
+    for seq in (0, 1):
+        engine.reset(seq)
+    engine.encoder_cache.clear()
+    return engine
+
+
+def prefill_text(engine, text, images=(), seq_id=0, reserve=8):
+    with engine.tokenize(text, images) as prompt:
+        return engine.prefill(prompt, seq_id, reserve=reserve), prompt.n_tokens
+
+
+def test_follow_up_reuses_kv_and_matches_fresh_logits(fresh, image):
+    e = fresh
+    first = turn(e.marker, "Describe the picture.")
+    r1, n1 = prefill_text(e, first, [image])
+    assert r1.reused_tokens == 0 and r1.images_encoded == 1 and r1.image_tokens > 0
+    reply = answer(e)
+    # the next turn: the answer as the template would render it, then a new question
+    pieces = PieceTable(e.vocab)
+    text_reply = b"".join(pieces(t) for t in reply).decode("utf-8", "replace")
+    follow = first + text_reply + "<|im_end|>\n" + "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\n"
+    r2, n2 = prefill_text(e, follow, [image])
+    assert r2.reused_tokens >= n1 - 1  # the generation prompt's last token is re-evaluated at most
+    assert r2.images_encoded == 0 and r2.image_encode_s == 0.0
+    assert r2.evaluated_tokens == n2 - r2.reused_tokens
+    reused = last_logits(e)
+
+    e.reset(0)
+    r3, _ = prefill_text(e, follow, [image])
+    assert r3.reused_tokens == 0
+    np.testing.assert_allclose(reused, last_logits(e), rtol=0, atol=2e-3)
+
+
+def test_divergence_after_image_keeps_image_in_kv(fresh, image):
+    e = fresh
+    prefill_text(e, turn(e.marker, "What is this?"), [image])
+    state_after_first = e.seq_state(0)
+    image_end = next(i for i, u in enumerate(state_after_first.units) if u.is_image) + 1
+    kept_tokens = sum(u.n_tokens for u in state_after_first.units[:image_end])
+    r, _ = prefill_text(e, turn(e.marker, "How many circles are there?"), [image])
+    assert r.reused_tokens >= kept_tokens, "the prefix through the image must stay in the KV cache"
+    assert r.images_encoded == 0 and r.encoder_cache_hits == 0
+    reused = last_logits(e)
+    e.reset(0)
+    prefill_text(e, turn(e.marker, "How many circles are there?"), [image])
+    np.testing.assert_allclose(reused, last_logits(e), rtol=0, atol=2e-3)
+
+
+def test_divergence_before_image_replays_cached_embeddings(fresh, image):
+    e = fresh
+    prefill_text(e, "<|im_start|>system\nBe brief.<|im_end|>\n" + turn(e.marker, "What is this?"), [image])
+    r, _ = prefill_text(e, "<|im_start|>system\nBe careful.<|im_end|>\n" + turn(e.marker, "What is this?"), [image])
+    assert r.images_encoded == 0 and r.encoder_cache_hits == 1 and r.image_encode_s == 0.0
+    assert 0 < r.reused_tokens < r.prompt_tokens - r.image_tokens
+    replayed = last_logits(e)
+    e.reset(0)
+    e.encoder_cache.clear()
+    r2, _ = prefill_text(e, "<|im_start|>system\nBe careful.<|im_end|>\n" + turn(e.marker, "What is this?"), [image])
+    assert r2.images_encoded == 1
+    np.testing.assert_allclose(replayed, last_logits(e), rtol=0, atol=2e-3)
+
+
+def test_encoder_cache_serves_another_sequence(fresh, image):
+    e = fresh
+    text = turn(e.marker, "What is this?")
+    r0, _ = prefill_text(e, text, [image], seq_id=0)
+    logits0 = last_logits(e)
+    r1, _ = prefill_text(e, text, [image], seq_id=1)
+    assert r0.images_encoded == 1
+    assert r1.images_encoded == 0 and r1.encoder_cache_hits == 1 and r1.reused_tokens == 0
+    np.testing.assert_allclose(logits0, last_logits(e), rtol=0, atol=2e-3)
+    assert answer(e, 0) == answer(e, 1)
+
+
+def test_two_images_and_positions_track_mrope(fresh, image, test_image):
+    e = fresh
+    other = test_image.rotate(180)
+    img2 = ImageInput.from_array(to_rgb_array(other), image_digest(other))
+    with e.tokenize(turn(e.marker, "Compare them.", 2).replace(e.marker * 2, e.marker + " and " + e.marker), [image, img2]) as p:
+        e.prefill(p, 0, reserve=4)
+        state = e.seq_state(0)
+        assert state.n_tokens == p.n_tokens
+        assert state.n_pos == sum(c.n_pos for c in p.chunks)
+        assert state.n_pos < state.n_tokens, "M-RoPE: an image advances the position by its grid side, not its tokens"
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(e.ctx), 0) < state.n_pos
+
+
+def test_overflow_leaves_sequence_untouched(fresh, image):
+    e = fresh
+    prefill_text(e, turn(e.marker, "What is this?"), [image])
+    before = list(e.seq_state(0).units)
+    with e.tokenize(turn(e.marker, "And now?"), [image]) as p:
+        with pytest.raises(ContextOverflowError, match=r"n_ctx=1024.*max_tokens|max_tokens=2000"):
+            e.prefill(p, 0, reserve=2000)
+    assert e.seq_state(0).units == before
+
+
+def test_kv_used_bytes_matches_llama_state_size(fresh):
+    e = fresh
+    prefill_text(e, turn("", "Count to ten please, slowly and carefully."), [])
+    answer(e, n=10)
+    used = e.kv_used_bytes(0)
+    state = llama_cpp.llama_state_seq_get_size(e.ctx, 0)
+    assert used > 0 and used <= state <= used * 1.25, (used, state)
+    assert e.kv_cache_bytes == used // e.seq_state(0).n_tokens * e.n_ctx
+
+
+@pytest.mark.parametrize("kv,ratio", [("q8_0", 34 / 64), ("q4_0", 18 / 64)])
+def test_quantized_kv_cache_size_and_output(artifacts, image, kv, ratio):
+    text, mmproj = pair(artifacts.converted(HEAD32, "f32"))
+    sizes = {}
+    for kind in ("f16", kv):
+        with Engine(text, mmproj, EngineOptions(n_ctx=512, kv_cache_type_k=kind, kv_cache_type_v=kind)) as e:
+            sizes[kind] = e.kv_cache_bytes
+            if kind == kv:
+                assert e.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                prefill_text(e, turn(e.marker, "What is this?"), [image])
+                assert len(answer(e, n=4)) > 0
+                state = llama_cpp.llama_state_seq_get_size(e.ctx, 0)
+                assert e.kv_used_bytes(0) <= state <= e.kv_used_bytes(0) * 1.25
+    assert sizes[kv] / sizes["f16"] == pytest.approx(ratio, abs=0.01)
+
+
+def test_decode_outcome_and_early_close_keep_kv_consistent(fresh):
+    e = fresh
+    prefill_text(e, turn("", "Say something."), [], reserve=20)
+    n_before = e.seq_state(0).n_tokens
+    outcome = DecodeOutcome()
+    with Sampler(GREEDY, e.vocab, 0) as sampler:
+        gen = e.decode_tokens(sampler, 0, 20, outcome)
+        taken = [next(gen) for _ in range(3)]
+        gen.close()
+    assert outcome.generated == 3 and len(taken) == 3
+    # the third token was sampled but never evaluated
+    assert e.seq_state(0).n_tokens == n_before + 2
+    pos_max = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(e.ctx), 0)
+    assert pos_max == e.seq_state(0).n_pos - 1
+
+
+def test_missing_files_and_closed_engine(tiny_f32_dir, tmp_path):
+    text, mmproj = pair(tiny_f32_dir)
+    with pytest.raises(ModelFileError, match="text model GGUF not found"):
+        Engine(tmp_path / "nope.gguf")
+    with pytest.raises(ModelFileError, match="projector GGUF not found"):
+        Engine(text, tmp_path / "nope-mmproj.gguf")
+    e = Engine(text, None, EngineOptions(n_ctx=64))
+    assert not e.has_vision and e.chat_template
+    e.close()
+    e.close()
+    with pytest.raises(EngineClosedError):
+        e.tokenize("hello")

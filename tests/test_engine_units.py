@@ -1,0 +1,164 @@
+"""The engine's pure pieces: prefix planning, streaming text, caches, option checks."""
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from edge_runtime.backend import kv_type, parse_cpuinfo_cores, physical_cores, resolve_flash_attn, resolve_gpu_layers
+from edge_runtime.detokenize import StopMatcher, Utf8Stream
+from edge_runtime.encoder_cache import EncoderCache
+from edge_runtime.kv_state import SeqState, common_prefix, image_unit, plan_reuse, text_units
+from edge_runtime.options import EngineOptions, GenerationOptions
+from edge_runtime.sampling import schema_to_grammar
+
+
+def test_prefix_stops_at_image_boundaries_and_tracks_positions():
+    state = SeqState()
+    state.extend(text_units([1, 2, 3]))
+    state.append(image_unit("aaa", n_tokens=48, n_pos=8))
+    state.extend(text_units([4, 5]))
+    assert (state.n_tokens, state.n_pos) == (53, 13)
+    assert state.pos_of(3) == 3 and state.pos_of(4) == 11 and state.pos_of(len(state)) == 13
+
+    other_image = text_units([1, 2, 3]) + [image_unit("bbb", 48, 8)] + text_units([4, 5])
+    assert common_prefix(state.units, other_image) == 3
+    same = text_units([1, 2, 3]) + [image_unit("aaa", 48, 8)] + text_units([4, 9, 9])
+    assert plan_reuse(state, same) == 5
+    # an identical prompt still re-evaluates its last unit (sampling needs fresh logits)
+    assert plan_reuse(state, list(state.units)) == len(state) - 1
+
+    assert state.truncate(4) == 11
+    assert (state.n_tokens, state.n_pos, len(state)) == (51, 11, 4)
+    assert state.image_digests() == {"aaa"}
+    state.clear()
+    assert (state.n_tokens, state.n_pos, len(state)) == (0, 0, 0)
+
+
+def test_utf8_stream_waits_for_split_characters():
+    data = "héllo 👋 ok".encode()
+    stream = Utf8Stream()
+    out = "".join(stream.feed(data[i : i + 1]) for i in range(len(data))) + stream.flush()
+    assert out == "héllo 👋 ok"
+    stream = Utf8Stream()
+    assert stream.feed("👋".encode()[:2]) == ""
+    assert stream.flush() == "\ufffd"  # a dangling half character is replaced, not raised
+
+
+@pytest.mark.parametrize(
+    "pieces,stops,shown,stopped",
+    [
+        (["Hel", "lo ST", "OP there"], ("STOP",), "Hello ", True),
+        (["abc", "de"], ("xyz",), "abcde", False),
+        (["a<", "/a", "ns>b"], ("</ans>",), "a", True),
+        (["a<", "b"], ("<x>",), "a<b", False),
+        (["one", " two"], (), "one two", False),
+    ],
+)
+def test_stop_matcher_never_leaks_a_stop_string(pieces, stops, shown, stopped):
+    matcher = StopMatcher(stops)
+    out = []
+    for piece in pieces:
+        text, done = matcher.feed(piece)
+        out.append(text)
+        if done:
+            break
+    out.append(matcher.flush())
+    assert "".join(out) == shown and matcher.stopped == stopped
+
+
+def test_encoder_cache_is_lru_and_bounded_in_bytes():
+    cache = EncoderCache(max_bytes=3 * 400)
+    arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abcd")}  # 400 bytes each
+    for k in "abc":
+        cache.put(k, arrays[k])
+    assert cache.get("a") is not None  # a is now most recent
+    cache.put("d", arrays["d"])
+    assert "b" not in cache and all(k in cache for k in "acd")
+    assert cache.nbytes == 1200 and len(cache) == 3
+    cache.put("huge", np.zeros(1000, np.float32))  # larger than the budget: not kept
+    assert "huge" not in cache and len(cache) == 3
+    assert not cache.get("a").flags.writeable
+    cache.clear()
+    assert cache.nbytes == 0 and cache.get("a") is None
+
+
+def test_cpuinfo_parsing_counts_physical_cores():
+    smt = "\n\n".join(
+        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 4}" for i in range(8)
+    )
+    assert parse_cpuinfo_cores(smt) == 4
+    two_sockets = "\n\n".join(f"processor: {i}\nphysical id: {i // 2}\ncore id: {i % 2}" for i in range(4))
+    assert parse_cpuinfo_cores(two_sockets) == 4
+    assert parse_cpuinfo_cores("processor: 0\nmodel name: arm\n") == 0
+    assert physical_cores() >= 1
+
+
+def test_quantized_v_cache_turns_flash_attention_on(caplog):
+    with caplog.at_level("INFO", logger="edge_runtime"):
+        assert resolve_flash_attn("auto", kv_type("q8_0")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert "needs flash attention" in caplog.text
+    assert resolve_flash_attn("auto", kv_type("f16")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert resolve_flash_attn(False, kv_type("f16")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    with pytest.raises(ValueError, match="needs flash attention"):
+        resolve_flash_attn(False, kv_type("q4_0"))
+    with pytest.raises(ValueError, match="unknown KV cache type"):
+        kv_type("q3_k")
+    assert kv_type("Q8_0").row_bytes(128) == 136 and kv_type("q4_0").row_bytes(128) == 72
+
+
+def test_gpu_layers_auto_follows_the_build():
+    expected = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    assert resolve_gpu_layers("auto") == expected
+    assert resolve_gpu_layers(7) == 7
+    with pytest.raises(ValueError):
+        resolve_gpu_layers("all")
+
+
+def test_option_validation():
+    with pytest.raises(ValueError, match="unknown KV cache type"):
+        EngineOptions(kv_cache_type_v="q2")
+    with pytest.raises(ValueError, match="image_min_tokens"):
+        EngineOptions(image_min_tokens=512, image_max_tokens=256)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationOptions(temperature=-1)
+    with pytest.raises(ValueError, match="either grammar or json_schema"):
+        GenerationOptions(grammar="root ::= \"a\"", json_schema={"type": "string"})
+    opts = GenerationOptions().updated({"stop": ["a", ""], "max_tokens": 3})
+    assert opts.stop == ("a",) and opts.max_tokens == 3
+    assert GenerationOptions(stop="x").stop == ("x",)
+    with pytest.raises(TypeError, match="unknown generation option"):
+        GenerationOptions().updated({"temprature": 0})
+
+
+def test_json_schema_becomes_gbnf():
+    grammar = schema_to_grammar({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    assert "root ::=" in grammar and "ok" in grammar
+    assert schema_to_grammar(json.dumps({"type": "integer"}))
+    with pytest.raises(ValueError, match="JSON schema"):
+        schema_to_grammar("{not json")
+
+
+def write_gguf(path, pos_dtype):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.position_embd.weight", np.zeros((4, 8), dtype=pos_dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_projector_preflight_catches_what_would_abort_llama_cpp(tmp_path):
+    from edge_runtime.preflight import projector_problems
+
+    assert projector_problems(write_gguf(tmp_path / "ok.gguf", np.float32)) == []
+    (problem,) = projector_problems(write_gguf(tmp_path / "bad.gguf", np.float16))
+    assert "v.position_embd.weight" in problem and "F16" in problem and "F32" in problem
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    (problem,) = projector_problems(tmp_path / "junk.gguf")
+    assert "not a readable GGUF" in problem
