@@ -5,7 +5,6 @@ machine without downloading anything. See README for a real checkpoint.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from tqdm import tqdm
 
+from .atomic import atomic_output
 from .floats import f32_to_bf16_bits
 
 FLOAT_TYPES = {
@@ -28,6 +29,19 @@ _STORAGE = {  # numpy storage of each float type inside the file
     GGMLQuantizationType.F16: np.dtype("<f2"),
     GGMLQuantizationType.BF16: np.dtype("<u2"),
 }
+
+
+class OutputTensor(Protocol):
+    """What write_gguf needs of a tensor: its table entry and its payload, already encoded."""
+
+    name: str
+    shape: tuple[int, ...]  # outermost first (numpy order)
+    ggml_type: GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def encoded_blocks(self) -> Iterator[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,9 @@ class PlannedTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * _STORAGE[self.ggml_type].itemsize
 
+    def encoded_blocks(self) -> Iterator[np.ndarray]:
+        return (encode(block, self.ggml_type) for block in self.blocks())
+
 
 def encode(block: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     if ggml_type == GGMLQuantizationType.BF16:
@@ -51,48 +68,39 @@ def encode(block: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=_STORAGE[ggml_type])
 
 
-def partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
 def write_gguf(
     path: Path,
     arch: str,
     set_metadata: Callable[[GGUFWriter], None],
-    tensors: Sequence[PlannedTensor],
+    tensors: Sequence[OutputTensor],
     *,
     progress: bool = True,
 ) -> int:
-    """Write `path` atomically; returns its size in bytes."""
-    tmp = partial_path(path)
-    writer = GGUFWriter(tmp, arch)
-    try:
-        set_metadata(writer)
-        for t in tensors:
-            writer.add_tensor_info(t.name, t.shape, _STORAGE[t.ggml_type], t.nbytes, raw_dtype=t.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        total = sum(t.nbytes for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
+    """Write `path` atomically, streaming each tensor's blocks; returns its size in bytes."""
+    with atomic_output(path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        try:
+            set_metadata(writer)
             for t in tensors:
-                writer.write_padding(fout, fout.tell())
-                written = 0
-                for block in t.blocks():
-                    data = encode(block, t.ggml_type)
-                    data.tofile(fout)
-                    written += data.nbytes
-                    bar.update(data.nbytes)
-                if written != t.nbytes:
-                    raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
-                writer.write_padding(fout, t.nbytes)
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fout = writer.fout[0]
+            total = sum(t.nbytes for t in tensors)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False) as bar:
+                for t in tensors:
+                    writer.write_padding(fout, fout.tell())
+                    written = 0
+                    for data in t.encoded_blocks():
+                        data.tofile(fout)
+                        written += data.nbytes
+                        bar.update(data.nbytes)
+                    if written != t.nbytes:
+                        raise RuntimeError(f"{t.name}: produced {written} bytes, planned {t.nbytes}")
+                    writer.write_padding(fout, t.nbytes)
+            fout.flush()
+            os.fsync(fout.fileno())
+        finally:
+            writer.close()
     return path.stat().st_size

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_output
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -30,11 +32,9 @@ def file_entry(out_dir: Path, path: Path, type_name: str, **extra: Any) -> dict[
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:

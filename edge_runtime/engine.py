@@ -23,6 +23,7 @@ import numpy as np
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
+from .llama_io import model_meta
 from .backend import (
     ensure_backend,
     gpu_offload_available,
@@ -218,15 +219,7 @@ class Engine:
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value of the text model as a string (None if absent)."""
         self._require_open()
-        size = 256
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", errors="replace")
-            size = n + 1
+        return model_meta(self._model, key)
 
     @property
     def chat_template(self) -> str | None:

@@ -25,6 +25,19 @@ class LlamaError(RuntimeError):
     """llama.cpp refused a file or an operation."""
 
 
+def model_meta(model_ptr, key: str) -> str | None:
+    """A GGUF metadata value as a string (None if absent); grows the buffer for long ones (chat templates)."""
+    size = 4096
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_model_meta_val_str(model_ptr, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
+
+
 class Model:
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
         ensure_backend()
@@ -42,15 +55,7 @@ class Model:
         self.n_embd_inp = L.llama_model_n_embd_inp(self.ptr)  # n_embd x (1 + deepstack layers)
 
     def meta(self, key: str) -> str | None:
-        size = 4096
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = L.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", "replace")
-            size = n + 1
+        return model_meta(self.ptr, key)
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")

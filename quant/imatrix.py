@@ -20,13 +20,14 @@ torch and transformers are imported inside compute_imatrix only.
 from __future__ import annotations
 
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from convert.atomic import atomic_output
 
 from .errors import QuantError
 
@@ -175,28 +176,24 @@ def save(im: Imatrix, path: str | Path) -> Path:
     import gguf
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    w = gguf.GGUFWriter(tmp, "imatrix")
-    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
-    try:
-        w.add_string(gguf.Keys.General.TYPE, "imatrix")
-        w.add_array(KV_DATASETS, list(im.datasets) or ["unknown"])
-        w.add_uint32(KV_CHUNK_COUNT, int(im.chunk_count))
-        w.add_uint32(KV_CHUNK_SIZE, int(im.chunk_size))
-        for name in sorted(im.entries):
-            e = im.entries[name]
-            sums = np.ascontiguousarray(e.sums.reshape(len(e.counts), -1), dtype=np.float32)
-            w.add_tensor(name + SUM_SUFFIX, sums)
-            w.add_tensor(name + COUNT_SUFFIX, np.asarray(e.counts, dtype=np.float32).reshape(-1, 1))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "imatrix")
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
+        try:
+            w.add_string(gguf.Keys.General.TYPE, "imatrix")
+            w.add_array(KV_DATASETS, list(im.datasets) or ["unknown"])
+            w.add_uint32(KV_CHUNK_COUNT, int(im.chunk_count))
+            w.add_uint32(KV_CHUNK_SIZE, int(im.chunk_size))
+            for name in sorted(im.entries):
+                e = im.entries[name]
+                sums = np.ascontiguousarray(e.sums.reshape(len(e.counts), -1), dtype=np.float32)
+                w.add_tensor(name + SUM_SUFFIX, sums)
+                w.add_tensor(name + COUNT_SUFFIX, np.asarray(e.counts, dtype=np.float32).reshape(-1, 1))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     im.path = path
     return path
 
@@ -213,9 +210,8 @@ def save_legacy(im: Imatrix, path: str | Path) -> Path:
         out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, vals.size), vals.tobytes()]
     ds = (im.datasets[0] if im.datasets else "").encode()
     out += [struct.pack("<i", im.chunk_count), struct.pack("<i", len(ds)), ds]
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(b"".join(out))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(b"".join(out))
     return path
 
 

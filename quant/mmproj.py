@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
+
+from convert.gguf_out import write_gguf
 
 from . import catalog
 from .errors import QuantError
@@ -144,6 +146,35 @@ def _blocks(t, p: TensorPlan, imatrix: np.ndarray | None, nthread: int) -> Itera
         yield _encode(_float_rows(t, start, min(nrows, start + step)), p.dst_type, imatrix, nthread)
 
 
+@dataclass(frozen=True)
+class _QuantizedTensor:
+    """One planned tensor of the output, in the shape convert.gguf_out.write_gguf streams."""
+
+    source: Any  # gguf.ReaderTensor
+    plan: TensorPlan
+    imatrix: np.ndarray | None
+    nthread: int
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.plan.shape))
+
+    @property
+    def ggml_type(self) -> G:
+        return self.plan.dst_type
+
+    @property
+    def nbytes(self) -> int:
+        return self.plan.nbytes
+
+    def encoded_blocks(self) -> Iterator[np.ndarray]:
+        return _blocks(self.source, self.plan, self.imatrix, self.nthread)
+
+
 def _copy_metadata(reader, writer, file_type: int) -> None:
     import gguf
 
@@ -173,7 +204,6 @@ def _imatrix_for(im: Imatrix | None, p: TensorPlan) -> np.ndarray | None:
 def quantize_mmproj(src: str | Path, dst: str | Path, options: MmprojQuantOptions) -> QuantReport:
     """Rewrite the projector `src` as `dst` with options.quant (see the module doc for the rules)."""
     import gguf
-    from tqdm import tqdm
 
     qt = catalog.lookup_projector(options.quant)
     src, dst = Path(src), Path(dst)
@@ -189,39 +219,9 @@ def quantize_mmproj(src: str | Path, dst: str | Path, options: MmprojQuantOption
     arch = arch_field.contents() if arch_field is not None else "clip"
     plans = plan(reader, qt.ggml_type)
     nthread = options.nthread or os.cpu_count() or 1
-    tmp = dst.with_name(f".{dst.name}.partial")
-    writer = gguf.GGUFWriter(tmp, arch)
-    n_imatrix = 0
-    try:
-        _copy_metadata(reader, writer, qt.ftype)
-        for p in plans:
-            writer.add_tensor_info(p.name, tuple(reversed(p.shape)), np.dtype(np.float32), p.nbytes, raw_dtype=p.dst_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        with tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc=dst.name,
-                  disable=not options.progress, leave=False) as bar:
-            for t, p in zip(reader.tensors, plans):
-                imat = _imatrix_for(im, p)
-                n_imatrix += imat is not None
-                writer.write_padding(fout, fout.tell())
-                written = 0
-                for block in _blocks(t, p, imat, nthread):
-                    block.tofile(fout)
-                    written += block.nbytes
-                    bar.update(block.nbytes)
-                if written != p.nbytes:
-                    raise RuntimeError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
-                writer.write_padding(fout, p.nbytes)
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    tensors = [_QuantizedTensor(t, p, _imatrix_for(im, p), nthread) for t, p in zip(reader.tensors, plans)]
+    write_gguf(dst, arch, lambda w: _copy_metadata(reader, w, qt.ftype), tensors, progress=options.progress)
+    n_imatrix = sum(t.imatrix is not None for t in tensors)
     fallbacks = tuple(p.fallback for p in plans if p.fallback is not None)
     return build_report(dst, qt.name, fallbacks=fallbacks, imatrix=im.label if im is not None else None,
                         imatrix_entries=n_imatrix)

@@ -10,12 +10,13 @@ plus the quantize.imatrix.* metadata keys. So the output is byte-identical to
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from convert.atomic import atomic_output
 
 from . import catalog
 from .errors import QuantError
@@ -141,7 +142,6 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
         params.imatrix = ctypes.cast(arr.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
         keep += [arr, kv]
-    tmp = dst.with_name(f".{dst.name}.partial")
     llama_cpp.llama_backend_init()
     bar = tqdm(total=None, desc=f"{dst.name}", unit="tensor", disable=not options.progress, leave=False)
 
@@ -153,14 +153,12 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
             bar.refresh()
 
     try:
-        with llamalog.capture(on_line) as log:
+        with atomic_output(dst) as tmp, llamalog.capture(on_line) as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise QuantError(f"llama.cpp could not quantize {src.name} to {t.name}: {log.errors() or 'see its log'}")
-        os.replace(tmp, dst)
+            if rc != 0:
+                raise QuantError(f"llama.cpp could not quantize {src.name} to {t.name}: {log.errors() or 'see its log'}")
     finally:
         bar.close()
-        tmp.unlink(missing_ok=True)
         del keep
     return build_report(dst, t.name, fallbacks=parse_fallbacks(log.text),
                         imatrix=im.label if im is not None else None, imatrix_entries=n_used)

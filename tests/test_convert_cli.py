@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from convert.cli import main
-from convert.gguf_out import PlannedTensor, partial_path, write_gguf
+from convert.atomic import partial_path
+from convert.gguf_out import PlannedTensor, write_gguf
 from convert.synthetic import SyntheticSpec
 
 
