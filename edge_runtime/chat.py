@@ -22,7 +22,7 @@ from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
 from .stats import GenerationStats
-from .template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate, ThinkFilter, replace_image_placeholders
+from .template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate, ThinkFilter, render_with_markers
 
 
 class VisionChat:
@@ -171,16 +171,8 @@ class VisionChat:
         return messages
 
     def _render(self, messages: list[dict], images: Sequence[ImageInput]) -> str:
-        text = self.template.render(messages, add_generation_prompt=True)
-        if not self.engine.has_vision:
-            return text
-        text, count = replace_image_placeholders(text, self.engine.marker)
-        if count != len(images):
-            raise ValueError(
-                f"the chat template placed {count} image(s) but the messages carry {len(images)}; "
-                "images are only supported where the template renders them (user turns)"
-            )
-        return text
+        marker = self.engine.marker if self.engine.has_vision else None
+        return render_with_markers(self.template, messages, len(images), marker)
 
     def _guard(self) -> "_Guard":
         return _Guard(self)

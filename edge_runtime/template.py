@@ -273,3 +273,20 @@ class ThinkFilter:
         if text:
             out.append(text)
             self._shown = self._shown or bool(text.strip())
+
+
+def render_with_markers(template: ChatTemplate, messages: list[dict], n_images: int, marker: str | None) -> str:
+    """Render a conversation for the engine: each image placeholder becomes mtmd's media marker.
+
+    `marker` None means a text-only model (no projector): the text is returned as rendered.
+    """
+    text = template.render(messages, add_generation_prompt=True)
+    if marker is None:
+        return text
+    text, count = replace_image_placeholders(text, marker)
+    if count != n_images:
+        raise ValueError(
+            f"the chat template placed {count} image(s) but the messages carry {n_images}; "
+            "images are only supported where the template renders them (user turns)"
+        )
+    return text

@@ -1,0 +1,227 @@
+"""The HTTP API: OpenAI-compatible routes over the scheduler.
+
+Handlers stay on the asyncio loop and never call llama.cpp: images are decoded
+and prompts rendered in worker threads, generation happens in the scheduler
+thread, and its events come back through each job's channel.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..options import GenerationOptions
+from .config import ServerOptions
+from .errors import ApiError, from_exception
+from .jobs import Event, EventChannel, Failed, Finished, Job, TextDelta
+from .metrics import Metrics
+from .prompting import RenderedPrompt, render_prompt
+from .responses import (
+    SSE_DONE,
+    ResponseMeta,
+    chunk_body,
+    completion_body,
+    model_body,
+    sse,
+    usage_chunk_body,
+)
+from .scheduler import LOADING, READY, Scheduler
+from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages
+from .security import AuthMiddleware, BodyLimitMiddleware, ImagePolicy
+
+log = logging.getLogger("edge_runtime.server")
+
+DISCONNECT_POLL_S = 0.5
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that call `on_close` however the stream ends (done, error, client gone)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def create_app(options: ServerOptions) -> FastAPI:
+    metrics = Metrics()
+    scheduler = Scheduler(options, metrics)
+    policy = ImagePolicy(options.max_image_bytes, options.allow_remote_images, options.allow_local_dir,
+                         options.remote_fetch_timeout_s)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()  # loads the model in its thread: /health says "loading" meanwhile
+        yield
+        await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="edge-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=options.api_key)  # added last = runs first
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(exc.status_code, str(exc.detail), kind, None, None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(from_exception(exc))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if scheduler.state == READY:
+            g = scheduler.gauges()
+            return JSONResponse({"status": "ok", "model": scheduler.model_id, "slots_busy": g.slots_busy,
+                                 "slots_total": g.slots_total, "queue_depth": g.queue_depth})
+        if scheduler.state == LOADING:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse({"status": "error", "message": scheduler.error or scheduler.state}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(scheduler.gauges()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_body(scheduler.model_id, started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != scheduler.model_id:
+            raise ApiError(404, f"model {model_id!r} does not exist; this server has {scheduler.model_id!r}",
+                           "not_found_error", "model", "model_not_found")
+        return model_body(scheduler.model_id, started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrived = time.monotonic()
+        scheduler.require_ready()
+        try:
+            req = parse_chat_request(await request.body())
+            gen = generation_options(req)  # before any image is fetched or decoded
+            rendered: RenderedPrompt = await run_in_threadpool(
+                render_prompt, scheduler.prompt_format, template_messages(req), policy.load)
+        except Exception as exc:
+            error = from_exception(exc)
+            if error.status < 500:
+                metrics.request("invalid")
+            raise error from None
+        job = make_job(req, gen, rendered, deadline=arrived + options.timeout_s)
+        scheduler.submit(job)
+        meta = ResponseMeta(scheduler.model_id)
+        watch = DisconnectWatch(request)
+        try:
+            first = await next_event(job, watch, scheduler)  # errors before any token keep their HTTP status
+            if isinstance(first, Failed):
+                raise first.error
+            if req.stream:
+                return EventStreamResponse(stream_body(job, meta, first, req.include_usage),
+                                           on_close=lambda: scheduler.cancel(job))
+            return JSONResponse(await collect(job, watch, scheduler, meta, first))
+        except BaseException:
+            scheduler.cancel(job)
+            raise
+
+    return app
+
+
+def make_job(req: ChatRequest, gen: GenerationOptions, rendered: RenderedPrompt, deadline: float) -> Job:
+    """The scheduler's view of a validated request; an unseeded one gets a random seed."""
+    return Job(
+        prompt_text=rendered.text,
+        images=rendered.images,
+        options=gen,
+        seed=gen.seed if gen.seed is not None else secrets.randbits(32),
+        deadline=deadline,
+        channel=EventChannel(),
+        starts_inside_think=rendered.starts_inside_think,
+        logit_bias=req.token_bias,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
+
+
+class DisconnectWatch:
+    """Asks the server whether the client hung up, at most every `interval_s` seconds."""
+
+    def __init__(self, request: Request, interval_s: float = DISCONNECT_POLL_S) -> None:
+        self._request = request
+        self._interval_s = interval_s
+        self._next = time.monotonic() + interval_s
+
+    async def gone(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return False
+        self._next = now + self._interval_s
+        return await self._request.is_disconnected()
+
+
+async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> Event:
+    """The job's next event; a client that hung up meanwhile cancels the job (even while tokens flow)."""
+    while True:
+        try:
+            event = await job.channel.get(timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            event = None
+        if await watch.gone(force=event is None):
+            scheduler.cancel(job)
+            raise ApiError(499, "the client closed the connection", code="cancelled")
+        if event is not None:
+            return event
+
+
+async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event) -> dict:
+    parts: list[str] = []
+    while True:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            return completion_body(meta, "".join(parts), event.finish_reason, event.usage)
+        elif isinstance(event, Failed):
+            raise event.error
+        event = await next_event(job, watch, scheduler)
+
+
+async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's chunk sequence: role, content deltas, finish_reason, [usage], [DONE]."""
+    yield sse(chunk_body(meta, {"role": "assistant", "content": ""}))
+    while True:
+        if isinstance(event, TextDelta):
+            yield sse(chunk_body(meta, {"content": event.text}))
+        elif isinstance(event, Finished):
+            yield sse(chunk_body(meta, {}, event.finish_reason))
+            if include_usage:
+                yield sse(usage_chunk_body(meta, event.usage))
+            yield SSE_DONE
+            return
+        elif isinstance(event, Failed):
+            yield sse(event.error.body())  # the openai client raises APIError on an "error" event
+            return
+        event = await job.channel.get()

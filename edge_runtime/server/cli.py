@@ -1,0 +1,110 @@
+"""`edge-serve`: serve a converted Qwen3-VL over an OpenAI-compatible HTTP API.
+
+    edge-serve models/ --parallel 4            # http://127.0.0.1:8080/v1
+    EDGE_API_KEY=secret edge-serve models/ --host 0.0.0.0
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ModelFileError
+from ..manifest_paths import resolve_model_paths
+from .config import ServerOptions
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'16MiB', '10M', '512k', '1048576' -> bytes (binary units)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size; use bytes or a number with K, M or G (e.g. 16M)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+class SizeParam(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _gpu_layers(_: Any, __: Any, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("use 'auto' or a number of layers") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--mmproj", type=click.Path(path_type=Path), help="Projector GGUF (when TARGET is a text GGUF).")
+@click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback exposes the model.")
+@click.option("--port", default=8080, type=int)
+@click.option("--parallel", "-np", default=2, type=click.IntRange(1, 64), help="Slots decoded together.")
+@click.option("--ctx-size", default=4096, type=int, help="Context tokens per slot (KV cells = ctx-size x parallel).")
+@click.option("--batch-size", "n_batch", default=512, type=int, help="Prompt tokens per llama_decode.")
+@click.option("--kv-cache-type", default="f16", help="f16, q8_0 or q4_0 (K and V).")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto")
+@click.option("--n-gpu-layers", default="auto", callback=_gpu_layers, help="'auto': all layers when a GPU exists.")
+@click.option("--threads", default=None, type=int, help="Default: physical cores.")
+@click.option("--image-min-tokens", default=None, type=int)
+@click.option("--image-max-tokens", default=None, type=int, help="Vision token cap per image (fewer = faster).")
+@click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
+@click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
+              help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
+                   "variable: a command line is visible to other users.")
+@click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off: data: URIs only).")
+@click.option("--allow-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Serve image paths / file:// URLs confined to this directory.")
+@click.option("--max-body-bytes", default="16M", type=SizeParam(), help="Largest request body.")
+@click.option("--max-image-bytes", default="10M", type=SizeParam(), help="Largest image (encoded).")
+@click.option("--timeout", "timeout_s", default=600.0, type=float, help="Seconds a request may take, queue included.")
+@click.option("--queue-size", default=16, type=int, help="Requests waiting for a slot before 429.")
+@click.option("--max-tokens", "default_max_tokens", default=512, type=int, help="Default when a request sets none.")
+@click.option("--model-id", default=None, help="Model name for /v1/models (default: the directory name).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: str, **settings: Any) -> None:
+    """Serve the GGUF pair in TARGET (a converter output directory) at http://HOST:PORT/v1."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolve_model_paths(target, mmproj)  # fail now, not after the server is up
+        options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn={"on": True, "off": False}.get(
+            flash_attn, flash_attn), **settings)
+    except (ModelFileError, ValueError) as exc:
+        click.echo(f"edge-serve: error: {exc}", err=True)
+        sys.exit(2)
+    if not options.loopback_only and not options.api_key:
+        click.echo(f"edge-serve: warning: listening on {options.host} without an API key: anyone who can reach "
+                   "this port can use the model (set EDGE_API_KEY)", err=True)
+    serve(options, log_level)
+
+
+def serve(options: ServerOptions, log_level: str = "info") -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    click.echo(f"edge-serve: http://{options.host}:{options.port}/v1 ({options.parallel} slot(s); "
+               "GET /health says when the model is loaded)", err=True)
+    uvicorn.run(create_app(options), host=options.host, port=options.port, log_level=log_level,
+                timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`ServerOptions`: everything `edge-serve` is started with, validated once.
+
+Defaults are the safe ones: loopback only, no remote or local image fetching,
+bounded bodies, images, queue and request time.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backend import kv_type
+from ..options import EngineOptions
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server loads its model and what it lets clients do."""
+
+    model_dir: Path  # converter output directory (or a text GGUF with `mmproj`)
+    mmproj: Path | None = None
+    model_id: str | None = None  # the name /v1/models reports; default: the directory name
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 2  # slots: requests decoded together in one batch
+    ctx_size: int = 4096  # KV cells per slot; the context holds ctx_size * parallel
+    n_batch: int = 512
+    kv_cache_type: str = "f16"
+    flash_attn: bool | str = "auto"
+    n_gpu_layers: int | str = "auto"
+    threads: int | None = None
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
+    encoder_cache_mb: float = 128
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    allow_local_dir: Path | None = None
+    max_body_bytes: int = 16 * MiB
+    max_image_bytes: int = 10 * MiB
+    timeout_s: float = 600.0  # per request, from arrival to the last token
+    queue_size: int = 16  # requests waiting for a free slot before 429
+    remote_fetch_timeout_s: float = 10.0
+    default_max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        kv_type(self.kv_cache_type)
+        positive = {
+            "port": self.port, "parallel": self.parallel, "ctx_size": self.ctx_size, "n_batch": self.n_batch,
+            "max_body_bytes": self.max_body_bytes, "max_image_bytes": self.max_image_bytes,
+            "queue_size": self.queue_size, "default_max_tokens": self.default_max_tokens,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.timeout_s <= 0 or self.remote_fetch_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.ctx_size < 64:
+            raise ValueError(f"ctx_size must be at least 64 tokens, got {self.ctx_size}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; leave it unset to disable authentication")
+        if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
+            raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    def engine_options(self) -> EngineOptions:
+        """One context, `parallel` sequences, each with `ctx_size` cells of its own."""
+        return EngineOptions(
+            n_ctx=self.ctx_size * self.parallel,
+            n_batch=self.n_batch,
+            kv_cache_type_k=self.kv_cache_type,
+            kv_cache_type_v=self.kv_cache_type,
+            flash_attn=self.flash_attn,
+            n_gpu_layers=self.n_gpu_layers,
+            threads=self.threads,
+            image_min_tokens=self.image_min_tokens,
+            image_max_tokens=self.image_max_tokens,
+            encoder_cache_bytes=int(self.encoder_cache_mb * MiB),
+            n_seq_max=self.parallel,
+        )
+
+    def resolved_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        path = Path(self.model_dir)
+        return path.name if path.is_dir() else path.stem
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

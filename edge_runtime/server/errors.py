@@ -1,0 +1,56 @@
+"""OpenAI-shaped errors: every refusal the server makes is one `ApiError`.
+
+Clients written for the OpenAI API read `error.message`, `error.type`,
+`error.param` and `error.code`; the HTTP status tells their retry logic whether
+trying again can help (429, 503) or not (400, 401, 413).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, ModelLoadError
+from ..images import ImageError
+from ..template import TemplateError
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+def timeout_error(timeout_s: float) -> ApiError:
+    return ApiError(504, f"the request did not finish within the server's timeout of {timeout_s:g} s",
+                    "timeout_error", None, "timeout")
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", "server_error", None, "shutting_down")
+
+
+def from_exception(exc: BaseException) -> ApiError:
+    """What a runtime exception means to the client: its fault (400) or ours (500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return ApiError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
+    if isinstance(exc, (DecodeError, ModelLoadError, EngineClosedError)):
+        return ApiError(500, f"the model failed: {exc}", "server_error", None, "engine_error")
+    if isinstance(exc, (ImageError, TemplateError, EdgeRuntimeError, ValueError)):
+        return bad_request(str(exc))
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")

@@ -1,0 +1,110 @@
+"""A request as the scheduler sees it, and the events it sends back.
+
+The scheduler thread owns every llama.cpp call; the HTTP layer runs on an
+asyncio loop. A `Job` carries what to generate one way and an `EventChannel`
+carries text, the finish and errors the other way, without blocking either side.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..options import GenerationOptions
+from ..prompt import ImageInput
+from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the slot's KV cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+Event = Union[TextDelta, Finished, Failed]
+
+
+class EventChannel:
+    """Thread -> asyncio queue: `put` from any thread, `get` on the loop that made it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def get(self, timeout: float | None = None) -> Event:
+        if timeout is None:
+            return await self._queue.get()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    """One chat completion: a rendered prompt (media markers in place) and its images."""
+
+    prompt_text: str
+    images: list[ImageInput]
+    options: GenerationOptions
+    seed: int
+    deadline: float  # time.monotonic() by which the last token must be out
+    channel: EventChannel
+    starts_inside_think: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False
+    number: int = field(default_factory=lambda: next(_ids))
+    submitted: float = field(default_factory=time.monotonic)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """The client is gone: the scheduler drops the job at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) >= self.deadline
+
+    # Called by the scheduler thread only.
+    def emit(self, event: Event) -> None:
+        if isinstance(event, (Finished, Failed)):
+            self._done.set()
+        self.channel.put(event)

@@ -1,0 +1,39 @@
+"""OpenAI messages -> the prompt text the engine tokenizes, as `VisionChat` renders it.
+
+Rendering (Jinja) and image decoding are plain Python, so the HTTP layer does
+them in worker threads; the scheduler thread is left with llama.cpp work only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import VisionUnsupportedError
+from ..messages import ImageLoader, split_messages
+from ..prompt import ImageInput
+from ..template import ChatTemplate, render_with_markers
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What rendering needs to know about the loaded model."""
+
+    template: ChatTemplate
+    marker: str  # mtmd's media marker, one per image
+    has_vision: bool
+    model_name: str
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    images: list[ImageInput]
+    starts_inside_think: bool  # the template opened <think> itself (Thinking models)
+
+
+def render_prompt(fmt: PromptFormat, messages: list[dict], load: ImageLoader) -> RenderedPrompt:
+    """Load the images (through `load`, which enforces the server's image policy) and render."""
+    template_messages, images = split_messages(messages, load=load)
+    if images and not fmt.has_vision:
+        raise VisionUnsupportedError(f"{fmt.model_name} was loaded without a projector (mmproj): it cannot see images")
+    text = render_with_markers(fmt.template, template_messages, len(images), fmt.marker if fmt.has_vision else None)
+    return RenderedPrompt(text, images, text.rstrip().endswith("<think>"))

@@ -1,0 +1,239 @@
+"""Request validation for POST /v1/chat/completions (the OpenAI Chat Completions shape).
+
+A request is parsed from raw bytes so that malformed JSON and wrong types both
+become OpenAI-shaped 400s naming the offending field, instead of FastAPI's 422.
+Fields the runtime cannot honour (n > 1, logprobs, tools) are refused, not ignored.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from llama_cpp.llama_grammar import JSON_GBNF
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..options import GenerationOptions
+from ..sampling import schema_to_grammar
+from .errors import ApiError, bad_request
+
+MAX_STOPS = 16
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ImageURL(_Model):
+    url: str = Field(min_length=1)
+    detail: str | None = None
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_string(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value  # some clients send the URL itself
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+    tool_calls: list[Any] | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("tool calls are not supported by this server")
+        return value
+
+
+class JsonSchemaFormat(_Model):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatRequest(_Model):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
+    n: int = Field(default=1, ge=1, le=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: Any) -> Any:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("logprobs are not supported by this server")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tool_list(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("tools are not supported by this server")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Raw body -> validated request, or a 400 naming the first problem."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def generation_options(req: ChatRequest) -> GenerationOptions:
+    """The runtime's options for this request; unset fields keep the runtime defaults.
+
+    max_tokens stays None when not given: the scheduler then fills what the slot has room for,
+    up to the server's default.
+    """
+    values: dict[str, Any] = {"max_tokens": req.max_completion_tokens or req.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repeat_penalty", "seed"):
+        value = getattr(req, name)
+        if value is not None:
+            values[name] = value
+    if values.get("top_p") == 0.0:  # OpenAI's "most likely token only"
+        values["top_p"], values["temperature"] = 1.0, 0.0
+    if req.stop is not None:
+        values["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    grammar = response_grammar(req.response_format)
+    if grammar is not None:
+        values["grammar"] = grammar
+    try:
+        return GenerationOptions(**values)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def response_grammar(fmt: ResponseFormat | None) -> str | None:
+    """GBNF for response_format: any JSON object, or one matching a JSON schema."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return JSON_GBNF
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise bad_request("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+    try:
+        return schema_to_grammar(fmt.json_schema.schema_)
+    except ValueError as exc:
+        raise bad_request(str(exc), "response_format.json_schema.schema", "invalid_json_schema") from None
+
+
+def template_messages(req: ChatRequest) -> list[dict]:
+    """Plain dicts in the shape `messages.split_messages` reads (developer -> system)."""
+    out = []
+    for message in req.messages:
+        content = message.content
+        if isinstance(content, list):
+            content = [part.model_dump(exclude_none=True) for part in content]
+        role = "system" if message.role == "developer" else message.role
+        out.append({"role": role, "content": content if content is not None else ""})
+    return out
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    # With unions pydantic reports one error per branch; the deepest names the real problem.
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
+    param = _param(first.get("loc", ()))
+    message = first.get("msg", "invalid value")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return bad_request(f"{param}: {message}" if param else message, param or None)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """('messages', 0, 'content', 'list[tagged-union[..]]', 1, 'text', 'text') -> 'messages[0].content[1].text'.
+
+    Union branch names ('str', 'list[...]') and discriminator tags are not fields: drop them.
+    """
+    out = ""
+    skip_tag = expect_tag = False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            skip_tag, expect_tag = expect_tag, False
+            continue
+        part = str(part)
+        if "[" in part or part in _TYPE_TAGS:
+            expect_tag = expect_tag or "tagged-union" in part
+            continue
+        if skip_tag:
+            skip_tag = False
+            continue
+        out += f".{part}" if out else part
+    return out

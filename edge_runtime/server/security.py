@@ -1,0 +1,277 @@
+"""What a client may make the server do: authentication, body limits, image sources.
+
+The server is safe by default: without options it only accepts images inside
+the request (data: URIs), never fetches a URL, never opens a local file, and
+reads at most `max_body_bytes` of any request before refusing it.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import stat
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from ..images import ImageError, ImageLimits
+from ..messages import image_input
+from ..prompt import ImageInput
+from .errors import ApiError, bad_request
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- ASGI middlewares
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """Bearer API key on every route except the open ones (/health), compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or scope.get("path") in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if not hmac.compare_digest(bearer_token(scope.get("headers", [])), self.key):
+            await send_error(send, ApiError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}))
+            return
+        await self.app(scope, receive, send)
+
+
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip()
+    return b""
+
+
+class BodyLimitMiddleware:
+    """Reads a request body up to `max_bytes` before the app sees it; larger ones get 413.
+
+    The body is buffered here (it is needed whole to parse JSON anyway) and
+    replayed; later receive() calls reach the client, so disconnects still show.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope.get("headers", []))
+        if declared is not None and declared > self.max_bytes:
+            await send_error(send, self._too_large(declared))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await send_error(send, self._too_large(size))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(413, f"the request body ({size} bytes or more) exceeds the server's limit of "
+                        f"{self.max_bytes} bytes (--max-body-bytes)", "invalid_request_error", None,
+                        "request_too_large", {"Connection": "close"})
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# ---------------------------------------------------------------- image sources
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which image URLs a request may use, and how many bytes each may have."""
+
+    max_image_bytes: int
+    allow_remote: bool = False
+    local_root: Path | None = None
+    fetch_timeout_s: float = 10.0
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes)
+
+    def load(self, src: Any, name: str) -> ImageInput:
+        """An image_url value -> ImageInput, refusing sources the server was not told to allow."""
+        try:
+            return self._load(src, name)
+        except ImageError as exc:
+            raise bad_request(str(exc), name, "invalid_image") from None
+
+    def _load(self, src: Any, name: str) -> ImageInput:
+        if not isinstance(src, str):
+            raise bad_request(f"{name}: image_url.url must be a string", name)
+        kind = source_kind(src)
+        if kind == "data":
+            size = data_uri_size(src)
+            if size > self.max_image_bytes:
+                raise _image_too_large(name, size, self.max_image_bytes)
+            return image_input(src, name, self.limits)
+        if kind == "remote":
+            if not self.allow_remote:
+                raise ApiError(400, f"{name}: remote image URLs are disabled on this server; send the image as a "
+                               "data: URI (or start edge-serve with --allow-remote-images)",
+                               "invalid_request_error", name, "remote_images_disabled")
+            return image_input(fetch_remote(src, self.max_image_bytes, self.fetch_timeout_s, name), name, self.limits)
+        if kind == "local":
+            if self.local_root is None:
+                raise ApiError(400, f"{name}: local file paths are disabled on this server; send the image as a "
+                               "data: URI (or start edge-serve with --allow-local-dir DIR)",
+                               "invalid_request_error", name, "local_images_disabled")
+            path = confine_path(self.local_root, local_path(src, name), name)
+            return image_input(read_capped(path, self.max_image_bytes, name), name, self.limits)
+        raise bad_request(f"{name}: unsupported image URL scheme in {src[:40]!r}; use a data: URI", name,
+                          "unsupported_image_url")
+
+
+def source_kind(url: str) -> str:
+    """'data', 'remote' (http/https), 'local' (file:// or a bare path) or 'other'."""
+    match = _SCHEME.match(url)
+    if match is None or len(match.group(1)) == 1:  # no scheme (a one-letter one is a Windows drive)
+        return "local"
+    scheme = match.group(1).lower()
+    return {"data": "data", "http": "remote", "https": "remote", "file": "local"}.get(scheme, "other")
+
+
+def data_uri_size(uri: str) -> int:
+    """Decoded bytes of a data: URI, estimated without decoding (base64: 3 bytes per 4 chars)."""
+    header, _, payload = uri.partition(",")
+    return len(payload) * 3 // 4 if ";base64" in header.lower() else len(payload)
+
+
+def local_path(url: str, name: str) -> str:
+    if url[:7].lower() != "file://":
+        return url
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise bad_request(f"{name}: file:// URLs must not name a host", name, "path_not_allowed")
+    return urllib.parse.unquote(parsed.path)
+
+
+def confine_path(root: Path, raw: str, name: str = "image") -> Path:
+    """`raw` resolved inside `root`, or a 400: no '..', no absolute path elsewhere, no symlink out.
+
+    Containment is checked before existence, so refusals say nothing about files outside root.
+    """
+    if "\x00" in raw:
+        raise bad_request(f"{name}: invalid path", name, "path_not_allowed")
+    lexical_root, root = Path(os.path.abspath(root)), Path(root).resolve()
+    given = Path(raw)
+    if ".." in given.parts:
+        raise bad_request(f"{name}: '..' is not allowed in image paths", name, "path_not_allowed")
+    candidate = given if given.is_absolute() else lexical_root / given
+    outside = ApiError(400, f"{name}: the path is outside the directory this server may read "
+                       "(--allow-local-dir)", "invalid_request_error", name, "path_not_allowed")
+    lexical = Path(os.path.normpath(candidate))
+    if not (_inside(lexical, lexical_root) or _inside(lexical, root)):
+        raise outside
+    resolved = candidate.resolve()  # follows symlinks: a link pointing out is caught here
+    if not _inside(resolved, root):
+        raise outside
+    if not resolved.is_file():
+        raise bad_request(f"{name}: no such image file in the allowed directory", name, "image_not_found")
+    return resolved
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def read_capped(path: Path, max_bytes: int, name: str) -> bytes:
+    """Read a regular file of at most max_bytes; O_NOFOLLOW so a link swapped in now is not followed."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise bad_request(f"{name}: cannot open the image file ({exc.strerror})", name, "image_not_found") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise bad_request(f"{name}: not a regular file", name, "image_not_found")
+        if info.st_size > max_bytes:
+            raise _image_too_large(name, info.st_size, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _image_too_large(name, len(data), max_bytes)
+    return data
+
+
+def fetch_remote(url: str, max_bytes: int, timeout_s: float, name: str) -> bytes:
+    """GET an image with a byte cap enforced while streaming (a lying Content-Length changes nothing)."""
+    try:
+        with httpx.Client(timeout=timeout_s, follow_redirects=True, max_redirects=3) as client:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                if response.status_code != 200:
+                    raise bad_request(f"{name}: fetching the image returned HTTP {response.status_code}", name,
+                                      "image_fetch_failed")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise _image_too_large(name, int(declared), max_bytes)
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise _image_too_large(name, len(data), max_bytes)
+                return bytes(data)
+    except httpx.HTTPError as exc:
+        raise bad_request(f"{name}: could not fetch the image ({type(exc).__name__}: {exc})", name,
+                          "image_fetch_failed") from None
+
+
+def _image_too_large(name: str, size: int, max_bytes: int) -> ApiError:
+    return bad_request(f"{name}: the image has {size} bytes or more, over the limit of {max_bytes} "
+                       "(--max-image-bytes)", name, "image_too_large")

@@ -1,0 +1,59 @@
+"""Slots: one KV-cache sequence each, holding a request while it runs and its
+conversation afterwards, so a follow-up that repeats the history starts where it ended."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..kv_state import Unit, common_prefix
+from ..sampling import Sampler
+from .jobs import Job
+from .textstream import TextPipeline
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    last_used: float = 0.0
+    job: Job | None = None
+    sampler: Sampler | None = None
+    pipeline: TextPipeline | None = None
+    bias: dict[int, float] | None = None  # added to the logits before each sample
+    pending: int | None = None  # sampled, shown, not yet evaluated
+    generated: int = 0
+    limit: int = 0  # most tokens this job may generate
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    started: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def release(self) -> None:
+        """Free the slot for the next request; its KV cache (the conversation) stays."""
+        if self.sampler is not None:
+            self.sampler.close()
+        self.job = self.sampler = self.pipeline = self.pending = self.bias = None
+        self.generated = self.limit = self.prompt_tokens = self.cached_tokens = 0
+        self.last_used = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    seq_id: int
+    units: Sequence[Unit]  # what the slot's KV cache holds
+    last_used: float
+
+
+def choose_slot(candidates: Sequence[Candidate], wanted: Sequence[Unit]) -> tuple[int, int]:
+    """(seq_id, shared units): the free slot sharing the longest prefix with `wanted`.
+
+    Ties go to the slot holding least (then the least recently used), so a
+    conversation cached elsewhere survives for its own follow-up.
+    """
+    if not candidates:
+        raise ValueError("no free slot")
+    best = max(candidates, key=lambda c: (common_prefix(c.units, wanted), -len(c.units), -c.last_used))
+    return best.seq_id, common_prefix(best.units, wanted)
