@@ -28,7 +28,8 @@ HELP = """commands:
 USER_ERRORS = (EdgeRuntimeError, ImageError, TemplateError, ValueError, TypeError)
 
 
-def _gpu_layers(value: str) -> int | str:
+def parse_gpu_layers(value: str) -> int | str:
+    """`--n-gpu-layers`: 'auto' or a layer count (shared by edge-chat and edge-serve)."""
     if value == "auto":
         return value
     try:
@@ -88,7 +89,7 @@ def main(
             kv_cache_type_k=settings["kv_cache_type_k"],
             kv_cache_type_v=settings["kv_cache_type_v"],
             flash_attn={"on": True, "off": False}.get(settings["flash_attn"], "auto"),
-            n_gpu_layers=_gpu_layers(settings["n_gpu_layers"]),
+            n_gpu_layers=parse_gpu_layers(settings["n_gpu_layers"]),
             threads=settings["threads"],
             image_min_tokens=settings["image_min_tokens"],
             image_max_tokens=settings["image_max_tokens"],

@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
 from convert.gguf_out import write_gguf
 
 from . import catalog
-from .errors import QuantError
+from .errors import QuantError, check_rewrite
 from .imatrix import Imatrix, resolve
 from .report import Fallback, QuantReport, build_report
 
@@ -207,12 +207,7 @@ def quantize_mmproj(src: str | Path, dst: str | Path, options: MmprojQuantOption
 
     qt = catalog.lookup_projector(options.quant)
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise QuantError(f"{src}: projector GGUF not found.")
-    if dst.exists() and not options.overwrite:
-        raise QuantError(f"{dst} already exists; pass --overwrite to replace it.")
-    if dst.resolve() == src.resolve():
-        raise QuantError(f"{dst}: input and output are the same file.")
+    check_rewrite(src, dst, options.overwrite, "projector")
     im = resolve(options.imatrix)
     reader = gguf.GGUFReader(src)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)

@@ -19,7 +19,7 @@ import numpy as np
 from convert.atomic import atomic_output
 
 from . import catalog
-from .errors import QuantError
+from .errors import QuantError, check_rewrite
 from .imatrix import Imatrix, matrix_columns, resolve
 from .report import Fallback, QuantReport, build_report
 
@@ -121,12 +121,7 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
 
     t = catalog.lookup(options.quant)
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise QuantError(f"{src}: text GGUF not found.")
-    if dst.exists() and not options.overwrite:
-        raise QuantError(f"{dst} already exists; pass --overwrite to replace it.")
-    if dst.resolve() == src.resolve():
-        raise QuantError(f"{dst}: input and output are the same file.")
+    check_rewrite(src, dst, options.overwrite, "text")
     im = resolve(options.imatrix)
     require_imatrix(t.name, im)
     params = build_params(t, options)

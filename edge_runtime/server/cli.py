@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from ..cli import parse_gpu_layers
+
 from ..errors import ModelFileError
 from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
@@ -43,12 +45,7 @@ class SizeParam(click.ParamType):
 
 
 def _gpu_layers(_: Any, __: Any, value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter("use 'auto' or a number of layers") from None
+    return parse_gpu_layers(value)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
