@@ -1,0 +1,44 @@
+"""`edge-bench`: speed and memory of VisionChat on this machine, beside raw llama.cpp,
+llama-cpp-python's chat handler and transformers, measured in one run.
+
+    from edge_runtime.bench import BenchOptions, prepare_synthetic, run_bench, to_markdown
+    models = prepare_synthetic("2b", ("q4_k_m",), "q8_0", cache_dir=".cache/synthetic")
+    print(to_markdown(run_bench(models, BenchOptions())))
+
+Every measured configuration runs in its own subprocess (see `workers`), so
+peak RSS is per configuration. Names are imported lazily: importing this
+package loads no model library.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BenchOptions": "options",
+    "Measure": "options",
+    "Config": "options",
+    "Resolution": "options",
+    "ModelSet": "models",
+    "prepare_dir": "models",
+    "prepare_synthetic": "models",
+    "run_bench": "api",
+    "BenchReport": "report",
+    "to_markdown": "report",
+    "plot": "plot",
+    "bench_convert": "convert_bench",
+    "measure_read_bandwidth": "bandwidth",
+    "detect": "machine",
+    "main": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_runtime.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

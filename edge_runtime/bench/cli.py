@@ -1,0 +1,243 @@
+"""`edge-bench`: speed and memory of the runtime on this machine, beside its baselines.
+
+    edge-bench models/                         # the converted pair, as converted
+    edge-bench --synthetic 2b                  # build + convert the 2B-shaped model once, then bench it
+    edge-bench --synthetic 2b --quant q4_k_m,q8_0 --kv f16,q8_0 --resolution 640x480,1280x960 \\
+               --transformers --json bench.json --plot bench.png
+    edge-bench --convert                       # time edge-convert itself (f16 and q4_k_m)
+
+The markdown table goes to stdout; progress and per-run lines to stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .options import BASELINES, DEFAULT_BASELINES, TRANSFORMERS, BenchOptions, Measure, Resolution
+from .report import convert_table, to_markdown
+
+DEFAULT_CACHE = Path(".cache/synthetic")
+
+
+def fail(message: str) -> None:
+    click.echo(f"edge-bench: error: {message}", err=True)
+    sys.exit(2)
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+
+
+def parse_quants(text: str | None, option: str, projector: bool = False) -> tuple[str, ...]:
+    from quant import catalog
+    from quant.errors import QuantError
+
+    names = split_list(text or "")
+    try:
+        return tuple(catalog.lookup_projector(n).name if projector else catalog.canonical(n) for n in names)
+    except QuantError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def parse_kv(text: str) -> tuple[str, ...]:
+    from ..backend import kv_type
+
+    names = split_list(text)
+    try:
+        return tuple(kv_type(n).name for n in names)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kv") from None
+
+
+def parse_resolutions(text: str) -> tuple[Resolution, ...]:
+    try:
+        return tuple(Resolution.parse(p) for p in text.split(",") if p.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resolution") from None
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in split_list(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
+def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
+    names = () if text.strip().lower() == "none" else tuple(n.replace("-", "_") for n in split_list(text))
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise click.BadParameter(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)} "
+                                 "or 'none'", param_hint="--baselines")
+    return names + ((TRANSFORMERS,) if transformers and TRANSFORMERS not in names else ())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--synthetic", type=click.Choice(["tiny", "2b"]), help="Bench a random-weight checkpoint of this "
+              "shape, built and converted into --cache-dir once (real speed and memory, meaningless words).")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_CACHE,
+              show_default=True, help="Where synthetic models and derived quant types are kept.")
+@click.option("--quant", default=None, help="Text-model types, comma-separated [default: q4_k_m for --synthetic, "
+              "else the converted type]; others are derived from a float conversion.")
+@click.option("--mmproj-quant", default=None, help="Projector type [default: q8_0 for --synthetic, else the "
+              "converted type].")
+@click.option("--kv", "kv_types", default="q8_0", show_default=True, help="KV-cache types, comma-separated.")
+@click.option("--resolution", "resolutions", default="640x480", show_default=True,
+              help="Image sizes WIDTHxHEIGHT, comma-separated.")
+@click.option("--prompt-lengths", default="128,512", show_default=True, help="Text prompt lengths for prefill.")
+@click.option("--decode-tokens", default=32, show_default=True, help="Tokens generated per first answer.")
+@click.option("--repeats", default=3, show_default=True, help="Measured runs per figure.")
+@click.option("--warmup", default=1, show_default=True, help="Unmeasured runs before them.")
+@click.option("--passes", default=1, show_default=True, help="Alternate the runtime and its baselines this many "
+              "times, pooling the runs (steadier ratios on a busy machine).")
+@click.option("--n-ctx", default=4096, show_default=True)
+@click.option("--n-batch", default=512, show_default=True)
+@click.option("--threads", type=int, default=None, help="[default: physical cores]")
+@click.option("--gpu-layers", default=0, show_default=True, help="Layers on the GPU (-1: all) where one exists.")
+@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
+@click.option("--image-max-tokens", type=int, default=None, help="Image token budget (sizes the vision "
+              "compute buffer) [default: the projector's].")
+@click.option("--baselines", default=",".join(DEFAULT_BASELINES), show_default=True,
+              help=f"Comma-separated from {', '.join(BASELINES)}, or 'none'.")
+@click.option("--transformers", "with_transformers", is_flag=True,
+              help="Add the transformers bf16 CPU baseline (needs the convert extra and ~5 GB RAM).")
+@click.option("--transformers-repeats", default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write every figure, sample and the machine to this file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Decode tok/s against peak RSS as a PNG (needs matplotlib).")
+@click.option("--convert", "convert", is_flag=True, help="Also time edge-convert on the synthetic checkpoint.")
+@click.option("--convert-targets", default="f16,q4_k_m", show_default=True)
+@click.option("--memory-breakdown", is_flag=True, help="Also load the q4_k_m/q8_0/KV q8_0/640x480 "
+              "configuration (or the first one) step by step under several load settings: RSS per step and peak.")
+@click.option("--render", "render_path", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Measure nothing: print the tables (and --plot) of an earlier --json file.")
+@click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolutions, prompt_lengths,
+         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, threads, gpu_layers, flash_attn, image_max_tokens,
+         baselines, with_transformers, transformers_repeats, json_path, plot_path, convert, convert_targets,
+         memory_breakdown, render_path, no_bandwidth, timeout, quiet) -> None:
+    """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
+    VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
+    chat handler and (optionally) transformers, in one run."""
+    from ..backend import physical_cores
+    from .models import BenchSetupError
+
+    if model_dir and synthetic:
+        fail("give MODEL_DIR or --synthetic, not both")
+    if render_path:
+        render(render_path, plot_path)
+        return
+    if not (model_dir or synthetic or convert):
+        fail("nothing to bench: give an edge-convert output directory, --synthetic 2b, or --convert")
+    if plot_path and not (model_dir or synthetic):
+        fail("--plot needs a model to bench")
+    if plot_path:
+        from .plot import PlotUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            fail(str(exc))
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    sections: list[str] = []
+    json_out: dict = {}
+    try:
+        if model_dir or synthetic:
+            measure = Measure(n_ctx=n_ctx, n_batch=n_batch, threads=threads or physical_cores(),
+                              flash_attn=flash_attn, n_gpu_layers=gpu_layers, image_max_tokens=image_max_tokens,
+                              prompt_lengths=parse_ints(prompt_lengths, "--prompt-lengths"),
+                              decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+            report = bench_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, measure,
+                                  kv=parse_kv(kv_types), resolutions=parse_resolutions(resolutions),
+                                  baselines=parse_baselines(baselines, with_transformers),
+                                  transformers_repeats=transformers_repeats, bandwidth=not no_bandwidth,
+                                  memory_breakdown=memory_breakdown, passes=passes, timeout=timeout, quiet=quiet,
+                                  log=log)
+            if convert:
+                report.convert = run_convert(synthetic or "2b", cache_dir, convert_targets, log)
+            sections.append(to_markdown(report))
+            json_out = report.to_dict()
+            if plot_path:
+                from .plot import plot
+
+                log(f"edge-bench: plot written to {plot(report, plot_path)}")
+        else:
+            rows = run_convert(synthetic or "2b", cache_dir, convert_targets, log)
+            sections.append("\n".join(["### Converter (edge-convert)", "", *convert_table(rows), ""]))
+            json_out = {"convert": rows}
+    except (BenchSetupError, ValueError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted")
+    click.echo("\n".join(sections))
+    if json_path:
+        json_path.write_text(json.dumps(json_out, indent=2) + "\n", encoding="utf-8")
+        log(f"edge-bench: figures written to {json_path}")
+
+
+def render(json_path: Path, plot_path: Path | None) -> None:
+    from .report import BenchReport
+
+    try:
+        report = BenchReport.from_dict(json.loads(json_path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        fail(f"{json_path} is not an edge-bench --json file ({exc})")
+    click.echo(to_markdown(report))
+    if plot_path:
+        from .plot import PlotUnavailable, plot
+
+        try:
+            plot(report, plot_path)
+        except PlotUnavailable as exc:
+            fail(str(exc))
+
+
+def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
+                 measure: Measure, *, kv, resolutions, baselines, transformers_repeats: int, bandwidth: bool,
+                 memory_breakdown: bool, passes: int, timeout: float, quiet: bool, log):
+    from .api import run_bench
+    from .models import prepare_dir, prepare_synthetic, read_manifest
+
+    if synthetic:
+        quants = parse_quants(quant or "q4_k_m", "--quant")
+        proj = parse_quants(mmproj_quant or "q8_0", "--mmproj-quant", projector=True)[0]
+        models = prepare_synthetic(synthetic, quants, proj, cache_dir=cache_dir, progress=not quiet, log=log)
+    else:
+        manifest = read_manifest(model_dir)
+        quants = parse_quants(quant or manifest["text"]["type"], "--quant")
+        proj = parse_quants(mmproj_quant or manifest["mmproj"]["type"], "--mmproj-quant", projector=True)[0]
+        models = prepare_dir(model_dir, quants, proj, cache_dir=cache_dir / Path(model_dir).resolve().name,
+                             progress=not quiet, log=log)
+    if TRANSFORMERS in baselines and models.hf_dir is None:
+        raise ValueError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
+    options = BenchOptions(quants=quants, mmproj_quant=proj, kv_types=kv, resolutions=resolutions, measure=measure,
+                           baselines=baselines, worker_timeout_s=timeout, bandwidth=bandwidth,
+                           memory_breakdown=memory_breakdown, passes=passes)
+    return run_bench(models, options, transformers_repeats=transformers_repeats, progress=not quiet, log=log)
+
+
+def run_convert(size: str, cache_dir: Path, targets: str, log) -> list[dict]:
+    from .convert_bench import bench_convert
+    from .models import ensure_synthetic, synthetic_paths
+
+    ensure_synthetic(size, cache_dir, log=log)
+    ckpt = synthetic_paths(size, cache_dir)[0]
+    rows = []
+    for target in split_list(targets):
+        log(f"edge-bench: timing edge-convert {ckpt.name} -> {target}")
+        run = bench_convert(ckpt, target, cache_dir)
+        log(f"edge-bench: {target}: {run.wall_s:.0f} s, peak RSS {run.peak_rss_bytes / 1e6:.0f} MB"
+            + (f" (failed: {run.error})" if run.error else ""))
+        rows.append(run.to_dict())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

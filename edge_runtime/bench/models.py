@@ -1,0 +1,140 @@
+"""The files a benchmark run needs: one text GGUF per quant type, one projector.
+
+From a converter output directory (its manifest.json), types other than the
+converted one are derived with the `quant` package from the float files, into
+a cache directory, once. `--synthetic 2b` first builds the shape-faithful
+random checkpoint and converts it to f16 in that cache (minutes, once), so a
+bare machine can produce real speed and memory numbers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+SYNTHETIC_SIZES = ("tiny", "2b")
+Log = Callable[[str], None]
+
+
+class BenchSetupError(RuntimeError):
+    """The model files for a benchmark cannot be found or made."""
+
+
+@dataclass
+class ModelSet:
+    """Paths per role: text model per quant name, projector per type, and the HF checkpoint."""
+
+    name: str
+    text: dict[str, Path] = field(default_factory=dict)
+    mmproj: dict[str, Path] = field(default_factory=dict)
+    hf_dir: Path | None = None
+
+    def text_path(self, quant: str) -> Path:
+        return self.text[quant]
+
+    def mmproj_path(self, quant: str) -> Path:
+        return self.mmproj[quant]
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        raise BenchSetupError(f"{path} not found: pass an edge-convert output directory or --synthetic 2b")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["text"]["path"], data["mmproj"]["path"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BenchSetupError(f"{path} is not an edge-convert manifest with a text model and a projector ({exc!r})")
+    return data
+
+
+def is_fresh(derived: Path, source: Path) -> bool:
+    """A derived file is reused when it is newer than what it was made from."""
+    return derived.is_file() and derived.stat().st_mtime >= source.stat().st_mtime
+
+
+def derive_text(source: Path, dst: Path, quant: str, threads: int, progress: bool, log: Log = print) -> Path:
+    from quant.text import TextQuantOptions, quantize_text
+
+    if not is_fresh(dst, source):
+        log(f"edge-bench: deriving the {quant} text model {dst} (once)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantize_text(source, dst, TextQuantOptions(quant, nthread=threads, progress=progress, overwrite=True))
+    return dst
+
+
+def derive_mmproj(source: Path, dst: Path, quant: str, threads: int, progress: bool, log: Log = print) -> Path:
+    from quant.mmproj import MmprojQuantOptions, quantize_mmproj
+
+    if not is_fresh(dst, source):
+        log(f"edge-bench: deriving the {quant} projector {dst} (once)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantize_mmproj(source, dst, MmprojQuantOptions(quant, nthread=threads, progress=progress, overwrite=True))
+    return dst
+
+
+def prepare_dir(out_dir: str | Path, quants: tuple[str, ...], mmproj_quant: str, *, cache_dir: str | Path,
+                threads: int = 0, progress: bool = True, log: Log = print) -> ModelSet:
+    """The converted pair of `out_dir`, plus each other requested type derived into `cache_dir`."""
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    manifest = read_manifest(out_dir)
+    text_src, text_type = out_dir / manifest["text"]["path"], manifest["text"]["type"]
+    proj_src, proj_type = out_dir / manifest["mmproj"]["path"], manifest["mmproj"]["type"]
+    stem = text_src.name.removesuffix(".gguf").removesuffix(f"-{text_type}")
+    source = manifest.get("source", {}).get("path")
+    models = ModelSet(stem, hf_dir=Path(source) if source and Path(source, "config.json").is_file() else None)
+    for q in quants:
+        if q == text_type:
+            models.text[q] = text_src
+            continue
+        _require_float(text_type, text_src, q)
+        models.text[q] = derive_text(text_src, cache_dir / f"{stem}-{q}.gguf", q, threads, progress, log)
+    if mmproj_quant == proj_type:
+        models.mmproj[mmproj_quant] = proj_src
+    else:
+        _require_float(proj_type, proj_src, mmproj_quant)
+        dst = cache_dir / f"mmproj-{stem}-{mmproj_quant}.gguf"
+        models.mmproj[mmproj_quant] = derive_mmproj(proj_src, dst, mmproj_quant, threads, progress, log)
+    return models
+
+
+def _require_float(have: str, path: Path, want: str) -> None:
+    if have not in FLOAT_TYPES:
+        raise BenchSetupError(f"{path} is {have}: {want} can only be derived from a float conversion; "
+                              "run edge-convert with --quant f16 and bench that directory")
+
+
+def synthetic_paths(size: str, cache_dir: str | Path) -> tuple[Path, Path]:
+    """(checkpoint directory, f16 conversion directory) of a synthetic model in the cache."""
+    root = Path(cache_dir)
+    return root / f"qwen3-vl-{size}", root / f"qwen3-vl-{size}-gguf"
+
+
+def ensure_synthetic(size: str, cache_dir: str | Path, *, progress: bool = True, log: Log = print) -> Path:
+    """Build and convert the synthetic checkpoint unless the cache has it; returns the f16 directory."""
+    if size not in SYNTHETIC_SIZES:
+        raise BenchSetupError(f"unknown synthetic size {size!r}; choose one of {', '.join(SYNTHETIC_SIZES)}")
+    ckpt, gguf_dir = synthetic_paths(size, cache_dir)
+    try:
+        from convert import convert_checkpoint
+        from convert.synthetic import SyntheticSpec, build_checkpoint
+    except ImportError as exc:
+        raise BenchSetupError(f"--synthetic needs the convert extra (pip install 'qwen3-vl-edge[convert]'): {exc}")
+    if not (ckpt / "config.json").is_file():  # config.json is written last: its presence marks completion
+        log(f"edge-bench: building the {size} synthetic checkpoint in {ckpt} (once)")
+        build_checkpoint(ckpt, SyntheticSpec(size=size))
+    if not (gguf_dir / "manifest.json").is_file():
+        log(f"edge-bench: converting it to f16 in {gguf_dir} (once)")
+        convert_checkpoint(ckpt, gguf_dir, "f16", progress=progress, overwrite=True)
+    return gguf_dir
+
+
+def prepare_synthetic(size: str, quants: tuple[str, ...], mmproj_quant: str, *, cache_dir: str | Path,
+                      threads: int = 0, progress: bool = True, log: Log = print) -> ModelSet:
+    gguf_dir = ensure_synthetic(size, cache_dir, progress=progress, log=log)
+    models = prepare_dir(gguf_dir, quants, mmproj_quant, cache_dir=gguf_dir, threads=threads, progress=progress,
+                         log=log)
+    models.hf_dir = synthetic_paths(size, cache_dir)[0]
+    return models

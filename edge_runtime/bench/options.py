@@ -1,0 +1,158 @@
+"""Typed options of a benchmark run and of one measured configuration.
+
+`BenchOptions` is what the command line chose; `Config` is one point of the
+matrix (quant x KV-cache type x image resolution). Both are plain data so a
+worker subprocess receives them as JSON and rebuilds them exactly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Mapping
+
+# Baselines measured beside the runtime ("visionchat"). The transformers one needs
+# the `convert` extra and several GB of RAM, so it is off unless asked for.
+RUNTIME = "visionchat"
+RAW = "raw"
+CHAT_HANDLER = "chat_handler"
+TRANSFORMERS = "transformers"
+MEMORY = "memory"  # the peak-RSS breakdown, not a party of the comparison
+BASELINES = (RAW, CHAT_HANDLER, TRANSFORMERS)
+DEFAULT_BASELINES = (RAW, CHAT_HANDLER)
+KINDS = (RUNTIME, *BASELINES, MEMORY)
+
+
+@dataclass(frozen=True, order=True)
+class Resolution:
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.width < 32 or self.height < 32:
+            raise ValueError(f"image resolution {self} is too small: both sides must be >= 32 pixels")
+
+    @classmethod
+    def parse(cls, text: str) -> "Resolution":
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"image resolution {text!r} is not WIDTHxHEIGHT (e.g. 640x480)")
+        return cls(int(m[1]), int(m[2]))
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How each configuration is exercised (identical for the runtime and every baseline)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    threads: int = 1
+    flash_attn: bool = True  # same for all: a quantized V cache needs it anyway
+    n_gpu_layers: int = 0  # 0: CPU only; -1: every layer (and the projector) on the GPU
+    image_max_tokens: int | None = None  # None: the projector's default budget
+    prompt_lengths: tuple[int, ...] = (128, 512)
+    decode_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 256:
+            raise ValueError(f"n_ctx must be at least 256, got {self.n_ctx}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+        if self.decode_tokens < 3:
+            raise ValueError("decode_tokens must be >= 3: the decode rate is the median gap after the first token")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise ValueError(f"prompt lengths must be positive, got {self.prompt_lengths}")
+        if max(self.prompt_lengths) + self.decode_tokens + 64 > self.n_ctx:
+            raise ValueError(f"prompt length {max(self.prompt_lengths)} + {self.decode_tokens} generated tokens "
+                             f"does not fit n_ctx={self.n_ctx}")
+        if self.image_max_tokens is not None and self.image_max_tokens < 1:
+            raise ValueError(f"image_max_tokens must be positive, got {self.image_max_tokens}")
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """One point of the matrix. `quant` names the text model's type."""
+
+    quant: str
+    mmproj_quant: str
+    kv_type: str
+    resolution: Resolution
+
+    @property
+    def label(self) -> str:
+        return f"{self.quant}+{self.mmproj_quant} KV {self.kv_type} {self.resolution}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant": self.quant, "mmproj_quant": self.mmproj_quant, "kv_type": self.kv_type,
+                "resolution": str(self.resolution)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        return cls(data["quant"], data["mmproj_quant"], data["kv_type"], Resolution.parse(data["resolution"]))
+
+
+# The issue's memory target: this configuration at n_ctx 4096 within 2.0 GB peak RSS.
+RSS_TARGET_CONFIG = Config("q4_k_m", "q8_0", "q8_0", Resolution(640, 480))
+RSS_TARGET_N_CTX = 4096
+RSS_TARGET_BYTES = 2.0e9
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    quants: tuple[str, ...] = ("q4_k_m",)
+    mmproj_quant: str = "q8_0"
+    kv_types: tuple[str, ...] = ("q8_0",)
+    resolutions: tuple[Resolution, ...] = (Resolution(640, 480),)
+    measure: Measure = field(default_factory=Measure)
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    # Each pass runs the runtime and its baselines once more, alternating, and the samples
+    # are pooled: on a shared machine a load change then hits both sides of a ratio.
+    passes: int = 1
+    worker_timeout_s: float = 3600.0
+    bandwidth: bool = True
+    memory_breakdown: bool = False  # RSS per loading step, for load settings that could lower the peak
+
+    def __post_init__(self) -> None:
+        for name in ("quants", "kv_types", "resolutions"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got {self.passes}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+
+    def configs(self) -> Iterator[Config]:
+        """The matrix in a stable order: quant, then KV type, then resolution."""
+        for q in self.quants:
+            for kv in self.kv_types:
+                for res in self.resolutions:
+                    yield Config(q, self.mmproj_quant, kv, res)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "measure"}
+        data["resolutions"] = [str(r) for r in self.resolutions]
+        data["measure"] = asdict(self.measure)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BenchOptions":
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        for name in ("quants", "kv_types", "baselines"):
+            if name in values:
+                values[name] = tuple(values[name])
+        values["resolutions"] = tuple(Resolution.parse(r) for r in data.get("resolutions", ("640x480",)))
+        values["measure"] = measure_from_dict(data.get("measure", {}))
+        return cls(**values)
+
+
+def measure_from_dict(data: Mapping[str, Any]) -> Measure:
+    values = dict(data)
+    values["prompt_lengths"] = tuple(values.get("prompt_lengths", ()))
+    return Measure(**values)

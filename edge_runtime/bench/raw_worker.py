@@ -1,0 +1,158 @@
+"""Baseline (a): the same work done with llama.cpp's low-level calls and nothing else.
+
+No chat template, no bookkeeping, no detokenizing: a hand-written Qwen prompt,
+mtmd to tokenize and encode, llama_decode, and a greedy sampler. It is the
+ceiling for our runtime's overhead: VisionChat decode / this decode should be
+close to 1. The follow-up evaluates only the new turn's tokens, which is the
+least any runtime can do.
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from .scenario import (FIRST_QUESTION, FOLLOW_UP, FOLLOW_UP_TOKENS, bench_image, chat_prompt, filler_text,
+                       follow_up_suffix, png_bytes)
+from .summary import decode_rates
+from .workers import Recorder, WorkerSpec
+
+
+class RawSession:
+    """A model, context and projector opened with llama_io, plus one reusable 1-token batch."""
+
+    def __init__(self, spec: WorkerSpec):
+        import llama_cpp as L
+
+        from ..backend import kv_type
+        from ..llama_io import Context, ContextOptions, Model, Projector, ProjectorOptions
+
+        m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
+        flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.L, self.n_batch = L, m.n_batch
+        self.model = Model(spec.text_path, n_gpu_layers=m.n_gpu_layers)
+        self.ctx = Context(self.model, ContextOptions(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_batch,
+                                                      n_threads=m.threads, type_k=kv, type_v=kv, flash_attn=flash))
+        self.proj = Projector(spec.mmproj_path, self.model, ProjectorOptions(
+            n_threads=m.threads, use_gpu=m.n_gpu_layers != 0, image_max_tokens=m.image_max_tokens,
+            flash_attn=flash, warmup=False))
+        self.sampler = L.llama_sampler_init_greedy()
+        self.batch = L.llama_batch_init(1, 0, 1)
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_sampler_free(self.sampler)
+        self.proj.close()
+        self.ctx.close()
+        self.model.close()
+
+    def prefill_chunks(self, text: str, rgb: np.ndarray) -> tuple[int, float, int]:
+        """Evaluate a prompt with one image chunk by chunk; (n_past, encode seconds, image tokens)."""
+        from llama_cpp import mtmd_cpp as M
+
+        from ..llama_io import LlamaError, chunk_is_text, chunk_text_tokens
+
+        chunks = self.proj.tokenize(text, [rgb])
+        n_past, encode_s, image_tokens = 0, 0.0, 0
+        try:
+            for chunk in chunks:
+                if chunk_is_text(chunk):
+                    tokens = chunk_text_tokens(chunk)
+                    self.ctx.decode(tokens, n_past)  # logits for its last token (used when it ends the prompt)
+                    n_past += len(tokens)
+                    continue
+                t0 = time.perf_counter()
+                if M.mtmd_encode_chunk(self.proj.ptr, chunk) != 0:
+                    raise LlamaError("mtmd_encode_chunk failed")
+                encode_s += time.perf_counter() - t0
+                image_tokens += M.mtmd_input_chunk_get_n_tokens(chunk)
+                new_past = self.L.llama_pos(0)
+                rc = M.mtmd_helper_decode_image_chunk(
+                    self.proj.ptr, self.ctx.ptr, chunk, M.mtmd_get_output_embd(self.proj.ptr), n_past, 0,
+                    self.n_batch, ctypes.byref(new_past), M.mtmd_helper_post_decode_callback(), None)
+                if rc != 0:
+                    raise LlamaError(f"mtmd_helper_decode_image_chunk failed with code {rc}")
+                n_past = new_past.value
+        finally:
+            chunks.close()
+        return n_past, encode_s, image_tokens
+
+    def generate(self, n_past: int, n_tokens: int) -> tuple[list[int], list[float], int]:
+        """Greedy-sample n_tokens (EOG included: a decode rate needs a fixed count).
+
+        Like VisionChat, the last sampled token is not evaluated. Returns the
+        tokens, the time each was sampled, and n_past after them.
+        """
+        L, b = self.L, self.batch
+        tokens, times = [], []
+        while True:
+            token = L.llama_sampler_sample(self.sampler, self.ctx.ptr, -1)
+            times.append(time.perf_counter())
+            tokens.append(token)
+            if len(tokens) >= n_tokens:
+                return tokens, times, n_past
+            b.n_tokens = 1
+            b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = token, n_past, 1, 1
+            b.seq_id[0][0] = 0
+            if L.llama_decode(self.ctx.ptr, b) != 0:
+                raise RuntimeError(f"llama_decode failed at position {n_past}")
+            n_past += 1
+
+
+def rgb_from_png(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as img:
+        return np.ascontiguousarray(np.asarray(img.convert("RGB")))
+
+
+def measure_load(spec: WorkerSpec, rec: Recorder) -> None:
+    for _ in rec.rounds(spec.measure):
+        t0 = time.perf_counter()
+        session = RawSession(spec)
+        rec.sample("load_s", time.perf_counter() - t0)
+        session.close()
+
+
+def measure(spec: WorkerSpec, rec: Recorder) -> None:
+    m, res = spec.measure, spec.config.resolution
+    png = png_bytes(bench_image(res.width, res.height))
+    measure_load(spec, rec)
+    s = RawSession(spec)
+    try:
+        for _ in rec.rounds(m):
+            s.ctx.clear()
+            t0 = time.perf_counter()
+            n_past, encode_s, image_tokens = s.prefill_chunks(chat_prompt(FIRST_QUESTION, s.proj.marker),
+                                                               rgb_from_png(png))
+            prompt_tokens = n_past
+            t_prefilled = time.perf_counter()
+            tokens, times, n_past = s.generate(n_past, m.decode_tokens)
+            rec.sample("ttft_first_s", times[0] - t0)
+            rec.sample("image_encode_s", encode_s)
+            rec.value("image_tokens", image_tokens)
+            rec.value("prompt_positions", prompt_tokens)  # M-RoPE: an image takes fewer positions than tokens
+            rec.value("decode_tokens", len(tokens))
+            rates = decode_rates(times)
+            if rates:
+                rec.sample("decode_tok_s", rates[0])
+                rec.sample("decode_mean_tok_s", rates[1])
+            rec.value("prefill_with_encode_s", t_prefilled - t0)
+
+            t0 = time.perf_counter()
+            turn = [tokens[-1]] + s.model.tokenize(follow_up_suffix(FOLLOW_UP))
+            s.ctx.decode(turn, n_past)
+            _, follow_times, _ = s.generate(n_past + len(turn), FOLLOW_UP_TOKENS)
+            rec.sample("ttft_followup_s", follow_times[0] - t0)
+            rec.value("followup_evaluated_tokens", len(turn))
+
+            for n in m.prompt_lengths:
+                s.ctx.clear()
+                prompt = s.model.tokenize(chat_prompt(filler_text(n)))
+                t0 = time.perf_counter()
+                s.ctx.decode(prompt, 0)
+                rec.sample(f"prefill_tok_s@{n}", len(prompt) / (time.perf_counter() - t0))
+                rec.value(f"prefill_tokens@{n}", len(prompt))
+    finally:
+        s.close()

@@ -1,0 +1,71 @@
+"""Measures our runtime, through VisionChat's public API only (what users call).
+
+Per round: a first question about a new image (TTFT, encoder time, image
+tokens, decode rate from the streamed pieces' times), a follow-up about the same image (TTFT with the KV
+cache reused), then text-only prompts of each length (prefill rate). The
+encoder cache is off so every round really encodes its image.
+"""
+from __future__ import annotations
+
+import time
+
+from .scenario import FIRST_QUESTION, FOLLOW_UP, FOLLOW_UP_TOKENS, bench_image, filler_text, png_bytes
+from .summary import decode_rates
+from .workers import Recorder, WorkerSpec
+
+
+def open_chat(spec: WorkerSpec):
+    from edge_runtime import VisionChat
+
+    m = spec.measure
+    return VisionChat(
+        spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, kv_cache_type=spec.config.kv_type,
+        flash_attn=m.flash_attn, n_gpu_layers=m.n_gpu_layers, threads=m.threads,
+        image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
+    )
+
+
+def measure_load(spec: WorkerSpec, rec: Recorder) -> None:
+    for _ in rec.rounds(spec.measure):
+        t0 = time.perf_counter()
+        chat = open_chat(spec)
+        rec.sample("load_s", time.perf_counter() - t0)
+        chat.close()
+
+
+def measure(spec: WorkerSpec, rec: Recorder) -> None:
+    m, res = spec.measure, spec.config.resolution
+    png = png_bytes(bench_image(res.width, res.height))
+    measure_load(spec, rec)
+    with open_chat(spec) as chat:
+        for _ in rec.rounds(m):
+            chat.reset()
+            times = [time.perf_counter() for _ in chat.stream(FIRST_QUESTION, images=[png],
+                                                              max_tokens=m.decode_tokens, temperature=0)]
+            first = chat.last_stats
+            rec.sample("ttft_first_s", first.ttft_s)
+            rec.sample("image_encode_s", first.image_encode_s)
+            rec.sample("prefill_image_prompt_tok_s", first.prefill_tok_s)
+            rates = decode_rates(times)
+            if rates:
+                rec.sample("decode_tok_s", rates[0])
+                rec.sample("decode_mean_tok_s", rates[1])
+            if first.generated_tokens < m.decode_tokens:
+                rec.note(f"the first answer ended after {first.generated_tokens} of {m.decode_tokens} tokens "
+                         f"({first.stop_reason})")
+            rec.value("image_tokens", first.image_tokens)
+            rec.value("prompt_tokens", first.prompt_tokens)
+            rec.value("decode_tokens", first.generated_tokens)
+            rec.value("kv_cache_bytes", first.kv_cache_bytes)
+
+            chat.ask(FOLLOW_UP, max_tokens=FOLLOW_UP_TOKENS, temperature=0)
+            follow = chat.last_stats
+            rec.sample("ttft_followup_s", follow.ttft_s)
+            rec.value("followup_reused_tokens", follow.reused_tokens)
+            rec.value("followup_evaluated_tokens", follow.evaluated_tokens)
+
+            for n in m.prompt_lengths:
+                chat.reset()
+                chat.ask(filler_text(n), max_tokens=1, temperature=0)
+                rec.sample(f"prefill_tok_s@{n}", chat.last_stats.prefill_tok_s)
+                rec.value(f"prefill_tokens@{n}", chat.last_stats.evaluated_tokens)

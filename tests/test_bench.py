@@ -1,0 +1,295 @@
+"""edge-bench machinery on the tiny synthetic model: protocol, schema, every figure present and positive.
+
+Speeds are not tested (a shared CI machine says nothing about them); what is
+tested is that each party measures what the report needs, that the numbers
+are sane in kind (positive, per-process peaks) and that the outputs parse.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edge_runtime.bench.cli import main as cli_main
+from edge_runtime.bench.convert_bench import bench_convert
+from edge_runtime.bench.machine import backend_name, cpu_model_from_cpuinfo
+from edge_runtime.bench.models import BenchSetupError, prepare_dir
+from edge_runtime.bench.options import (CHAT_HANDLER, RAW, RUNTIME, TRANSFORMERS, BenchOptions, Config, Measure,
+                                        Resolution)
+from edge_runtime.bench.peak import vmhwm_bytes
+from edge_runtime.bench.report import RATIOS, fmt_ratio, fmt_summary, to_markdown
+from edge_runtime.bench.roofline import kv_bytes_read, weight_bytes_read
+from edge_runtime.bench.summary import ratio, summarize
+from edge_runtime.bench.workers import WorkerSpec, parse_output
+
+RES = Resolution(128, 96)
+MEASURE = Measure(n_ctx=512, n_batch=128, threads=2, prompt_lengths=(16, 48), decode_tokens=4, warmup=1, repeats=2)
+PER_ROUND = {  # figures each party must report, as samples of every measured round
+    RUNTIME: ["load_s", "image_encode_s", "ttft_first_s", "ttft_followup_s", "decode_tok_s", "decode_mean_tok_s",
+              "prefill_tok_s@16", "prefill_tok_s@48", "prefill_image_prompt_tok_s"],
+    RAW: ["load_s", "image_encode_s", "ttft_first_s", "ttft_followup_s", "decode_tok_s", "decode_mean_tok_s",
+          "prefill_tok_s@16", "prefill_tok_s@48"],
+    CHAT_HANDLER: ["load_s", "ttft_first_s", "ttft_followup_s", "decode_tok_s", "decode_mean_tok_s"],
+    TRANSFORMERS: ["load_s", "ttft_first_s", "decode_tok_s", "decode_mean_tok_s"],
+}
+SUMMARY_KEYS = {"median", "min", "max", "n", "spread"}
+
+
+@pytest.fixture(scope="module")
+def bench_models(tiny_f16_dir, tmp_path_factory):
+    """The tiny pair as converted, with a q8_0 projector derived by quant.mmproj."""
+    return prepare_dir(tiny_f16_dir, ("f16",), "q8_0", cache_dir=tmp_path_factory.mktemp("bench-cache"),
+                       progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def report(bench_models):
+    from edge_runtime.bench.api import run_bench
+
+    options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", kv_types=("f16",), resolutions=(RES,),
+                           measure=MEASURE, baselines=(RAW, CHAT_HANDLER, TRANSFORMERS), memory_breakdown=True,
+                           worker_timeout_s=600)
+    return run_bench(bench_models, options, progress=False)
+
+
+@pytest.fixture(scope="module")
+def report_json(report, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench-json") / "bench.json"
+    report.write_json(path)
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def test_json_has_machine_options_bandwidth_and_one_config(report_json):
+    assert report_json["schema"] == 1
+    machine = report_json["machine"]
+    assert machine["cpu_model"] and machine["physical_cores"] >= 1 and machine["ram_bytes"] > 0
+    assert machine["backend"] and "llama_cpp_system_info" in machine
+    assert report_json["options"]["measure"]["repeats"] == MEASURE.repeats
+    assert report_json["bandwidth"]["bytes_per_s"] > 0
+    assert [c["label"] for c in report_json["configs"]] == [Config("f16", "q8_0", "f16", RES).label]
+
+
+@pytest.mark.parametrize("kind", list(PER_ROUND))
+def test_every_party_reports_every_figure_positive(report_json, kind):
+    party = report_json["configs"][0]["parties"][kind]
+    assert party["error"] is None
+    rounds = 1 if kind == TRANSFORMERS else MEASURE.repeats
+    for name in PER_ROUND[kind]:
+        fig = party["figures"][name]
+        assert set(fig) == SUMMARY_KEYS, name
+        assert fig["n"] == rounds and len(party["samples"][name]) == rounds, name
+        assert 0 < fig["min"] <= fig["median"] <= fig["max"] and math.isfinite(fig["max"]), name
+        assert fig["spread"] >= 0
+    assert party["peak_rss_bytes"] > 0
+
+
+def test_runtime_values_and_file_sizes(report_json):
+    cfg = report_json["configs"][0]
+    v = cfg["parties"][RUNTIME]["values"]
+    assert v["image_tokens"] > 0 and v["prompt_tokens"] > v["image_tokens"]
+    assert v["decode_tokens"] >= 2 and v["kv_cache_bytes"] > 0
+    assert v["followup_reused_tokens"] > v["image_tokens"]  # the follow-up kept the image in the KV cache
+    assert v["prefill_tokens@48"] > v["prefill_tokens@16"] > 0
+    assert cfg["text_bytes"] > 0 and cfg["mmproj_bytes"] > 0
+    assert cfg["parties"][RAW]["values"]["image_tokens"] == v["image_tokens"]  # same image, same tokens
+
+
+def test_worker_peaks_are_per_process(report_json):
+    """The parent held a 512 MiB bandwidth buffer before starting workers; no llama.cpp worker may inherit it."""
+    for kind in (RUNTIME, RAW, CHAT_HANDLER):
+        assert report_json["configs"][0]["parties"][kind]["peak_rss_bytes"] < 450e6, kind
+
+
+def test_ratios_roofline_and_memory_breakdown(report_json):
+    cfg = report_json["configs"][0]
+    assert set(cfg["ratios"]) == set(RATIOS)
+    assert all(r is not None and r > 0 for r in cfg["ratios"].values())
+    roof = cfg["roofline"]
+    assert roof["weight_bytes"] > 0 and roof["kv_bytes"] > 0 and roof["fraction"] > 0 and roof["bound_tok_s"] > 0
+    assert len(cfg["memory"]) >= 3
+    for row in cfg["memory"]:
+        assert row["error"] is None and row["peak_rss_bytes"] > 0 and row["decode_tok_s"] > 0
+        assert row["image_prompt_s"] > 0
+        assert list(row["stages"]) == ["model", "context", "projector", "image", "decode"]
+        assert all(b > 0 for b in row["stages"].values())
+        assert row["variant"]["name"]
+
+
+def test_markdown_has_every_section(report):
+    md = to_markdown(report)
+    for heading in ("### VisionChat", "### Baselines", "### Ratios", "### Roofline", "### Where the memory goes",
+                    "Memory read bandwidth"):
+        assert heading in md
+    assert "VisionChat decode / raw llama.cpp decode (>= 0.97)" in md
+    assert "failed" not in md
+
+
+def test_plot_writes_a_png(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    from edge_runtime.bench.plot import plot
+
+    out = plot(report, tmp_path / "bench.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_table_and_json(tiny_f16_dir, tmp_path):
+    out = tmp_path / "b.json"
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--kv", "f16",
+            "--resolution", "96x96", "--prompt-lengths", "16", "--decode-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--n-ctx", "512", "--baselines", "none", "--no-bandwidth", "--json", str(out), "-q"]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    assert "| f16 | q8_0 | f16 | 96x96 |" in result.output
+    data = json.loads(out.read_text())
+    assert data["configs"][0]["parties"][RUNTIME]["figures"]["decode_tok_s"]["median"] > 0
+    assert data["bandwidth"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to bench"),
+    (["--synthetic", "tiny", "--resolution", "640by480"], "WIDTHxHEIGHT"),
+    (["--synthetic", "tiny", "--quant", "q9_z"], "unknown quantization type"),
+    (["--synthetic", "tiny", "--kv", "q3_k"], "unknown KV cache type"),
+    (["--synthetic", "tiny", "--baselines", "ollama"], "unknown baseline"),
+])
+def test_cli_errors_are_clear(args, message):
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_manifest_is_a_setup_error(tmp_path):
+    with pytest.raises(BenchSetupError, match="manifest.json not found"):
+        prepare_dir(tmp_path, ("f16",), "f16", cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- converter benchmark, peak wrapper
+
+
+@pytest.mark.parametrize("target", ["f16", "q4_k_m"])
+def test_convert_bench(tiny_model_dir, tmp_path, target):
+    run = bench_convert(tiny_model_dir, target, tmp_path)
+    assert run.error is None, run.error
+    assert run.wall_s > 0 and run.peak_rss_bytes > 0 and run.output_bytes > 0
+    assert not list(tmp_path.iterdir())  # scratch output removed
+
+
+def test_peak_wrapper_reports_the_module_peak(tmp_path):
+    peak_file = tmp_path / "peak.json"
+    code = subprocess.run([sys.executable, "-m", "edge_runtime.bench.peak", str(peak_file), "json.tool", "--help"],
+                          capture_output=True, check=False).returncode
+    data = json.loads(peak_file.read_text())
+    assert code == data["exit_code"] == 0 and data["peak_rss_bytes"] > 0
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_summary_and_ratio():
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max, s.n, s.spread) == (2.0, 1.0, 3.0, 3, 1.0)
+    assert ratio(s, summarize([4.0])) == 0.5
+    assert ratio(s, None) is None and ratio(None, s) is None and ratio(s, 0.0) is None
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_decode_rates_ignore_a_stall():
+    from edge_runtime.bench.summary import decode_rates
+
+    median, mean = decode_rates([0.0, 0.1, 0.2, 0.3, 1.3])  # one gap stretched by another process
+    assert median == pytest.approx(10.0) and mean == pytest.approx(4 / 1.3)
+    assert decode_rates([0.0, 0.1]) is None
+
+
+def test_formatting():
+    assert fmt_summary(summarize([10.0, 12.0])) == "11.0 ±1.00"
+    assert fmt_summary(None) == "–"
+    assert fmt_ratio(0.98, ">=", 0.97).endswith("✅") and fmt_ratio(0.5, ">", 4.0).endswith("❌")
+    assert fmt_ratio(None, "<", 0.2) == "–"
+
+
+def test_resolution_parsing():
+    assert Resolution.parse(" 640x480 ") == Resolution(640, 480)
+    assert str(Resolution.parse("1280X960")) == "1280x960"
+    for bad in ("640", "x480", "16x16"):
+        with pytest.raises(ValueError):
+            Resolution.parse(bad)
+
+
+def test_measure_validation():
+    with pytest.raises(ValueError, match="does not fit"):
+        Measure(n_ctx=512, prompt_lengths=(512,))
+    with pytest.raises(ValueError, match="decode_tokens"):
+        Measure(decode_tokens=2)
+
+
+def test_weights_read_per_token():
+    assert weight_bytes_read({"token_embd.weight": 100, "blk.0.w": 10}) == 110  # tied: embedding is the output
+    assert weight_bytes_read({"token_embd.weight": 100, "output.weight": 100, "blk.0.w": 10}) == 110
+    assert kv_bytes_read(4096 * 10, 4096, prompt_tokens=100, decode_tokens=20) == 10 * 110
+
+
+def test_machine_probes():
+    assert cpu_model_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    assert cpu_model_from_cpuinfo("Hardware\t: BCM2835\nModel\t: Raspberry Pi 5 Model B\n") == "Raspberry Pi 5 Model B"
+    assert backend_name("CPU : AVX2 = 1 | CUDA : ARCHS = 890", True) == "CUDA"
+    assert backend_name("CPU : AVX2 = 1", False) == "CPU"
+    assert vmhwm_bytes("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t 1024 kB\n") == 2048 * 1024
+
+
+def test_worker_output_parsing():
+    spec = WorkerSpec(RAW, Config("f16", "f16", "f16", RES), MEASURE, "t.gguf", "m.gguf")
+    assert WorkerSpec.from_json(spec.to_json()) == spec
+    crashed = parse_output(spec, -6, "", "ggml.c:5176: GGML_ASSERT(a->type == GGML_TYPE_F32) failed\n", 1.0)
+    assert not crashed.ok and "signal 6" in crashed.error and "GGML_ASSERT" in crashed.error
+    garbage = parse_output(spec, 0, "not json", "", 1.0)
+    assert not garbage.ok and "unreadable" in garbage.error
+    with pytest.raises(ValueError, match="unknown worker kind"):
+        WorkerSpec("ollama", spec.config, MEASURE)
+
+
+def _result(kind: str, cfg: Config, decode: list[float], peak: int) -> "WorkerResult":
+    from edge_runtime.bench.workers import WorkerResult
+
+    return WorkerResult(kind, cfg, {"decode_tok_s": decode}, {"image_tokens": 4}, ["n"], peak, 1.0)
+
+
+def test_passes_alternate_parties_and_pool_samples(bench_models):
+    from edge_runtime.bench.runner import group, plan
+
+    options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", kv_types=("f16",), resolutions=(RES,),
+                           measure=MEASURE, baselines=(RAW,), passes=2)
+    assert [s.kind for s in plan(options, bench_models)] == [RUNTIME, RAW, RUNTIME, RAW]
+    cfg = next(options.configs())
+    runs = group(options, [_result(RUNTIME, cfg, [1.0], 10), _result(RAW, cfg, [2.0], 30),
+                           _result(RUNTIME, cfg, [3.0], 20), _result(RAW, cfg, [4.0], 5)])[0].runs
+    assert runs[RUNTIME].samples["decode_tok_s"] == [1.0, 3.0] and runs[RUNTIME].peak_rss_bytes == 20
+    assert runs[RAW].samples["decode_tok_s"] == [2.0, 4.0] and runs[RAW].peak_rss_bytes == 30
+    assert runs[RAW].notes == ["n"]
+
+
+def test_json_reads_back_into_the_same_report(report, report_json):
+    from edge_runtime.bench.report import BenchReport
+
+    again = BenchReport.from_dict(report_json)
+    assert json.loads(json.dumps(again.to_dict())) == report_json
+    assert to_markdown(again) == to_markdown(report)
+
+
+def test_cli_renders_an_earlier_json(report, tmp_path):
+    path = tmp_path / "b.json"
+    report.write_json(path)
+    result = CliRunner().invoke(cli_main, ["--render", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == to_markdown(report).strip()
