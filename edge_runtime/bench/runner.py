@@ -43,8 +43,10 @@ def plan(options: BenchOptions, models: ModelSet, transformers_repeats: int = 1)
     m = options.measure
     for cfg in options.configs():
         text, proj = str(models.text_path(cfg.quant)), str(models.mmproj_path(cfg.mmproj_quant))
-        for _ in range(options.passes):
-            for kind in (RUNTIME, *[b for b in options.baselines if b != TRANSFORMERS]):
+        kinds = [RUNTIME, *[b for b in options.baselines if b != TRANSFORMERS]]
+        for p in range(options.passes):
+            # Odd passes run in reverse order, so neither side of a ratio always goes first.
+            for kind in (kinds if p % 2 == 0 else kinds[::-1]):
                 specs.append(WorkerSpec(kind, cfg, m, text, proj))
     if options.memory_breakdown:
         from .memory_worker import DEFAULT_VARIANTS
