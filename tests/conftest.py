@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from convert import convert_checkpoint
 from convert.synthetic import SyntheticSpec, build_checkpoint
+from edge_runtime.bench.scenario import bench_image
 
 
 class Artifacts:
@@ -54,16 +54,8 @@ def tiny_f16_dir(artifacts) -> Path:
 
 
 def make_test_image(width: int = 256, height: int = 192, seed: int = 0) -> Image.Image:
-    """Structured content (gradients, shapes, noise): sides multiples of 32 so nothing resizes it."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], -1)
-    noise = rng.integers(0, 40, size=(height, width, 3))
-    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([width // 8, height // 6, width // 3, height // 2], fill=(220, 30, 30))
-    draw.ellipse([width // 2, height // 3, width - 20, height - 20], fill=(30, 30, 220))
-    return img
+    """Structured content; the default sides are multiples of 32 so nothing resizes it."""
+    return bench_image(width, height, seed)
 
 
 @pytest.fixture(scope="session")
