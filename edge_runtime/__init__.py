@@ -8,8 +8,7 @@ Names are imported lazily, so `import edge_runtime.images` does not load llama.c
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "VisionChat": "chat",
@@ -34,15 +33,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import click
 
 from .chat import VisionChat
+from .cli_flags import load_flags, load_settings, parse_gpu_layers
 from .errors import EdgeRuntimeError
 from .images import ImageError
 from .manifest_paths import resolve_model_paths
@@ -26,16 +27,6 @@ HELP = """commands:
   /quit         leave (also Ctrl-D)"""
 
 USER_ERRORS = (EdgeRuntimeError, ImageError, TemplateError, ValueError, TypeError)
-
-
-def parse_gpu_layers(value: str) -> int | str:
-    """`--n-gpu-layers`: 'auto' or a layer count (shared by edge-chat and edge-serve)."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter("use 'auto' or a number of layers") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,6 +54,7 @@ def parse_gpu_layers(value: str) -> int | str:
 @click.option("--threads", default=None, type=int, help="Default: physical cores.")
 @click.option("--image-min-tokens", default=None, type=int, help="Vision token floor (grounding wants ~1024).")
 @click.option("--image-max-tokens", default=None, type=int, help="Vision token cap (fewer = faster).")
+@load_flags
 @click.option("--stats/--no-stats", default=False, help="Print timings after each answer (stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the runtime's and llama.cpp's log.")
 def main(
@@ -95,6 +87,7 @@ def main(
             image_max_tokens=settings["image_max_tokens"],
             system_prompt=system_prompt,
             seed=settings["seed"],
+            **load_settings(settings),
         )
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from None

@@ -28,9 +28,12 @@ from .backend import (
     ensure_backend,
     gpu_offload_available,
     kv_type,
+    model_params,
     physical_cores,
     resolve_flash_attn,
     resolve_gpu_layers,
+    resolve_mmap,
+    resolve_ubatch,
     take_errors,
 )
 from .encoder_cache import EncoderCache
@@ -105,8 +108,8 @@ class Engine:
         self.n_gpu_layers = resolve_gpu_layers(opts.n_gpu_layers)
         self.threads = opts.threads or physical_cores()
 
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = self.n_gpu_layers
+        self.mmap = resolve_mmap(opts.mmap, self.n_gpu_layers, opts.repack)
+        mparams = model_params(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack)
         take_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
@@ -117,7 +120,7 @@ class Engine:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = opts.n_ctx
         cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = opts.n_batch  # images are decoded in one ubatch where possible
+        cparams.n_ubatch = resolve_ubatch(opts.n_ubatch, opts.n_batch, self.n_gpu_layers)
         cparams.n_seq_max = opts.n_seq_max
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
@@ -138,6 +141,7 @@ class Engine:
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+        self.n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_embd_inp = int(llama_cpp.llama_model_n_embd_inp(self._model))
         self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
@@ -149,7 +153,8 @@ class Engine:
         self.encoder_cache = EncoderCache(opts.encoder_cache_bytes)
         self._eot = self._end_of_turn_tokens()
         log.info(
-            "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d",
+            "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d, "
+            "n_batch=%d/%d, %s%s",
             self.model_path.name,
             self.arch,
             f" + {self.mmproj_path.name}" if self.mmproj_path else "",
@@ -159,6 +164,10 @@ class Engine:
             {-1: "auto", 0: "off", 1: "on"}.get(self.flash_attn_type, self.flash_attn_type),
             self.n_gpu_layers,
             self.threads,
+            self.n_batch,
+            self.n_ubatch,
+            "mmap" if self.mmap else "read",
+            "" if opts.repack else ", no repack",
         )
 
     def _load_projector(self) -> None:
@@ -397,10 +406,12 @@ class Engine:
                 raise DecodeError("the vision encoder failed on an image" + _log_suffix())
             out = mtmd.mtmd_get_output_embd(self._mctx)
             n = chunk.n_tokens * self.n_embd_inp
-            embd = np.ctypeslib.as_array(out, shape=(n,)).copy()
+            # mtmd's own buffer, valid until the next encode: copied only when the cache keeps it
+            embd = np.ctypeslib.as_array(out, shape=(n,))
             result.image_encode_s += time.perf_counter() - t0
             result.images_encoded += 1
-            if digest:
+            if digest and embd.nbytes <= self.encoder_cache.max_bytes:
+                embd = embd.copy()
                 self.encoder_cache.put(digest, embd)
         else:
             result.encoder_cache_hits += 1
@@ -412,7 +423,7 @@ class Engine:
             embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             state.n_pos,
             seq_id,
-            self.n_batch,
+            self.n_ubatch,  # the helper's batch holds n x n_embd_inp floats: one ubatch is enough
             ctypes.byref(new_n_past),
             mtmd.mtmd_helper_post_decode_callback(),
             None,

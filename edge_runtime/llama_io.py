@@ -16,7 +16,7 @@ import numpy as np
 import llama_cpp as L
 from llama_cpp import mtmd_cpp as M
 
-from .backend import ensure_backend, physical_cores
+from .backend import ensure_backend, model_params, physical_cores
 
 CHUNK_TEXT = M.MTMD_INPUT_CHUNK_TYPE_TEXT if hasattr(M, "MTMD_INPUT_CHUNK_TYPE_TEXT") else 0
 
@@ -39,13 +39,12 @@ def model_meta(model_ptr, key: str) -> str | None:
 
 
 class Model:
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, mmap: bool = True, repack: bool = True):
         ensure_backend()
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaError(f"{self.path}: model file not found")
-        params = L.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params = model_params(n_gpu_layers, mmap=mmap, repack=repack)
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise LlamaError(f"{self.path}: llama.cpp could not load this GGUF (run with EDGE_VERBOSE=1 for its log)")

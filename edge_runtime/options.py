@@ -13,6 +13,9 @@ class EngineOptions:
 
     n_ctx: int = 4096
     n_batch: int = 512
+    # Tokens per forward pass inside a batch; sizes the compute buffer.
+    # None: n_batch on a GPU, at most 64 on the CPU (see backend.resolve_ubatch).
+    n_ubatch: int | None = None
     kv_cache_type_k: str = "f16"
     kv_cache_type_v: str = "f16"
     flash_attn: bool | str = "auto"
@@ -25,6 +28,10 @@ class EngineOptions:
     encoder_cache_bytes: int = 128 << 20
     n_seq_max: int = 1  # parallel sequences (a server would raise it)
     mmproj_gpu: bool | None = None  # None: follow n_gpu_layers
+    # "auto": map the file unless CPU layers are repacked (then read it once:
+    # the mapped pages would stay resident beside the repacked copy).
+    mmap: bool | str = "auto"
+    repack: bool = True  # llama.cpp's interleaved CPU weight layouts (faster matmuls)
 
     def __post_init__(self) -> None:
         kv_type(self.kv_cache_type_k)
@@ -33,6 +40,10 @@ class EngineOptions:
             raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:
             raise ValueError(f"n_batch must be positive, got {self.n_batch}")
+        if self.n_ubatch is not None and self.n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be positive, got {self.n_ubatch}")
+        if not (self.mmap == "auto" or isinstance(self.mmap, bool)):
+            raise ValueError(f"mmap must be 'auto', True or False, got {self.mmap!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.n_seq_max < 1:

@@ -74,6 +74,7 @@ class QualityOptions:
     image_prompts: tuple[str, ...] = IMAGE_PROMPTS
     images: tuple[Any, ...] | None = None  # PIL images or paths; None: built-in synthetic ones
     image_size: tuple[int, int] = (288, 224)
+    test_kv: str = "f16"  # KV-cache type of the tested model (the reference keeps f16)
     text: bool = True  # run the text probes (KL / top-1)
     embeddings: bool = True  # compare projector embeddings
 
@@ -117,9 +118,12 @@ class QualityReport:
 # --- llama.cpp plumbing -------------------------------------------------------------
 
 class _TextModel:
-    def __init__(self, path: Path, n_ctx: int, threads: int):
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv: str = "f16"):
         import llama_cpp
 
+        from .kv import kv_type
+
+        cache = kv_type(kv)
         self.lc = llama_cpp
         mp = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
@@ -130,6 +134,9 @@ class _TextModel:
         cp.n_batch = n_ctx
         cp.n_ubatch = min(512, n_ctx)
         cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = int(cache.ggml_type)
+        if cache.needs_flash_attn_for_v:
+            cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -385,7 +392,8 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
             marker = mtmd_cpp.mtmd_default_marker().decode()
             probes += [(f"{marker}\n{q}", [img]) for q, img in zip(_cycle(options.image_prompts, len(images)), images)]
         ref_runs = _run_all(ref, probes, None, options, threads, use_images, llamalog)
-        test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images, llamalog)
+        test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images, llamalog,
+                             kv=options.test_kv)
         for (p, imgs), (la, _), (lb, _) in zip(probes, ref_runs, test_runs):
             n = min(len(la), len(lb))
             kl = kl_divergence(la[:n], lb[:n])
@@ -416,10 +424,11 @@ def _cycle(items: Sequence[str], n: int) -> list[str]:
     return [items[i % len(items)] for i in range(n)] if items else ["Describe this image."] * n
 
 
-def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: int, use_images: bool, llamalog):
+def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: int, use_images: bool, llamalog,
+             kv: str = "f16"):
     runs = []
     with llamalog.capture(mtmd=True):
-        model = _TextModel(pair.text, options.n_ctx, threads)
+        model = _TextModel(pair.text, options.n_ctx, threads, kv)
         vision = None
         try:
             if use_images:

@@ -52,7 +52,7 @@ def report(bench_models):
 
     options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", kv_types=("f16",), resolutions=(RES,),
                            measure=MEASURE, baselines=(RAW, CHAT_HANDLER, TRANSFORMERS), memory_breakdown=True,
-                           worker_timeout_s=600)
+                           accuracy=True, worker_timeout_s=600)
     return run_bench(bench_models, options, progress=False)
 
 
@@ -122,10 +122,30 @@ def test_ratios_roofline_and_memory_breakdown(report_json):
         assert row["variant"]["name"]
 
 
+def test_accuracy_against_the_float_files(report_json):
+    """f16 text + q8_0 projector against the f16 pair: text probes agree, the projector moves a little."""
+    acc = report_json["configs"][0]["accuracy"]
+    assert acc["error"] is None and acc["positions"] > 0
+    assert 0 <= acc["kl_mean"] <= acc["kl_p99"] <= acc["kl_max"] < 0.1
+    assert 0.9 <= acc["top1_agreement"] <= 1
+    assert 0.99 < acc["image_cosine_min"] <= acc["image_cosine_mean"] < 1.0
+
+
+def test_accuracy_needs_the_float_reference(bench_models):
+    from dataclasses import replace
+
+    from edge_runtime.bench.runner import plan
+
+    options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", resolutions=(RES,), measure=MEASURE, accuracy=True)
+    assert plan(options, bench_models)[-1].variant["text"].endswith(".gguf")
+    with pytest.raises(ValueError, match="float files"):
+        plan(options, replace(bench_models, reference=None))
+
+
 def test_markdown_has_every_section(report):
     md = to_markdown(report)
     for heading in ("### VisionChat", "### Baselines", "### Ratios", "### Roofline", "### Where the memory goes",
-                    "Memory read bandwidth"):
+                    "### Accuracy", "Memory read bandwidth"):
         assert heading in md
     assert "VisionChat decode / raw llama.cpp decode (>= 0.97)" in md
     assert "failed" not in md

@@ -40,6 +40,17 @@ def test_text_gguf_with_explicit_mmproj(tiny_f32_dir, image_path):
     assert result.exit_code == 1 and "without a projector" in result.stderr
 
 
+def test_load_flags_reach_the_engine(tiny_f32_dir, image_path, caplog):
+    """The flags edge-chat shares with edge-serve and edge-bench: llama.cpp's spelling."""
+    args = [tiny_f32_dir, "--image", image_path, *FAST, "--no-mmap", "--no-repack", "--ubatch-size", "16"]
+    with caplog.at_level("INFO", logger="edge_runtime"):
+        result = run([*args, "Describe it."])
+    assert result.exit_code == 0, result.output
+    assert "n_batch=512/16, read, no repack" in caplog.text  # the engine's load line
+    result = run([tiny_f32_dir, "--ubatch-size", "0", "Describe it."])
+    assert result.exit_code == 2 and "--ubatch-size" in result.stderr
+
+
 def test_interactive_session_commands(tiny_f32_dir, image_path, tmp_path):
     script = "\n".join(
         [

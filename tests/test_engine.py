@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from convert.synthetic import SyntheticSpec, TextShape
+from edge_runtime.backend import CPU_UBATCH
 from edge_runtime.detokenize import PieceTable
 from edge_runtime.engine import DecodeOutcome, Engine
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
@@ -209,3 +210,25 @@ def test_missing_files_and_closed_engine(tiny_f32_dir, tmp_path):
     e.close()
     with pytest.raises(EngineClosedError):
         e.tokenize("hello")
+
+
+@pytest.mark.parametrize("load", [
+    {"mmap": True, "n_ubatch": 512},
+    {"mmap": False, "n_ubatch": 8},  # an image spans many ubatches
+    {"repack": False, "encoder_cache_bytes": 0},  # embeddings used straight from mtmd's buffer
+])
+def test_load_settings_change_memory_not_answers(tiny_f32_dir, fresh, image, load):
+    question = turn(fresh.marker, "What is this?")
+    prefill_text(fresh, question, [image])
+    expected, expected_answer = last_logits(fresh), answer(fresh)
+    text, mmproj = pair(tiny_f32_dir)
+    with Engine(text, mmproj, EngineOptions(n_ctx=1024, **load)) as e:
+        assert e.mmap is load.get("mmap", True)  # "auto" maps the file when nothing is repacked
+        cpu_default = CPU_UBATCH if e.n_gpu_layers == 0 else e.n_batch
+        assert e.n_ubatch == min(load.get("n_ubatch", cpu_default), e.n_batch)
+        for _ in range(2):  # the second prompt encodes again when the cache is off
+            e.reset(0)
+            r, _ = prefill_text(e, question, [image])
+            np.testing.assert_allclose(last_logits(e), expected, rtol=0, atol=2e-3)
+        assert r.images_encoded == (1 if load.get("encoder_cache_bytes") == 0 else 0)
+        assert answer(e) == expected_answer

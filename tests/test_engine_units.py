@@ -7,7 +7,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edge_runtime.backend import kv_type, parse_cpuinfo_cores, physical_cores, resolve_flash_attn, resolve_gpu_layers
+from edge_runtime.backend import (CPU_UBATCH, kv_type, parse_cpuinfo_cores, physical_cores, resolve_flash_attn,
+                                  resolve_gpu_layers, resolve_mmap, resolve_ubatch, return_freed_memory)
 from edge_runtime.detokenize import StopMatcher, Utf8Stream
 from edge_runtime.encoder_cache import EncoderCache
 from edge_runtime.kv_state import SeqState, common_prefix, image_unit, plan_reuse, text_units
@@ -131,6 +132,35 @@ def test_option_validation():
     assert GenerationOptions(stop="x").stop == ("x",)
     with pytest.raises(TypeError, match="unknown generation option"):
         GenerationOptions().updated({"temprature": 0})
+
+
+def test_weights_are_read_not_mapped_when_cpu_layers_are_repacked():
+    # CPU + repack: the mapped pages would stay resident beside the repacked copy.
+    assert resolve_mmap("auto", 0, repack=True) is False
+    assert resolve_mmap("auto", 0, repack=False) is True
+    assert resolve_mmap("auto", -1, repack=True) is True
+    assert resolve_mmap(True, 0, repack=True) is True and resolve_mmap(False, -1, repack=False) is False
+    with pytest.raises(ValueError, match="mmap must be"):
+        resolve_mmap("yes", 0, repack=True)
+
+
+def test_ubatch_is_small_on_the_cpu_and_whole_on_a_gpu():
+    assert resolve_ubatch(None, 512, 0) == CPU_UBATCH
+    assert resolve_ubatch(None, 32, 0) == 32  # never above n_batch
+    assert resolve_ubatch(None, 512, -1) == 512
+    assert resolve_ubatch(256, 512, 0) == 256 and resolve_ubatch(1024, 512, 0) == 512
+    with pytest.raises(ValueError, match="n_ubatch"):
+        EngineOptions(n_ubatch=0)
+    with pytest.raises(ValueError, match="mmap must be"):
+        EngineOptions(mmap="never")
+
+
+def test_freed_buffers_go_back_to_the_os_unless_malloc_is_tuned(monkeypatch):
+    import platform
+
+    assert return_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert return_freed_memory() is False  # the user's setting wins
 
 
 def test_json_schema_becomes_gbnf():

@@ -150,6 +150,8 @@ def test_options_validation(tmp_path):
     assert ServerOptions(tmp_path).host == "127.0.0.1" and is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("0.0.0.0")
     assert ServerOptions(tmp_path, parallel=3, ctx_size=1024).engine_options().n_ctx == 3072
+    engine = ServerOptions(tmp_path, n_ubatch=32, mmap=False, repack=False).engine_options()
+    assert (engine.n_ubatch, engine.mmap, engine.repack) == (32, False, False)
     with pytest.raises(ValueError):
         ServerOptions(tmp_path, parallel=0)
     with pytest.raises(ValueError):

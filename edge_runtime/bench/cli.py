@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from ..cli_flags import load_flags, load_settings
 from .options import BASELINES, DEFAULT_BASELINES, TRANSFORMERS, BenchOptions, Measure, Resolution
 from .report import convert_table, to_markdown
 
@@ -96,6 +97,7 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
               "times, pooling the runs (steadier ratios on a busy machine).")
 @click.option("--n-ctx", default=4096, show_default=True)
 @click.option("--n-batch", default=512, show_default=True)
+@load_flags
 @click.option("--threads", type=int, default=None, help="[default: physical cores]")
 @click.option("--gpu-layers", default=0, show_default=True, help="Layers on the GPU (-1: all) where one exists.")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
@@ -114,15 +116,17 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--convert-targets", default="f16,q4_k_m", show_default=True)
 @click.option("--memory-breakdown", is_flag=True, help="Also load the q4_k_m/q8_0/KV q8_0/640x480 "
               "configuration (or the first one) step by step under several load settings: RSS per step and peak.")
+@click.option("--accuracy", is_flag=True, help="Also measure each configuration's divergence from the float "
+              "files (KL, top-1 agreement, image-embedding cosine; needs the float conversion).")
 @click.option("--render", "render_path", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Measure nothing: print the tables (and --plot) of an earlier --json file.")
 @click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolutions, prompt_lengths,
-         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, threads, gpu_layers, flash_attn, image_max_tokens,
-         baselines, with_transformers, transformers_repeats, json_path, plot_path, convert, convert_targets,
-         memory_breakdown, render_path, no_bandwidth, timeout, quiet) -> None:
+         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, threads, gpu_layers,
+         flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
+         convert, convert_targets, memory_breakdown, accuracy, render_path, no_bandwidth, timeout, quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
     chat handler and (optionally) transformers, in one run."""
@@ -150,7 +154,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolut
     json_out: dict = {}
     try:
         if model_dir or synthetic:
-            measure = Measure(n_ctx=n_ctx, n_batch=n_batch, threads=threads or physical_cores(),
+            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack})
+            measure = Measure(n_ctx=n_ctx, n_batch=n_batch, **load, threads=threads or physical_cores(),
                               flash_attn=flash_attn, n_gpu_layers=gpu_layers, image_max_tokens=image_max_tokens,
                               prompt_lengths=parse_ints(prompt_lengths, "--prompt-lengths"),
                               decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
@@ -158,8 +163,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolut
                                   kv=parse_kv(kv_types), resolutions=parse_resolutions(resolutions),
                                   baselines=parse_baselines(baselines, with_transformers),
                                   transformers_repeats=transformers_repeats, bandwidth=not no_bandwidth,
-                                  memory_breakdown=memory_breakdown, passes=passes, timeout=timeout, quiet=quiet,
-                                  log=log)
+                                  memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes,
+                                  timeout=timeout, quiet=quiet, log=log)
             if convert:
                 report.convert = run_convert(synthetic or "2b", cache_dir, convert_targets, log)
             sections.append(to_markdown(report))
@@ -201,7 +206,7 @@ def render(json_path: Path, plot_path: Path | None) -> None:
 
 def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
                  measure: Measure, *, kv, resolutions, baselines, transformers_repeats: int, bandwidth: bool,
-                 memory_breakdown: bool, passes: int, timeout: float, quiet: bool, log):
+                 memory_breakdown: bool, accuracy: bool, passes: int, timeout: float, quiet: bool, log):
     from .api import run_bench
     from .models import prepare_dir, prepare_synthetic, read_manifest
 
@@ -219,7 +224,7 @@ def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmpro
         raise ValueError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
     options = BenchOptions(quants=quants, mmproj_quant=proj, kv_types=kv, resolutions=resolutions, measure=measure,
                            baselines=baselines, worker_timeout_s=timeout, bandwidth=bandwidth,
-                           memory_breakdown=memory_breakdown, passes=passes)
+                           memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes)
     return run_bench(models, options, transformers_repeats=transformers_repeats, progress=not quiet, log=log)
 
 

@@ -22,10 +22,11 @@ def open_llama(spec: WorkerSpec):
     from ..backend import kv_type
 
     m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
+    mmap, n_ubatch = m.load_settings()  # its Llama cannot turn repacking off: --no-repack applies to the others
     handler = MTMDChatHandler(clip_model_path=str(spec.mmproj_path), verbose=False, use_gpu=m.n_gpu_layers != 0)
     return Llama(
         model_path=str(spec.text_path), chat_handler=handler, n_ctx=m.n_ctx, n_batch=m.n_batch,
-        n_ubatch=m.n_batch, n_threads=m.threads, n_threads_batch=m.threads, n_gpu_layers=m.n_gpu_layers,
+        n_ubatch=n_ubatch, use_mmap=mmap, n_threads=m.threads, n_threads_batch=m.threads, n_gpu_layers=m.n_gpu_layers,
         type_k=kv, type_v=kv, flash_attn=m.flash_attn, seed=0, verbose=False,
     )
 
@@ -61,11 +62,7 @@ def messages_for(uri: str) -> list[dict]:
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     m, res = spec.measure, spec.config.resolution
     uri = data_uri(png_bytes(bench_image(res.width, res.height)))
-    for _ in rec.rounds(m):
-        t0 = time.perf_counter()
-        llm = open_llama(spec)
-        rec.sample("load_s", time.perf_counter() - t0)
-        llm.close()
+    rec.time_loads(m, lambda: open_llama(spec))
     rec.note("load_s excludes the projector: MTMDChatHandler loads it on the first call")
     llm = open_llama(spec)
     try:

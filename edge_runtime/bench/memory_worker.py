@@ -29,21 +29,21 @@ class MemoryVariant:
     name: str
     mmap: bool = True
     repack: bool = True  # llama.cpp's CPU "extra buffer types": interleaved weights for faster matmuls
-    n_batch: int = 512
+    n_ubatch: int = 512  # tokens per forward pass: sizes the text compute buffer
     image_max_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-# From the runtime's defaults towards the smallest footprint, one change at a time.
+# From llama.cpp's defaults towards the smallest footprint, one change at a time.
 DEFAULT_VARIANTS = (
-    MemoryVariant("as VisionChat loads (mmap, repack, n_batch 512)"),
-    MemoryVariant("mmap, no repack", repack=False),
-    MemoryVariant("no mmap", mmap=False),
-    MemoryVariant("no mmap, n_batch 128", mmap=False, n_batch=128),
-    MemoryVariant("no mmap, n_batch 64", mmap=False, n_batch=64),
-    MemoryVariant("no mmap, n_batch 128, image_max_tokens 256", mmap=False, n_batch=128, image_max_tokens=256),
+    MemoryVariant("llama.cpp defaults (mmap, repack, n_ubatch 512)"),
+    MemoryVariant("read, repack, n_ubatch 512", mmap=False),
+    MemoryVariant("VisionChat on a CPU (read, repack, n_ubatch 64)", mmap=False, n_ubatch=64),
+    MemoryVariant("mmap, no repack, n_ubatch 64", repack=False, n_ubatch=64),
+    MemoryVariant("read, repack, n_ubatch 32", mmap=False, n_ubatch=32),
+    MemoryVariant("read, repack, n_ubatch 64, image_max_tokens 256", mmap=False, n_ubatch=64, image_max_tokens=256),
 )
 
 
@@ -61,24 +61,11 @@ def rss_now() -> dict[str, int]:
     return out
 
 
-def model_params(L, mmap: bool, repack: bool, n_gpu_layers: int):
-    p = L.llama_model_default_params()
-    p.n_gpu_layers = n_gpu_layers
-    names = {f[0] for f in type(p)._fields_}
-    if "load_mode" in names:  # llama.cpp >= the load_mode API
-        p.load_mode = 1 if mmap else 0  # LLAMA_LOAD_MODE_MMAP / _NONE
-    else:
-        p.use_mmap = mmap
-    if "use_extra_bufts" in names:
-        p.use_extra_bufts = repack
-    return p
-
-
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     import llama_cpp as L
     from llama_cpp import mtmd_cpp as M
 
-    from ..backend import ensure_backend, kv_type
+    from ..backend import ensure_backend, kv_type, model_params
 
     v = MemoryVariant(**(spec.variant or {"name": "default"}))
     m, res = spec.measure, spec.config.resolution
@@ -87,13 +74,13 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
     ensure_backend()
     stage = lambda name: rec.value(f"rss_{name}", rss_now().get("VmRSS", 0))  # noqa: E731
     stage("start")
-    model = L.llama_model_load_from_file(str(spec.text_path).encode(), model_params(L, v.mmap, v.repack,
-                                                                                    m.n_gpu_layers))
+    model = L.llama_model_load_from_file(str(spec.text_path).encode(), model_params(m.n_gpu_layers, mmap=v.mmap,
+                                                                                    repack=v.repack))
     if not model:
         raise RuntimeError(f"could not load {spec.text_path}")
     stage("model")
     cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch = m.n_ctx, v.n_batch, v.n_batch
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = m.n_ctx, m.n_batch, min(v.n_ubatch, m.n_batch)
     cp.n_threads = cp.n_threads_batch = m.threads
     cp.type_k, cp.type_v, cp.flash_attn_type, cp.no_perf = kv, kv, flash, True
     ctx = L.llama_init_from_model(model, cp)
@@ -111,8 +98,8 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
     stage("projector")
     try:
         t0 = time.perf_counter()
-        n_past, n_image = _eval_image_prompt(L, M, mctx, ctx, v.n_batch, np.asarray(bench_image(res.width, res.height)))
-        rec.sample("image_prompt_s", time.perf_counter() - t0)  # encode + prefill: what a smaller batch costs
+        n_past, n_image = _eval_image_prompt(L, M, mctx, ctx, min(v.n_ubatch, m.n_batch), np.asarray(bench_image(res.width, res.height)))
+        rec.sample("image_prompt_s", time.perf_counter() - t0)  # encode + prefill: what a smaller ubatch costs
         stage("image")
         rec.value("image_tokens", n_image)
         rec.sample("decode_tok_s", _decode(L, ctx, n_past, DECODE_TOKENS))

@@ -30,6 +30,7 @@ class ModelSet:
     text: dict[str, Path] = field(default_factory=dict)
     mmproj: dict[str, Path] = field(default_factory=dict)
     hf_dir: Path | None = None
+    reference: tuple[Path, Path] | None = None  # the float (text, projector) pair, for accuracy
 
     def text_path(self, quant: str) -> Path:
         return self.text[quant]
@@ -85,6 +86,8 @@ def prepare_dir(out_dir: str | Path, quants: tuple[str, ...], mmproj_quant: str,
     stem = text_src.name.removesuffix(".gguf").removesuffix(f"-{text_type}")
     source = manifest.get("source", {}).get("path")
     models = ModelSet(stem, hf_dir=Path(source) if source and Path(source, "config.json").is_file() else None)
+    if text_type in FLOAT_TYPES and proj_type in FLOAT_TYPES:
+        models.reference = (text_src, proj_src)
     for q in quants:
         if q == text_type:
             models.text[q] = text_src

@@ -17,9 +17,10 @@ RAW = "raw"
 CHAT_HANDLER = "chat_handler"
 TRANSFORMERS = "transformers"
 MEMORY = "memory"  # the peak-RSS breakdown, not a party of the comparison
+ACCURACY = "accuracy"  # divergence from the float files, not a party either
 BASELINES = (RAW, CHAT_HANDLER, TRANSFORMERS)
 DEFAULT_BASELINES = (RAW, CHAT_HANDLER)
-KINDS = (RUNTIME, *BASELINES, MEMORY)
+KINDS = (RUNTIME, *BASELINES, MEMORY, ACCURACY)
 
 
 @dataclass(frozen=True, order=True)
@@ -48,6 +49,9 @@ class Measure:
 
     n_ctx: int = 4096
     n_batch: int = 512
+    n_ubatch: int | None = None  # None: what VisionChat picks on this device
+    mmap: bool | str = "auto"  # as VisionChat: read, not map, when CPU weights are repacked
+    repack: bool = True
     threads: int = 1
     flash_attn: bool = True  # same for all: a quantized V cache needs it anyway
     n_gpu_layers: int = 0  # 0: CPU only; -1: every layer (and the projector) on the GPU
@@ -73,6 +77,13 @@ class Measure:
                              f"does not fit n_ctx={self.n_ctx}")
         if self.image_max_tokens is not None and self.image_max_tokens < 1:
             raise ValueError(f"image_max_tokens must be positive, got {self.image_max_tokens}")
+
+    def load_settings(self) -> tuple[bool, int]:
+        """(mmap, n_ubatch) resolved as VisionChat resolves them, so every party loads the same way."""
+        from ..backend import resolve_mmap, resolve_ubatch
+
+        return (resolve_mmap(self.mmap, self.n_gpu_layers, self.repack),
+                resolve_ubatch(self.n_ubatch, self.n_batch, self.n_gpu_layers))
 
 
 @dataclass(frozen=True, order=True)
@@ -117,6 +128,7 @@ class BenchOptions:
     worker_timeout_s: float = 3600.0
     bandwidth: bool = True
     memory_breakdown: bool = False  # RSS per loading step, for load settings that could lower the peak
+    accuracy: bool = False  # KL / top-1 / image cosine of each configuration against the float files
 
     def __post_init__(self) -> None:
         for name in ("quants", "kv_types", "resolutions"):

@@ -33,8 +33,9 @@ class RawSession:
         m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
         flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.L, self.n_batch = L, m.n_batch
-        self.model = Model(spec.text_path, n_gpu_layers=m.n_gpu_layers)
-        self.ctx = Context(self.model, ContextOptions(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_batch,
+        mmap, n_ubatch = m.load_settings()
+        self.model = Model(spec.text_path, n_gpu_layers=m.n_gpu_layers, mmap=mmap, repack=m.repack)
+        self.ctx = Context(self.model, ContextOptions(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=n_ubatch,
                                                       n_threads=m.threads, type_k=kv, type_v=kv, flash_attn=flash))
         self.proj = Projector(spec.mmproj_path, self.model, ProjectorOptions(
             n_threads=m.threads, use_gpu=m.n_gpu_layers != 0, image_max_tokens=m.image_max_tokens,
@@ -107,18 +108,10 @@ def rgb_from_png(png: bytes) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(img.convert("RGB")))
 
 
-def measure_load(spec: WorkerSpec, rec: Recorder) -> None:
-    for _ in rec.rounds(spec.measure):
-        t0 = time.perf_counter()
-        session = RawSession(spec)
-        rec.sample("load_s", time.perf_counter() - t0)
-        session.close()
-
-
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     m, res = spec.measure, spec.config.resolution
     png = png_bytes(bench_image(res.width, res.height))
-    measure_load(spec, rec)
+    rec.time_loads(m, lambda: RawSession(spec))
     s = RawSession(spec)
     try:
         for _ in rec.rounds(m):

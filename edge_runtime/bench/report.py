@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .options import (CHAT_HANDLER, RAW, RSS_TARGET_BYTES, RSS_TARGET_CONFIG, RSS_TARGET_N_CTX, RUNTIME,
-                      TRANSFORMERS, BenchOptions, Config)
+                      TRANSFORMERS, BenchOptions, Config, Measure)
 from .roofline import Roofline, kv_bytes_read
 from .runner import ConfigRuns
 from .summary import Summary, ratio, summarize_all
@@ -94,6 +94,7 @@ class ConfigReport:
     ratios: dict[str, float | None] = field(default_factory=dict)
     roofline: Roofline | None = None
     memory: list[dict[str, Any]] = field(default_factory=list)  # peak-RSS breakdown rows
+    accuracy: dict[str, Any] | None = None  # divergence from the float files
 
     @property
     def runtime(self) -> PartyFigures | None:
@@ -105,13 +106,13 @@ class ConfigReport:
         return cls(Config.from_dict(d["config"]), {k: PartyFigures.from_dict(p) for k, p in d["parties"].items()},
                    int(d.get("text_bytes", 0)), int(d.get("mmproj_bytes", 0)), dict(d.get("ratios", {})),
                    Roofline(roof["weight_bytes"], roof["kv_bytes"], roof["bandwidth_bytes_s"], roof["decode_tok_s"])
-                   if roof else None, list(d.get("memory", [])))
+                   if roof else None, list(d.get("memory", [])), d.get("accuracy"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "label": self.config.label, "text_bytes": self.text_bytes,
                 "mmproj_bytes": self.mmproj_bytes, "parties": {k: p.to_dict() for k, p in self.parties.items()},
                 "ratios": self.ratios, "roofline": self.roofline.to_dict() if self.roofline else None,
-                "memory": self.memory}
+                "memory": self.memory, "accuracy": self.accuracy}
 
 
 @dataclass
@@ -173,6 +174,8 @@ def build_config_report(runs: ConfigRuns, *, text_bytes: int, mmproj_bytes: int,
     rep.ratios = compute_ratios(parties)
     rep.roofline = compute_roofline(parties.get(RUNTIME), weight_bytes, n_ctx, bandwidth_bytes_s)
     rep.memory = [memory_row(r) for r in runs.memory]
+    if runs.accuracy is not None:
+        rep.accuracy = {"error": runs.accuracy.error, **runs.accuracy.values}
     return rep
 
 
@@ -342,6 +345,25 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(header, body)
 
 
+def accuracy_table(report: BenchReport) -> list[str]:
+    header = ["config", "KL mean", "KL p99", "KL max", "top-1 agree", "image cos mean", "image cos min"]
+    rows = []
+    for c in report.configs:
+        a = c.accuracy
+        if a is None:
+            continue
+        if a.get("error"):
+            rows.append([c.config.label, "failed: " + a["error"][:80]] + [""] * (len(header) - 2))
+            continue
+        top1 = a.get("top1_agreement")
+        rows.append([c.config.label, *(f"{a[k]:.2e}" if a.get(k) is not None else "–"
+                                       for k in ("kl_mean", "kl_p99", "kl_max")),
+                     f"{top1:.1%}" if top1 is not None else "–",
+                     *(f"{a[k]:.4f}" if a.get(k) is not None else "–"
+                       for k in ("image_cosine_mean", "image_cosine_min"))])
+    return _table(header, rows)
+
+
 def notes_lines(report: BenchReport) -> list[str]:
     """Each party's notes once (they describe the method), then every failure with its configuration."""
     notes, errors = [], []
@@ -353,12 +375,19 @@ def notes_lines(report: BenchReport) -> list[str]:
     return list(dict.fromkeys(notes + errors))
 
 
+def load_text(m: Measure) -> str:
+    """How every party loaded the weights, as VisionChat resolved the settings on this machine."""
+    mmap, n_ubatch = m.load_settings()
+    return (f"n_ubatch {n_ubatch}, weights {'mmap' if mmap else 'read (no mmap)'}"
+            f"{'' if m.repack else ', no repack'}")
+
+
 def to_markdown(report: BenchReport) -> str:
     m = report.options.measure
     bw = report.bandwidth
     out = [f"## edge-bench: {report.model}", "",
            f"Machine: {report.machine.get('summary', '')}", "",
-           f"Settings: {m.threads} threads, n_ctx {m.n_ctx}, n_batch {m.n_batch}, flash attention "
+           f"Settings: {m.threads} threads, n_ctx {m.n_ctx}, n_batch {m.n_batch}, {load_text(m)}, flash attention "
            f"{'on' if m.flash_attn else 'off'}, GPU layers {m.n_gpu_layers}, image_max_tokens "
            f"{m.image_max_tokens or 'projector default'}, {m.decode_tokens} decoded tokens; "
            f"each figure is the median of {m.repeats * report.options.passes} runs ({report.options.passes} "
@@ -373,6 +402,9 @@ def to_markdown(report: BenchReport) -> str:
         out += ["### Baselines (same files, threads and context)", ""] + baseline_table(report) + [""]
         out += ["### Ratios, pair by pair (medians)", ""] + ratio_table(report) + [""]
     out += ["### Roofline (decode vs memory bandwidth)", ""] + roofline_table(report) + [""]
+    if any(c.accuracy for c in report.configs):
+        out += ["### Accuracy against the float files (KL of next-token distributions, teacher-forced; "
+                "projector embedding cosine)", ""] + accuracy_table(report) + [""]
     target = rss_target(report)
     if target:
         verdict = "met" if target["met"] else "NOT met"

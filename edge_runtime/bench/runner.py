@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .models import ModelSet
-from .options import MEMORY, RSS_TARGET_CONFIG, RUNTIME, TRANSFORMERS, BenchOptions, Config, Resolution
+from .options import ACCURACY, MEMORY, RSS_TARGET_CONFIG, RUNTIME, TRANSFORMERS, BenchOptions, Config, Resolution
 from .workers import WorkerResult, WorkerSpec, run_worker
 
 RunWorker = Callable[[WorkerSpec, float], WorkerResult]
@@ -25,6 +25,7 @@ class ConfigRuns:
     config: Config
     runs: dict[str, WorkerResult] = field(default_factory=dict)
     memory: list[WorkerResult] = field(default_factory=list)  # one per MemoryVariant
+    accuracy: WorkerResult | None = None
 
 
 def memory_config(options: BenchOptions) -> Config:
@@ -55,6 +56,14 @@ def plan(options: BenchOptions, models: ModelSet, transformers_repeats: int = 1)
         text, proj = str(models.text_path(cfg.quant)), str(models.mmproj_path(cfg.mmproj_quant))
         for v in DEFAULT_VARIANTS:
             specs.append(WorkerSpec(MEMORY, cfg, m, text, proj, variant=v.to_dict()))
+    if options.accuracy:
+        if models.reference is None:
+            raise ValueError("accuracy needs the float files the quant types come from: bench --synthetic, or an "
+                             "edge-convert directory converted with --quant f16")
+        ref = {"text": str(models.reference[0]), "mmproj": str(models.reference[1])}
+        for cfg in options.configs():
+            specs.append(WorkerSpec(ACCURACY, cfg, m, str(models.text_path(cfg.quant)),
+                                    str(models.mmproj_path(cfg.mmproj_quant)), variant=ref))
     if TRANSFORMERS in options.baselines:
         tm = replace(m, warmup=TRANSFORMERS_ROUNDS["warmup"], repeats=max(1, transformers_repeats))
         for res in options.resolutions:
@@ -87,6 +96,9 @@ def group(options: BenchOptions, results: list[WorkerResult]) -> list[ConfigRuns
         if r.kind == MEMORY:
             if r.config in groups:
                 groups[r.config].memory.append(r)
+        elif r.kind == ACCURACY:
+            if r.config in groups:
+                groups[r.config].accuracy = r
         elif r.kind == TRANSFORMERS:
             for cfg, g in groups.items():
                 if cfg.resolution == r.config.resolution:

@@ -19,24 +19,17 @@ def open_chat(spec: WorkerSpec):
 
     m = spec.measure
     return VisionChat(
-        spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, kv_cache_type=spec.config.kv_type,
+        spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch, mmap=m.mmap,
+        repack=m.repack, kv_cache_type=spec.config.kv_type,
         flash_attn=m.flash_attn, n_gpu_layers=m.n_gpu_layers, threads=m.threads,
         image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
     )
 
 
-def measure_load(spec: WorkerSpec, rec: Recorder) -> None:
-    for _ in rec.rounds(spec.measure):
-        t0 = time.perf_counter()
-        chat = open_chat(spec)
-        rec.sample("load_s", time.perf_counter() - t0)
-        chat.close()
-
-
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     m, res = spec.measure, spec.config.resolution
     png = png_bytes(bench_image(res.width, res.height))
-    measure_load(spec, rec)
+    rec.time_loads(m, lambda: open_chat(spec))
     with open_chat(spec) as chat:
         for _ in rec.rounds(m):
             chat.reset()

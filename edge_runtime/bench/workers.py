@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .options import CHAT_HANDLER, MEMORY, RAW, RUNTIME, TRANSFORMERS, Config, Measure, measure_from_dict
+from .options import ACCURACY, CHAT_HANDLER, MEMORY, RAW, RUNTIME, TRANSFORMERS, Config, Measure, measure_from_dict
 
 # kind -> module with `measure(spec, rec)`; imported in the worker only, so the
 # runtime's worker never loads torch and the parent never loads a model.
@@ -33,6 +33,7 @@ MEASURERS = {
     CHAT_HANDLER: "edge_runtime.bench.handler_worker",
     TRANSFORMERS: "edge_runtime.bench.transformers_worker",
     MEMORY: "edge_runtime.bench.memory_worker",
+    ACCURACY: "edge_runtime.bench.accuracy_worker",
 }
 _STDERR_TAIL = 2000
 
@@ -49,7 +50,7 @@ class WorkerSpec:
     text_path: str | None = None
     mmproj_path: str | None = None
     hf_dir: str | None = None  # the transformers baseline's checkpoint
-    variant: dict[str, Any] | None = None  # kind-specific settings (the memory breakdown's)
+    variant: dict[str, Any] | None = None  # kind-specific settings (memory breakdown, accuracy reference)
 
     def __post_init__(self) -> None:
         if self.kind not in MEASURERS:
@@ -88,6 +89,14 @@ class Recorder:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def time_loads(self, measure: Measure, open_session: Callable[[], Any]) -> None:
+        """load_s per round: open a session (model, context, projector) and close it again."""
+        for _ in self.rounds(measure):
+            t0 = time.perf_counter()
+            session = open_session()
+            self.sample("load_s", time.perf_counter() - t0)
+            session.close()
 
     def rounds(self, measure: Measure):
         """Warm-up rounds (not recorded), then measured ones; yields the round index."""

@@ -13,8 +13,7 @@ from typing import Any
 
 import click
 
-from ..cli import parse_gpu_layers
-
+from ..cli_flags import load_flags, load_settings, parse_gpu_layers
 from ..errors import ModelFileError
 from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
@@ -62,6 +61,7 @@ def _gpu_layers(_: Any, __: Any, value: str) -> int | str:
 @click.option("--threads", default=None, type=int, help="Default: physical cores.")
 @click.option("--image-min-tokens", default=None, type=int)
 @click.option("--image-max-tokens", default=None, type=int, help="Vision token cap per image (fewer = faster).")
+@load_flags
 @click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
@@ -82,7 +82,7 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: str, **s
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
         options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn={"on": True, "off": False}.get(
-            flash_attn, flash_attn), **settings)
+            flash_attn, flash_attn), **load_settings(settings), **settings)
     except (ModelFileError, ValueError) as exc:
         click.echo(f"edge-serve: error: {exc}", err=True)
         sys.exit(2)

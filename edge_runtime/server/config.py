@@ -27,6 +27,9 @@ class ServerOptions:
     parallel: int = 2  # slots: requests decoded together in one batch
     ctx_size: int = 4096  # KV cells per slot; the context holds ctx_size * parallel
     n_batch: int = 512
+    n_ubatch: int | None = None  # None: see EngineOptions
+    mmap: bool | str = "auto"
+    repack: bool = True
     kv_cache_type: str = "f16"
     flash_attn: bool | str = "auto"
     n_gpu_layers: int | str = "auto"
@@ -74,6 +77,9 @@ class ServerOptions:
         return EngineOptions(
             n_ctx=self.ctx_size * self.parallel,
             n_batch=self.n_batch,
+            n_ubatch=self.n_ubatch,
+            mmap=self.mmap,
+            repack=self.repack,
             kv_cache_type_k=self.kv_cache_type,
             kv_cache_type_v=self.kv_cache_type,
             flash_attn=self.flash_attn,
