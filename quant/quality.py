@@ -86,12 +86,16 @@ class DivergenceStats:
     kl_p99: float
     kl_max: float
     top1_agreement: float
+    # RMS of the logit error over the RMS of the reference logits, mean over positions: still
+    # informative where softmax saturates and KL reads ~0 (random-weight checkpoints).
+    logit_rel_rmse: float | None = None
 
     @classmethod
-    def of(cls, kl: np.ndarray, agree: np.ndarray) -> "DivergenceStats | None":
+    def of(cls, kl: np.ndarray, agree: np.ndarray, rel: np.ndarray | None = None) -> "DivergenceStats | None":
         if kl.size == 0:
             return None
-        return cls(int(kl.size), float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max()), float(agree.mean()))
+        return cls(int(kl.size), float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max()), float(agree.mean()),
+                   float(rel.mean()) if rel is not None and rel.size else None)
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,13 @@ def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray
     return np.maximum(0.0, (np.exp(la) * (la - lb)).sum(1))
 
 
+def logit_rel_rmse(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """Per position: RMS(test - ref) / RMS(ref) of the raw logits."""
+    ref = ref_logits.astype(np.float64)
+    err = np.sqrt(np.mean((test_logits.astype(np.float64) - ref) ** 2, axis=-1))
+    return err / np.maximum(np.sqrt(np.mean(ref ** 2, axis=-1)), 1e-30)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
@@ -382,7 +393,7 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
     threads = options.threads or os.cpu_count() or 1
     images = probe_images(options)
     use_images = ref.mmproj is not None and test.mmproj is not None
-    groups: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"text": ([], []), "image": ([], [])}
+    groups: dict[str, tuple[list[np.ndarray], ...]] = {"text": ([], [], []), "image": ([], [], [])}
     llama_cpp.llama_backend_init()
     if options.text:
         probes = [(p, []) for p in options.prompts]
@@ -401,11 +412,10 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
             g = groups["image" if imgs else "text"]
             g[0].append(kl)
             g[1].append(agree)
-    stats = {k: DivergenceStats.of(np.concatenate(v[0]) if v[0] else np.empty(0),
-                                   np.concatenate(v[1]) if v[1] else np.empty(0)) for k, v in groups.items()}
-    all_kl = [x for v in groups.values() for x in v[0]]
-    all_agree = [x for v in groups.values() for x in v[1]]
-    overall = DivergenceStats.of(np.concatenate(all_kl), np.concatenate(all_agree)) if all_kl else None
+            g[2].append(logit_rel_rmse(la[:n], lb[:n]))
+    joined = lambda parts: np.concatenate(parts) if parts else np.empty(0)  # noqa: E731
+    stats = {k: DivergenceStats.of(*(joined(part) for part in v)) for k, v in groups.items()}
+    overall = DivergenceStats.of(*(joined([x for v in groups.values() for x in v[i]]) for i in range(3)))
     cos: list[tuple[float, float]] = []
     if options.embeddings and use_images:
         cos = image_cosines(ref, test, images, threads=threads)
@@ -445,11 +455,12 @@ def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: 
 
 def format_table(report: QualityReport) -> str:
     """A plain-text table of the report, for the CLI."""
-    rows = [("probe set", "positions", "KL mean", "KL p99", "KL max", "top-1 agree")]
+    rows = [("probe set", "positions", "KL mean", "KL p99", "KL max", "top-1 agree", "logit rel. RMSE")]
     for label, s in (("all", report.overall), ("text only", report.text_only), ("with images", report.with_images)):
         if s is not None:
             rows.append((label, str(s.positions), f"{s.kl_mean:.5f}", f"{s.kl_p99:.5f}", f"{s.kl_max:.5f}",
-                         f"{100 * s.top1_agreement:.1f}%"))
+                         f"{100 * s.top1_agreement:.1f}%",
+                         f"{s.logit_rel_rmse:.4f}" if s.logit_rel_rmse is not None else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"quality of {report.test} vs {report.ref}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -128,6 +128,7 @@ def test_accuracy_against_the_float_files(report_json):
     assert acc["error"] is None and acc["positions"] > 0
     assert 0 <= acc["kl_mean"] <= acc["kl_p99"] <= acc["kl_max"] < 0.1
     assert 0.9 <= acc["top1_agreement"] <= 1
+    assert 0 <= acc["logit_rel_rmse"] < 0.1
     assert 0.99 < acc["image_cosine_min"] <= acc["image_cosine_mean"] < 1.0
 
 

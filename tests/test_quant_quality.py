@@ -37,7 +37,7 @@ def reports(pairs, options):
 
 def test_identical_pair_has_zero_divergence(reports):
     r = reports["f16"]
-    assert r.overall.kl_mean < 1e-6 and r.overall.top1_agreement == 1.0
+    assert r.overall.kl_mean < 1e-6 and r.overall.top1_agreement == 1.0 and r.overall.logit_rel_rmse < 1e-6
     assert r.image_cosine_min > 0.999999
 
 
@@ -49,6 +49,7 @@ def test_q8_0_is_close_and_lower_bits_diverge_more(reports):
     assert q3.overall.kl_mean > q8.overall.kl_mean
     assert q3.image_cosine_mean < q8.image_cosine_mean
     assert q8.overall.kl_p99 >= q8.overall.kl_mean and q8.overall.kl_max >= q8.overall.kl_p99
+    assert 0 < q8.overall.logit_rel_rmse < q3.overall.logit_rel_rmse < 1  # meaningful where KL saturates
 
 
 def test_report_dict_and_table(reports):

@@ -2,7 +2,9 @@
 
 The same probes as `edge-convert`'s quality report (quant.quality): text and
 image+text prompts, teacher-forced on the float model's greedy continuation,
-KL divergence of every next-token distribution and top-1 agreement; plus the
+KL divergence of every next-token distribution, top-1 agreement and the
+logits' relative RMS error (which still moves where random weights saturate
+softmax and KL reads ~0); plus the
 cosine of the projector's image embeddings against the float projector's.
 The float pair runs with an f16 KV cache; the tested pair with the
 configuration's KV type, so a quantized cache's error is part of the figure.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from .workers import Recorder, WorkerSpec
 
-FIGURES = ("kl_mean", "kl_p99", "kl_max", "top1_agreement")
+FIGURES = ("kl_mean", "kl_p99", "kl_max", "top1_agreement", "logit_rel_rmse")
 
 
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
@@ -24,7 +26,8 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
                       QualityOptions(threads=spec.measure.threads, test_kv=spec.config.kv_type))
     if report.overall is not None:
         for name in FIGURES:
-            rec.value(name, getattr(report.overall, name))
+            if getattr(report.overall, name) is not None:
+                rec.value(name, getattr(report.overall, name))
         rec.value("positions", report.overall.positions)
     if report.image_cosine_mean is not None:
         rec.value("image_cosine_mean", report.image_cosine_mean)

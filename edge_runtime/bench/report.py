@@ -346,7 +346,8 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def accuracy_table(report: BenchReport) -> list[str]:
-    header = ["config", "KL mean", "KL p99", "KL max", "top-1 agree", "image cos mean", "image cos min"]
+    header = ["config", "KL mean", "KL p99", "KL max", "top-1 agree", "logit rel. RMSE", "image cos mean",
+              "image cos min"]
     rows = []
     for c in report.configs:
         a = c.accuracy
@@ -360,7 +361,7 @@ def accuracy_table(report: BenchReport) -> list[str]:
                                        for k in ("kl_mean", "kl_p99", "kl_max")),
                      f"{top1:.1%}" if top1 is not None else "–",
                      *(f"{a[k]:.4f}" if a.get(k) is not None else "–"
-                       for k in ("image_cosine_mean", "image_cosine_min"))])
+                       for k in ("logit_rel_rmse", "image_cosine_mean", "image_cosine_min"))])
     return _table(header, rows)
 
 
@@ -403,7 +404,7 @@ def to_markdown(report: BenchReport) -> str:
         out += ["### Ratios, pair by pair (medians)", ""] + ratio_table(report) + [""]
     out += ["### Roofline (decode vs memory bandwidth)", ""] + roofline_table(report) + [""]
     if any(c.accuracy for c in report.configs):
-        out += ["### Accuracy against the float files (KL of next-token distributions, teacher-forced; "
+        out += ["### Accuracy against the float files (next-token KL and logit error, teacher-forced; "
                 "projector embedding cosine)", ""] + accuracy_table(report) + [""]
     target = rss_target(report)
     if target:
