@@ -413,9 +413,8 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
             g[0].append(kl)
             g[1].append(agree)
             g[2].append(logit_rel_rmse(la[:n], lb[:n]))
-    joined = lambda parts: np.concatenate(parts) if parts else np.empty(0)  # noqa: E731
-    stats = {k: DivergenceStats.of(*(joined(part) for part in v)) for k, v in groups.items()}
-    overall = DivergenceStats.of(*(joined([x for v in groups.values() for x in v[i]]) for i in range(3)))
+    stats = {k: DivergenceStats.of(*(_joined(part) for part in v)) for k, v in groups.items()}
+    overall = DivergenceStats.of(*(_joined([x for v in groups.values() for x in v[i]]) for i in range(3)))
     cos: list[tuple[float, float]] = []
     if options.embeddings and use_images:
         cos = image_cosines(ref, test, images, threads=threads)
@@ -428,6 +427,10 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
         image_token_cosine_min=float(min(t for _, t in cos)) if cos else None,
         images=len(cos),
     )
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def _cycle(items: Sequence[str], n: int) -> list[str]:

@@ -6,8 +6,8 @@ projector, the first image (vision compute buffer + embeddings), decode. One
 `MemoryVariant` per subprocess, so each peak is its own. The variants differ
 in what the runtime could choose: mmap or a plain read of the weights (with
 CPU weight repacking, an mmap'd file keeps the original pages resident next
-to the repacked copy), repacking itself, the batch size (text compute
-buffer) and the image token budget (vision compute buffer).
+to the repacked copy), repacking itself, the tokens per forward pass (text
+compute buffer) and the image token budget (vision compute buffer).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..backend import CPU_UBATCH, ensure_backend, kv_type, model_params
 
 from .scenario import FIRST_QUESTION, bench_image, chat_prompt
 from .workers import Recorder, WorkerSpec
@@ -40,7 +42,7 @@ class MemoryVariant:
 DEFAULT_VARIANTS = (
     MemoryVariant("llama.cpp defaults (mmap, repack, n_ubatch 512)"),
     MemoryVariant("read, repack, n_ubatch 512", mmap=False),
-    MemoryVariant("VisionChat on a CPU (read, repack, n_ubatch 64)", mmap=False, n_ubatch=64),
+    MemoryVariant(f"VisionChat on a CPU (read, repack, n_ubatch {CPU_UBATCH})", mmap=False, n_ubatch=CPU_UBATCH),
     MemoryVariant("mmap, no repack, n_ubatch 64", repack=False, n_ubatch=64),
     MemoryVariant("read, repack, n_ubatch 32", mmap=False, n_ubatch=32),
     MemoryVariant("read, repack, n_ubatch 64, image_max_tokens 256", mmap=False, n_ubatch=64, image_max_tokens=256),
@@ -64,8 +66,6 @@ def rss_now() -> dict[str, int]:
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     import llama_cpp as L
     from llama_cpp import mtmd_cpp as M
-
-    from ..backend import ensure_backend, kv_type, model_params
 
     v = MemoryVariant(**(spec.variant or {"name": "default"}))
     m, res = spec.measure, spec.config.resolution

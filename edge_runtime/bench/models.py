@@ -56,24 +56,27 @@ def is_fresh(derived: Path, source: Path) -> bool:
     return derived.is_file() and derived.stat().st_mtime >= source.stat().st_mtime
 
 
+def _derive(source: Path, dst: Path, what: str, log: Log, quantize: Callable[[], object]) -> Path:
+    """Run `quantize` (writing dst) unless dst is already newer than source."""
+    if not is_fresh(dst, source):
+        log(f"edge-bench: deriving the {what} {dst} (once)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantize()
+    return dst
+
+
 def derive_text(source: Path, dst: Path, quant: str, threads: int, progress: bool, log: Log = print) -> Path:
     from quant.text import TextQuantOptions, quantize_text
 
-    if not is_fresh(dst, source):
-        log(f"edge-bench: deriving the {quant} text model {dst} (once)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        quantize_text(source, dst, TextQuantOptions(quant, nthread=threads, progress=progress, overwrite=True))
-    return dst
+    options = TextQuantOptions(quant, nthread=threads, progress=progress, overwrite=True)
+    return _derive(source, dst, f"{quant} text model", log, lambda: quantize_text(source, dst, options))
 
 
 def derive_mmproj(source: Path, dst: Path, quant: str, threads: int, progress: bool, log: Log = print) -> Path:
     from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 
-    if not is_fresh(dst, source):
-        log(f"edge-bench: deriving the {quant} projector {dst} (once)")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        quantize_mmproj(source, dst, MmprojQuantOptions(quant, nthread=threads, progress=progress, overwrite=True))
-    return dst
+    options = MmprojQuantOptions(quant, nthread=threads, progress=progress, overwrite=True)
+    return _derive(source, dst, f"{quant} projector", log, lambda: quantize_mmproj(source, dst, options))
 
 
 def prepare_dir(out_dir: str | Path, quants: tuple[str, ...], mmproj_quant: str, *, cache_dir: str | Path,
