@@ -1,0 +1,1 @@
+"""Pieces every side (convert, quant, runtime) stands on; this package imports none of them."""

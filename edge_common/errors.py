@@ -1,0 +1,12 @@
+"""The one exception root: an app catches everything this library refuses with `except EdgeError`."""
+from __future__ import annotations
+
+__all__ = ["EdgeError"]
+
+
+class EdgeError(Exception):
+    """Base of every refusal raised by qwen3-vl-edge (convert, quant, runtime, server).
+
+    Specific classes keep their other bases (ValueError, FileNotFoundError, ...) so
+    existing `except ValueError` code keeps working.
+    """
