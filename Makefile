@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m convert.demo
+	$(BIN)/python -m edge_app.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,7 +1,7 @@
-"""Hugging Face Qwen3-VL checkpoint -> llama.cpp GGUF pair (text model + projector)."""
-__version__ = "0.1.0"
+"""Hugging Face checkpoint -> llama.cpp float GGUF pair (text model + projector) + manifest."""
+from edge_common import __version__
 
-from .errors import ConvertError  # noqa: E402
-from .pipeline import ConvertOptions, convert_checkpoint  # noqa: E402
+from .errors import ConvertError
+from .pipeline import ConvertOptions, convert_checkpoint
 
 __all__ = ["ConvertError", "ConvertOptions", "convert_checkpoint", "__version__"]

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import ConvertError
-from .floats import to_float32
+from edge_common.floats import to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -1,7 +1,8 @@
 """The one exception type the converter raises for bad input."""
+from edge_common.errors import EdgeError
 
 
-class ConvertError(Exception):
+class ConvertError(EdgeError):
     """Bad input or environment: the message names the file or option and the fix.
 
     The CLI prints it without a traceback and exits with code 2.

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,13 +15,17 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import __version__
-from .arch import lookup
+from edge_common import __version__
+from edge_models import ModelConfigError, lookup
+from edge_models.spec import ArchSpec, OutputFile, Transform
 from .checkpoint import Checkpoint, TensorRef
 from .errors import ConvertError
-from .gguf_out import FLOAT_TYPES, PlannedTensor, write_gguf
-from .manifest import MANIFEST, file_entry, sha256_file, write_manifest
-from .spec import ArchSpec, OutputFile, Transform
+from edge_common.disk import check_free_space, check_overwrite, prepare_out_dir
+from edge_common.floats import FLOAT_TYPES
+from edge_common.gguf_plan import natural_key
+from edge_common.gguf_write import FloatTensor, write_gguf
+from edge_common.manifest import MANIFEST, file_entry, sha256_file, write_manifest
+from .vocab import write_bpe_vocab
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 working set per write step
 
@@ -65,12 +67,8 @@ def row_blocks(ref: TensorRef, transform: Transform | None) -> Iterator[np.ndarr
         yield ref.load_rows(start, min(rows, start + step))
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) -> list[PlannedTensor]:
-    planned: dict[str, PlannedTensor] = {}
+def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) -> list[FloatTensor]:
+    planned: dict[str, FloatTensor] = {}
     for src in ckpt.tensors:
         if not out.claims(src) or out.skip(src, ckpt.config):
             continue
@@ -79,13 +77,21 @@ def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) 
             shape = transformed_shape(ref.shape, m.transform)
             if m.name in planned:
                 raise ConvertError(f"{ckpt.model_dir}: two checkpoint tensors map to {m.name!r}; the checkpoint is inconsistent.")
-            planned[m.name] = PlannedTensor(
+            planned[m.name] = FloatTensor(
                 m.name, shape, choose_type(m.name, shape, ftype, out),
                 lambda ref=ref, t=m.transform: row_blocks(ref, t),
             )
     if not planned:
         raise ConvertError(f"{ckpt.model_dir}: no tensors found for the {out.role} file; is the checkpoint complete?")
-    return [planned[k] for k in sorted(planned, key=_natural_key)]
+    return [planned[k] for k in sorted(planned, key=natural_key)]
+
+
+def write_file_metadata(writer, out: OutputFile, ckpt: Checkpoint) -> None:
+    """The architecture's keys, then the vocabulary when the file carries one."""
+    out.write_metadata(writer, ckpt)
+    if out.tokenizer is not None:
+        write_bpe_vocab(writer, ckpt.model_dir, out.tokenizer.vocab_size(ckpt.config), out.tokenizer.pre,
+                        add_bos=out.tokenizer.add_bos)
 
 
 def check_all_claimed(ckpt: Checkpoint, spec: ArchSpec) -> None:
@@ -103,22 +109,12 @@ def float_type(name: str, option: str) -> GGMLQuantizationType:
     return FLOAT_TYPES[name]
 
 
-def prepare_out_dir(out_dir: Path) -> None:
+def spec_for(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:
+    """The model package's ArchSpec for a config.json (its refusal re-raised as the converter's)."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConvertError(f"{out_dir}: output directory is not writable ({e.strerror or e}); choose another with -o.") from e
-
-
-def check_free_space(out_dir: Path, needed: int) -> None:
-    free = shutil.disk_usage(out_dir).free
-    if free < needed:
-        raise ConvertError(
-            f"{out_dir}: needs {needed / 1e9:.2f} GB free for the output but has {free / 1e9:.2f} GB; "
-            "free space or choose another directory with -o."
-        )
+        return lookup(config, config_path)
+    except ModelConfigError as e:
+        raise ConvertError(str(e)) from None
 
 
 def model_stem(model_dir: Path, name: str | None) -> str:
@@ -140,8 +136,11 @@ def convert_checkpoint(
     opts = ConvertOptions(quant, mmproj_quant, overwrite, progress, name)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     ckpt = Checkpoint.open(model_dir)
-    spec = lookup(ckpt.config, str(model_dir / "config.json"))
-    spec.validate(ckpt)
+    spec = spec_for(ckpt.config, str(model_dir / "config.json"))
+    try:
+        spec.validate(ckpt)
+    except ModelConfigError as e:
+        raise ConvertError(str(e)) from None
     check_all_claimed(ckpt, spec)
     types = {"text": opts.quant, "mmproj": opts.mmproj_quant or opts.quant}
     options = {"text": "--quant", "mmproj": "--mmproj-quant"}
@@ -150,12 +149,10 @@ def convert_checkpoint(
     for out in spec.outputs:
         ftype = float_type(types[out.role], options[out.role])
         plans[out.role] = (out, out_dir / out.file_name(stem, types[out.role]), plan_output(ckpt, out, ftype))
-    prepare_out_dir(out_dir)
-    targets = [path for _, path, _ in plans.values()] + [out_dir / MANIFEST]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not opts.overwrite:
-        raise ConvertError(f"{existing[0]} already exists; pass --overwrite to replace it.")
-    check_free_space(out_dir, sum(t.nbytes for _, _, tensors in plans.values() for t in tensors))
+    prepare_out_dir(out_dir, ConvertError)
+    check_overwrite([path for _, path, _ in plans.values()] + [out_dir / MANIFEST], opts.overwrite, ConvertError)
+    check_free_space(out_dir, sum(t.nbytes for _, _, tensors in plans.values() for t in tensors), "the output",
+                     ConvertError)
     manifest: dict[str, Any] = {
         "converter_version": __version__,
         "architecture": spec.name,
@@ -166,7 +163,7 @@ def convert_checkpoint(
         },
     }
     for role, (out, path, tensors) in plans.items():
-        write_gguf(path, out.gguf_arch, lambda w, out=out: out.write_metadata(w, ckpt), tensors, progress=opts.progress)
+        write_gguf(path, out.gguf_arch, lambda w, out=out: write_file_metadata(w, out, ckpt), tensors, progress=opts.progress)
         manifest[role] = file_entry(out_dir, path, types[role], n_tensors=len(tensors))
     return write_manifest(out_dir, manifest)
 

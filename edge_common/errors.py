@@ -1,7 +1,7 @@
 """The one exception root: an app catches everything this library refuses with `except EdgeError`."""
 from __future__ import annotations
 
-__all__ = ["EdgeError"]
+__all__ = ["EdgeError", "ModelFileError", "OutputError"]
 
 
 class EdgeError(Exception):
@@ -10,3 +10,11 @@ class EdgeError(Exception):
     Specific classes keep their other bases (ValueError, FileNotFoundError, ...) so
     existing `except ValueError` code keeps working.
     """
+
+
+class ModelFileError(EdgeError, FileNotFoundError):
+    """A GGUF file, converter output directory or manifest entry is missing or unreadable."""
+
+
+class OutputError(EdgeError, ValueError):
+    """An output cannot be written: it exists without --overwrite, the folder is unwritable or too full."""

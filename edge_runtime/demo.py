@@ -1,6 +1,6 @@
 """The runtime half of `make demo`: chat about an example image and show the numbers.
 
-`convert.demo` builds and converts a random-weight model, then calls `run(out_dir)`.
+`edge_app.demo` builds and converts a random-weight model, then calls `run(out_dir)`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 projector, importance matrices from images and text, size/memory planning and quality measurement.
 
 Light imports only here: torch and transformers load inside the functions that need them
-(imatrix.compute_imatrix), llama_cpp inside the quantizers, so the runtime installs without them.
+(imatrix_compute.compute_imatrix), llama_cpp inside the quantizers, so the runtime installs without them.
 """
 from .catalog import QuantType, lookup, lookup_projector, names, projector_names
 from .errors import QuantError
@@ -26,7 +26,7 @@ def __getattr__(name: str):
 
         return quantize_mmproj
     if name == "compute_imatrix":
-        from .imatrix import compute_imatrix
+        from .imatrix_compute import compute_imatrix
 
         return compute_imatrix
     raise AttributeError(name)

@@ -21,26 +21,17 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
 
-from convert.gguf_out import write_gguf
+from edge_common.disk import check_rewrite
+from edge_common.gguf_write import write_gguf
 
 from . import catalog
-from .errors import QuantError, check_rewrite
+from .errors import QuantError
 from .imatrix import Imatrix, resolve
 from .report import Fallback, QuantReport, build_report
+from .rules import FLOATS, FORCE_F32, allows_quantization, type_fallback
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 working set per quantize step
 GGML_QNT_VERSION = 2
-FLOATS = (G.F32, G.F16, G.BF16)
-# Substrings of names llama.cpp's tensor_allows_quantization never quantizes (its multimodal list).
-KEEP_FLOAT = (".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd",
-              ".patch_merger", "a.rvq.codebook", "mm.a.code_embd", "_norm.weight")
-# clip resizes these with ggml_interpolate, which takes F32 only (llama.cpp's converter forces F32 too).
-FORCE_F32 = (".position_embd",)
-# llama.cpp's tensor_type_fallback: same or more bits in a 32-block type.
-FALLBACK = {G.Q4_K: G.Q5_0, G.Q5_K: G.Q5_1, G.Q6_K: G.Q8_0, G.Q2_K: G.Q4_0, G.Q3_K: G.Q4_0,
-            G.IQ4_XS: G.IQ4_NL, G.IQ3_S: G.IQ4_NL, G.IQ3_XXS: G.IQ4_NL, G.IQ2_S: G.IQ4_NL,
-            G.IQ2_XS: G.IQ4_NL, G.IQ2_XXS: G.IQ4_NL, G.IQ1_M: G.IQ4_NL, G.IQ1_S: G.IQ4_NL,
-            G.TQ1_0: G.Q4_0, G.TQ2_0: G.Q4_0}
 
 
 @dataclass(frozen=True)
@@ -75,8 +66,8 @@ def tensor_nbytes(t: G, shape: tuple[int, ...]) -> int:
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp's rule: 2-D+ '*weight' tensors, minus norms and the excluded multimodal ones."""
-    return len(shape) >= 2 and name.endswith("weight") and not any(k in name for k in KEEP_FLOAT)
+    """llama.cpp's rule (quant.rules): 2-D+ '*weight' tensors, minus norms and the excluded multimodal ones."""
+    return allows_quantization(name, len(shape))
 
 
 def kept_type(name: str, src: G, target: G) -> G:
@@ -88,12 +79,10 @@ def kept_type(name: str, src: G, target: G) -> G:
 
 def fit_type(name: str, ne0: int, target: G) -> tuple[G, Fallback | None]:
     """The wanted type if ne0 fits its block, else llama.cpp's fallback (f16 when nothing fits)."""
-    block = GGML_QUANT_SIZES[target][0]
-    if ne0 % block == 0:
+    used = type_fallback(ne0, target)
+    if used == target:
         return target, None
-    used = FALLBACK.get(target, target)
-    if ne0 % GGML_QUANT_SIZES[used][0] != 0:
-        used = G.F16
+    block = GGML_QUANT_SIZES[target][0]
     return used, Fallback(name, target.name, used.name, f"row length {ne0} is not a multiple of {block}")
 
 
@@ -148,7 +137,7 @@ def _blocks(t, p: TensorPlan, imatrix: np.ndarray | None, nthread: int) -> Itera
 
 @dataclass(frozen=True)
 class _QuantizedTensor:
-    """One planned tensor of the output, in the shape convert.gguf_out.write_gguf streams."""
+    """One planned tensor of the output, in the shape edge_common.gguf_write.write_gguf streams."""
 
     source: Any  # gguf.ReaderTensor
     plan: TensorPlan
@@ -207,7 +196,7 @@ def quantize_mmproj(src: str | Path, dst: str | Path, options: MmprojQuantOption
 
     qt = catalog.lookup_projector(options.quant)
     src, dst = Path(src), Path(dst)
-    check_rewrite(src, dst, options.overwrite, "projector")
+    check_rewrite(src, dst, options.overwrite, "projector", QuantError)
     im = resolve(options.imatrix)
     reader = gguf.GGUFReader(src)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)

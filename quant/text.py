@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.atomic import atomic_output
+from edge_common.atomic import atomic_output
+from edge_common.disk import check_rewrite
 
 from . import catalog
-from .errors import QuantError, check_rewrite
-from .imatrix import Imatrix, matrix_columns, resolve
+from .errors import QuantError
+from .imatrix import Imatrix, resolve
+from .imatrix_check import matrix_columns
 from .report import Fallback, QuantReport, build_report
 
 # Metadata keys llama-quantize adds when given an imatrix (tools/quantize/quantize.cpp).
@@ -121,7 +123,7 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
 
     t = catalog.lookup(options.quant)
     src, dst = Path(src), Path(dst)
-    check_rewrite(src, dst, options.overwrite, "text")
+    check_rewrite(src, dst, options.overwrite, "text", QuantError)
     im = resolve(options.imatrix)
     require_imatrix(t.name, im)
     params = build_params(t, options)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from convert import convert_checkpoint
-from convert.synthetic import SyntheticSpec, build_checkpoint
+from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
 from edge_runtime.bench.scenario import bench_image
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.arch.qwen3vl import text_hparams, vision_config
-from convert.synthetic import TEXT_2B, VISION_2B
+from edge_models.qwen3vl.arch import text_hparams, vision_config
+from edge_models.qwen3vl.synthetic import TEXT_2B, VISION_2B
 
-SHARED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "qwen3-vl-2b-instruct.config.json"
+SHARED_CONFIG = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
 
 def test_real_2b_config_hparams():
@@ -17,7 +17,7 @@ def test_real_2b_config_hparams():
     assert hp.rope_sections == (24, 20, 20, 0) and hp.rope_theta == 5e6 and hp.n_ctx == 262144
     assert hp.tied and hp.n_vocab == 151936 and hp.n_deepstack == 3
     vc = vision_config(config)
-    assert vc["depth"] == 24 and vc["deepstack_visual_indexes"] == [5, 11, 17]
+    assert vc.depth == 24 and vc.deepstack_visual_indexes == (5, 11, 17)
 
 
 def test_synthetic_2b_shapes_are_the_real_ones():

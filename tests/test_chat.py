@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from convert.synthetic import SyntheticSpec
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
 from edge_runtime.errors import (
     ContextOverflowError,

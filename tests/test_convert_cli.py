@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from convert.cli import main
-from convert.atomic import partial_path
-from convert.gguf_out import PlannedTensor, write_gguf
-from convert.synthetic import SyntheticSpec
+from edge_app.cli import main
+from edge_common.atomic import partial_path
+from edge_common.gguf_write import FloatTensor, write_gguf
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 
 
 def run(*args):
@@ -149,7 +149,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
         raise KeyboardInterrupt
 
     target = tmp_path / "x.gguf"
-    tensor = PlannedTensor("t", (4, 4), gguf.GGMLQuantizationType.F32, blocks)
+    tensor = FloatTensor("t", (4, 4), gguf.GGMLQuantizationType.F32, blocks)
     with pytest.raises(KeyboardInterrupt):
         write_gguf(target, "llama", lambda w: None, [tensor], progress=False)
     assert not target.exists() and not partial_path(target).exists()

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from convert.synthetic import SyntheticSpec, TextShape
+from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape
 from edge_runtime.backend import CPU_UBATCH
 from edge_runtime.detokenize import PieceTable
 from edge_runtime.engine import DecodeOutcome, Engine

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from convert.reference import Reference
-from convert.synthetic import SyntheticSpec, TextShape, VisionShape
+from edge_models.qwen3vl.reference import Reference
+from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape, VisionShape
 import llama_cpp
 
 from edge_runtime.llama_io import Context, ContextOptions, Model, Projector

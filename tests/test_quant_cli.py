@@ -6,7 +6,7 @@ import re
 
 from click.testing import CliRunner
 
-from convert.cli import main
+from edge_app.cli import main
 from quant import catalog
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from convert.shapes import model_shapes
 from quant import catalog, estimate as E, llamalog
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
 from test_quant_support import WIDE_SPEC, pair_of, sparse_f16_text_gguf, wide_imatrix
 
-CONFIG_2B = Path("/work/shared/qwen3-vl-2b-instruct.config.json")
+CONFIG_2B = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def wide(artifacts):
 
 @pytest.fixture(scope="module")
 def wide_shapes(wide):
-    return E.load_shapes(wide[0])
+    return model_shapes(wide[0])
 
 
 # Imatrix types whose (slow) search quantizers run here; every type's mix is also checked on the 2B shapes below.
@@ -47,7 +48,7 @@ def test_text_types_match_llama_cpp_tensor_by_tensor(artifacts, wide, wide_shape
 
 
 def test_float_files_are_predicted_exactly(artifacts, tiny_model_dir, tiny_f16_dir, tiny_f32_dir):
-    shapes = E.load_shapes(tiny_model_dir)
+    shapes = model_shapes(tiny_model_dir)
     for d, q in ((tiny_f16_dir, "f16"), (tiny_f32_dir, "f32")):
         text, mm = pair_of(d)
         e = E.estimate(shapes, q)
@@ -86,16 +87,15 @@ def test_plan_table_lists_every_type(wide_shapes):
 
 @pytest.fixture(scope="module")
 def shapes_2b():
-    assert CONFIG_2B.is_file(), f"{CONFIG_2B}: the real 2B config (shared/) must sit beside the checkout"
     cfg = json.loads(CONFIG_2B.read_text())
-    return cfg, E.load_shapes(cfg)  # transformers meta-device shapes, no weights
+    return cfg, model_shapes(cfg)  # transformers meta-device shapes, no weights
 
 
 def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
     """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
     import llama_cpp
 
-    from convert.synthetic import train_tokenizer, write_tokenizer
+    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
 
     cfg, shapes = shapes_2b
     write_tokenizer(tmp_path, train_tokenizer(300))

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from quant import imatrix as imx
+from quant.calibration import load_calibration
+from quant.imatrix_check import check as check_imatrix
+from quant.imatrix_compute import ImatrixOptions, compute_imatrix
 from quant.errors import QuantError
 from test_quant_support import WIDE_SPEC, pair_of, wide_imatrix
 
@@ -24,7 +27,7 @@ def auto(artifacts):
 
 
 def test_auto_imatrix_loads_back_and_names_only_existing_tensors(auto, wide_pair):
-    cov = imx.check(auto, wide_pair)  # raises on unknown names or sizes
+    cov = check_imatrix(auto, wide_pair)  # raises on unknown names or sizes
     assert cov["text"].fraction == 1.0  # every linear layer of the language model (and the tied output)
     assert "token_embd.weight" in cov["text"].covered
     assert {"v.blk.0.attn_qkv.weight", "mm.0.weight", "v.deepstack.0.fc1.weight"} <= set(cov["mmproj"].covered)
@@ -71,13 +74,13 @@ def test_legacy_dat_round_trip(auto, tmp_path):
 def test_imatrix_for_another_model_is_refused(auto, wide_pair, tiny_f16_dir):
     tiny_text, tiny_mm = pair_of(tiny_f16_dir)
     with pytest.raises(QuantError, match="columns .* another model|another model"):
-        imx.check(auto, {"text": tiny_text, "mmproj": tiny_mm})
+        check_imatrix(auto, {"text": tiny_text, "mmproj": tiny_mm})
     foreign = imx.Imatrix({**auto.entries, "blk.99.attn_q.weight": auto.entries["blk.0.attn_q.weight"]})
     with pytest.raises(QuantError, match="does not have .*blk.99.attn_q.weight"):
-        imx.check(foreign, wide_pair)
+        check_imatrix(foreign, wide_pair)
     sparse = auto.subset(["blk.0.attn_q.weight"])
     with pytest.raises(QuantError, match="covers only 1 of"):
-        imx.check(sparse, wide_pair)
+        check_imatrix(sparse, wide_pair)
 
 
 def test_bad_files(tmp_path):
@@ -94,13 +97,13 @@ def test_calibration_directory(tmp_path):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.png")
     Image.new("RGB", (48, 64), (10, 200, 10)).save(tmp_path / "b.jpg")
     (tmp_path / "prompts.txt").write_text("What is red?\n\nDescribe it.\n")
-    samples = imx.load_calibration(tmp_path)
+    samples = load_calibration(tmp_path)
     assert [(s.prompt, s.image is not None) for s in samples] == [
         ("What is red?", True), ("Describe it.", True), ("What is red?", False), ("Describe it.", False)]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(QuantError, match="nothing to calibrate"):
-        imx.load_calibration(empty)
+        load_calibration(empty)
 
 
 def test_compute_with_user_calibration(artifacts, tmp_path):
@@ -108,6 +111,6 @@ def test_compute_with_user_calibration(artifacts, tmp_path):
 
     Image.new("RGB", (96, 64), (20, 40, 200)).save(tmp_path / "blue.png")
     (tmp_path / "prompts.txt").write_text("What color is this?\n")
-    im = imx.compute_imatrix(artifacts.model(), tmp_path, imx.ImatrixOptions(progress=False))
+    im = compute_imatrix(artifacts.model(), tmp_path, ImatrixOptions(progress=False))
     assert im.chunk_count == 2 and im.datasets == (str(tmp_path.resolve()),)
     assert "v.blk.0.attn_qkv.weight" in im.entries and "blk.0.ffn_down.weight" in im.entries

@@ -5,10 +5,12 @@ import hashlib
 
 import pytest
 
-from convert.manifest import read_manifest
+from edge_common.manifest import read_manifest
 from quant import estimate as E
 from quant.errors import QuantError
-from quant.pipeline import QuantizeOptions, check_disk, convert_quantized, needs_quant_pipeline
+from convert.shapes import model_shapes
+from edge_app.pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
+from edge_common.disk import check_free_space
 from quant.quality import QualityOptions
 from quant.report import read_tensors
 from test_quant_support import WIDE_SPEC
@@ -59,10 +61,13 @@ def test_imatrix_and_quality_recorded(q4):
 
 def test_plan_is_within_3_percent_of_what_was_written(q4):
     model, out, m = q4
-    e = E.estimate(model, "q4_k_m", "q8_0", imatrix=True)
-    assert abs(e.text.bytes - m["text"]["bytes"]) <= 0.03 * m["text"]["bytes"]
-    assert abs(e.mmproj.bytes - m["mmproj"]["bytes"]) <= 0.03 * m["mmproj"]["bytes"]
-    assert m["quantization"]["estimate"]["text_bytes"] == e.text.bytes
+    e = E.estimate(model_shapes(model), "q4_k_m", "q8_0", imatrix=True)
+    written = {role: (out / m[role]["path"]).stat().st_size for role in ("text", "mmproj")}  # the files themselves
+    assert abs(e.text.bytes - written["text"]) <= 0.03 * written["text"]
+    assert abs(e.mmproj.bytes - written["mmproj"]) <= 0.03 * written["mmproj"]
+    recorded = m["quantization"]["estimate"]  # what the manifest says the plan was: also within 3% of the files
+    assert abs(recorded["text_bytes"] - written["text"]) <= 0.03 * written["text"]
+    assert abs(recorded["mmproj_bytes"] - written["mmproj"]) <= 0.03 * written["mmproj"]
 
 
 def test_keep_f16_and_float_projector(artifacts, tmp_path):
@@ -90,7 +95,7 @@ def test_refusals_happen_before_writing(artifacts, tmp_path):
 
 def test_disk_space_message(tmp_path):
     with pytest.raises(QuantError, match=r"needs 1000000\.00 GB free for the f16 intermediate .* has"):
-        check_disk(tmp_path, 10**15, "the f16 intermediate")
+        check_free_space(tmp_path, 10**15, "the f16 intermediate", QuantError)
 
 
 def test_existing_outputs_need_overwrite(q4, artifacts):

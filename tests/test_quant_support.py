@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.synthetic import SyntheticSpec, TextShape, VisionShape
+from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape, VisionShape
 
 WIDE_SPEC = SyntheticSpec(
     text=TextShape(hidden=256, ff=512, layers=4, heads=4, kv_heads=1, head_dim=64, mrope_section=(8, 12, 12),
@@ -45,14 +45,15 @@ def sparse_f16_text_gguf(config: dict, tokenizer_dir: Path, path: Path, shapes=N
     import gguf
     import numpy as np
 
-    from convert.arch.qwen3vl import write_text_metadata
     from convert.checkpoint import Checkpoint
-    from quant.estimate import load_shapes
+    from convert.pipeline import spec_for, write_file_metadata
+    from convert.shapes import model_shapes
 
-    shapes = shapes or load_shapes(config)
+    shapes = shapes or model_shapes(config)
     ckpt = Checkpoint(tokenizer_dir, config, {})
-    w = gguf.GGUFWriter(path, "qwen3vl")
-    write_text_metadata(w, ckpt)
+    text = next(o for o in spec_for(config).outputs if o.role == "text")
+    w = gguf.GGUFWriter(path, text.gguf_arch)
+    write_file_metadata(w, text, ckpt)
     total = 0
     for t in shapes.tensors["text"]:
         w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
@@ -69,7 +70,8 @@ def sparse_f16_text_gguf(config: dict, tokenizer_dir: Path, path: Path, shapes=N
 
 def wide_imatrix(artifacts) -> Path:
     """An imatrix computed once per test session for the WIDE_SPEC model (cached as a file)."""
-    from quant.imatrix import ImatrixOptions, compute_imatrix, save
+    from quant.imatrix import save
+    from quant.imatrix_compute import ImatrixOptions, compute_imatrix
 
     path = artifacts.root / "wide-imatrix.gguf"
     if not path.exists():

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from convert.synthetic import SyntheticSpec
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
 from edge_runtime.server.metrics import parse_metrics
 from edge_runtime.server.process import ServerProcess

@@ -69,7 +69,7 @@ def bench_convert(ckpt: str | Path, target: str, work_dir: str | Path) -> Conver
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"convert-{target}-", dir=work_dir))
     try:
-        run = run_measured("convert.cli", convert_args(ckpt, scratch, target))
+        run = run_measured("edge_app.cli", convert_args(ckpt, scratch, target))
         how = f"edge-convert --quant {target}"
         if run.returncode == 0:
             return ConvertRun(target, how, run.wall_s, run.peak_rss_bytes, dir_bytes(scratch))

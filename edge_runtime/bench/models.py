@@ -125,7 +125,7 @@ def ensure_synthetic(size: str, cache_dir: str | Path, *, progress: bool = True,
     ckpt, gguf_dir = synthetic_paths(size, cache_dir)
     try:
         from convert import convert_checkpoint
-        from convert.synthetic import SyntheticSpec, build_checkpoint
+        from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
     except ImportError as exc:
         raise BenchSetupError(f"--synthetic needs the convert extra (pip install 'qwen3-vl-edge[convert]'): {exc}")
     if not (ckpt / "config.json").is_file():  # config.json is written last: its presence marks completion

@@ -64,7 +64,7 @@ def _pad_token_id(ref) -> int:
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     import torch
 
-    from convert.reference import Reference
+    from edge_models.qwen3vl.reference import Reference
 
     m, res = spec.measure, spec.config.resolution
     if not spec.hf_dir:

@@ -1,4 +1,4 @@
-"""Qwen3-VL (dense: 2B/4B/8B/32B) -> GGUF: every architecture-specific fact lives here.
+"""Qwen3-VL (dense: 2B/4B/8B/32B) -> GGUF: the tensor-name map and metadata the converter follows.
 
 Mirrors llama.cpp's conversion (conversion/qwen3vl.py) so the files load in its
 `qwen3vl` text model and its `qwen3vl_merger` clip projector. Both config
@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import gguf
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGUFWriter
 
-from ..checkpoint import Checkpoint
-from ..errors import ConvertError
-from ..spec import ArchSpec, OutputFile, TensorMapping
-from ..vocab import write_bpe_vocab
+from ..errors import ModelConfigError
+from ..spec import ArchSpec, BpeTokenizer, Checkpoint, OutputFile, TensorMapping
+from .config import VISION_LAYERNORM_EPS, TextConfig, VisionConfig
 
 TEXT_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
 LM_HEAD = "lm_head.weight"
 TOKENIZER_PRE = "qwen2"  # llama.cpp pre-tokenizer of the Qwen2/2.5/3 family
-VISION_LAYERNORM_EPS = 1e-6  # hard-coded in transformers' Qwen3VLVisionBlock
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # Rename prefixes so gguf-py's TensorNameMap recognises the names.
 TEXT_RENAME = ("model.language_model.", "model.")
@@ -34,81 +31,12 @@ DEEPSTACK_PARTS = {"norm": MODEL_TENSOR.V_DS_NORM, "linear_fc1": MODEL_TENSOR.V_
 PATCH_EMBD = TENSOR_NAMES[MODEL_TENSOR.V_ENC_EMBD_PATCH]
 
 
-@dataclass(frozen=True)
-class TextHParams:
-    n_layer: int
-    n_ctx: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    rope_sections: tuple[int, int, int, int]
-    n_vocab: int
-    tied: bool
-    n_deepstack: int
+def text_hparams(config: dict[str, Any]) -> TextConfig:
+    return TextConfig.from_dict(config)
 
 
-def _need(cfg: dict[str, Any], key: str, where: str) -> Any:
-    if key not in cfg:
-        raise ConvertError(f"config.json: {where} has no {key!r}; is this a complete Qwen3-VL config?")
-    return cfg[key]
-
-
-def text_hparams(config: dict[str, Any]) -> TextHParams:
-    tc = config.get("text_config")
-    if not isinstance(tc, dict):
-        raise ConvertError("config.json: no 'text_config' object; Qwen3-VL configs keep the language model there.")
-    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-    sections = list(rope.get("mrope_section") or [])
-    if len(sections) != 3:
-        raise ConvertError("config.json: text_config rope parameters need 'mrope_section' with 3 entries (Qwen3-VL M-RoPE).")
-    if rope.get("mrope_interleaved") is False:
-        raise ConvertError("config.json: non-interleaved M-RoPE is the Qwen2.5-VL scheme; Qwen3-VL interleaves it.")
-    theta = rope.get("rope_theta", tc.get("rope_theta"))
-    if theta is None:
-        raise ConvertError("config.json: text_config has no rope_theta (neither in rope_parameters nor at the top).")
-    n_head = _need(tc, "num_attention_heads", "text_config")
-    n_embd = _need(tc, "hidden_size", "text_config")
-    head_dim = tc.get("head_dim") or n_embd // n_head
-    if 2 * sum(sections) != head_dim:
-        raise ConvertError(f"config.json: mrope_section {sections} must sum to head_dim/2 = {head_dim // 2}.")
-    vc = config.get("vision_config") or {}
-    n_layer = _need(tc, "num_hidden_layers", "text_config")
-    n_deepstack = len(vc.get("deepstack_visual_indexes") or [])
-    if n_deepstack >= n_layer:
-        raise ConvertError(
-            f"config.json: {n_deepstack} deepstack layers need more than {n_layer} text layers (llama.cpp injects one per layer)."
-        )
-    tied = bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
-    return TextHParams(
-        n_layer=n_layer,
-        n_ctx=tc.get("max_position_embeddings", 262144),
-        n_embd=n_embd,
-        n_ff=_need(tc, "intermediate_size", "text_config"),
-        n_head=n_head,
-        n_head_kv=tc.get("num_key_value_heads", n_head),
-        head_dim=head_dim,
-        rms_eps=tc.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_sections=(*sections, 0),
-        n_vocab=_need(tc, "vocab_size", "text_config"),
-        tied=tied,
-        n_deepstack=n_deepstack,
-    )
-
-
-def vision_config(config: dict[str, Any]) -> dict[str, Any]:
-    vc = config.get("vision_config")
-    if not isinstance(vc, dict):
-        raise ConvertError("config.json: no 'vision_config' object; a Qwen3-VL checkpoint has one.")
-    for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "out_hidden_size"):
-        _need(vc, key, "vision_config")
-    if vc.get("temporal_patch_size", 2) != 2:
-        raise ConvertError("config.json: llama.cpp's projector supports temporal_patch_size 2 only.")
-    return vc
+def vision_config(config: dict[str, Any]) -> VisionConfig:
+    return VisionConfig.from_dict(config)
 
 
 # --- text model -------------------------------------------------------------
@@ -128,7 +56,6 @@ def write_text_metadata(w: GGUFWriter, ckpt: Checkpoint) -> None:
     w.add_rope_freq_base(hp.rope_theta)
     w.add_rope_dimension_sections(list(hp.rope_sections))
     w.add_num_deepstack_layers(hp.n_deepstack)
-    write_bpe_vocab(w, ckpt.model_dir, hp.n_vocab, TOKENIZER_PRE, add_bos=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,7 +71,7 @@ def map_text_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
     renamed = name.replace(*TEXT_RENAME, 1)
     new = _text_map(config).get_name(renamed, try_suffixes=(".weight", ".bias"))
     if new is None:
-        raise ConvertError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL language model.")
+        raise ModelConfigError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL language model.")
     return [TensorMapping(new)]
 
 
@@ -164,27 +91,27 @@ def write_vision_metadata(w: GGUFWriter, ckpt: Checkpoint) -> None:
     pre = ckpt.json(PREPROCESSOR_CONFIG, "the image preprocessor config")
     for key in ("image_mean", "image_std"):
         if key not in pre:
-            raise ConvertError(f"{ckpt.model_dir / PREPROCESSOR_CONFIG}: has no {key!r}.")
-    n_pos = vc.get("num_position_embeddings", 2304)
-    patch = vc["patch_size"]
-    deepstack = set(vc.get("deepstack_visual_indexes") or [])
+            raise ModelConfigError(f"{ckpt.model_dir / PREPROCESSOR_CONFIG}: has no {key!r}.")
+    n_pos = vc.num_position_embeddings
+    patch = vc.patch_size
+    deepstack = set(vc.deepstack_visual_indexes)
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(ckpt.model_dir.name)
     w.add_clip_has_vision_encoder(True)
     w.add_clip_projector_type(gguf.VisionProjectorType.QWEN3VL)
-    w.add_vision_projection_dim(vc["out_hidden_size"])
+    w.add_vision_projection_dim(vc.out_hidden_size)
     w.add_vision_image_size(int(math.isqrt(n_pos) * patch))
     w.add_vision_patch_size(patch)
-    w.add_vision_embedding_length(vc["hidden_size"])
-    w.add_vision_feed_forward_length(vc["intermediate_size"])
-    w.add_vision_block_count(vc["depth"])
-    w.add_vision_head_count(vc["num_heads"])
+    w.add_vision_embedding_length(vc.hidden_size)
+    w.add_vision_feed_forward_length(vc.intermediate_size)
+    w.add_vision_block_count(vc.depth)
+    w.add_vision_head_count(vc.num_heads)
     w.add_vision_attention_layernorm_eps(VISION_LAYERNORM_EPS)
     w.add_vision_image_mean(pre["image_mean"])
     w.add_vision_image_std(pre["image_std"])
     w.add_vision_use_gelu(True)
-    w.add_vision_spatial_merge_size(vc.get("spatial_merge_size", 2))
-    w.add_vision_is_deepstack_layers([i in deepstack for i in range(vc["depth"])])
+    w.add_vision_spatial_merge_size(vc.spatial_merge_size)
+    w.add_vision_is_deepstack_layers([i in deepstack for i in range(vc.depth)])
 
 
 def _patch_frame0(t):
@@ -206,21 +133,21 @@ def map_vision_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
     if short == "visual.patch_embed.proj.bias":
         return [TensorMapping(f"{PATCH_EMBD}.bias")]
     if parts[:2] == ["visual", "deepstack_merger_list"]:
-        layer = (vc.get("deepstack_visual_indexes") or [])[int(parts[2])]
+        layer = vc.deepstack_visual_indexes[int(parts[2])]
         kind = DEEPSTACK_PARTS.get(parts[3])
         if kind is None:
-            raise ConvertError(f"checkpoint tensor {name!r}: unknown deepstack merger part.")
+            raise ModelConfigError(f"checkpoint tensor {name!r}: unknown deepstack merger part.")
         return [TensorMapping(TENSOR_NAMES[kind].format(bid=layer) + "." + parts[4])]
     if parts[:2] == ["visual", "merger"]:
         if parts[2] in MERGER_FC:
             return [TensorMapping(TENSOR_NAMES[MODEL_TENSOR.V_MMPROJ].format(bid=MERGER_FC[parts[2]]) + "." + parts[3])]
         if parts[2] == "norm":
             return [TensorMapping(TENSOR_NAMES[MODEL_TENSOR.V_POST_NORM] + "." + parts[3])]
-        raise ConvertError(f"checkpoint tensor {name!r}: unknown merger part.")
-    tmap = _name_map(MODEL_ARCH.MMPROJ, vc["depth"])
+        raise ModelConfigError(f"checkpoint tensor {name!r}: unknown merger part.")
+    tmap = _name_map(MODEL_ARCH.MMPROJ, vc.depth)
     new = tmap.get_name(short, try_suffixes=(".weight", ".bias"))
     if new is None:
-        raise ConvertError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL vision tower.")
+        raise ModelConfigError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL vision tower.")
     return [TensorMapping(new)]
 
 
@@ -232,7 +159,7 @@ def validate(ckpt: Checkpoint) -> None:
     hp = text_hparams(ckpt.config)
     vision_config(ckpt.config)
     if not hp.tied and LM_HEAD not in ckpt.tensors:
-        raise ConvertError(
+        raise ModelConfigError(
             f"{ckpt.model_dir}: config.json says tie_word_embeddings=false but no {LM_HEAD!r} tensor is stored; "
             "the checkpoint is incomplete."
         )
@@ -250,6 +177,7 @@ SPEC = ArchSpec(
             map_tensor=map_text_tensor,
             write_metadata=write_text_metadata,
             skip=skip_text_tensor,
+            tokenizer=BpeTokenizer(TOKENIZER_PRE, lambda config: text_hparams(config).n_vocab, add_bos=False),
         ),
         OutputFile(
             role="mmproj",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .errors import ConvertError
-from .gguf_out import FLOAT_TYPES
-from .pipeline import convert_checkpoint
+from convert import convert_checkpoint
+from edge_common.errors import EdgeError
+from edge_common.floats import FLOAT_TYPES
 
 
 def fail(message: str) -> None:
@@ -47,16 +47,15 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
          name: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
     a multimodal projector GGUF and OUT/manifest.json."""
-    from quant.errors import QuantError
-
     quant, mmproj_quant = quant.lower(), mmproj_quant and mmproj_quant.lower()
     try:
         if plan:
+            from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table
 
-            click.echo(format_plan(plan_table(model_dir, n_ctx, kv_type, mmproj_quant=mmproj_quant)))
+            click.echo(format_plan(plan_table(model_shapes(model_dir), n_ctx, kv_type, mmproj_quant=mmproj_quant)))
             return
-        from quant.pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
+        from .pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
 
         if needs_quant_pipeline(quant, mmproj_quant, imatrix, report) or keep_f16 or calibration is not None:
             manifest = convert_quantized(model_dir, out_dir, QuantizeOptions(
@@ -64,7 +63,7 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
         else:
             manifest = convert_checkpoint(model_dir, out_dir, quant, mmproj_quant=mmproj_quant,
                                           overwrite=overwrite, progress=not quiet, name=name)
-    except (ConvertError, QuantError) as e:
+    except EdgeError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; no finished-looking file was left behind")

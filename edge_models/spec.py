@@ -1,18 +1,17 @@
-"""The shape of an architecture description, as the generic pipeline consumes it.
+"""The shape of an architecture description, as the generic converter and estimator consume it.
 
-An architecture module (convert/arch/<name>.py) fills these in declaratively:
+A model package (edge_models/<family>/arch.py) fills these in declaratively:
 which Hugging Face architectures it takes, which GGUF files come out, how source
 tensor names map to GGUF names (with any reshaping), and which metadata goes in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 from gguf import GGUFWriter
-
-from .checkpoint import Checkpoint
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -23,6 +22,25 @@ class TensorMapping:
 
     name: str
     transform: Transform | None = None
+
+
+class Checkpoint(Protocol):
+    """What a metadata writer reads of a checkpoint (convert.checkpoint.Checkpoint is one)."""
+
+    model_dir: Path
+    config: dict[str, Any]
+    tensors: Mapping[str, Any]
+
+    def json(self, name: str, what: str) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class BpeTokenizer:
+    """The file's vocabulary comes from the checkpoint's tokenizer.json as a BPE vocab (written by the converter)."""
+
+    pre: str  # llama.cpp pre-tokenizer name
+    vocab_size: Callable[[dict[str, Any]], int]  # the model's vocabulary size from config.json
+    add_bos: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class OutputFile:
     map_tensor: Callable[[str, dict[str, Any]], list[TensorMapping]]
     write_metadata: Callable[[GGUFWriter, Checkpoint], None]
     skip: Callable[[str, dict[str, Any]], bool] = lambda name, config: False
+    tokenizer: BpeTokenizer | None = None  # written after write_metadata's keys
     # GGUF tensors kept at f16 in an f16 file and f32 otherwise (loaders need it).
     keep_f16_or_f32: tuple[str, ...] = ()
     # GGUF tensors always f32 (ops that assert f32 inputs, e.g. ggml_interpolate).

@@ -19,11 +19,6 @@ from tqdm import tqdm
 from .atomic import atomic_output
 from .floats import f32_to_bf16_bits
 
-FLOAT_TYPES = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-}
 _STORAGE = {  # numpy storage of each float type inside the file
     GGMLQuantizationType.F32: np.dtype("<f4"),
     GGMLQuantizationType.F16: np.dtype("<f2"),
@@ -45,7 +40,7 @@ class OutputTensor(Protocol):
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class FloatTensor:
     """One tensor of the output: its name, shape (outermost first), type, and a
     producer of float32 row blocks that concatenate along axis 0 to the tensor."""
 

@@ -1,10 +1,19 @@
-"""Float formats that safetensors and GGUF share, as plain numpy.
+"""Float formats that safetensors and GGUF share: their names, and conversions as plain numpy.
 
 bfloat16 has no numpy dtype: it is carried as uint16 bit patterns.
 """
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType
+
+# The float file types (the converter writes them; the quantizer keeps them), by their CLI name.
+FLOAT_TYPES = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+}
+FLOAT_GGML_TYPES = tuple(FLOAT_TYPES.values())
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:

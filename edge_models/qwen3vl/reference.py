@@ -6,16 +6,16 @@ baseline of the benchmark. Needs the `convert` extra (torch, transformers).
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import read_json
-
 
 def image_processor(model_dir: str | Path):
+    """The checkpoint's (slow, exact) image processor; transformers 5 without torchvision has a PIL one."""
     try:
         from transformers import Qwen2VLImageProcessorPil as Processor  # transformers 5 without torchvision
     except ImportError:  # transformers 4.x
@@ -41,7 +41,7 @@ class Reference:
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
         model.eval()
         return cls(model, Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")),
-                   image_processor(model_dir), read_json(Path(model_dir) / "config.json", "config.json"))
+                   image_processor(model_dir), json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .pipeline import convert_checkpoint
-from .synthetic import SyntheticSpec, build_checkpoint
+from convert import convert_checkpoint
+from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
 
 DEMO_DIR = Path(".cache/demo")
 
@@ -26,10 +26,8 @@ def main() -> None:
         e = manifest[role]
         print(f"  {role:7s} {out / e['path']}  type={e['type']}  {e['bytes']:,} bytes  sha256={e['sha256'][:16]}...")
     print(f"  manifest {out / 'manifest.json'}")
-    try:
-        from edge_runtime import demo as runtime_demo
-    except ImportError:
-        return
+    from edge_runtime import demo as runtime_demo
+
     runtime_demo.run(out)
 
 

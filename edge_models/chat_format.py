@@ -1,0 +1,23 @@
+"""What the runtime must know of a model family's chat markup, as data.
+
+The engine, VisionChat and the server read a ChatFormat; only the family's
+package (edge_models/<family>/chat_format.py) spells its tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    vision_start: str  # the tokens a template renders for one image ...
+    image_pad: str
+    vision_end: str
+    default_template: str  # jinja template for GGUFs that carry none
+    end_of_turn: tuple[str, ...]  # texts that end an answer even if the vocab does not flag them as EOG
+    think_open: str  # reasoning markers of Thinking variants, cut from what the user sees
+    think_close: str
+
+    @property
+    def image_placeholder(self) -> str:
+        return self.vision_start + self.image_pad + self.vision_end

@@ -1,0 +1,8 @@
+"""Everything about Qwen3-VL (dense) in one package, as mlx-vlm's models/qwen3_vl.
+
+- `arch`: tensor-name map and GGUF metadata (the converter's ArchSpec), `config`: typed configs;
+- `chat_format`: placeholder tokens, default template, end-of-turn strings, think tags;
+- `reference`: the transformers model; `synthetic`: random-weight checkpoints; `calibration`:
+  model inputs for importance matrices. These three need torch/transformers and are imported
+  only by what uses them (a Pi runs the runtime without torch).
+"""
