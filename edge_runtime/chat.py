@@ -22,7 +22,7 @@ from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
 from .stats import GenerationStats
-from .template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate, ThinkFilter, render_with_markers
+from .template import DEFAULT_QWEN3_VL_TEMPLATE, THINK_OPEN, ChatTemplate, ThinkFilter, render_with_markers
 
 
 class VisionChat:
@@ -206,7 +206,7 @@ class VisionChat:
         except BaseException:
             prompt.close()
             raise
-        starts_inside = text.rstrip().endswith("<think>")
+        starts_inside = text.rstrip().endswith(THINK_OPEN)
         return self._run(prompt, options, max_tokens, t_start, starts_inside, record)
 
     def _run(

@@ -44,7 +44,7 @@ USER_ERRORS = (EdgeRuntimeError, ImageError, TemplateError, ValueError, TypeErro
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--stop", "stops", multiple=True, help="Stop string; repeatable.")
 @click.option("--json-schema", type=click.Path(exists=True, path_type=Path), help="Constrain the answer to this JSON schema.")
-@click.option("--keep-think", is_flag=True, help="Show <think> reasoning of Thinking models.")
+@click.option("--keep-think", is_flag=True, help="Show the reasoning of Thinking models (cut by default).")
 @click.option("--n-ctx", default=4096, show_default=True, type=int)
 @click.option("--kv-cache-type", default="f16", show_default=True, help="f16, q8_0 or q4_0 (K and V).")
 @click.option("--kv-cache-type-k", default=None, help="Override the K cache type.")

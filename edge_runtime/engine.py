@@ -23,6 +23,8 @@ import numpy as np
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
+from edge_models import chat_format
+
 from .llama_io import model_meta
 from .backend import (
     ensure_backend,
@@ -217,7 +219,7 @@ class Engine:
     def _end_of_turn_tokens(self) -> frozenset[int]:
         """EOG tokens plus the template's end-of-turn token if the vocab forgot to flag it."""
         extra = set()
-        for text in ("<|im_end|>", "<|endoftext|>"):
+        for text in chat_format(self.arch).end_of_turn:
             ids = tokenize_text_ids(self._vocab, text)
             if len(ids) == 1:
                 extra.add(ids[0])

@@ -5,12 +5,15 @@ back to their state before the failed call.
 """
 from __future__ import annotations
 
+from edge_common.errors import EdgeError
+from edge_common.errors import ModelFileError as _MissingModelFile
 
-class EdgeRuntimeError(Exception):
-    """Base class of every error raised by the runtime (besides `ImageError`)."""
+
+class EdgeRuntimeError(EdgeError):
+    """Base class of the engine's errors (images, templates and grounding have their own EdgeError classes)."""
 
 
-class ModelFileError(EdgeRuntimeError, FileNotFoundError):
+class ModelFileError(EdgeRuntimeError, _MissingModelFile):
     """A GGUF file, output directory or manifest entry does not exist."""
 
 

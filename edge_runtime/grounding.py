@@ -16,6 +16,8 @@ from typing import Any, Iterable, Iterator, Union
 
 from PIL import Image, ImageDraw, ImageFont
 
+from edge_common.errors import EdgeError
+
 __all__ = ["Box", "GroundingError", "GroundingItem", "Point", "draw_grounding", "label_colors", "parse_grounding"]
 
 QWEN_COORD_RANGE = 1000.0
@@ -30,7 +32,7 @@ _PALETTE = [
 ]
 
 
-class GroundingError(ValueError):
+class GroundingError(EdgeError, ValueError):
     """The model output holds no usable grounding JSON."""
 
 

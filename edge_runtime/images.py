@@ -24,6 +24,8 @@ from typing import Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from edge_common.errors import EdgeError
+
 __all__ = [
     "ImageError",
     "ImageLimits",
@@ -50,7 +52,7 @@ _PIL_LIMIT_LOCK = threading.Lock()
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError, MemoryError)
 
 
-class ImageError(ValueError):
+class ImageError(EdgeError, ValueError):
     """An image could not be used; the message names the input and the fix."""
 
 

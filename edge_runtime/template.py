@@ -19,6 +19,9 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edge_common.errors import EdgeError
+from edge_models import chat_format
+
 __all__ = [
     "ChatTemplate",
     "DEFAULT_QWEN3_VL_TEMPLATE",
@@ -30,38 +33,15 @@ __all__ = [
     "strip_think",
 ]
 
-VISION_START = "<|vision_start|>"
-IMAGE_PAD = "<|image_pad|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
-# A ChatML template of Qwen's shape, for GGUFs that carry none. Only user/system/
-# assistant turns with text and images: tools are not used by this runtime.
-DEFAULT_QWEN3_VL_TEMPLATE = (
-    "{%- for message in messages %}\n"
-    "    {{- '<|im_start|>' + message.role + '\\n' }}\n"
-    "    {%- if message.content is string %}\n"
-    "        {{- message.content }}\n"
-    "    {%- elif message.content is not none %}\n"
-    "        {%- for part in message.content %}\n"
-    "            {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}\n"
-    "                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}\n"
-    "            {%- elif 'text' in part %}\n"
-    "                {{- part.text }}\n"
-    "            {%- endif %}\n"
-    "        {%- endfor %}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|im_end|>\\n' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "{%- endif %}\n"
-)
+# The default family's markup (edge_models): GGUFs without a template get its default one.
+FORMAT = chat_format()
+VISION_START, IMAGE_PAD, VISION_END = FORMAT.vision_start, FORMAT.image_pad, FORMAT.vision_end
+IMAGE_PLACEHOLDER = FORMAT.image_placeholder
+THINK_OPEN, THINK_CLOSE = FORMAT.think_open, FORMAT.think_close
+DEFAULT_QWEN3_VL_TEMPLATE = FORMAT.default_template
 
 
-class TemplateError(ValueError):
+class TemplateError(EdgeError, ValueError):
     """The chat template or the messages given to it are unusable; the message says which."""
 
 

@@ -13,7 +13,6 @@ mtmd's media marker, and mtmd adds whatever image framing the model needs.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,13 +47,13 @@ class ModelPair:
     @classmethod
     def from_dir(cls, out_dir: str | Path) -> "ModelPair":
         """The pair recorded in OUT/manifest.json by the converter."""
-        d = Path(out_dir)
-        mf = d / "manifest.json"
-        if not mf.is_file():
-            raise QuantError(f"{d}: no manifest.json; point at a folder written by edge-convert, or pass a ModelPair.")
-        m = json.loads(mf.read_text(encoding="utf-8"))
-        mm = m.get("mmproj")
-        return cls(d / m["text"]["path"], d / mm["path"] if mm else None)
+        from edge_common.errors import ModelFileError
+        from edge_common.manifest import manifest_paths
+
+        try:
+            return cls(*manifest_paths(out_dir))
+        except ModelFileError as e:
+            raise QuantError(f"{e}; point at a folder written by edge-convert, or pass a ModelPair.") from None
 
 
 def as_pair(x: "ModelPair | str | Path | tuple") -> ModelPair:
@@ -346,7 +345,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def probe_images(options: QualityOptions) -> list[Any]:
     if options.images is not None:
         return list(options.images)
-    from .imatrix import synthetic_images
+    from .calibration import synthetic_images
 
     return synthetic_images(options.image_size)[:3]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ModelConfigError
-from .reference import image_processor  # noqa: F401 - the family's processor, read by quant.imatrix_compute
+from .reference import image_processor
+
+__all__ = ["image_processor", "model_inputs"]  # what quant.imatrix_compute reads of a family
 
 
 def model_inputs(prompt: str, image: Any | None, tokenizer, processor, config: dict[str, Any]) -> dict[str, Any]:

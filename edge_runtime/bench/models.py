@@ -8,17 +8,19 @@ bare machine can produce real speed and memory numbers.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from edge_common import manifest
+from edge_common.errors import EdgeError, ModelFileError
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 SYNTHETIC_SIZES = ("tiny", "2b")
 Log = Callable[[str], None]
 
 
-class BenchSetupError(RuntimeError):
+class BenchSetupError(EdgeError, RuntimeError):
     """The model files for a benchmark cannot be found or made."""
 
 
@@ -40,15 +42,11 @@ class ModelSet:
 
 
 def read_manifest(out_dir: Path) -> dict:
-    path = out_dir / "manifest.json"
-    if not path.is_file():
-        raise BenchSetupError(f"{path} not found: pass an edge-convert output directory or --synthetic 2b")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["text"]["path"], data["mmproj"]["path"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BenchSetupError(f"{path} is not an edge-convert manifest with a text model and a projector ({exc!r})")
-    return data
+        return manifest.read_manifest(out_dir, need_mmproj=True)
+    except ModelFileError as exc:
+        raise BenchSetupError(f"{exc}: pass an edge-convert output directory (text model and projector) "
+                              "or --synthetic 2b") from None
 
 
 def is_fresh(derived: Path, source: Path) -> bool:
@@ -131,7 +129,7 @@ def ensure_synthetic(size: str, cache_dir: str | Path, *, progress: bool = True,
     if not (ckpt / "config.json").is_file():  # config.json is written last: its presence marks completion
         log(f"edge-bench: building the {size} synthetic checkpoint in {ckpt} (once)")
         build_checkpoint(ckpt, SyntheticSpec(size=size))
-    if not (gguf_dir / "manifest.json").is_file():
+    if not (gguf_dir / manifest.MANIFEST).is_file():
         log(f"edge-bench: converting it to f16 in {gguf_dir} (once)")
         convert_checkpoint(ckpt, gguf_dir, "f16", progress=progress, overwrite=True)
     return gguf_dir

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_common.errors import EdgeError
+
 from .options import CHAT_HANDLER, RAW, RUNTIME, TRANSFORMERS
 from .report import PARTY_NAMES, BenchReport
 
 MARKERS = {RUNTIME: "o", RAW: "s", CHAT_HANDLER: "^", TRANSFORMERS: "X"}
 
 
-class PlotUnavailable(RuntimeError):
+class PlotUnavailable(EdgeError, RuntimeError):
     """matplotlib is not installed."""
 
 

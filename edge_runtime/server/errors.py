@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_common.errors import EdgeError
+
 from ..errors import ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, ModelLoadError
 from ..images import ImageError
 from ..template import TemplateError
 
 
 @dataclass
-class ApiError(Exception):
+class ApiError(EdgeError):
     status: int
     message: str
     type: str = "invalid_request_error"

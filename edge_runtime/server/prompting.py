@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..errors import VisionUnsupportedError
 from ..messages import ImageLoader, split_messages
 from ..prompt import ImageInput
-from ..template import ChatTemplate, render_with_markers
+from ..template import THINK_OPEN, ChatTemplate, render_with_markers
 
 
 @dataclass(frozen=True)
@@ -36,4 +36,4 @@ def render_prompt(fmt: PromptFormat, messages: list[dict], load: ImageLoader) ->
     if images and not fmt.has_vision:
         raise VisionUnsupportedError(f"{fmt.model_name} was loaded without a projector (mmproj): it cannot see images")
     text = render_with_markers(fmt.template, template_messages, len(images), fmt.marker if fmt.has_vision else None)
-    return RenderedPrompt(text, images, text.rstrip().endswith("<think>"))
+    return RenderedPrompt(text, images, text.rstrip().endswith(THINK_OPEN))

@@ -1,0 +1,115 @@
+"""The layers' arrows point one way, the runtime installs without torch, generic code spells no model markup.
+
+app (edge_app) -> convert / quant / edge_runtime -> bottom (edge_common, edge_llama, edge_models).
+convert and quant never import each other; edge_runtime imports neither (bench/ is exempt: it
+measures the converter and quantizer too); bottom packages import nothing above them, and
+edge_common, the very bottom, imports no other package of ours.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("edge_app", "convert", "quant", "edge_runtime", "edge_common", "edge_llama", "edge_models")
+UPPER = ("edge_app", "convert", "quant", "edge_runtime")
+# package (or sub-package) -> packages it must never import, anywhere in its code (lazy imports included)
+FORBIDDEN = {
+    "convert": ("quant", "edge_runtime", "edge_app"),
+    "quant": ("convert", "edge_runtime", "edge_app"),
+    "edge_runtime": ("convert", "quant", "edge_app"),
+    "edge_models": UPPER,
+    "edge_llama": UPPER + ("edge_models",),
+    "edge_common": UPPER + ("edge_models", "edge_llama"),
+}
+EXEMPT = ("edge_runtime/bench/",)
+# Chat markup of a model family: special tokens and think tags belong to edge_models/<family>/.
+MARKUP = re.compile(r"<\|[a-z_]+\|>|</?think>")
+
+
+def imported_packages(source: str, module: str) -> set[str]:
+    """Top-level packages a module imports (absolute and relative, at module level or inside functions)."""
+    found = set()
+    package = module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                found.add(base[0])
+            elif node.module:
+                found.add(node.module.split(".")[0])
+    return found & set(OURS)
+
+
+def layer_violations(files: dict[str, str]) -> list[str]:
+    """'path imports pkg' for every forbidden arrow among {relative path: source}."""
+    out = []
+    for rel, source in sorted(files.items()):
+        if rel.startswith(EXEMPT):
+            continue
+        top = rel.split("/")[0]
+        module = rel[:-3].replace("/", ".")
+        for pkg in sorted(imported_packages(source, module) & set(FORBIDDEN.get(top, ()))):
+            out.append(f"{rel} imports {pkg}")
+    return out
+
+
+def markup_literals(source: str) -> list[str]:
+    """String literals (docstrings aside) that spell a model family's chat markup."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs and MARKUP.search(n.value)]
+
+
+def our_sources(*packages: str) -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+            for pkg in packages for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def test_checker_sees_a_wrong_arrow():
+    """The checker itself: planted wrong arrows (absolute, relative-free lazy, from-import) are reported."""
+    planted = {
+        "quant/x.py": "def f():\n    from convert.pipeline import plan_output\n",
+        "edge_runtime/y.py": "import quant.catalog\n",
+        "edge_common/z.py": "from edge_models import chat_format\n",
+        "edge_runtime/bench/w.py": "import quant\n",  # exempt
+        "edge_runtime/ok.py": "from .errors import ModelFileError\nfrom edge_common.manifest import MANIFEST\n",
+    }
+    assert layer_violations(planted) == ["edge_common/z.py imports edge_models", "edge_runtime/y.py imports quant",
+                                         "quant/x.py imports convert"]
+    assert markup_literals('"""<think> in a docstring is fine"""\nEOT = "<|im_end|>"\n') == ["<|im_end|>"]
+
+
+def test_arrows_point_one_way():
+    assert layer_violations(our_sources(*OURS)) == []
+
+
+def test_generic_code_spells_no_chat_markup():
+    """Placeholder tokens, end-of-turn strings and think tags come from edge_models, not literals."""
+    generic = {rel: src for rel, src in our_sources("convert", "quant", "edge_runtime", "edge_common").items()
+               if not rel.startswith(EXEMPT)}
+    found = {rel: lits for rel, src in generic.items() if (lits := markup_literals(src))}
+    assert found == {}
+
+
+@pytest.mark.parametrize("modules", [
+    "edge_runtime, edge_runtime.chat, edge_runtime.engine, edge_runtime.cli, edge_runtime.server.app",
+    "edge_models, edge_models.qwen3vl.arch, edge_models.qwen3vl.config",
+])
+def test_runtime_imports_without_torch_convert_or_quant(modules):
+    """What a Pi installs: importing the runtime loads no torch, transformers, convert or quant."""
+    code = (f"import sys; import {modules}; "
+            "bad = sorted(m for m in ('torch', 'transformers', 'convert', 'quant', 'edge_app') if m in sys.modules); "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
