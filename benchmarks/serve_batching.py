@@ -12,17 +12,18 @@ blur it; end-to-end tok/s (completion tokens / wall time) is printed beside it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_common import cli_options as flags  # noqa: E402
 from edge_runtime.server.metrics import parse_metrics  # noqa: E402
 from edge_runtime.server.process import ServerProcess  # noqa: E402
 
@@ -81,32 +82,34 @@ def run_phase(url: str, n: int, max_tokens: int, concurrent: bool, headers: dict
                  tuple(a for _, a in results))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=Path, nargs="?", help="converter output directory (not needed with --url)")
-    parser.add_argument("--url", help="an already running edge-serve (its --parallel must cover --streams)")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--streams", default="1,2,4", help="comma-separated concurrency levels")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each phase this many times (alternating) and keep the fastest: "
-                             "on a shared machine the slowest runs measure the neighbours")
-    parser.add_argument("--ctx-size", type=int, default=512, help="per slot (started server only)")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (started server only)")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra edge-serve argument; repeatable")
-    args = parser.parse_args(argv)
-    streams = [int(s) for s in args.streams.split(",")]
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-
-    if args.url:
-        return report(args.url.rstrip("/"), streams, args.max_tokens, args.repeats, headers)
-    if args.model_dir is None:
-        parser.error("give MODEL_DIR or --url")
-    server_args = ["--parallel", str(max(streams)), "--ctx-size", str(args.ctx_size), *args.server_arg]
-    if args.threads:
-        server_args += ["--threads", str(args.threads)]
-    with ServerProcess(args.model_dir, server_args, startup_timeout_s=900) as server:
-        return report(server.base_url, streams, args.max_tokens, args.repeats, headers)
+@click.command(context_settings=flags.CONTEXT, help=__doc__)
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--url", help="An already running edge-serve (its --parallel must cover --streams).")
+@click.option("--api-key", default=None)
+@click.option("--streams", default="1,2,4", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run each phase this many times (alternating) and keep the fastest: on a shared machine the "
+                   "slowest runs measure the neighbours.")
+@flags.ctx_size(512, "Context per slot (started server only).")
+@flags.threads("llama.cpp threads (started server only).")
+@click.option("--server-arg", multiple=True, help="Extra edge-serve argument; repeatable.")
+def main(model_dir: Path | None, url: str | None, api_key: str | None, streams: str, max_tokens: int, repeats: int,
+         n_ctx: int, threads: int | None, server_arg: tuple[str, ...]) -> None:
+    try:
+        levels = [int(s) for s in streams.split(",")]
+    except ValueError:
+        flags.fail("serve_batching", f"--streams {streams!r}: use comma-separated integers, e.g. 1,2,4")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if url:
+        sys.exit(report(url.rstrip("/"), levels, max_tokens, repeats, headers))
+    if model_dir is None:
+        flags.fail("serve_batching", "give MODEL_DIR or --url")
+    server_args = ["--parallel", str(max(levels)), "--ctx-size", str(n_ctx), *server_arg]
+    if threads:
+        server_args += ["--threads", str(threads)]
+    with ServerProcess(model_dir, server_args, startup_timeout_s=900) as server:
+        sys.exit(report(server.base_url, levels, max_tokens, repeats, headers))
 
 
 def best(phases: list[Phase]) -> Phase:
@@ -134,4 +137,4 @@ def report(url: str, streams: list[int], max_tokens: int, repeats: int, headers:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

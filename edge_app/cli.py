@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from convert import convert_checkpoint
-from edge_common.errors import EdgeError
+from edge_common import cli_options as flags
+from edge_common.cli_options import CONTEXT, refusals
 from edge_common.floats import FLOAT_TYPES
+from edge_runtime.options import EngineOptions
 
 
-def fail(message: str) -> None:
-    click.echo(f"edge-convert: error: {message}", err=True)
-    sys.exit(2)
+PROG = "edge-convert"
+ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unless told otherwise
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("models"), show_default=True,
               help="Output directory for the GGUF files and manifest.json.")
@@ -36,37 +36,35 @@ def fail(message: str) -> None:
 @click.option("--report", is_flag=True,
               help="Measure the quantized pair against f16 (KL divergence, top-1, image cosine) into manifest.json.")
 @click.option("--plan", is_flag=True, help="Print file sizes and runtime memory of every type, then exit.")
-@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context length --plan sizes the KV cache for.")
-@click.option("--kv-type", default="f16", show_default=True, help="KV cache type for --plan (f16, q8_0, q4_0, ...).")
-@click.option("--threads", type=int, default=0, help="Threads for quantizing (default: all cores).")
+@flags.ctx_size(ENGINE.n_ctx, "Context length --plan sizes the KV cache for.")
+@flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
+@flags.threads("Threads for quantizing [default: all cores].")
 @click.option("--name", default=None, help="File-name stem (default: MODEL_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the manifest.")
 def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, imatrix: str | None,
-         calibration: Path | None, keep_f16: bool, report: bool, plan: bool, n_ctx: int, kv_type: str, threads: int,
+         calibration: Path | None, keep_f16: bool, report: bool, plan: bool, n_ctx: int, kv_cache_type_k: str,
+         kv_cache_type_v: str, threads: int | None,
          name: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
     a multimodal projector GGUF and OUT/manifest.json."""
     quant, mmproj_quant = quant.lower(), mmproj_quant and mmproj_quant.lower()
-    try:
+    with refusals(PROG):
         if plan:
             from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table
 
-            click.echo(format_plan(plan_table(model_shapes(model_dir), n_ctx, kv_type, mmproj_quant=mmproj_quant)))
+            click.echo(format_plan(plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
+                                               kv_type_v=kv_cache_type_v)))
             return
         from .pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
 
         if needs_quant_pipeline(quant, mmproj_quant, imatrix, report) or keep_f16 or calibration is not None:
             manifest = convert_quantized(model_dir, out_dir, QuantizeOptions(
-                quant, mmproj_quant, imatrix, calibration, keep_f16, report, overwrite, not quiet, name, threads))
+                quant, mmproj_quant, imatrix, calibration, keep_f16, report, overwrite, not quiet, name, threads or 0))
         else:
             manifest = convert_checkpoint(model_dir, out_dir, quant, mmproj_quant=mmproj_quant,
                                           overwrite=overwrite, progress=not quiet, name=name)
-    except EdgeError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; no finished-looking file was left behind")
     if not quiet:
         for role in ("text", "mmproj"):
             entry = manifest[role]

@@ -13,12 +13,13 @@ from typing import Any, Iterator
 
 import click
 
+from edge_common import cli_options as flags
+from edge_common.cli_options import CONTEXT, fail, load_settings
+from edge_common.errors import EdgeError
+
 from .chat import VisionChat
-from .cli_flags import load_flags, load_settings, parse_gpu_layers
-from .errors import EdgeRuntimeError
-from .images import ImageError
+from .options import EngineOptions, GenerationOptions
 from .manifest_paths import resolve_model_paths
-from .template import TemplateError
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
@@ -26,35 +27,36 @@ HELP = """commands:
   /stats        timings and memory of the last answer
   /quit         leave (also Ctrl-D)"""
 
-USER_ERRORS = (EdgeRuntimeError, ImageError, TemplateError, ValueError, TypeError)
+PROG = "edge-chat"
+USER_ERRORS = (EdgeError, ValueError, TypeError)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the API's
+
+
+@click.command(context_settings=CONTEXT)
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
-@click.option("--mmproj", type=click.Path(path_type=Path), help="Projector GGUF (when TARGET is a text GGUF).")
+@flags.mmproj()
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image for the (first) question; repeatable.")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
-@click.option("--max-tokens", default=512, show_default=True, type=int)
-@click.option("--temperature", default=0.7, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=20, show_default=True, type=int)
-@click.option("--top-p", default=0.8, show_default=True, type=float)
-@click.option("--min-p", default=0.0, show_default=True, type=float)
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float)
+@click.option("--max-tokens", default=GEN.max_tokens, show_default=True, type=int)
+@click.option("--temperature", default=GEN.temperature, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=GEN.top_k, show_default=True, type=int)
+@click.option("--top-p", default=GEN.top_p, show_default=True, type=float)
+@click.option("--min-p", default=GEN.min_p, show_default=True, type=float)
+@click.option("--repeat-penalty", default=GEN.repeat_penalty, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--stop", "stops", multiple=True, help="Stop string; repeatable.")
 @click.option("--json-schema", type=click.Path(exists=True, path_type=Path), help="Constrain the answer to this JSON schema.")
 @click.option("--keep-think", is_flag=True, help="Show the reasoning of Thinking models (cut by default).")
-@click.option("--n-ctx", default=4096, show_default=True, type=int)
-@click.option("--kv-cache-type", default="f16", show_default=True, help="f16, q8_0 or q4_0 (K and V).")
-@click.option("--kv-cache-type-k", default=None, help="Override the K cache type.")
-@click.option("--kv-cache-type-v", default=None, help="Override the V cache type (quantized V turns on flash attention).")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--n-gpu-layers", default="auto", show_default=True, help="'auto' offloads all layers when a GPU backend exists.")
-@click.option("--threads", default=None, type=int, help="Default: physical cores.")
-@click.option("--image-min-tokens", default=None, type=int, help="Vision token floor (grounding wants ~1024).")
-@click.option("--image-max-tokens", default=None, type=int, help="Vision token cap (fewer = faster).")
-@load_flags
+@flags.ctx_size(ENGINE.n_ctx)
+@flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
+@flags.flash_attn(ENGINE.flash_attn)
+@flags.n_gpu_layers(ENGINE.n_gpu_layers)
+@flags.threads()
+@flags.image_tokens()
+@flags.load_flags
 @click.option("--stats/--no-stats", default=False, help="Print timings after each answer (stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the runtime's and llama.cpp's log.")
 def main(
@@ -77,11 +79,10 @@ def main(
             model,
             projector,
             n_ctx=settings["n_ctx"],
-            kv_cache_type=settings["kv_cache_type"],
             kv_cache_type_k=settings["kv_cache_type_k"],
             kv_cache_type_v=settings["kv_cache_type_v"],
-            flash_attn={"on": True, "off": False}.get(settings["flash_attn"], "auto"),
-            n_gpu_layers=parse_gpu_layers(settings["n_gpu_layers"]),
+            flash_attn=settings["flash_attn"],
+            n_gpu_layers=settings["n_gpu_layers"],
             threads=settings["threads"],
             image_min_tokens=settings["image_min_tokens"],
             image_max_tokens=settings["image_max_tokens"],
@@ -90,13 +91,13 @@ def main(
             **load_settings(settings),
         )
     except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(PROG, str(exc))
     with chat:
         if prompt is not None:
             try:
                 _answer(chat, chat.stream(prompt, list(images), **gen), stats)
             except USER_ERRORS as exc:
-                raise click.ClickException(str(exc)) from None
+                fail(PROG, str(exc))
         else:
             _interactive(chat, list(images), gen, stats)
 

@@ -13,14 +13,15 @@ at q4_k_m with a 640x480 image for the figures quoted in the issue.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
+import click
 import llama_cpp
 from PIL import Image
 
-from edge_runtime import GenerationOptions, VisionChat
+from edge_common import cli_options as flags
+from edge_runtime import EngineOptions, GenerationOptions, VisionChat
 from edge_runtime.demo import example_image
 from edge_runtime.sampling import Sampler
 
@@ -58,22 +59,22 @@ def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> f
     return (n_tokens - 1) / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--image", type=Path, help="default: a generated 640x480 picture")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per answer")
-    parser.add_argument("--repeats", type=int, default=3, help="decode measurements per side (fastest counts)")
-    parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--kv-cache-type", default="f16")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-
-    image = Image.open(args.image) if args.image else example_image(640, 480)
+@click.command(context_settings=flags.CONTEXT, help=__doc__)
+@click.argument("model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--image", type=click.Path(path_type=Path, exists=True), help="Default: a generated 640x480 picture.")
+@click.option("--tokens", type=click.IntRange(min=2), default=64, show_default=True, help="Tokens generated per answer.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Decode measurements per side (fastest counts).")
+@flags.ctx_size(EngineOptions().n_ctx)
+@flags.cache_types(EngineOptions().kv_cache_type_k, EngineOptions().kv_cache_type_v)
+@flags.threads()
+def main(model_dir: Path, image: Path | None, tokens: int, repeats: int, n_ctx: int, kv_cache_type_k: str,
+         kv_cache_type_v: str, threads: int | None) -> None:
+    image = Image.open(image) if image else example_image(640, 480)
     with VisionChat.from_dir(
-        args.model_dir, n_ctx=args.n_ctx, kv_cache_type=args.kv_cache_type, threads=args.threads
+        model_dir, n_ctx=n_ctx, kv_cache_type_k=kv_cache_type_k, kv_cache_type_v=kv_cache_type_v, threads=threads
     ) as chat:
-        gen = {"temperature": 0.0, "max_tokens": args.tokens}
+        gen = {"temperature": 0.0, "max_tokens": tokens}
         chat.ask("What is in this picture?", images=[image], **gen)
         first = chat.last_stats
         chat.ask("What colour is the largest object?", **gen)
@@ -83,13 +84,13 @@ def main() -> None:
 
         messages = [{"role": "user", "content": "Write a long story about a red box and a blue circle."}]
         ours, raw = [], []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             chat.reset()
             chat.generate(messages, max_tokens=1, temperature=0.0)  # the prompt, untimed
             chat.generate(messages, **gen)
             if chat.last_stats.generated_tokens > 1:
                 ours.append(chat.last_stats.decode_tok_s)
-            raw.append(raw_decode_tok_s(chat, messages, args.tokens))
+            raw.append(raw_decode_tok_s(chat, messages, tokens))
         if not ours:
             raise SystemExit("the model ended every answer after one token; cannot time decoding")
         # Alternating runs, fastest of each: the least disturbed by anything else on the machine.

@@ -74,7 +74,8 @@ class Estimate:
 
 
 def estimate(shapes: ModelShapes, quant: str = "q4_k_m", mmproj_quant: str | None = None,
-             n_ctx: int = 4096, kv_type: str = "f16", *, imatrix: bool | None = None) -> Estimate:
+             n_ctx: int = 4096, kv_type: str = "f16", *, imatrix: bool | None = None,
+             kv_type_v: str | None = None) -> Estimate:
     """Sizes of the files `edge-convert --quant QUANT --mmproj-quant M` writes, and the memory to run them."""
     qt = catalog.lookup(quant)
     mq = catalog.lookup_projector(mmproj_quant or catalog.default_projector_type(quant))
@@ -96,15 +97,16 @@ def estimate(shapes: ModelShapes, quant: str = "q4_k_m", mmproj_quant: str | Non
             meta += QUANT_KEYS
         mm = FileEstimate("mmproj", mq.name, gguf_file_bytes(meta, mm_ts), sum(t.nbytes for t in mm_ts), mm_ts)
     d = TextDims.of(text_ts)
-    kvb = kv.kv_bytes_for_rows(d.n_layer, d.k_row, d.v_row, n_ctx, kv_type)
+    kvb = kv.kv_bytes_for_rows(d.n_layer, d.k_row, d.v_row, n_ctx, kv_type, kv_type_v)
     return Estimate(qt.name, mq.name, n_ctx, kv.kv_type(kv_type).name, text, mm, kvb, compute_bytes(d, n_ctx),
                     vision_compute_bytes(mm.tensors) if mm else 0)
 
 
 def plan_table(shapes: ModelShapes, n_ctx: int = 4096, kv_type: str = "f16",
-               quants: Iterable[str] | None = None, mmproj_quant: str | None = None) -> list[Estimate]:
+               quants: Iterable[str] | None = None, mmproj_quant: str | None = None,
+               kv_type_v: str | None = None) -> list[Estimate]:
     """One estimate per type (every catalog type by default; imatrix types assume one is given)."""
-    return [estimate(shapes, q, mmproj_quant, n_ctx, kv_type) for q in (quants or catalog.names())]
+    return [estimate(shapes, q, mmproj_quant, n_ctx, kv_type, kv_type_v=kv_type_v) for q in (quants or catalog.names())]
 
 
 def _mb(n: int) -> str:

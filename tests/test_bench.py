@@ -86,7 +86,7 @@ def test_every_party_reports_every_figure_positive(report_json, kind):
         assert set(fig) == SUMMARY_KEYS, name
         assert fig["n"] == rounds and len(party["samples"][name]) == rounds, name
         assert 0 < fig["min"] <= fig["median"] <= fig["max"] and math.isfinite(fig["max"]), name
-        assert fig["spread"] >= 0
+        assert fig["spread"] == pytest.approx((fig["max"] - fig["min"]) / 2), name  # "± half their range"
     assert party["peak_rss_bytes"] > 0
 
 
@@ -164,9 +164,9 @@ def test_plot_writes_a_png(report, tmp_path):
 
 def test_cli_table_and_json(tiny_f16_dir, tmp_path):
     out = tmp_path / "b.json"
-    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--kv", "f16",
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
             "--resolution", "96x96", "--prompt-lengths", "16", "--decode-tokens", "4", "--repeats", "1",
-            "--warmup", "0", "--n-ctx", "512", "--baselines", "none", "--no-bandwidth", "--json", str(out), "-q"]
+            "--warmup", "0", "--ctx-size", "512", "--baselines", "none", "--no-bandwidth", "--json", str(out), "-q"]
     result = CliRunner().invoke(cli_main, args)
     assert result.exit_code == 0, result.output
     assert "| f16 | q8_0 | f16 | 96x96 |" in result.output
@@ -179,7 +179,7 @@ def test_cli_table_and_json(tiny_f16_dir, tmp_path):
     ([], "nothing to bench"),
     (["--synthetic", "tiny", "--resolution", "640by480"], "WIDTHxHEIGHT"),
     (["--synthetic", "tiny", "--quant", "q9_z"], "unknown quantization type"),
-    (["--synthetic", "tiny", "--kv", "q3_k"], "unknown KV cache type"),
+    (["--synthetic", "tiny", "--cache-type-k", "q3_k"], "unknown KV cache type"),
     (["--synthetic", "tiny", "--baselines", "ollama"], "unknown baseline"),
 ])
 def test_cli_errors_are_clear(args, message):

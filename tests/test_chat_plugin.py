@@ -21,7 +21,8 @@ def test_plugin_answers_about_an_image(tiny_f32_dir, test_image, tmp_path):
         assert again == first and plugin.last_stats.images_encoded == 0
         assert plugin.chat.history == []  # calls are independent
         text_only = plugin.generate_multimodal_response(prompt="Hello", max_tokens=2, temperature=0)
-        assert isinstance(text_only, str)
+        assert plugin.last_stats.images_encoded == 0 and 1 <= plugin.last_stats.generated_tokens <= 2
+        assert plugin.generate_multimodal_response(prompt="Hello", max_tokens=2, temperature=0) == text_only
 
 
 def test_plugin_model_dir_from_environment(tiny_f32_dir, monkeypatch, tmp_path):

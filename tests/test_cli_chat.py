@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edge_runtime.cli import main
 
-FAST = ["--max-tokens", "4", "--temperature", "0", "--n-ctx", "1024"]
+FAST = ["--max-tokens", "4", "--temperature", "0", "--ctx-size", "1024"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_text_gguf_with_explicit_mmproj(tiny_f32_dir, image_path):
     result = run([text, "--mmproj", mmproj, "--image", image_path, *FAST, "Describe it."])
     assert result.exit_code == 0, result.output
     result = run([text, "--image", image_path, *FAST, "Describe it."])
-    assert result.exit_code == 1 and "without a projector" in result.stderr
+    assert result.exit_code == 2 and "without a projector" in result.stderr
 
 
 def test_load_flags_reach_the_engine(tiny_f32_dir, image_path, caplog):
@@ -79,11 +79,11 @@ def test_interactive_session_commands(tiny_f32_dir, image_path, tmp_path):
 
 def test_errors_are_messages_not_tracebacks(tiny_f32_dir, tmp_path):
     result = run([tmp_path / "nowhere", "Hi"])
-    assert result.exit_code == 1 and "not found" in result.stderr and "Traceback" not in result.output
-    result = run([tiny_f32_dir, "--kv-cache-type", "q9", "Hi"])
-    assert result.exit_code == 1 and "unknown KV cache type" in result.stderr
+    assert result.exit_code == 2 and "not found" in result.stderr and "Traceback" not in result.output
+    result = run([tiny_f32_dir, "--cache-type-k", "q9", "Hi"])
+    assert result.exit_code == 2 and "unknown KV cache type" in result.stderr
     result = run([tiny_f32_dir, *FAST, "--image", tmp_path / "nope.png", "Hi"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2 and "nope.png" in result.stderr
 
 
 def test_module_entry_point_runs(tiny_f32_dir, image_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -163,7 +164,10 @@ def test_kv_used_bytes_matches_llama_state_size(fresh):
     used = e.kv_used_bytes(0)
     state = llama_cpp.llama_state_seq_get_size(e.ctx, 0)
     assert used > 0 and used <= state <= used * 1.25, (used, state)
-    assert e.kv_cache_bytes == used // e.seq_state(0).n_tokens * e.n_ctx
+    meta = {f.name: f.contents() for f in gguf.GGUFReader(e.model_path).fields.values() if f.name.startswith("qwen3vl.")}
+    k_row = meta["qwen3vl.attention.head_count_kv"] * meta["qwen3vl.attention.key_length"]
+    v_row = meta["qwen3vl.attention.head_count_kv"] * meta["qwen3vl.attention.value_length"]
+    assert e.kv_cache_bytes == meta["qwen3vl.block_count"] * (k_row + v_row) * 2 * e.n_ctx  # f16: 2 bytes a value
 
 
 @pytest.mark.parametrize("kv,ratio", [("q8_0", 34 / 64), ("q4_0", 18 / 64)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +376,8 @@ def test_digest_same_pixels_same_digest(tmp_path: Path):
     digest = image_digest(load_image(png))
     assert digest == image_digest(load_image(bmp))
     assert digest == image_digest(load_image(np.asarray(two_halves())))
-    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)  # sha256 hex
+    assert digest != image_digest(load_image(np.asarray(two_halves())[:, ::-1].copy()))  # other pixels, other digest
 
 
 def test_digest_differs_for_different_pixels_size_and_mode():

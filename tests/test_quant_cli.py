@@ -15,7 +15,7 @@ def run(*args):
 
 
 def test_plan_prints_every_type(tiny_model_dir):
-    res = run(tiny_model_dir, "--plan", "--ctx", "2048", "--kv-type", "q8_0")
+    res = run(tiny_model_dir, "--plan", "--ctx-size", "2048", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0")
     assert res.exit_code == 0, res.output
     for q in catalog.names():
         assert re.search(rf"^{q}\s", res.output, re.M), q

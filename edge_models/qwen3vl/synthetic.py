@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import click
+
 from edge_common.atomic import write_json_atomic
 
 SPECIAL_TOKENS = (
@@ -296,20 +298,19 @@ def build_checkpoint(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec())
     return out
 
 
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Build a random-weight Qwen3-VL checkpoint.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--size", default="tiny", choices=["tiny", "2b"])
-    ap.add_argument("--layout", default="hf5", choices=["hf4", "hf5"])
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
-    ap.add_argument("--untied", action="store_true")
-    ap.add_argument("--shards", type=int, default=1)
-    a = ap.parse_args()
-    path = build_checkpoint(a.out_dir, SyntheticSpec(size=a.size, layout=a.layout, dtype=a.dtype,
-                                                     tied=not a.untied, shards=a.shards))
-    print(json.dumps({"checkpoint": str(path)}))
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--size", default="tiny", show_default=True, type=click.Choice(["tiny", "2b"]))
+@click.option("--layout", default="hf5", show_default=True, type=click.Choice(["hf4", "hf5"]),
+              help="config.json layout of transformers 4.57 (hub) or 5.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "f16", "f32"]))
+@click.option("--untied", is_flag=True, help="Store a separate lm_head.")
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1))
+def main(out_dir: Path, size: str, layout: str, dtype: str, untied: bool, shards: int) -> None:
+    """Build a random-weight Qwen3-VL checkpoint in OUT_DIR."""
+    path = build_checkpoint(out_dir, SyntheticSpec(size=size, layout=layout, dtype=dtype, tied=not untied,
+                                                   shards=shards))
+    click.echo(json.dumps({"checkpoint": str(path)}))
 
 
 if __name__ == "__main__":

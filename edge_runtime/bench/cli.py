@@ -11,21 +11,24 @@ The markdown table goes to stdout; progress and per-run lines to stderr.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from ..cli_flags import load_flags, load_settings
+from edge_common import cli_options as flags
+from edge_common.cli_options import load_settings
+
 from .options import BASELINES, DEFAULT_BASELINES, TRANSFORMERS, BenchOptions, Measure, Resolution
 from .report import convert_table, to_markdown
 
 DEFAULT_CACHE = Path(".cache/synthetic")
 
 
+MEASURE, OPTIONS = Measure(), BenchOptions()  # the CLI's defaults are the options'
+
+
 def fail(message: str) -> None:
-    click.echo(f"edge-bench: error: {message}", err=True)
-    sys.exit(2)
+    flags.fail("edge-bench", message)
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -50,7 +53,7 @@ def parse_kv(text: str) -> tuple[str, ...]:
     try:
         return tuple(kv_type(n).name for n in names)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--kv") from None
+        raise click.BadParameter(str(exc), param_hint="--cache-type-k") from None
 
 
 def parse_resolutions(text: str) -> tuple[Resolution, ...]:
@@ -86,7 +89,10 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
               "else the converted type]; others are derived from a float conversion.")
 @click.option("--mmproj-quant", default=None, help="Projector type [default: q8_0 for --synthetic, else the "
               "converted type].")
-@click.option("--kv", "kv_types", default="q8_0", show_default=True, help="KV-cache types, comma-separated.")
+@click.option("--cache-type-k", "-ctk", "kv_types", default=",".join(OPTIONS.kv_types), show_default=True,
+              help="KV-cache types, comma-separated (as llama-bench; each measured with the same V type).")
+@click.option("--cache-type-v", "-ctv", "kv_types_v", default=None,
+              help="V types: omit, or repeat --cache-type-k's list (edge-bench measures K and V of one type).")
 @click.option("--resolution", "resolutions", default="640x480", show_default=True,
               help="Image sizes WIDTHxHEIGHT, comma-separated.")
 @click.option("--prompt-lengths", default="128,512", show_default=True, help="Text prompt lengths for prefill.")
@@ -95,12 +101,12 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--warmup", default=1, show_default=True, help="Unmeasured runs before them.")
 @click.option("--passes", default=1, show_default=True, help="Alternate the runtime and its baselines this many "
               "times, pooling the runs (steadier ratios on a busy machine).")
-@click.option("--n-ctx", default=4096, show_default=True)
-@click.option("--n-batch", default=512, show_default=True)
-@load_flags
-@click.option("--threads", type=int, default=None, help="[default: physical cores]")
-@click.option("--gpu-layers", default=0, show_default=True, help="Layers on the GPU (-1: all) where one exists.")
-@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
+@flags.ctx_size(MEASURE.n_ctx)
+@flags.batch_size(MEASURE.n_batch)
+@flags.load_flags
+@flags.threads()
+@flags.n_gpu_layers("auto")
+@flags.flash_attn(MEASURE.flash_attn)
 @click.option("--image-max-tokens", type=int, default=None, help="Image token budget (sizes the vision "
               "compute buffer) [default: the projector's].")
 @click.option("--baselines", default=",".join(DEFAULT_BASELINES), show_default=True,
@@ -123,18 +129,22 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolutions, prompt_lengths,
-         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, threads, gpu_layers,
+def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_types_v, resolutions, prompt_lengths,
+         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
          convert, convert_targets, memory_breakdown, accuracy, render_path, no_bandwidth, timeout, quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
     chat handler and (optionally) transformers, in one run."""
-    from ..backend import physical_cores
+    from ..backend import physical_cores, resolve_gpu_layers
     from .models import BenchSetupError
 
     if model_dir and synthetic:
         fail("give MODEL_DIR or --synthetic, not both")
+    if kv_types_v is not None and split_list(kv_types_v) != split_list(kv_types):
+        fail("--cache-type-v must be omitted or equal --cache-type-k: edge-bench measures K and V of one type")
+    if flash_attn == "auto":
+        fail("--flash-attn: edge-bench compares parties with flash attention fixed; use on or off")
     if render_path:
         render(render_path, plot_path)
         return
@@ -156,7 +166,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, resolut
         if model_dir or synthetic:
             load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack})
             measure = Measure(n_ctx=n_ctx, n_batch=n_batch, **load, threads=threads or physical_cores(),
-                              flash_attn=flash_attn, n_gpu_layers=gpu_layers, image_max_tokens=image_max_tokens,
+                              flash_attn=flash_attn, n_gpu_layers=resolve_gpu_layers(n_gpu_layers),
+                              image_max_tokens=image_max_tokens,
                               prompt_lengths=parse_ints(prompt_lengths, "--prompt-lengths"),
                               decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
             report = bench_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, measure,

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..cli_flags import load_flags, load_settings, parse_gpu_layers
-from ..errors import ModelFileError
+from edge_common import cli_options as flags
+from edge_common.cli_options import CONTEXT, fail, load_settings
+from edge_common.errors import EdgeError
+
 from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
 
@@ -43,25 +44,23 @@ class SizeParam(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _gpu_layers(_: Any, __: Any, value: str) -> int | str:
-    return parse_gpu_layers(value)
+DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings={**CONTEXT, "show_default": True})
 @click.argument("target", type=click.Path(path_type=Path))
-@click.option("--mmproj", type=click.Path(path_type=Path), help="Projector GGUF (when TARGET is a text GGUF).")
-@click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback exposes the model.")
-@click.option("--port", default=8080, type=int)
-@click.option("--parallel", "-np", default=2, type=click.IntRange(1, 64), help="Slots decoded together.")
-@click.option("--ctx-size", default=4096, type=int, help="Context tokens per slot (KV cells = ctx-size x parallel).")
-@click.option("--batch-size", "n_batch", default=512, type=int, help="Prompt tokens per llama_decode.")
-@click.option("--kv-cache-type", default="f16", help="f16, q8_0 or q4_0 (K and V).")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto")
-@click.option("--n-gpu-layers", default="auto", callback=_gpu_layers, help="'auto': all layers when a GPU exists.")
-@click.option("--threads", default=None, type=int, help="Default: physical cores.")
-@click.option("--image-min-tokens", default=None, type=int)
-@click.option("--image-max-tokens", default=None, type=int, help="Vision token cap per image (fewer = faster).")
-@load_flags
+@flags.mmproj()
+@click.option("--host", default=DEFAULTS.host, help="Address to bind; anything but loopback exposes the model.")
+@click.option("--port", default=DEFAULTS.port, type=int)
+@flags.parallel(DEFAULTS.parallel)
+@flags.ctx_size(DEFAULTS.ctx_size, "Context tokens per slot (KV cells = ctx-size x parallel).")
+@flags.batch_size(DEFAULTS.n_batch)
+@flags.cache_types(DEFAULTS.kv_cache_type_k, DEFAULTS.kv_cache_type_v)
+@flags.flash_attn(DEFAULTS.flash_attn)
+@flags.n_gpu_layers(DEFAULTS.n_gpu_layers)
+@flags.threads()
+@flags.image_tokens()
+@flags.load_flags
 @click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
@@ -76,16 +75,16 @@ def _gpu_layers(_: Any, __: Any, value: str) -> int | str:
 @click.option("--max-tokens", "default_max_tokens", default=512, type=int, help="Default when a request sets none.")
 @click.option("--model-id", default=None, help="Model name for /v1/models (default: the directory name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: str, **settings: Any) -> None:
+def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | str, n_ctx: int,
+         **settings: Any) -> None:
     """Serve the GGUF pair in TARGET (a converter output directory) at http://HOST:PORT/v1."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
-        options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn={"on": True, "off": False}.get(
-            flash_attn, flash_attn), **load_settings(settings), **settings)
-    except (ModelFileError, ValueError) as exc:
-        click.echo(f"edge-serve: error: {exc}", err=True)
-        sys.exit(2)
+        options = ServerOptions(model_dir=target, mmproj=mmproj, ctx_size=n_ctx, flash_attn=flash_attn,
+                                **load_settings(settings), **settings)
+    except (EdgeError, ValueError) as exc:
+        fail("edge-serve", str(exc))
     if not options.loopback_only and not options.api_key:
         click.echo(f"edge-serve: warning: listening on {options.host} without an API key: anyone who can reach "
                    "this port can use the model (set EDGE_API_KEY)", err=True)

@@ -30,7 +30,8 @@ class ServerOptions:
     n_ubatch: int | None = None  # None: see EngineOptions
     mmap: bool | str = "auto"
     repack: bool = True
-    kv_cache_type: str = "f16"
+    kv_cache_type_k: str = "f16"
+    kv_cache_type_v: str = "f16"
     flash_attn: bool | str = "auto"
     n_gpu_layers: int | str = "auto"
     threads: int | None = None
@@ -48,7 +49,8 @@ class ServerOptions:
     default_max_tokens: int = 512
 
     def __post_init__(self) -> None:
-        kv_type(self.kv_cache_type)
+        kv_type(self.kv_cache_type_k)
+        kv_type(self.kv_cache_type_v)
         positive = {
             "port": self.port, "parallel": self.parallel, "ctx_size": self.ctx_size, "n_batch": self.n_batch,
             "max_body_bytes": self.max_body_bytes, "max_image_bytes": self.max_image_bytes,
@@ -80,8 +82,8 @@ class ServerOptions:
             n_ubatch=self.n_ubatch,
             mmap=self.mmap,
             repack=self.repack,
-            kv_cache_type_k=self.kv_cache_type,
-            kv_cache_type_v=self.kv_cache_type,
+            kv_cache_type_k=self.kv_cache_type_k,
+            kv_cache_type_v=self.kv_cache_type_v,
             flash_attn=self.flash_attn,
             n_gpu_layers=self.n_gpu_layers,
             threads=self.threads,

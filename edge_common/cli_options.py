@@ -1,0 +1,138 @@
+"""One command-line vocabulary for edge-convert, edge-chat, edge-serve, edge-bench and the scripts.
+
+Every tool spells a setting the same way, and the way llama.cpp's own tools do
+(--ctx-size, --n-gpu-layers, --threads, --batch-size, --ubatch-size,
+--cache-type-k/-v, --mmproj, --parallel, --no-mmap), so a setting found with
+edge-bench can be pasted into edge-chat, edge-serve or llama-server. Defaults
+are passed in from the options dataclasses (EngineOptions, ServerOptions, ...),
+never repeated as literals. Every refused input exits with code 2 and a
+one-line message on stderr.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
+
+import click
+
+from .errors import EdgeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """The one way a CLI refuses: `PROG: error: MESSAGE` on stderr, exit code 2."""
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(2)
+
+
+@contextmanager
+def refusals(prog: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn the library's refusals (EdgeError, plus `also`) and Ctrl-C into `fail`."""
+    try:
+        yield
+    except (EdgeError, *also) as exc:
+        fail(prog, str(exc))
+    except KeyboardInterrupt:
+        fail(prog, "interrupted; no finished-looking file was left behind")
+
+
+def parse_gpu_layers(value: Any) -> int | str:
+    """`--n-gpu-layers`: 'auto' or a layer count."""
+    if value == "auto" or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("use 'auto' or a number of layers") from None
+
+
+def options(*decorators: Decorator) -> Decorator:
+    """Apply click options in the order given (top to bottom in --help)."""
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+def mmproj() -> Decorator:
+    return click.option("--mmproj", type=click.Path(path_type=Path),
+                        help="Projector GGUF (when TARGET is a text GGUF).")
+
+
+def ctx_size(default: int, help: str = "Context length in tokens.") -> Decorator:
+    return click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=1), default=default, show_default=True,
+                        help=help)
+
+
+def batch_size(default: int) -> Decorator:
+    return click.option("--batch-size", "-b", "n_batch", type=click.IntRange(min=1), default=default,
+                        show_default=True, help="Prompt tokens per llama_decode.")
+
+
+def threads(help: str = "CPU threads [default: physical cores].") -> Decorator:
+    return click.option("--threads", "-t", type=click.IntRange(min=1), default=None, help=help)
+
+
+def n_gpu_layers(default: int | str) -> Decorator:
+    return click.option("--n-gpu-layers", "-ngl", default=default, show_default=True,
+                        callback=lambda ctx, param, value: parse_gpu_layers(value),
+                        help="Layers offloaded to the GPU; 'auto': all of them (and the projector) when a GPU "
+                             "backend exists.")
+
+
+def cache_types(default_k: str, default_v: str, *, multiple: bool = False) -> Decorator:
+    """--cache-type-k / --cache-type-v (comma-separated lists where `multiple`, as llama-bench takes them)."""
+    what = "comma-separated " if multiple else ""
+    return options(
+        click.option("--cache-type-k", "-ctk", "kv_cache_type_k", default=default_k, show_default=True,
+                     help=f"KV cache type(s) for K, {what}f16, q8_0, q4_0, ..."),
+        click.option("--cache-type-v", "-ctv", "kv_cache_type_v", default=default_v, show_default=True,
+                     help=f"KV cache type(s) for V, {what}(a quantized V cache turns flash attention on)."),
+    )
+
+
+def flash_attn(default: bool | str) -> Decorator:
+    shown = {True: "on", False: "off"}.get(default, default)  # type: ignore[arg-type]
+    return click.option("--flash-attn", "-fa", type=click.Choice(["auto", "on", "off"]), default=shown,
+                        show_default=True, callback=lambda ctx, param, v: {"on": True, "off": False}.get(v, v),
+                        help="Flash attention.")
+
+
+def image_tokens() -> Decorator:
+    return options(
+        click.option("--image-min-tokens", default=None, type=click.IntRange(min=1),
+                     help="Vision token floor per image (grounding wants ~1024)."),
+        click.option("--image-max-tokens", default=None, type=click.IntRange(min=1),
+                     help="Vision token cap per image (fewer = faster)."),
+    )
+
+
+def parallel(default: int) -> Decorator:
+    return click.option("--parallel", "-np", default=default, show_default=True, type=click.IntRange(1, 64),
+                        help="Sequences (slots) decoded together.")
+
+
+def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --ubatch-size, --mmap/--no-mmap and --repack/--no-repack (keyword args n_ubatch, mmap, repack)."""
+    return options(
+        click.option("--ubatch-size", "-ub", "n_ubatch", default=None, type=click.IntRange(min=1),
+                     help="Tokens per forward pass (sizes the compute buffer) [default: the batch on a GPU, "
+                          "at most 64 on the CPU]."),
+        click.option("--mmap/--no-mmap", "mmap", default=None,
+                     help="Map the weights instead of reading them [default: read them when CPU layers are "
+                          "repacked, since the mapped pages would stay resident beside the copy]."),
+        click.option("--repack/--no-repack", "repack", default=True, show_default=True,
+                     help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)."),
+    )(command)
+
+
+def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Pops the load_flags values from click's kwargs, as EngineOptions / VisionChat keywords."""
+    mmap = settings.pop("mmap")
+    return {"n_ubatch": settings.pop("n_ubatch"), "mmap": "auto" if mmap is None else mmap,
+            "repack": settings.pop("repack")}
