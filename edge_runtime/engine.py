@@ -23,6 +23,7 @@ import numpy as np
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
+from edge_common.preflight import projector_problems
 from edge_models import chat_format
 
 from .llama_io import model_meta
@@ -50,7 +51,6 @@ from .errors import (
 )
 from .kv_state import SeqState, image_unit, plan_reuse, text_units
 from .options import EngineOptions
-from .preflight import projector_problems
 from .prompt import Chunk, ImageInput, Prompt, tokenize_multimodal, tokenize_text
 from .sampling import Sampler
 

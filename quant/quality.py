@@ -238,13 +238,12 @@ class _Vision:
 
 
 def check_projector(path: Path) -> None:
-    """Refuse what would abort the process inside clip: it interpolates position embeddings in F32 only."""
-    import gguf
+    """Refuse what would abort the process inside clip (edge_common.preflight says what)."""
+    from edge_common.preflight import projector_problems
 
-    for t in gguf.GGUFReader(path).tensors:
-        if ".position_embd" in t.name and t.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise QuantError(f"{path}: {t.name} is {t.tensor_type.name}; llama.cpp's clip needs it in F32 "
-                             "(re-convert, or rewrite it with quant.mmproj.quantize_mmproj).")
+    problems = projector_problems(path)
+    if problems:
+        raise QuantError(f"{path}: {problems[0]} (or rewrite it with quant.mmproj.quantize_mmproj).")
 
 
 def _bitmap(m, image: Any):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as G
 
 from edge_common.floats import FLOAT_GGML_TYPES
+from edge_common.preflight import CLIP_F32_ONLY
 
 from . import catalog
 
@@ -31,7 +32,7 @@ NO_QUANTIZE = (
 # llama-quant.cpp tensor_allows_quantization: exact names it never quantizes.
 NO_QUANTIZE_EXACT = ("position_embd.weight", "token_types.weight")
 # clip resizes these with ggml_interpolate, which takes F32 only (llama.cpp's convert_hf_to_gguf forces F32 too).
-FORCE_F32 = (".position_embd",)
+FORCE_F32 = CLIP_F32_ONLY
 # llama-quant.cpp tensor_type_fallback: a type with 32-element blocks of the same or more bits.
 FALLBACK = {G.IQ1_S: G.IQ4_NL, G.IQ1_M: G.IQ4_NL, G.IQ2_XXS: G.IQ4_NL, G.IQ2_XS: G.IQ4_NL, G.IQ2_S: G.IQ4_NL,
             G.IQ3_XXS: G.IQ4_NL, G.IQ3_S: G.IQ4_NL, G.IQ4_XS: G.IQ4_NL, G.Q2_K: G.Q4_0, G.Q3_K: G.Q4_0,

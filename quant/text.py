@@ -135,10 +135,10 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
         n_used = len(arr.values)
         if t.needs_imatrix and n_used == 0:
             raise QuantError(f"{im.label}: has no data for any tensor of {src.name}; {IMATRIX_HELP}.")
-        kv = _kv_overrides(im, n_used)
+        overrides = _kv_overrides(im, n_used)
         params.imatrix = ctypes.cast(arr.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-        keep += [arr, kv]
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep += [arr, overrides]
     llama_cpp.llama_backend_init()
     bar = tqdm(total=None, desc=f"{dst.name}", unit="tensor", disable=not options.progress, leave=False)
 

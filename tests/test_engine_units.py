@@ -188,7 +188,7 @@ def write_gguf(path, pos_dtype):
 
 
 def test_projector_preflight_catches_what_would_abort_llama_cpp(tmp_path):
-    from edge_runtime.preflight import projector_problems
+    from edge_common.preflight import projector_problems
 
     assert projector_problems(write_gguf(tmp_path / "ok.gguf", np.float32)) == []
     (problem,) = projector_problems(write_gguf(tmp_path / "bad.gguf", np.float16))

@@ -1,7 +1,8 @@
 """Checks on a projector GGUF for flaws that make llama.cpp abort the whole process.
 
 ggml reports some invalid graphs with GGML_ASSERT (an abort, not an error code),
-so such files are refused here with an explanation instead.
+so such files are refused before loading, with an explanation instead. The
+runtime and the quality measurement both ask here.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType, GGUFReader
 
-# Tensors the vision graph adds to or interpolates in f32: ggml asserts on other types.
-F32_ONLY = ("v.position_embd.weight",)
+# Name fragments of tensors clip interpolates with ggml_interpolate, which takes F32 only
+# (tools/mtmd/clip.cpp; llama.cpp's convert_hf_to_gguf keeps them F32 for that reason).
+CLIP_F32_ONLY = (".position_embd",)
 
 
 def projector_problems(path: str | Path) -> list[str]:
@@ -21,7 +23,7 @@ def projector_problems(path: str | Path) -> list[str]:
         return [f"not a readable GGUF file ({exc})"]
     problems = []
     for tensor in reader.tensors:
-        if tensor.name in F32_ONLY and tensor.tensor_type != GGMLQuantizationType.F32:
+        if any(k in tensor.name for k in CLIP_F32_ONLY) and tensor.tensor_type != GGMLQuantizationType.F32:
             problems.append(
                 f"{tensor.name} is stored as {tensor.tensor_type.name}, but llama.cpp's vision graph needs F32 "
                 "(it would abort the process on the first image); re-convert with a converter that keeps it F32"
