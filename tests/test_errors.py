@@ -1,0 +1,62 @@
+"""One exception root: every refusal class of the library derives from EdgeError and keeps its other bases."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+from edge_common.errors import EdgeError
+
+PACKAGES = ("edge_common", "edge_models", "convert", "quant", "edge_runtime", "edge_app")
+# Modules that import optional extras at module level (the server needs fastapi, plot matplotlib).
+OPTIONAL = {"edge_runtime.bench.plot"}
+# LlamaError moves with the llama.cpp access layer (issue 10); it is not a refusal of bad input.
+NOT_REFUSALS = {"edge_runtime.llama_io.LlamaError"}
+
+
+def our_exception_classes() -> dict[str, type]:
+    found = {}
+    for pkg_name in PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        names = [pkg_name] + [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg_name + ".")]
+        for name in names:
+            if name in OPTIONAL or name.endswith("__main__"):
+                continue
+            module = importlib.import_module(name)
+            for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+                if issubclass(cls, BaseException) and cls.__module__ == name:
+                    found[f"{name}.{cls_name}"] = cls
+    return found
+
+
+def test_every_library_exception_is_an_edge_error():
+    classes = our_exception_classes()
+    assert len(classes) >= 15  # the walk found the packages' classes (a broken walk would pass vacuously)
+    outside = sorted(n for n, c in classes.items() if not issubclass(c, EdgeError) and n not in NOT_REFUSALS)
+    assert outside == []
+
+
+@pytest.mark.parametrize("path, other_base", [
+    ("quant.errors.QuantError", ValueError),
+    ("edge_runtime.errors.ModelFileError", FileNotFoundError),
+    ("edge_runtime.errors.ContextOverflowError", ValueError),
+    ("edge_runtime.images.ImageError", ValueError),
+    ("edge_runtime.template.TemplateError", ValueError),
+    ("edge_runtime.grounding.GroundingError", ValueError),
+    ("edge_models.errors.ModelConfigError", ValueError),
+    ("edge_common.errors.OutputError", ValueError),
+])
+def test_specific_classes_keep_their_other_bases(path, other_base):
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, EdgeError) and issubclass(cls, other_base)
+
+
+def test_runtime_missing_file_is_also_the_common_one():
+    """resolve_model_paths in the runtime and in edge_common refuse with classes one except clause catches."""
+    from edge_common.errors import ModelFileError as Common
+    from edge_runtime.errors import EdgeRuntimeError, ModelFileError
+
+    assert issubclass(ModelFileError, Common) and issubclass(ModelFileError, EdgeRuntimeError)
