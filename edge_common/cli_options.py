@@ -85,14 +85,13 @@ def n_gpu_layers(default: int | str) -> Decorator:
                              "backend exists.")
 
 
-def cache_types(default_k: str, default_v: str, *, multiple: bool = False) -> Decorator:
-    """--cache-type-k / --cache-type-v (comma-separated lists where `multiple`, as llama-bench takes them)."""
-    what = "comma-separated " if multiple else ""
+def cache_types(default_k: str, default_v: str) -> Decorator:
+    """--cache-type-k / --cache-type-v (edge-bench spells its lists the same way, as llama-bench does)."""
     return options(
         click.option("--cache-type-k", "-ctk", "kv_cache_type_k", default=default_k, show_default=True,
-                     help=f"KV cache type(s) for K, {what}f16, q8_0, q4_0, ..."),
+                     help="K cache type: f16, q8_0, q4_0, ..."),
         click.option("--cache-type-v", "-ctv", "kv_cache_type_v", default=default_v, show_default=True,
-                     help=f"KV cache type(s) for V, {what}(a quantized V cache turns flash attention on)."),
+                     help="V cache type (a quantized V cache turns flash attention on)."),
     )
 
 
@@ -129,6 +128,18 @@ def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--repack/--no-repack", "repack", default=True, show_default=True,
                      help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)."),
     )(command)
+
+
+def engine_flags(defaults: Any) -> Decorator:
+    """The load settings every runtime CLI takes, with `defaults` (an EngineOptions-shaped object) shown."""
+    return options(
+        cache_types(defaults.kv_cache_type_k, defaults.kv_cache_type_v),
+        flash_attn(defaults.flash_attn),
+        n_gpu_layers(defaults.n_gpu_layers),
+        threads(),
+        image_tokens(),
+        load_flags,
+    )
 
 
 def load_settings(settings: dict[str, Any]) -> dict[str, Any]:

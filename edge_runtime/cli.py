@@ -51,12 +51,7 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
 @click.option("--json-schema", type=click.Path(exists=True, path_type=Path), help="Constrain the answer to this JSON schema.")
 @click.option("--keep-think", is_flag=True, help="Show the reasoning of Thinking models (cut by default).")
 @flags.ctx_size(ENGINE.n_ctx)
-@flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
-@flags.flash_attn(ENGINE.flash_attn)
-@flags.n_gpu_layers(ENGINE.n_gpu_layers)
-@flags.threads()
-@flags.image_tokens()
-@flags.load_flags
+@flags.engine_flags(ENGINE)
 @click.option("--stats/--no-stats", default=False, help="Print timings after each answer (stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the runtime's and llama.cpp's log.")
 def main(

@@ -55,12 +55,7 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @flags.parallel(DEFAULTS.parallel)
 @flags.ctx_size(DEFAULTS.ctx_size, "Context tokens per slot (KV cells = ctx-size x parallel).")
 @flags.batch_size(DEFAULTS.n_batch)
-@flags.cache_types(DEFAULTS.kv_cache_type_k, DEFAULTS.kv_cache_type_v)
-@flags.flash_attn(DEFAULTS.flash_attn)
-@flags.n_gpu_layers(DEFAULTS.n_gpu_layers)
-@flags.threads()
-@flags.image_tokens()
-@flags.load_flags
+@flags.engine_flags(DEFAULTS)
 @click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
