@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .backend import peak_rss_bytes
-from .detokenize import PieceTable, StopMatcher, Utf8Stream
+from .detokenize import PieceTable, TextPipeline
 from .engine import DecodeOutcome, Engine, PrefillResult
 from .errors import ContextOverflowError, EmptyPromptError, VisionUnsupportedError
 from .images import ImageLimits
@@ -22,7 +22,7 @@ from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
 from .stats import GenerationStats
-from .template import DEFAULT_QWEN3_VL_TEMPLATE, THINK_OPEN, ChatTemplate, ThinkFilter, render_with_markers
+from .template import THINK_OPEN, render_with_markers, template_for
 
 
 class VisionChat:
@@ -77,11 +77,7 @@ class VisionChat:
         )
         self.engine = Engine(model, mmproj, options)
         try:
-            self.template = ChatTemplate(
-                chat_template or self.engine.chat_template or DEFAULT_QWEN3_VL_TEMPLATE,
-                bos_token=self.engine.special_token_text("bos") or "",
-                eos_token=self.engine.special_token_text("eos") or "",
-            )
+            self.template = template_for(self.engine, chat_template)
         except BaseException:
             self.engine.close()
             raise
@@ -234,29 +230,23 @@ class VisionChat:
                 with Sampler(options, self.engine.vocab, seed) as sampler:
                     tokens = self.engine.decode_tokens(sampler, self.seq_id, max_tokens, outcome)
                     t_first = None
-                    utf8 = Utf8Stream()
-                    think = None if options.keep_think else ThinkFilter(starts_inside=starts_inside)
-                    stops = StopMatcher(options.stop)
+                    text = TextPipeline(self._pieces, options.stop, options.keep_think, starts_inside)
                     try:
                         for token in tokens:
                             if t_first is None:
                                 t_first = time.perf_counter()
                                 stats.ttft_s = t_first - t_start
-                            piece = self._visible(utf8.feed(self._pieces(token)), think, stops)
+                            piece = text.feed(token)
                             if piece:
                                 shown.append(piece)
                                 yield piece
-                            if stops.stopped:
+                            if text.stopped:
                                 outcome.stop_reason = "stop"
                                 break
-                        if not stops.stopped:
-                            tail = utf8.flush()
-                            tail = (think.feed(tail) + think.flush()) if think else tail
-                            tail, _ = stops.feed(tail)
-                            tail += stops.flush()
-                            if tail:
-                                shown.append(tail)
-                                yield tail
+                        tail = text.finish()  # "" after a stop string
+                        if tail:
+                            shown.append(tail)
+                            yield tail
                     finally:
                         tokens.close()
                         t_end = time.perf_counter()
@@ -277,14 +267,6 @@ class VisionChat:
                 self.last_stats = stats
                 if record is not None and (finished or (cancelled and shown)):
                     self.history = record + [{"role": "assistant", "content": "".join(shown)}]
-
-    @staticmethod
-    def _visible(text: str, think: ThinkFilter | None, stops: StopMatcher) -> str:
-        if think is not None:
-            text = think.feed(text)
-        out, _ = stops.feed(text)
-        return out
-
 
 def loaded_from_history(messages: list[dict]) -> list[ImageInput]:
     """The ImageInputs of a history (already loaded), in prompt order."""

@@ -1,4 +1,4 @@
-"""Streaming token -> text: never split a UTF-8 character, never leak a stop string."""
+"""Streaming token -> text: never split a UTF-8 character, never leak a stop string or hidden reasoning."""
 from __future__ import annotations
 
 import codecs
@@ -6,6 +6,8 @@ import ctypes
 from typing import Any
 
 import llama_cpp
+
+from .template import ThinkFilter
 
 
 class PieceTable:
@@ -86,3 +88,36 @@ def _longest_partial_suffix(text: str, stops: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+class TextPipeline:
+    """Generated tokens -> the text a user sees: whole UTF-8 characters, <think> reasoning cut,
+    stop strings held back until they cannot match. VisionChat and the server both use it."""
+
+    def __init__(self, pieces: PieceTable, stops: tuple[str, ...], keep_think: bool, starts_inside_think: bool) -> None:
+        self._pieces = pieces
+        self._utf8 = Utf8Stream()
+        self._think = None if keep_think else ThinkFilter(starts_inside=starts_inside_think)
+        self._stops = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string appeared: nothing more is shown, generation should end."""
+        return self._stops.stopped
+
+    def feed(self, token: int) -> str:
+        text = self._utf8.feed(self._pieces(token))
+        if self._think is not None:
+            text = self._think.feed(text)
+        out, _ = self._stops.feed(text)
+        return out
+
+    def finish(self) -> str:
+        """Text held back at the end (a partial character, a partial stop string)."""
+        if self._stops.stopped:
+            return ""
+        tail = self._utf8.flush()
+        if self._think is not None:
+            tail = self._think.feed(tail) + self._think.flush()
+        tail, _ = self._stops.feed(tail)
+        return tail + self._stops.flush()

@@ -45,6 +45,18 @@ class TemplateError(EdgeError, ValueError):
     """The chat template or the messages given to it are unusable; the message says which."""
 
 
+def template_for(engine: Any, override: str | None = None) -> "ChatTemplate":
+    """The template a loaded model chats with: `override`, else the GGUF's own, else its family's default.
+
+    One place for VisionChat and the server; `engine` is an Engine (chat_template, arch, special tokens).
+    """
+    return ChatTemplate(
+        override or engine.chat_template or chat_format(engine.arch).default_template,
+        bos_token=engine.special_token_text("bos") or "",
+        eos_token=engine.special_token_text("eos") or "",
+    )
+
+
 class _GenerationTag(Extension):
     """HF's `{% generation %}` marks assistant spans for training masks; rendering ignores it."""
 
