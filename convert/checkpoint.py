@@ -10,7 +10,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +19,6 @@ from edge_common.floats import to_float32
 
 INDEX_NAME = "model.safetensors.index.json"
 ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -131,9 +130,6 @@ class Checkpoint:
         if not required and not path.is_file():
             return {}
         return read_json(path, what or name)
-
-    def iter_names(self) -> Iterator[str]:
-        return iter(self.tensors)
 
 
 def _index_tensors(model_dir: Path) -> dict[str, TensorRef]:

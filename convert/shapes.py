@@ -1,7 +1,7 @@
 """The tensors the converter would write for a checkpoint (or a bare config.json), without writing them.
 
 Names and shapes come from the safetensors headers (or, given only a config.json,
-from transformers' meta-device model via the model package) mapped by the
+from transformers' meta-device model via the model package's reference) mapped by the
 architecture's spec; types follow the converter's own rules; metadata bytes are
 measured by running the metadata writer into a scratch file. The quantizer's
 estimate (quant.estimate) starts from this.
@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as G
 
 from edge_common.floats import FLOAT_TYPES
 from edge_common.gguf_plan import ModelShapes, TensorSize, natural_key
-from edge_models import SYNTHETIC, family_module
+from edge_models import REFERENCE, family_module
 from edge_models.spec import ArchSpec
 
 from .checkpoint import Checkpoint
@@ -48,7 +48,7 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
     spec = spec_for(config)
     if hf is None:
         try:
-            hf = family_module(SYNTHETIC, spec.name).tensor_shapes(config)
+            hf = family_module(REFERENCE, spec.name).tensor_shapes(config)
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ConvertError(f"estimating from config.json alone needs torch and transformers ({e}).") from e
     ftypes = {"intermediate": G[intermediate.upper()], **FLOAT_TYPES}

@@ -18,7 +18,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (qwen3vl_arch.SPEC,)
 CHAT_FORMATS: dict[str | None, ChatFormat] = {"qwen3vl": QWEN3VL_CHAT_FORMAT, None: QWEN3VL_CHAT_FORMAT}
 # The converter's ArchSpec name -> the family's calibration input builder module.
 CALIBRATION = {"qwen3vl": "edge_models.qwen3vl.calibration"}
-SYNTHETIC = {"qwen3vl": "edge_models.qwen3vl.synthetic"}
+# ... and its transformers reference module (tensor_shapes: names and shapes from config.json alone).
+REFERENCE = {"qwen3vl": "edge_models.qwen3vl.reference"}
 
 
 def lookup(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:

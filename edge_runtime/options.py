@@ -118,6 +118,3 @@ class GenerationOptions:
         if isinstance(values.get("stop"), Sequence) and not isinstance(values.get("stop"), str):
             values["stop"] = tuple(values["stop"])
         return replace(self, **values)
-
-
-DEFAULT_GENERATION = GenerationOptions()

@@ -88,7 +88,6 @@ TYPES: tuple[QuantType, ...] = (
     _t("iq1_s", 24, G.IQ1_S, "1.56 bpw", imatrix=True),
 )
 _BY_NAME = {t.name: t for t in TYPES}
-FLOAT_NAMES = ("f32", "f16", "bf16")
 
 
 def names(*, aliases: bool = False) -> tuple[str, ...]:

@@ -23,6 +23,19 @@ def image_processor(model_dir: str | Path):
     return Processor.from_pretrained(str(model_dir))
 
 
+def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes as transformers saves them, without allocating weights."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config))
+    shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
 @dataclass
 class Reference:
     """A loaded Qwen3-VL model plus what it needs to build inputs."""

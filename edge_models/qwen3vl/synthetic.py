@@ -21,6 +21,8 @@ import click
 
 from edge_common.atomic import write_json_atomic
 
+from .reference import tensor_shapes
+
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -226,19 +228,6 @@ def preprocessor_config(spec: SyntheticSpec) -> dict[str, Any]:
         "size": {"shortest_edge": spec.min_image_tokens * token_px, "longest_edge": 16384 * token_px},
         "processor_class": "Qwen3VLProcessor",
     }
-
-
-def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes as transformers saves them, without allocating weights."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config))
-    shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        shapes.pop("lm_head.weight", None)
-    return shapes
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen):

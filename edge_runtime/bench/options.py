@@ -20,7 +20,6 @@ MEMORY = "memory"  # the peak-RSS breakdown, not a party of the comparison
 ACCURACY = "accuracy"  # divergence from the float files, not a party either
 BASELINES = (RAW, CHAT_HANDLER, TRANSFORMERS)
 DEFAULT_BASELINES = (RAW, CHAT_HANDLER)
-KINDS = (RUNTIME, *BASELINES, MEMORY, ACCURACY)
 
 
 @dataclass(frozen=True, order=True)

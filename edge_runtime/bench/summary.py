@@ -23,10 +23,6 @@ class Summary:
         """Half the range: the median is within +-spread of every run."""
         return (self.max - self.min) / 2
 
-    @property
-    def rel_spread(self) -> float:
-        return self.spread / self.median if self.median else 0.0
-
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "spread": self.spread}
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edge_common.errors import EdgeError
-
 from .options import ACCURACY, CHAT_HANDLER, MEMORY, RAW, RUNTIME, TRANSFORMERS, Config, Measure, measure_from_dict
 
 # kind -> module with `measure(spec, rec)`; imported in the worker only, so the
@@ -38,10 +36,6 @@ MEASURERS = {
     ACCURACY: "edge_runtime.bench.accuracy_worker",
 }
 _STDERR_TAIL = 2000
-
-
-class WorkerError(EdgeError, RuntimeError):
-    """A worker crashed, timed out or printed no result."""
 
 
 @dataclass(frozen=True)
