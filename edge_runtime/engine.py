@@ -51,7 +51,7 @@ from .errors import (
 )
 from .kv_state import SeqState, image_unit, plan_reuse, text_units
 from .options import EngineOptions
-from .prompt import Chunk, ImageInput, Prompt, tokenize_multimodal, tokenize_text
+from .prompt import Chunk, ImageInput, Prompt, token_ids, tokenize_multimodal, tokenize_text
 from .sampling import Sampler
 
 log = logging.getLogger("edge_runtime")
@@ -220,7 +220,7 @@ class Engine:
         """EOG tokens plus the template's end-of-turn token if the vocab forgot to flag it."""
         extra = set()
         for text in chat_format(self.arch).end_of_turn:
-            ids = tokenize_text_ids(self._vocab, text)
+            ids = token_ids(self._vocab, text, add_special=False)
             if len(ids) == 1:
                 extra.add(ids[0])
         return frozenset(extra)
@@ -508,14 +508,6 @@ class Engine:
             self.close()
         except Exception:
             pass
-
-
-def tokenize_text_ids(vocab: Any, text: str) -> list[int]:
-    """Token ids of `text` with special tokens parsed and no BOS added."""
-    data = text.encode("utf-8")
-    buf = (llama_cpp.llama_token * (len(data) + 8))()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
-    return list(buf[: max(n, 0)])
 
 
 def _round_up(n: int, step: int) -> int:

@@ -84,20 +84,25 @@ class Prompt:
             pass
 
 
-def tokenize_text(vocab: Any, text: str) -> Prompt:
-    """Tokenize a prompt for a text-only model (special tokens parsed, BOS per vocab)."""
+def token_ids(vocab: Any, text: str, *, add_special: bool) -> list[int]:
+    """llama_tokenize with special tokens parsed; `add_special`: BOS (etc.) as the vocab wants them."""
     data = text.encode("utf-8")
     capacity = len(data) + 8
     buf = (llama_cpp.llama_token * capacity)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, True, True)
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
     if n < 0:
         capacity = -n
         buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, True, True)
-    if n <= 0:
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
+    return list(buf[: max(n, 0)])
+
+
+def tokenize_text(vocab: Any, text: str) -> Prompt:
+    """Tokenize a prompt for a text-only model (special tokens parsed, BOS per vocab)."""
+    tokens = tuple(token_ids(vocab, text, add_special=True))
+    if not tokens:
         raise EmptyPromptError("the prompt produced no tokens")
-    tokens = tuple(buf[:n])
-    return Prompt([Chunk("text", n, n, tokens=tokens)])
+    return Prompt([Chunk("text", len(tokens), len(tokens), tokens=tokens)])
 
 
 def tokenize_multimodal(
