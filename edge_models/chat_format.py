@@ -17,6 +17,7 @@ class ChatFormat:
     end_of_turn: tuple[str, ...]  # texts that end an answer even if the vocab does not flag them as EOG
     think_open: str  # reasoning markers of Thinking variants, cut from what the user sees
     think_close: str
+    grounding_coord_range: float  # boxes and points in grounding answers span 0..this on each axis
 
     @property
     def image_placeholder(self) -> str:

@@ -17,10 +17,11 @@ from typing import Any, Iterable, Iterator, Union
 from PIL import Image, ImageDraw, ImageFont
 
 from edge_common.errors import EdgeError
+from edge_models import chat_format
 
 __all__ = ["Box", "GroundingError", "GroundingItem", "Point", "draw_grounding", "label_colors", "parse_grounding"]
 
-QWEN_COORD_RANGE = 1000.0
+QWEN_COORD_RANGE = chat_format().grounding_coord_range  # the default family's frame (edge_models)
 _BOX_KEYS = ("bbox_2d", "bbox", "box_2d")
 _POINT_KEYS = ("point_2d", "point")
 _OPENER = re.compile(r"[\[{]")

@@ -34,4 +34,5 @@ CHAT_FORMAT = ChatFormat(
     end_of_turn=("<|im_end|>", "<|endoftext|>"),
     think_open="<think>",
     think_close="</think>",
+    grounding_coord_range=1000.0,  # Qwen3-VL answers grounding prompts in a 0..1000 frame
 )
