@@ -62,7 +62,8 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
             for m in o.map_tensor(name, config):
                 s = transformed_shape(tuple(shape), m.transform)
                 for key, ftype in ftypes.items():
-                    out[o.role][key].append(TensorSize(m.name, tuple(reversed(s)), G(int(choose_type(m.name, s, ftype, o)))))
+                    ggml_type = G(int(choose_type(m.name, s, ftype, o)))
+                    out[o.role][key].append(TensorSize(m.name, tuple(reversed(s)), ggml_type))
             break
     meta = measure_metadata(model_dir, spec) if model_dir is not None else None
     if meta is None:

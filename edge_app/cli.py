@@ -54,8 +54,9 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table
 
-            click.echo(format_plan(plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
-                                               kv_type_v=kv_cache_type_v)))
+            rows = plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
+                              kv_type_v=kv_cache_type_v)
+            click.echo(format_plan(rows))
             return
         from .pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
 

@@ -111,7 +111,8 @@ def _plan(model_dir: Path, out_dir: Path, options: QuantizeOptions) -> _Plan:
     return _Plan(qt, mq, stem, names, f16_names, plan)
 
 
-def _convert_intermediate(model_dir: Path, tmp: Path, stem: str, progress: bool) -> tuple[dict[str, Any], dict[str, Path]]:
+def _convert_intermediate(model_dir: Path, tmp: Path, stem: str,
+                          progress: bool) -> tuple[dict[str, Any], dict[str, Path]]:
     """The f16 pair in `tmp`; the projector rewritten by our quantizer so it keeps every rule clip needs."""
     convert_checkpoint(model_dir, tmp, INTERMEDIATE, mmproj_quant=INTERMEDIATE, overwrite=True,
                        progress=progress, name=stem)
@@ -170,7 +171,8 @@ def _measure_quality(pair: dict[str, Path], outs: tuple[Path, Path | None], opti
     from quant.quality import QualityOptions, evaluate, format_table
 
     log("measuring quality against the f16 intermediate")
-    q = evaluate((pair["text"], pair.get("mmproj")), outs, options.quality or QualityOptions(threads=options.nthread or None))
+    quality = options.quality or QualityOptions(threads=options.nthread or None)
+    q = evaluate((pair["text"], pair.get("mmproj")), outs, quality)
     log("\n" + format_table(q))
     return {**q.to_dict(), "ref": f"{INTERMEDIATE} intermediate", "test": outs[0].name}
 

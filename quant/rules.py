@@ -99,7 +99,7 @@ def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int
     if cat == "output" or (qs.tied and cat == "token_embd"):
         if ne0 % _blck(new) != 0:
             return G.Q8_0
-        if ftype in (FTYPE["iq2_xxs"], FTYPE["iq2_xs"], FTYPE["iq3_xxs"], FTYPE["iq1_s"], FTYPE["iq2_s"], FTYPE["iq2_m"], FTYPE["iq1_m"]):
+        if ftype in IQ2_LIKE or ftype == FTYPE["iq3_xxs"]:
             return G.Q5_K
         return G.Q6_K if new != G.Q8_0 else new
     if cat == "token_embd":
