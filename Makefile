@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-stamp
 # llama-cpp-python ships as an sdist: compile with every core (pip caches the built wheel).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m edge_app.demo
 
-test: $(STAMP)
+# The page's browser tests drive the system's headless Chromium (never a downloaded one).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "tests/test_page.py needs Chromium and its driver: sudo apt-get install chromium chromium-driver" >&2; exit 1; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

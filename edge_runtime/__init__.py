@@ -28,6 +28,7 @@ _EXPORTS = {
     "ContextOverflowError": "errors",
     "DecodeError": "errors",
     "EngineClosedError": "errors",
+    "SavedConversationError": "errors",
     "create_qwen3_vl_2b_plugin": "plugin",
 }
 

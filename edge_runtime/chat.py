@@ -14,13 +14,20 @@ from typing import Any, Iterator, Sequence
 from .backend import peak_rss_bytes
 from .detokenize import PieceTable, TextPipeline
 from .engine import DecodeOutcome, Engine, PrefillResult
-from .errors import ContextOverflowError, EmptyPromptError, VisionUnsupportedError
+from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
 from .manifest_paths import resolve_model_paths
 from .messages import image_input, split_messages, user_message
 from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
+from .saved_conversation import (
+    SavedConversation,
+    messages_from_json,
+    messages_to_json,
+    read_conversation,
+    write_conversation,
+)
 from .stats import GenerationStats
 from .template import THINK_OPEN, render_with_markers, template_for
 
@@ -141,6 +148,66 @@ class VisionChat:
         with self._guard():
             self.history = []
             self.engine.reset(self.seq_id)
+
+    def save(self, path: str | Path) -> int:
+        """Write the conversation and its KV cache to `path` (atomically); returns the file size.
+
+        `VisionChat.load(path)` or `chat.restore(path)` continue it without evaluating it again.
+        """
+        with self._guard():
+            units, kv = self.engine.export_seq(self.seq_id)
+            conv = SavedConversation(
+                depends_on=self.engine.fingerprint(),
+                units=units,
+                messages=messages_to_json(self.history),
+                kv=kv,
+                n_ctx=self.engine.n_ctx_seq,
+                system_prompt=self.system_prompt,
+                model_files={"model": str(self.engine.model_path.resolve()),
+                             "mmproj": str(self.engine.mmproj_path.resolve()) if self.engine.mmproj_path else None},
+            )
+            return write_conversation(path, conv)
+
+    def restore(self, path: str | Path) -> None:
+        """Replace this chat's conversation with a saved one: history and KV cache, no prefill.
+
+        A file saved with other model files, KV types or image-token limits is refused
+        (SavedConversationError) and the current conversation is kept.
+        """
+        self._restore(read_conversation(path), path)
+
+    def _restore(self, conv: SavedConversation, path: str | Path) -> None:
+        conv.check_fits(self.engine.fingerprint(), self.engine.n_ctx_seq, path)
+        history = messages_from_json(conv.messages, path)
+        with self._guard():
+            try:
+                self.engine.import_seq(self.seq_id, conv.units, conv.kv)
+            except BaseException:
+                self.history = []
+                raise
+            self.history = history
+            self.system_prompt = conv.system_prompt
+
+    @classmethod
+    def load(cls, path: str | Path, model: str | Path | None = None, mmproj: str | Path | None = None,
+             **kwargs: Any) -> "VisionChat":
+        """Open the model a conversation was saved with (or `model`: a file or output directory) and restore it.
+
+        The KV settings must be the saved ones: pass the same kv_cache_type / image_*_tokens.
+        """
+        conv = read_conversation(path)
+        conv_files = conv.model_files or {}
+        if model is None:
+            model, mmproj = conv_files.get("model"), conv_files.get("mmproj")
+            if not model:
+                raise SavedConversationError(f"{path} names no model file: pass model=...")
+        chat = cls.from_dir(model, **kwargs) if Path(model).is_dir() else cls(model, mmproj, **kwargs)
+        try:
+            chat._restore(conv, path)
+        except BaseException:
+            chat.close()
+            raise
+        return chat
 
     def close(self) -> None:
         self.engine.close()

@@ -47,12 +47,15 @@ from .errors import (
     ModelFileError,
     ModelLoadError,
     ProjectorMismatchError,
+    SavedConversationError,
     VisionUnsupportedError,
 )
-from .kv_state import SeqState, image_unit, plan_reuse, text_units
+from .kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
+from .llama_state import load_seq_state, seq_pos_range, seq_state_bytes
 from .options import EngineOptions
 from .prompt import Chunk, ImageInput, Prompt, token_ids, tokenize_multimodal, tokenize_text
 from .sampling import Sampler
+from .saved_conversation import StateFingerprint, file_sha256
 
 log = logging.getLogger("edge_runtime")
 
@@ -289,6 +292,47 @@ class Engine:
         self._require_open()
         llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._seq(seq_id).clear()
+
+    # ------------------------------------------------------------ saved sequences
+
+    def fingerprint(self) -> StateFingerprint:
+        """What this engine's KV cells depend on (the model files are hashed once per process)."""
+        self._require_open()
+        opts = self.options
+        return StateFingerprint(
+            model_sha256=file_sha256(self.model_path),
+            mmproj_sha256=file_sha256(self.mmproj_path) if self.mmproj_path else None,
+            arch=self.arch,
+            kv_type_k=kv_type(opts.kv_cache_type_k).name,
+            kv_type_v=kv_type(opts.kv_cache_type_v).name,
+            image_min_tokens=opts.image_min_tokens,
+            image_max_tokens=opts.image_max_tokens,
+            kv_streams=opts.n_seq_max,
+        )
+
+    def export_seq(self, seq_id: int = 0) -> tuple[list[Unit], bytearray]:
+        """The units `seq_id` holds and llama.cpp's serialised cells of it."""
+        self._require_open()
+        return list(self._seq(seq_id).units), seq_state_bytes(self._ctx, seq_id)
+
+    def import_seq(self, seq_id: int, units: Sequence[Unit], data: bytearray) -> None:
+        """Put exported cells into `seq_id` and take `units` as its bookkeeping, so the
+        next prefill reuses them. On refusal the sequence is left empty."""
+        self._require_open()
+        self.check_fits(sum(u.n_tokens for u in units), 0)
+        state = self._seq(seq_id)
+        state.clear()
+        if not load_seq_state(self._ctx, seq_id, data):
+            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            raise SavedConversationError(
+                "llama.cpp refused the saved KV cells (another layer count, KV type, or flash-attention "
+                "setting, which changes the V layout)" + _log_suffix())
+        state.extend(units)
+        lo, hi = seq_pos_range(self._ctx, seq_id)
+        if units and (lo != 0 or hi + 1 != state.n_pos):
+            self.reset(seq_id)
+            raise SavedConversationError(
+                f"the saved KV cells cover positions {lo}..{hi} but the saved units need 0..{state.n_pos - 1}")
 
     # ------------------------------------------------------------ prompts
 

@@ -43,3 +43,7 @@ class DecodeError(EdgeRuntimeError):
 
 class EngineClosedError(EdgeRuntimeError):
     """The engine was used after `close()`."""
+
+
+class SavedConversationError(EdgeRuntimeError, ValueError):
+    """A saved conversation cannot be read, or does not fit the model it is restored into."""

@@ -14,15 +14,18 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..options import GenerationOptions
 from .config import ServerOptions
+from .conversations import add_conversation_routes
 from .errors import ApiError, from_exception
 from .jobs import Event, EventChannel, Failed, Finished, Job, TextDelta
 from .metrics import Metrics
+from .page import PAGE_HEADERS, STATIC_DIR
 from .prompting import RenderedPrompt, render_prompt
 from .responses import (
     SSE_DONE,
@@ -74,7 +77,8 @@ def create_app(options: ServerOptions) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=options.api_key)  # added last = runs first
+    app.add_middleware(AuthMiddleware, api_key=options.api_key, admin_key=options.admin_key)  # last = runs first
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -89,6 +93,11 @@ def create_app(options: ServerOptions) -> FastAPI:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(from_exception(exc))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The chat page: static files talking to the public API below."""
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -145,6 +154,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             scheduler.cancel(job)
             raise
 
+    add_conversation_routes(app, scheduler, options, policy)
     return app
 
 

@@ -60,6 +60,11 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
                    "variable: a command line is visible to other users.")
+@click.option("--admin-key", envvar="EDGE_ADMIN_KEY", default=None, show_default=False,
+              help="Key for saving/restoring conversations on the server's disk (EDGE_ADMIN_KEY). Without it, "
+                   "a server with --api-key refuses those routes; one with neither leaves them open.")
+@click.option("--conversation-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for saved conversations (KV cache + messages); off when unset.")
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (off: data: URIs only).")
 @click.option("--allow-local-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Serve image paths / file:// URLs confined to this directory.")

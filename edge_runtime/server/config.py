@@ -39,6 +39,10 @@ class ServerOptions:
     image_max_tokens: int | None = None
     encoder_cache_mb: float = 128
     api_key: str | None = None
+    # Saving/restoring conversations (their KV cache) on the server's disk needs this key
+    # when set; with only api_key those routes are refused; with neither they are open.
+    admin_key: str | None = None
+    conversation_dir: Path | None = None  # where saved conversations live (None: the routes are off)
     allow_remote_images: bool = False
     allow_local_dir: Path | None = None
     max_body_bytes: int = 16 * MiB
@@ -67,6 +71,12 @@ class ServerOptions:
             raise ValueError(f"ctx_size must be at least 64 tokens, got {self.ctx_size}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; leave it unset to disable authentication")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError("admin_key is empty; leave it unset to keep conversation routes as --api-key says")
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key: every API user would be an admin")
+        if self.conversation_dir is not None and not Path(self.conversation_dir).is_dir():
+            raise ValueError(f"--conversation-dir {self.conversation_dir} is not a directory; create it first")
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
             raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 

@@ -23,6 +23,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the slot's KV cache
+    image_tokens: int = 0  # prompt tokens that are image embeddings
 
     @property
     def total_tokens(self) -> int:

@@ -15,7 +15,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import llama_cpp
 
@@ -48,6 +49,7 @@ class Scheduler:
         self.model_id = options.resolved_model_id()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._tasks: deque[tuple[Callable[[Engine, list[Slot]], Any], Future]] = deque()
         self._slots = [Slot(i) for i in range(options.parallel)]
         self._stopping = False
         self._engine: Engine | None = None
@@ -100,6 +102,21 @@ class Scheduler:
                     "rate_limit_error", None, "queue_full", {"Retry-After": str(self._retry_after())})
             self._waiting.append(job)
             self._cond.notify_all()
+
+    def run_exclusive(self, fn: Callable[[Engine, list[Slot]], Any]) -> Future:
+        """Run `fn(engine, free slots)` in the scheduler thread between two decode steps.
+
+        For work on whole sequences (saving or restoring a conversation); the result
+        or exception comes back through the returned future.
+        """
+        future: Future = Future()
+        with self._cond:
+            self.require_ready()
+            if self._stopping:
+                raise shutting_down()
+            self._tasks.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job (queued or running) and free its slot."""
@@ -169,17 +186,32 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._busy()):
+                while not (self._stopping or self._waiting or self._busy() or self._tasks):
                     self._cond.wait()
                 if self._stopping:
                     return
+                tasks, self._tasks = list(self._tasks), deque()
                 self._drop_stale_waiting()
+            self._run_tasks(tasks)
+            with self._cond:
                 admit = [self._waiting.popleft() for _ in range(min(len(self._waiting), len(self._free_slots())))]
             for job in admit:
                 self._admit(job)
             self._reap()
             if self._busy():
                 self._step()
+
+    def _run_tasks(self, tasks: list[tuple[Callable[[Engine, list[Slot]], Any], Future]]) -> None:
+        assert self._engine is not None
+        for fn, future in tasks:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self._engine, self._free_slots()))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                self._kv_used = self._engine.kv_used_bytes()
 
     def _busy(self) -> list[Slot]:
         return [s for s in self._slots if s.busy]
@@ -239,6 +271,7 @@ class Scheduler:
         slot.job, slot.sampler, slot.limit, slot.bias = job, sampler, limit, bias or None
         slot.pipeline = TextPipeline(self._pieces, job.options.stop, job.options.keep_think, job.starts_inside_think)
         slot.prompt_tokens, slot.cached_tokens, slot.started = pre.prompt_tokens, pre.reused_tokens, time.monotonic()
+        slot.image_tokens = pre.image_tokens
         self.metrics.add("prompt_tokens", pre.prompt_tokens)
         self.metrics.add("prompt_tokens_cached", pre.reused_tokens)
         self.metrics.add("images", pre.images)
@@ -298,7 +331,7 @@ class Scheduler:
         tail = pipeline.finish()
         if tail:
             job.emit(TextDelta(tail))
-        usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens)
+        usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens, slot.image_tokens)
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",
@@ -333,6 +366,10 @@ class Scheduler:
     def _shutdown(self) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            tasks, self._tasks = list(self._tasks), deque()
+        for _, future in tasks:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(shutting_down())
         for job in waiting:
             self._end(job, "error", Failed(shutting_down()))
         for slot in self._busy():

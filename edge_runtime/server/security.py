@@ -43,18 +43,29 @@ async def send_error(send: Send, error: ApiError) -> None:
 
 
 class AuthMiddleware:
-    """Bearer API key on every route except the open ones (/health), compared in constant time."""
+    """Bearer API key on every route except the open ones, compared in constant time.
 
-    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
+    Open: /health, and the chat page (`/`, `/static/...`: files without data; the page
+    asks for the key). The admin key, a superset of the API key, is accepted too.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None,
+                 open_paths: frozenset[str] = frozenset({"/health", "/"}), open_prefix: str = "/static/") -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
+        self.admin = admin_key.encode() if admin_key else None
         self.open_paths = open_paths
+        self.open_prefix = open_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.key is None or scope.get("path") in self.open_paths:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or self.key is None or path in self.open_paths
+                or path.startswith(self.open_prefix)):
             await self.app(scope, receive, send)
             return
-        if not hmac.compare_digest(bearer_token(scope.get("headers", [])), self.key):
+        given = bearer_token(scope.get("headers", []))
+        admin = self.admin is not None and hmac.compare_digest(given, self.admin)
+        if not (hmac.compare_digest(given, self.key) or admin):
             await send_error(send, ApiError(
                 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"}))

@@ -25,6 +25,7 @@ class Slot:
     limit: int = 0  # most tokens this job may generate
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    image_tokens: int = 0
     started: float = 0.0
 
     @property
@@ -36,7 +37,7 @@ class Slot:
         if self.sampler is not None:
             self.sampler.close()
         self.job = self.sampler = self.pipeline = self.pending = self.bias = None
-        self.generated = self.limit = self.prompt_tokens = self.cached_tokens = 0
+        self.generated = self.limit = self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
         self.last_used = time.monotonic()
 
 

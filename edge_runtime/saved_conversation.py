@@ -1,0 +1,284 @@
+"""A conversation on disk: its messages, the units in its KV cache and the cells themselves.
+
+Restoring the KV cells of a sequence (`llama_state_seq_set_data`) skips the
+whole prefill of a conversation, images included. The cells only mean something
+to the same weights with the same KV layout, so the file records what they
+depend on (`StateFingerprint`) and a restore into anything else is refused.
+
+Layout (little-endian):
+
+    b"EDGECONV" | u32 version | u64 header length | header (JSON) | KV bytes | sha256 of all before
+
+The trailing checksum refuses truncated or altered files before llama.cpp
+reads a byte of them (it detects damage, it is no signature: keep saved
+conversations where only trusted users can write). Files are written under a
+temporary name, synced and renamed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from edge_common.atomic import atomic_output
+from edge_common.manifest import sha256_file
+
+from .errors import SavedConversationError
+from .kv_state import Unit, image_unit, text_units
+from .prompt import ImageInput
+
+MAGIC = b"EDGECONV"
+VERSION = 1
+SUFFIX = ".edgeconv"
+_PREAMBLE = struct.Struct("<8sIQ")
+_DIGEST = 32
+_MAX_HEADER = 256 << 20  # messages (with a server's data: URIs) and unit lists
+
+
+@dataclass(frozen=True)
+class StateFingerprint:
+    """What KV cells depend on: the exact weights, the projector (image tokens), the cell types.
+
+    Not n_ctx: cells carry their positions, so a larger context takes them as they are.
+    VisionChat has one stream (seq_id + 1 in general); `VisionChat(..., seq_id=N - 1)` matches `--parallel N`.
+    Flash attention changes the V layout; llama.cpp itself refuses that mismatch.
+    """
+
+    model_sha256: str
+    mmproj_sha256: str | None
+    arch: str
+    kv_type_k: str
+    kv_type_v: str
+    image_min_tokens: int | None
+    image_max_tokens: int | None
+    kv_streams: int  # llama.cpp keeps one KV stream per sequence (n_seq_max): a server with --parallel N has N
+
+    @classmethod
+    def from_json(cls, data: Any) -> "StateFingerprint":
+        if not isinstance(data, dict):
+            raise SavedConversationError("the header has no 'depends_on' object")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except KeyError as exc:
+            raise SavedConversationError(f"the header's 'depends_on' lacks {exc.args[0]!r}") from None
+
+    def differences(self, other: "StateFingerprint") -> list[str]:
+        """Human-readable 'name: saved X, here Y' for each field that differs."""
+        out = []
+        for f in fields(self):
+            saved, here = getattr(self, f.name), getattr(other, f.name)
+            if saved != here:
+                out.append(f"{f.name}: saved {_short(saved)}, here {_short(here)}")
+        return out
+
+
+@dataclass
+class SavedConversation:
+    """Everything in the file; `kv` is llama.cpp's serialised sequence."""
+
+    depends_on: StateFingerprint
+    units: list[Unit]
+    messages: list[dict]  # images as {"type": "image", "digest", "width", "height"}
+    kv: bytearray
+    n_ctx: int = 0  # the context it was saved from (informative)
+    system_prompt: str | None = None
+    model_files: dict[str, str | None] | None = None  # names, so `VisionChat.load` can find them
+    created: float = 0.0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(u.n_tokens for u in self.units)
+
+    def check_fits(self, here: StateFingerprint, n_ctx_seq: int, source: str | Path) -> None:
+        """Refuse a restore into another model or KV layout, or a context too small for it."""
+        diffs = self.depends_on.differences(here)
+        if diffs:
+            raise SavedConversationError(
+                f"{source}: the saved KV cache belongs to other model settings ({'; '.join(diffs)}); "
+                "restore it with the model files and KV/image settings it was saved with"
+            )
+        if self.n_tokens > n_ctx_seq:
+            raise SavedConversationError(
+                f"{source}: the conversation holds {self.n_tokens} tokens but this context has room for "
+                f"{n_ctx_seq} per sequence; raise n_ctx (--ctx-size)"
+            )
+
+
+# ---------------------------------------------------------------- file identity
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a model file, computed once per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        _sha_cache[key] = sha256_file(path)
+    return _sha_cache[key]
+
+
+# ---------------------------------------------------------------- messages and units as JSON
+
+
+def map_parts(messages: Sequence[dict], fn: Callable[[Any], Any]) -> list[dict]:
+    """Copies of `messages` with `fn` applied to each part of list contents (string contents kept)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [fn(p) for p in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def messages_to_json(messages: Sequence[dict]) -> list[dict]:
+    """History -> JSON: each image (an ImageInput) becomes a reference by digest and size."""
+    return map_parts(messages, _part_to_json)
+
+
+def messages_from_json(messages: Any, source: str | Path) -> list[dict]:
+    """JSON -> history: image references become pixel-less ImageInputs (the KV cache holds them)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise SavedConversationError(f"{source}: 'messages' must be a list of {{'role', 'content'}} objects")
+    return map_parts(messages, lambda part: _part_from_json(part, source))
+
+
+def _part_to_json(part: Any) -> Any:
+    if isinstance(part, dict) and isinstance(part.get("image"), ImageInput):
+        img = part["image"]
+        kept = {"url": part["url"]} if "url" in part else {}  # the data: URI a server client sent
+        return {"type": "image", "digest": img.digest, "width": img.width, "height": img.height, **kept}
+    if isinstance(part, ImageInput):
+        return {"type": "image", "digest": part.digest, "width": part.width, "height": part.height}
+    return part
+
+
+def _part_from_json(part: Any, source: str | Path) -> Any:
+    if isinstance(part, dict) and part.get("type") == "image" and "digest" in part:
+        try:
+            image = ImageInput(str(part["digest"]), int(part["width"]), int(part["height"]))
+        except (KeyError, TypeError, ValueError):
+            raise SavedConversationError(f"{source}: an image reference lacks digest/width/height") from None
+        return {"type": "image", "image": image, **({"url": part["url"]} if "url" in part else {})}
+    return part
+
+
+def units_to_json(units: Sequence[Unit]) -> list[Any]:
+    """Runs of text tokens as lists, images as objects: compact and readable."""
+    out: list[Any] = []
+    for unit in units:
+        if unit.is_image:
+            _, digest, n_tokens = unit.key  # type: ignore[misc]
+            out.append({"image": digest, "n_tokens": n_tokens, "n_pos": unit.n_pos})
+        elif out and isinstance(out[-1], list):
+            out[-1].append(int(unit.key))  # type: ignore[arg-type]
+        else:
+            out.append([int(unit.key)])  # type: ignore[arg-type]
+    return out
+
+
+def units_from_json(data: Any, source: str | Path) -> list[Unit]:
+    if not isinstance(data, list):
+        raise SavedConversationError(f"{source}: 'units' must be a list")
+    units: list[Unit] = []
+    try:
+        for item in data:
+            if isinstance(item, list):
+                units.extend(text_units([int(t) for t in item]))
+            else:
+                units.append(image_unit(str(item["image"]), int(item["n_tokens"]), int(item["n_pos"])))
+    except (KeyError, TypeError, ValueError):
+        raise SavedConversationError(f"{source}: 'units' holds an entry that is neither tokens nor an image") from None
+    return units
+
+
+# ---------------------------------------------------------------- the file
+
+
+def write_conversation(path: str | Path, conv: SavedConversation) -> int:
+    """Write atomically (temp file, fsync, rename); returns the file size in bytes."""
+    header = json.dumps({
+        "format": "edge-conversation",
+        "version": VERSION,
+        "created": conv.created or time.time(),
+        "depends_on": asdict(conv.depends_on),
+        "model_files": conv.model_files,
+        "n_ctx": conv.n_ctx,
+        "n_tokens": conv.n_tokens,
+        "system_prompt": conv.system_prompt,
+        "messages": conv.messages,
+        "units": units_to_json(conv.units),
+        "kv_bytes": len(conv.kv),
+    }, ensure_ascii=False).encode("utf-8")
+    path = Path(path)
+    digest = hashlib.sha256()
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            for block in (_PREAMBLE.pack(MAGIC, VERSION, len(header)), header, conv.kv):
+                digest.update(block)
+                f.write(block)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+    return path.stat().st_size
+
+
+def read_conversation(path: str | Path) -> SavedConversation:
+    """Read and verify a saved conversation; any damage raises SavedConversationError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as exc:
+        raise SavedConversationError(f"cannot open saved conversation {path}: {exc.strerror}") from None
+    with f:
+        pre = f.read(_PREAMBLE.size)
+        if len(pre) < _PREAMBLE.size or pre[:8] != MAGIC:
+            raise SavedConversationError(f"{path} is not a saved conversation (no {MAGIC.decode()} header)")
+        _, version, header_len = _PREAMBLE.unpack(pre)
+        if version != VERSION:
+            raise SavedConversationError(
+                f"{path} has format version {version}; this runtime reads version {VERSION}")
+        if header_len > min(_MAX_HEADER, size):
+            raise SavedConversationError(f"{path} is truncated or damaged (header of {header_len} bytes)")
+        raw_header = f.read(header_len)
+        digest = hashlib.sha256(pre)
+        digest.update(raw_header)
+        try:
+            header = json.loads(raw_header.decode("utf-8"))
+            kv_len = int(header["kv_bytes"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise SavedConversationError(f"{path} is truncated or damaged (unreadable header)") from None
+        expected = _PREAMBLE.size + header_len + kv_len + _DIGEST
+        if size != expected:
+            raise SavedConversationError(
+                f"{path} is truncated or damaged: {size} bytes on disk, the header announces {expected}")
+        kv = bytearray(kv_len)
+        if f.readinto(kv) != kv_len:
+            raise SavedConversationError(f"{path} is truncated (KV data cut short)")
+        digest.update(kv)
+        if f.read(_DIGEST) != digest.digest():
+            raise SavedConversationError(f"{path} is damaged or was altered: its checksum does not match")
+    return SavedConversation(
+        depends_on=StateFingerprint.from_json(header.get("depends_on")),
+        units=units_from_json(header.get("units"), path),
+        messages=messages_from_json(header.get("messages", []), path),
+        kv=kv,
+        n_ctx=int(header.get("n_ctx") or 0),
+        system_prompt=header.get("system_prompt"),
+        model_files=header.get("model_files"),
+        created=float(header.get("created") or 0.0),
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "..."
+    return repr(value)
