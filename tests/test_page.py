@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from convert.synthetic import SyntheticSpec
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime.grounding import Box, parse_grounding
 from edge_runtime.server.browser import ask_on_page as ask
 from edge_runtime.server.browser import headless_chromium

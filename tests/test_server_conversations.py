@@ -9,7 +9,7 @@ import io
 import httpx
 import pytest
 
-from convert.synthetic import SyntheticSpec
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
 from edge_runtime.server.process import ServerProcess
 
