@@ -4,10 +4,21 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
-# llama-cpp-python ships as an sdist: compile with every core (pip caches the built wheel).
+# llama-cpp-python ships as an sdist: compile with every core.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup browser demo test bench clean
+# llama-cpp-python is built with llama.cpp's RPC backend on (edge-rpc-worker, --rpc);
+# add your backend with CMAKE_ARGS (e.g. "-DGGML_CUDA=on", "-DGGML_METAL=on").
+# pip's wheel cache keys on name and version, not on CMAKE_ARGS, so a wheel built
+# without RPC could be reused silently: we build with --no-cache-dir into a folder
+# named for the flags and install from there (a fresh clone on the same machine
+# reuses it), then check the library really has RPC.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS  := -DGGML_RPC=on $(CMAKE_ARGS)
+WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
+WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
+
+.PHONY: setup llama-wheel browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -16,8 +27,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# A pinned CPU torch first: an unpinned one would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
+	$(MAKE) llama-wheel
+	$(BIN)/python -m pip install -q --no-index --find-links '$(WHEEL_DIR)' llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install -q -e '.[all]'
+	$(BIN)/python -m edge_llama.rpc --require
 	touch $(STAMP)
+
+# Builds the llama-cpp-python wheel once per set of flags (5-10 min on 2 cores; needs the venv's pip).
+llama-wheel:
+	@if ls '$(WHEEL_DIR)'/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1; then \
+		echo "llama-cpp-python $(LLAMA_CPP_VERSION) [$(LLAMA_CMAKE_ARGS)]: reusing $(WHEEL_DIR)"; \
+	else \
+		echo "llama-cpp-python $(LLAMA_CPP_VERSION) [$(LLAMA_CMAKE_ARGS)]: building into $(WHEEL_DIR)"; \
+		rm -rf '$(WHEEL_DIR).tmp' && mkdir -p '$(WHEEL_DIR).tmp' && \
+		CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps \
+			-w '$(WHEEL_DIR).tmp' llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+		mkdir -p '$(WHEEL_DIR)' && mv '$(WHEEL_DIR).tmp'/llama_cpp_python-*.whl '$(WHEEL_DIR)'/ && \
+		rm -rf '$(WHEEL_DIR).tmp'; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m edge_app.demo

@@ -38,13 +38,16 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
 @click.option("--plan", is_flag=True, help="Print file sizes and runtime memory of every type, then exit.")
 @flags.ctx_size(ENGINE.n_ctx, "Context length --plan sizes the KV cache for.")
 @flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
+@flags.rpc_flags("With --plan: also split --quant over this machine and these edge-rpc-worker processes, by "
+                 "their free memory (or --tensor-split), and say what fits where.")
 @flags.threads("Threads for quantizing [default: all cores].")
 @click.option("--name", default=None, help="File-name stem (default: MODEL_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the manifest.")
 def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, imatrix: str | None,
          calibration: Path | None, keep_f16: bool, report: bool, plan: bool, n_ctx: int, kv_cache_type_k: str,
-         kv_cache_type_v: str, threads: int | None,
+         kv_cache_type_v: str, rpc_servers: tuple[str, ...] | None,
+         tensor_split: tuple[float, ...] | None, threads: int | None,
          name: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
     a multimodal projector GGUF and OUT/manifest.json."""
@@ -57,7 +60,12 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             rows = plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
                               kv_type_v=kv_cache_type_v)
             click.echo(format_plan(rows))
+            if rpc_servers:
+                click.echo(split_plan(model_shapes(model_dir), quant, mmproj_quant, n_ctx, kv_cache_type_k,
+                                      rpc_servers, tensor_split))
             return
+        if rpc_servers or tensor_split:
+            flags.fail(PROG, "--rpc and --tensor-split go with --plan")
         from .pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
 
         if needs_quant_pipeline(quant, mmproj_quant, imatrix, report) or keep_f16 or calibration is not None:
@@ -71,6 +79,25 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             entry = manifest[role]
             click.echo(f"{role:7s} {out_dir / entry['path']}  {entry['type']}  {entry['bytes'] / 1e6:.1f} MB", err=True)
     click.echo(json.dumps(manifest, indent=2))
+
+
+def split_plan(shapes, quant: str, mmproj_quant: str | None, n_ctx: int, kv_type: str,
+               rpc_servers: tuple[str, ...], tensor_split: tuple[float, ...] | None) -> str:
+    """--plan --rpc: each device's share of `quant`, against the free memory it reports."""
+    from edge_llama.ggml_devices import DEVICE_CPU, local_devices
+    from edge_llama.rpc import RpcEndpointError, parse_endpoints, worker_memory
+    from quant.estimate import estimate
+    from quant.split_fit import format_split, split_fit
+
+    cpu = next(d for d in local_devices() if d.kind == DEVICE_CPU)
+    devices = [(f"local {cpu.name}", cpu.free)]
+    for ep in parse_endpoints(list(rpc_servers)):
+        devices.append((f"RPC {ep}", worker_memory(ep)[0]))
+    if tensor_split is not None and len(tensor_split) != len(devices):
+        raise RpcEndpointError(f"--tensor-split has {len(tensor_split)} shares for {len(devices)} devices "
+                               "(this machine first, then each worker)")
+    e = estimate(shapes, quant, mmproj_quant, n_ctx, kv_type)
+    return format_split(e, split_fit(e, devices, tensor_split))
 
 
 if __name__ == "__main__":

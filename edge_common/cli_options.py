@@ -117,7 +117,8 @@ def parallel(default: int) -> Decorator:
 
 
 def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds --ubatch-size, --mmap/--no-mmap and --repack/--no-repack (keyword args n_ubatch, mmap, repack)."""
+    """Adds --ubatch-size, --mmap/--no-mmap, --repack/--no-repack, --rpc and --tensor-split
+    (keyword args n_ubatch, mmap, repack, rpc_servers, tensor_split)."""
     return options(
         click.option("--ubatch-size", "-ub", "n_ubatch", default=None, type=click.IntRange(min=1),
                      help="Tokens per forward pass (sizes the compute buffer) [default: the batch on a GPU, "
@@ -127,7 +128,37 @@ def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
                           "repacked, since the mapped pages would stay resident beside the copy]."),
         click.option("--repack/--no-repack", "repack", default=True, show_default=True,
                      help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)."),
+        rpc_flags(),
     )(command)
+
+
+def rpc_flags(rpc_help: str = "edge-rpc-worker processes that take a share of the layers (the projector stays "
+                                "here).") -> Decorator:
+    """--rpc HOST:PORT,... and --tensor-split N0,N1,... (keyword args rpc_servers, tensor_split)."""
+    return options(
+        click.option("--rpc", "rpc_servers", default=None, callback=_split_rpc, metavar="HOST:PORT,...",
+                     help=rpc_help),
+        click.option("--tensor-split", "-ts", "tensor_split", default=None, callback=_parse_shares,
+                     metavar="N0,N1,...",
+                     help="Layer shares with --rpc: this device first, then each worker [default: by free memory]."),
+    )
+
+
+def _split_rpc(_ctx: Any, _param: Any, value: str | None) -> tuple[str, ...] | None:
+    """--rpc as llama.cpp spells it (comma-separated); each HOST:PORT is checked when the engine loads."""
+    return tuple(s.strip() for s in value.split(",") if s.strip()) if value else None
+
+
+def _parse_shares(_ctx: Any, _param: Any, value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        shares = tuple(float(x) for x in value.replace("/", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use numbers separated by commas, e.g. 1,1,2") from None
+    if any(s < 0 for s in shares) or sum(shares) <= 0:
+        raise click.BadParameter(f"{value!r}: shares must be >= 0 with a positive sum")
+    return shares
 
 
 def engine_flags(defaults: Any) -> Decorator:
@@ -146,4 +177,5 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Pops the load_flags values from click's kwargs, as EngineOptions / VisionChat keywords."""
     mmap = settings.pop("mmap")
     return {"n_ubatch": settings.pop("n_ubatch"), "mmap": "auto" if mmap is None else mmap,
-            "repack": settings.pop("repack")}
+            "repack": settings.pop("repack"), "rpc_servers": settings.pop("rpc_servers", None) or (),
+            "tensor_split": settings.pop("tensor_split", None)}

@@ -6,6 +6,7 @@ compiled; this module only asks llama.cpp what it has and picks settings.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -14,10 +15,11 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
+from edge_llama.ggml_devices import has_local_gpu
 
 log = logging.getLogger("edge_runtime")
 _llama_log = logging.getLogger("edge_runtime.llama_cpp")
@@ -46,6 +48,7 @@ class _LogBridge:
         self._level = 2
         self._partial = ""
         self.errors: collections.deque[str] = collections.deque(maxlen=32)
+        self.captured: list[str] | None = None  # every line, while a load wants them
         # Keep a reference: ctypes callbacks are freed with their Python object.
         self._callback = llama_cpp.llama_log_callback(self._on_log)
 
@@ -63,6 +66,8 @@ class _LogBridge:
             for line in done:
                 if not line.strip():
                     continue
+                if self.captured is not None:
+                    self.captured.append(line)
                 if level_now >= 4:
                     self.errors.append(line)
                 _llama_log.log(_GGML_TO_LOGGING.get(level_now, logging.DEBUG), "%s", line)
@@ -72,6 +77,18 @@ class _LogBridge:
     def install(self) -> None:
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
         mtmd.mtmd_helper_log_set(self._callback, ctypes.c_void_p(0))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect every log line in the block (llama.cpp tells where layers went only in its log)."""
+        lines: list[str] = []
+        with self._lock:
+            self.captured = lines
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self.captured = None
 
     def take_errors(self) -> list[str]:
         with self._lock:
@@ -127,7 +144,8 @@ def take_errors() -> list[str]:
 
 
 def gpu_offload_available() -> bool:
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    """A local GPU backend exists (llama_supports_gpu_offload is also true for RPC-only builds)."""
+    return has_local_gpu()
 
 
 def resolve_gpu_layers(n_gpu_layers: int | str) -> int:
@@ -169,12 +187,18 @@ def resolve_ubatch(n_ubatch: int | None, n_batch: int, n_gpu_layers: int) -> int
     return n_batch if n_gpu_layers != 0 else min(n_batch, CPU_UBATCH)
 
 
-def model_params(n_gpu_layers: int = 0, *, mmap: bool = True, repack: bool = True) -> Any:
-    """llama_model_params for one load; every loader in the package builds them here."""
+def model_params(n_gpu_layers: int = 0, *, mmap: bool = True, repack: bool = True, placement: Any = None) -> Any:
+    """llama_model_params for one load; every loader in the package builds them here.
+
+    `placement` (edge_llama.placement.Placement) adds RPC workers: it sets the
+    devices, n_gpu_layers and tensor_split, and must outlive the load call.
+    """
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
     params.use_extra_bufts = repack
+    if placement is not None:
+        placement.apply(params)
     return params
 
 

@@ -11,6 +11,7 @@ The engine is not thread-safe; callers serialise access (VisionChat holds a lock
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import time
@@ -22,6 +23,8 @@ import numpy as np
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
+from edge_llama.placement import Placement, place
+from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
 
 from edge_common.preflight import projector_problems
 from edge_models import chat_format
@@ -97,6 +100,8 @@ class Engine:
         self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
         ensure_backend()
         self._model = self._ctx = self._mctx = None
+        self.placement: Placement | None = None
+        self._watchdog: DecodeWatchdog | None = None
         self._batch: Any = None
         try:
             self._load()
@@ -113,19 +118,32 @@ class Engine:
         self.n_gpu_layers = resolve_gpu_layers(opts.n_gpu_layers)
         self.threads = opts.threads or physical_cores()
 
-        self.mmap = resolve_mmap(opts.mmap, self.n_gpu_layers, opts.repack)
-        mparams = model_params(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack)
+        # layers on a local GPU (not on RPC workers) decide mmap and ubatch
+        local_gpu_layers = self.n_gpu_layers
+        if opts.rpc_servers:
+            self.placement = place(self.model_path, opts.rpc_servers, opts.tensor_split, opts.rpc_timeout_s,
+                                   opts.rpc_output_on_host)
+            self.n_gpu_layers = self.placement.plan.n_gpu_layers
+            local_gpu_layers = 0 if self.placement.local_cpu else -1
+            self._watchdog = DecodeWatchdog(opts.rpc_stall_s)
+        self.mmap = resolve_mmap(opts.mmap, local_gpu_layers, opts.repack)
+        mparams = model_params(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack, placement=self.placement)
         take_errors()
-        self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        with ensure_backend().capture() as load_log:
+            self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self._model:
             raise ModelLoadError(_with_log(f"llama.cpp could not load the text model {self.model_path}"))
+        # {device: (layers, weight bytes)} as llama.cpp placed them
+        self.device_weights = placement_from_log(load_log, self.placement.buffer_devices() if self.placement else None)
+        if self.placement is not None:
+            log.info("layers and weights per device: %s", self.placement.describe(self.device_weights))
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.arch = self.meta("general.architecture") or ""
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = opts.n_ctx
         cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = resolve_ubatch(opts.n_ubatch, opts.n_batch, self.n_gpu_layers)
+        cparams.n_ubatch = resolve_ubatch(opts.n_ubatch, opts.n_batch, local_gpu_layers)
         cparams.n_seq_max = opts.n_seq_max
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
@@ -432,8 +450,17 @@ class Engine:
             self._decode_batch(n)
             state.extend(text_units(part))
 
+    def guarded(self) -> Any:
+        """Bounds a wait on RPC workers (a no-op without them): wrap llama_decode and sampling.
+
+        llama_decode may return before the workers finish; reading the logits
+        (sampling) is where the host then waits, so both are guarded.
+        """
+        return self._watchdog if self._watchdog is not None else contextlib.nullcontext()
+
     def _decode_batch(self, n: int) -> None:
-        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        with self.guarded():
+            rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc != 0:
             reason = {1: "no free KV-cache slot (raise n_ctx)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
             raise DecodeError(f"llama_decode failed on {n} token(s): {reason} (code {rc})" + _log_suffix())
@@ -462,7 +489,16 @@ class Engine:
         else:
             result.encoder_cache_hits += 1
         new_n_past = llama_cpp.llama_pos(0)
-        rc = mtmd.mtmd_helper_decode_image_chunk(
+        with self.guarded():
+            rc = self._decode_image_embd(chunk, embd, state, seq_id, new_n_past)
+        if rc != 0:
+            raise DecodeError(f"decoding image embeddings failed (code {rc})" + _log_suffix())
+        state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
+        if new_n_past.value != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
+            raise DecodeError(f"position mismatch after image: mtmd {new_n_past.value}, engine {state.n_pos}")
+
+    def _decode_image_embd(self, chunk: Chunk, embd: Any, state: SeqState, seq_id: int, new_n_past: Any) -> int:
+        return mtmd.mtmd_helper_decode_image_chunk(
             self._mctx,
             self._ctx,
             chunk.handle,
@@ -474,11 +510,6 @@ class Engine:
             mtmd.mtmd_helper_post_decode_callback(),
             None,
         )
-        if rc != 0:
-            raise DecodeError(f"decoding image embeddings failed (code {rc})" + _log_suffix())
-        state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
-        if new_n_past.value != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
-            raise DecodeError(f"position mismatch after image: mtmd {new_n_past.value}, engine {state.n_pos}")
 
     # ------------------------------------------------------------ generation
 
@@ -498,7 +529,8 @@ class Engine:
             limit = min(limit, max_tokens)
         batch = self._batch
         while True:
-            token = sampler.sample(self._ctx, -1)
+            with self.guarded():
+                token = sampler.sample(self._ctx, -1)
             if self.is_end_of_turn(token):
                 outcome.stop_reason = "eog"
                 return
@@ -528,6 +560,9 @@ class Engine:
             raise EngineClosedError("the engine is closed")
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
         if self._mctx:
             mtmd.mtmd_free(self._mctx)
         self._mctx = None
@@ -540,6 +575,9 @@ class Engine:
         if self._model:
             llama_cpp.llama_model_free(self._model)
         self._model = None
+        if self.placement is not None:
+            unguard_workers(self.placement.endpoints)
+            self.placement = None
 
     def __enter__(self) -> "Engine":
         return self

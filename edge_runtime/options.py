@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
+from edge_llama.rpc import parse_endpoint
+
 from .backend import kv_type
 
 
@@ -32,8 +34,31 @@ class EngineOptions:
     # the mapped pages would stay resident beside the repacked copy).
     mmap: bool | str = "auto"
     repack: bool = True  # llama.cpp's interleaved CPU weight layouts (faster matmuls)
+    # llama.cpp RPC workers ("host:port", edge-rpc-worker) that take a share of the layers.
+    rpc_servers: tuple[str, ...] = ()
+    # Shares: one per local device (its GPUs, or its CPU) then one per worker
+    # device; None splits by free memory. Only with rpc_servers.
+    tensor_split: tuple[float, ...] | None = None
+    rpc_timeout_s: float = 5.0  # connecting and handshaking with each worker
+    # Keep the output layer on this machine (a CPU host): each token then sends one hidden
+    # state back, not n_vocab logits (8 KB vs 608 KB for the 2B). False: a faster worker computes it.
+    rpc_output_on_host: bool = True
+    # One evaluation (llama_decode) longer than this with workers means a worker
+    # stopped answering: the process ends naming it (see edge_llama.rpc).
+    rpc_stall_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.rpc_servers, str):
+            object.__setattr__(self, "rpc_servers", tuple(s for s in self.rpc_servers.split(",") if s.strip()))
+        object.__setattr__(self, "rpc_servers", tuple(str(parse_endpoint(s)) for s in self.rpc_servers))
+        if self.tensor_split is not None:
+            object.__setattr__(self, "tensor_split", tuple(float(x) for x in self.tensor_split))
+            if not self.rpc_servers:
+                raise ValueError("tensor_split places layers on RPC workers: give rpc_servers too")
+        if self.rpc_servers and self.n_gpu_layers != "auto":
+            raise ValueError("with rpc_servers, layers are placed by tensor_split: leave n_gpu_layers='auto'")
+        if self.rpc_timeout_s <= 0 or self.rpc_stall_s <= 0:
+            raise ValueError("rpc_timeout_s and rpc_stall_s must be positive")
         kv_type(self.kv_cache_type_k)
         kv_type(self.kv_cache_type_v)
         if self.n_ctx < 16:

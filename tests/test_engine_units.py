@@ -1,9 +1,11 @@
 """The engine's pure pieces: prefix planning, streaming text, caches, option checks."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
+import sys
 
 import llama_cpp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from edge_runtime.backend import (CPU_UBATCH, kv_type, parse_cpuinfo_cores, physical_cores, resolve_flash_attn,
                                   resolve_gpu_layers, resolve_mmap, resolve_ubatch, return_freed_memory)
+from edge_llama.ggml_devices import lib_dir
 from edge_runtime.detokenize import StopMatcher, Utf8Stream
 from edge_runtime.encoder_cache import EncoderCache
 from edge_runtime.kv_state import SeqState, common_prefix, image_unit, plan_reuse, text_units
@@ -115,7 +118,15 @@ def test_quantized_v_cache_turns_flash_attention_on(caplog):
 
 
 def test_gpu_layers_auto_follows_the_build():
-    expected = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    """'auto' offloads when this machine has a GPU; an RPC-capable build alone (llama_supports_gpu_offload
+    is then true too, llama.cpp's llama.cpp:llama_supports_gpu_offload) is no reason to."""
+    ggml = ctypes.CDLL(str(next(p for p in lib_dir().glob("libggml.so*")))) if sys.platform == "linux" else None
+    if ggml is not None:
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        has_gpu = any(ggml.ggml_backend_dev_by_type(t) for t in (1, 2))  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+    else:
+        has_gpu = llama_cpp.llama_supports_gpu_offload() and not llama_cpp.llama_supports_rpc()
+    expected = -1 if has_gpu else 0
     assert resolve_gpu_layers("auto") == expected
     assert resolve_gpu_layers(7) == 7
     with pytest.raises(ValueError):

@@ -130,7 +130,8 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_types_v, resolutions, prompt_lengths,
-         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, threads, n_gpu_layers,
+         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, rpc_servers,
+         tensor_split, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
          convert, convert_targets, memory_breakdown, accuracy, render_path, no_bandwidth, timeout, quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
@@ -164,7 +165,11 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     json_out: dict = {}
     try:
         if model_dir or synthetic:
-            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack})
+            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack,
+                                  "rpc_servers": rpc_servers, "tensor_split": tensor_split})
+            if rpc_servers and baselines != "none":
+                log("edge-bench: with --rpc only VisionChat is measured (the baselines cannot use workers)")
+                baselines = "none"
             measure = Measure(n_ctx=n_ctx, n_batch=n_batch, **load, threads=threads or physical_cores(),
                               flash_attn=flash_attn, n_gpu_layers=resolve_gpu_layers(n_gpu_layers),
                               image_max_tokens=image_max_tokens,

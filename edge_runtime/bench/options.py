@@ -51,6 +51,8 @@ class Measure:
     n_ubatch: int | None = None  # None: what VisionChat picks on this device
     mmap: bool | str = "auto"  # as VisionChat: read, not map, when CPU weights are repacked
     repack: bool = True
+    rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list: VisionChat splits layers over them
+    tensor_split: tuple[float, ...] | None = None
     threads: int = 1
     flash_attn: bool = True  # same for all: a quantized V cache needs it anyway
     n_gpu_layers: int = 0  # 0: CPU only; -1: every layer (and the projector) on the GPU
@@ -166,4 +168,7 @@ class BenchOptions:
 def measure_from_dict(data: Mapping[str, Any]) -> Measure:
     values = dict(data)
     values["prompt_lengths"] = tuple(values.get("prompt_lengths", ()))
+    values["rpc_servers"] = tuple(values.get("rpc_servers", ()))
+    if values.get("tensor_split") is not None:
+        values["tensor_split"] = tuple(values["tensor_split"])
     return Measure(**values)

@@ -21,8 +21,9 @@ def open_chat(spec: WorkerSpec):
     return VisionChat(
         spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch, mmap=m.mmap,
         repack=m.repack, kv_cache_type=spec.config.kv_type,
-        flash_attn=m.flash_attn, n_gpu_layers=m.n_gpu_layers, threads=m.threads,
+        flash_attn=m.flash_attn, n_gpu_layers="auto" if m.rpc_servers else m.n_gpu_layers, threads=m.threads,
         image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
+        rpc_servers=m.rpc_servers, tensor_split=m.tensor_split,
     )
 
 

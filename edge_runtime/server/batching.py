@@ -40,7 +40,8 @@ class TokenBatch:
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = 1
         batch.n_tokens = len(entries)
-        rc = llama_cpp.llama_decode(engine.ctx, batch)
+        with engine.guarded():  # RPC workers: a bounded wait
+            rc = llama_cpp.llama_decode(engine.ctx, batch)
         if rc != 0:
             for seq_id, _ in entries:  # cells of a failed batch may be half-written: drop these sequences
                 engine.reset(seq_id)

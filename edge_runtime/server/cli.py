@@ -15,6 +15,7 @@ import click
 from edge_common import cli_options as flags
 from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
+from edge_llama.rpc import RpcError, parse_endpoints, probe
 
 from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
@@ -84,6 +85,11 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
         options = ServerOptions(model_dir=target, mmproj=mmproj, ctx_size=n_ctx, flash_attn=flash_attn,
                                 **load_settings(settings), **settings)
     except (EdgeError, ValueError) as exc:
+        fail("edge-serve", str(exc))
+    try:  # unreachable RPC workers: a clear error now, not a failed load behind /health
+        for endpoint in parse_endpoints(list(options.rpc_servers)):
+            probe(endpoint)
+    except RpcError as exc:
         fail("edge-serve", str(exc))
     if not options.loopback_only and not options.api_key:
         click.echo(f"edge-serve: warning: listening on {options.host} without an API key: anyone who can reach "

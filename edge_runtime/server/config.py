@@ -32,6 +32,8 @@ class ServerOptions:
     repack: bool = True
     kv_cache_type_k: str = "f16"
     kv_cache_type_v: str = "f16"
+    rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list (see EngineOptions)
+    tensor_split: tuple[float, ...] | None = None
     flash_attn: bool | str = "auto"
     n_gpu_layers: int | str = "auto"
     threads: int | None = None
@@ -94,6 +96,8 @@ class ServerOptions:
             repack=self.repack,
             kv_cache_type_k=self.kv_cache_type_k,
             kv_cache_type_v=self.kv_cache_type_v,
+            rpc_servers=self.rpc_servers,
+            tensor_split=self.tensor_split,
             flash_attn=self.flash_attn,
             n_gpu_layers=self.n_gpu_layers,
             threads=self.threads,

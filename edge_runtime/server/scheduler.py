@@ -302,9 +302,10 @@ class Scheduler:
 
     def _sample(self, slot: Slot, index: int) -> int:
         assert self._engine is not None and slot.sampler is not None
-        if slot.bias:
-            apply_bias(self._engine.ctx, index, slot.bias)
-        return slot.sampler.sample(self._engine.ctx, index)
+        with self._engine.guarded():  # reading logits waits for RPC workers
+            if slot.bias:
+                apply_bias(self._engine.ctx, index, slot.bias)
+            return slot.sampler.sample(self._engine.ctx, index)
 
     def _accept(self, slot: Slot, token: int) -> None:
         """What `Engine.decode_tokens` + `VisionChat` do with a sampled token, for one slot."""

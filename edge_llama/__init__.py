@@ -1,0 +1,1 @@
+"""The one llama.cpp access layer: what llama-cpp-python does not bind (ggml devices, RPC)."""
