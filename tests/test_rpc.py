@@ -233,10 +233,11 @@ def test_placement_from_log_reads_llama_cpp_lines():
 
 def test_plan_split_fit_matches_llama_cpp_buffers(tiny_model_dir, tiny_f32_dir, workers):
     """--plan --rpc's per-device weight bytes agree with the buffers llama.cpp allocated on each worker."""
+    from convert.shapes import model_shapes
     from quant.estimate import estimate
     from quant.split_fit import split_fit
 
-    e = estimate(tiny_model_dir, "f32", "f32", n_ctx=256, kv_type="f16")
+    e = estimate(model_shapes(tiny_model_dir), "f32", "f32", n_ctx=256, kv_type="f16")
     fits = split_fit(e, [("local", 1 << 40), ("w1", 1 << 40), ("w2", 1 << 40)], shares=SPLIT)
     assert [f.layers for f in fits] == [1, 2, 2]
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=256, rpc_servers=[str(w) for w in workers],
@@ -254,7 +255,7 @@ def test_plan_split_fit_matches_llama_cpp_buffers(tiny_model_dir, tiny_f32_dir, 
 def test_edge_chat_rpc_answers_like_local(tiny_f32_dir, workers):
     from edge_runtime.cli import main as chat_main
 
-    args = [str(tiny_f32_dir), "--max-tokens", "6", "--temperature", "0", "--n-ctx", "512", TEXT_Q]
+    args = [str(tiny_f32_dir), "--max-tokens", "6", "--temperature", "0", "--ctx-size", "512", TEXT_Q]
     local = CliRunner().invoke(chat_main, args, catch_exceptions=False)
     split = CliRunner().invoke(chat_main, ["--rpc", ",".join(map(str, workers)), "--tensor-split", "1,2,2", *args],
                                catch_exceptions=False)
@@ -276,9 +277,9 @@ def test_edge_chat_and_serve_name_a_wrong_worker(tiny_f32_dir):
 
 
 def test_edge_convert_plan_asks_the_workers(tiny_model_dir, workers):
-    from convert.cli import main as convert_main
+    from edge_app.cli import main as convert_main
 
-    result = CliRunner().invoke(convert_main, [str(tiny_model_dir), "--plan", "--quant", "f32", "--ctx", "256",
+    result = CliRunner().invoke(convert_main, [str(tiny_model_dir), "--plan", "--quant", "f32", "--ctx-size", "256",
                                                "--rpc", ",".join(map(str, workers)), "--tensor-split", "1,2,2"])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if "layers" in line]
