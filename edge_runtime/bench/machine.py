@@ -97,11 +97,11 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def detect() -> MachineInfo:
     import llama_cpp
 
-    from ..backend import ensure_backend, physical_cores
+    from ..backend import ensure_backend, gpu_offload_available, physical_cores
 
     ensure_backend()
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(" |")
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    gpu = gpu_offload_available()  # a local GPU (an RPC-capable build alone is not one)
     return MachineInfo(
         cpu_model=cpu_model(),
         physical_cores=physical_cores(),
