@@ -389,7 +389,10 @@ def to_markdown(report: BenchReport) -> str:
     out = [f"## edge-bench: {report.model}", "",
            f"Machine: {report.machine.get('summary', '')}", "",
            f"Settings: {m.threads} threads, n_ctx {m.n_ctx}, n_batch {m.n_batch}, {load_text(m)}, flash attention "
-           f"{'on' if m.flash_attn else 'off'}, GPU layers {m.n_gpu_layers}, image_max_tokens "
+           f"{'on' if m.flash_attn else 'off'}, GPU layers {m.n_gpu_layers}, "
+           + (f"RPC workers {', '.join(m.rpc_servers)} (shares {m.tensor_split or 'by free memory'}), "
+              if m.rpc_servers else "")
+           + f"image_max_tokens "
            f"{m.image_max_tokens or 'projector default'}, {m.decode_tokens} decoded tokens; "
            f"each figure is the median of {m.repeats * report.options.passes} runs ({report.options.passes} "
            f"alternating pass(es) of {m.warmup} warm-up + {m.repeats} measured) ± half their range. "
