@@ -301,3 +301,10 @@ def test_setup_builds_its_own_rpc_wheel_keyed_by_flags():
     assert "--no-cache-dir" in plain and "CMAKE_ARGS='-DGGML_RPC=on" in plain
     assert "wheels/GGML_RPC=on'" in plain
     assert "wheels/GGML_RPC=on_GGML_CUDA=on'" in cuda and "-DGGML_RPC=on -DGGML_CUDA=on" in cuda
+
+
+def test_worker_stops_cleanly_on_sigint():
+    worker = Worker()
+    code, out, err = worker.stop(signal.SIGINT)
+    assert code == 0 and "stopping (SIGINT)" in out, err
+    assert "Traceback" not in err
