@@ -10,6 +10,7 @@ one-line message on stderr.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,3 +180,41 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {"n_ubatch": settings.pop("n_ubatch"), "mmap": "auto" if mmap is None else mmap,
             "repack": settings.pop("repack"), "rpc_servers": settings.pop("rpc_servers", None) or (),
             "tensor_split": settings.pop("tensor_split", None)}
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/qwen3-vl-edge (default ~/.cache/qwen3-vl-edge): encoder outputs, device costs."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qwen3-vl-edge"
+
+
+def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --detail, --image-latency and --encoder-cache-dir/--no-encoder-cache."""
+    flags = [
+        click.option("--detail", type=click.Choice(["low", "auto", "high"]), default="auto", show_default=True,
+                     help="Image token budget: low (<= 256 tokens, fastest), auto (the largest that answers within "
+                          "--image-latency on this device), high (>= 1024 tokens, for grounding and OCR). "
+                          "--image-min-tokens/--image-max-tokens override it."),
+        click.option("--image-latency", "image_latency_s", default=8.0, show_default=True,
+                     type=click.FloatRange(min=0.001), help="Seconds of image encode + prefill --detail auto aims for."),
+        click.option("--encoder-cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Keep image encoder outputs here across runs [default: the user cache dir, "
+                          "~/.cache/qwen3-vl-edge/encoder]."),
+        click.option("--no-encoder-cache", is_flag=True, help="Do not keep encoder outputs on disk."),
+    ]
+    for flag in reversed(flags):
+        command = flag(command)
+    return command
+
+
+def image_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Pops the image_flags values from click's kwargs, as VisionChat keywords."""
+    cache_dir = settings.pop("encoder_cache_dir")
+    off = settings.pop("no_encoder_cache")
+    root = user_cache_dir()
+    return {
+        "detail": settings.pop("detail"),
+        "image_latency_s": settings.pop("image_latency_s"),
+        "encoder_cache_dir": None if off else (cache_dir or root / "encoder"),
+        "cost_cache_dir": root,
+    }

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from .backend import peak_rss_bytes
 from .detokenize import PieceTable, TextPipeline
@@ -17,6 +20,7 @@ from .engine import DecodeOutcome, Engine, PrefillResult
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
 from .manifest_paths import resolve_model_paths
+from .image_budget import ImagePlan, check_detail
 from .messages import image_input, split_messages, user_message
 from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
@@ -28,7 +32,7 @@ from .saved_conversation import (
     read_conversation,
     write_conversation,
 )
-from .stats import GenerationStats
+from .stats import GenerationStats, image_report
 from .template import THINK_OPEN, render_with_markers, template_for
 
 
@@ -54,6 +58,11 @@ class VisionChat:
         threads: int | None = None,
         image_min_tokens: int | None = None,
         image_max_tokens: int | None = None,
+        detail: str = "auto",
+        image_latency_s: float = 8.0,
+        encoder_cache_dir: str | Path | None = None,
+        encoder_cache_disk_mb: float = 1024,
+        cost_cache_dir: str | Path | None = None,
         system_prompt: str | None = None,
         seed: int = 0,
         n_batch: int = 512,
@@ -90,8 +99,13 @@ class VisionChat:
             image_min_tokens=image_min_tokens,
             image_max_tokens=image_max_tokens,
             encoder_cache_bytes=int(encoder_cache_mb * (1 << 20)),
+            encoder_cache_dir=str(encoder_cache_dir) if encoder_cache_dir else None,
+            encoder_cache_disk_bytes=int(encoder_cache_disk_mb * (1 << 20)),
+            image_latency_s=image_latency_s,
+            cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,
             n_seq_max=seq_id + 1,
         )
+        self.detail = check_detail(detail)
         self.engine = Engine(model, mmproj, options)
         try:
             self.template = template_for(self.engine, chat_template)
@@ -108,6 +122,8 @@ class VisionChat:
         self._pieces = PieceTable(self.engine.vocab)
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._attached: tuple[list[ImageInput], threading.Thread] | None = None
+        self._attach_error: BaseException | None = None
 
     @classmethod
     def from_dir(cls, out_dir: str | Path, **kwargs: Any) -> "VisionChat":
@@ -117,11 +133,18 @@ class VisionChat:
 
     # ------------------------------------------------------------ public API
 
-    def ask(self, prompt: str, images: Sequence[Any] | None = None, **gen: Any) -> str:
-        """Answer `prompt` (about `images`, if any) and add the turn to the history."""
-        return "".join(self.stream(prompt, images, **gen))
+    def ask(self, prompt: str, images: Sequence[Any] | None = None, *, detail: str | None = None, **gen: Any) -> str:
+        """Answer `prompt` (about `images`, if any) and add the turn to the history.
 
-    def stream(self, prompt: str, images: Sequence[Any] | None = None, **gen: Any) -> Iterator[str]:
+        `detail` ("low" | "auto" | "high", default the chat's) sets the token budget of
+        these images; an item {"image": src, "detail": ...} sets it for one image.
+        Without images, the images given to `attach` (if any) are used.
+        """
+        return "".join(self.stream(prompt, images, detail=detail, **gen))
+
+    def stream(
+        self, prompt: str, images: Sequence[Any] | None = None, *, detail: str | None = None, **gen: Any
+    ) -> Iterator[str]:
         """Like `ask`, yielding text pieces as they are generated.
 
         The turn joins the history when the stream ends, also when the caller
@@ -130,7 +153,8 @@ class VisionChat:
         t_start = time.perf_counter()
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        loaded = self._load_images(images or ())
+        attached = self._take_attached()
+        loaded = self._load_images(images or (), detail) if images or not attached else attached
         if not prompt.strip() and not loaded:
             raise EmptyPromptError("the prompt is empty and no image was given: nothing to answer")
         history = list(self.history)
@@ -149,12 +173,61 @@ class VisionChat:
     def generate_stream(self, messages: Sequence[dict], **gen: Any) -> Iterator[str]:
         t_start = time.perf_counter()
         template_messages, images = split_messages(
-            messages, load=lambda src, name: image_input(src, name, self.image_limits)
+            messages, load=lambda src, name, detail: self.load_image(src, detail, name)
         )
         return self._stream(template_messages, images, gen, t_start, record=None)
 
+    def load_image(self, src: Any, detail: str | None = None, name: str = "image") -> ImageInput:
+        """Load and resize one image for its detail level, as the HF processor would for that budget."""
+        if isinstance(src, dict) and "image" in src:
+            src, detail = src["image"], src.get("detail", detail)
+        if isinstance(src, ImageInput):
+            return src
+        detail = check_detail(detail or self.detail)
+        plan = self.engine.plan_image(detail) if self.engine.has_vision else None
+        return image_input(src, name, self.image_limits, plan)
+
+    def encode_image(self, image: Any, detail: str | None = None) -> "EncodedImage":
+        """The vision encoder's output for `image` at `detail`: embeddings, grid and token count.
+
+        What the encoder caches store; the parity tests compare it with transformers.
+        """
+        loaded = self._load_images([image], detail)[0]
+        with self._guard():
+            embeddings, nx, ny = self.engine.encode_image(loaded)
+        return EncodedImage(embeddings, (nx, ny), int(embeddings.shape[0]), loaded.plan, (loaded.width, loaded.height))
+
+    def attach(self, images: Sequence[Any], *, detail: str | None = None) -> "threading.Thread":
+        """Start encoding `images` and prefilling the conversation up to them, in the background.
+
+        Returns at once (the thread, for callers that want to wait); the next
+        `ask`/`stream` without images asks about these images and evaluates only
+        the question. For camera apps: the photo is taken while the user types.
+        """
+        loaded = self._load_images(images, detail)
+        self._drop_attached()  # a newer attach replaces an older one
+        messages = self._with_system(list(self.history) + [user_message(_ATTACH_SENTINEL, loaded)])
+        text = self._render(messages, loaded)
+        prefix = text[: text.index(_ATTACH_SENTINEL)]
+        self._attach_error = None
+
+        def work() -> None:
+            try:
+                with self._guard():
+                    with self.engine.tokenize(prefix, loaded) as prompt:
+                        if prompt.chunks and prompt.chunks[-1].kind == "text":
+                            self.engine.prefill(prompt, self.seq_id)
+            except BaseException as exc:  # reported by the ask that uses the images
+                self._attach_error = exc
+
+        thread = threading.Thread(target=work, name="edge-attach", daemon=True)
+        self._attached = (loaded, thread)
+        thread.start()
+        return thread
+
     def reset(self) -> None:
-        """Forget the conversation (the encoder cache keeps recent images)."""
+        """Forget the conversation (the encoder cache keeps recent images) and any attached images."""
+        self._drop_attached()
         with self._guard():
             self.history = []
             self.engine.reset(self.seq_id)
@@ -220,6 +293,7 @@ class VisionChat:
         return chat
 
     def close(self) -> None:
+        self._drop_attached()  # its thread uses the engine
         self.engine.close()
 
     def __enter__(self) -> "VisionChat":
@@ -234,15 +308,35 @@ class VisionChat:
 
     # ------------------------------------------------------------ internals
 
-    def _load_images(self, images: Sequence[Any]) -> list[ImageInput]:
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+    def _load_images(self, images: Sequence[Any], detail: str | None = None) -> list[ImageInput]:
+        if isinstance(images, (str, Path, bytes, dict)) or not isinstance(images, Sequence):
             images = [images]  # a single image where a list was expected
         if images and not self.engine.has_vision:
             raise VisionUnsupportedError(
                 f"{self.engine.model_path.name} was loaded without a projector (mmproj), so it cannot see "
                 "images; pass mmproj=... or open the converter's output directory"
             )
-        return [image_input(src, f"image {i + 1}", self.image_limits) for i, src in enumerate(images)]
+        if detail is not None:
+            check_detail(detail)
+        return [self.load_image(src, detail, f"image {i + 1}") for i, src in enumerate(images)]
+
+    def _drop_attached(self) -> None:
+        try:
+            self._take_attached()
+        except Exception:  # the attach failed; nobody asks about its images any more
+            pass
+
+    def _take_attached(self) -> list[ImageInput]:
+        """The images of a pending `attach` (waiting for its prefill); [] if none."""
+        if self._attached is None:
+            return []
+        loaded, thread = self._attached
+        self._attached = None
+        thread.join()
+        error, self._attach_error = self._attach_error, None
+        if error is not None:
+            raise error
+        return loaded
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.system_prompt and not (messages and messages[0].get("role") == "system"):
@@ -280,11 +374,12 @@ class VisionChat:
             prompt.close()
             raise
         starts_inside = text.rstrip().endswith(THINK_OPEN)
-        return self._run(prompt, options, max_tokens, t_start, starts_inside, record)
+        return self._run(prompt, images, options, max_tokens, t_start, starts_inside, record)
 
     def _run(
         self,
         prompt: Prompt,
+        images: Sequence[ImageInput],
         options: GenerationOptions,
         max_tokens: int,
         t_start: float,
@@ -302,6 +397,8 @@ class VisionChat:
             try:
                 with prompt:
                     pre = self.engine.prefill(prompt, self.seq_id, reserve=max_tokens)
+                    stats.image_details = [image_report(img, chunk.n_tokens) for img, chunk in
+                                           zip(images, (c for c in prompt.chunks if c.kind == "image"))]
                 _fill_prefill(stats, pre)
                 seed = options.seed if options.seed is not None else self.seed
                 with Sampler(options, self.engine.vocab, seed) as sampler:
@@ -386,3 +483,19 @@ def _fill_prefill(stats: GenerationStats, pre: PrefillResult) -> None:
     stats.encoder_cache_hits = pre.encoder_cache_hits
     stats.image_encode_s = pre.image_encode_s
     stats.prefill_s = pre.prefill_s
+    stats.disk_cache_hits = pre.disk_cache_hits
+
+
+# Stands for the question while rendering an attached turn; the prompt is cut before it.
+_ATTACH_SENTINEL = "\u2063ATTACHED-IMAGES-END\u2063"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """`VisionChat.encode_image`'s result."""
+
+    embeddings: np.ndarray  # n_tokens x n_embd_inp float32 (main + deepstack features)
+    grid: tuple[int, int]  # merged tokens across, down
+    n_tokens: int
+    plan: ImagePlan | None
+    size: tuple[int, int]  # the resized image's width, height

@@ -52,6 +52,7 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
 @click.option("--keep-think", is_flag=True, help="Show the reasoning of Thinking models (cut by default).")
 @flags.ctx_size(ENGINE.n_ctx)
 @flags.engine_flags(ENGINE)
+@flags.image_flags
 @click.option("--stats/--no-stats", default=False, help="Print timings after each answer (stderr).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the runtime's and llama.cpp's log.")
 def main(
@@ -84,6 +85,7 @@ def main(
             system_prompt=system_prompt,
             seed=settings["seed"],
             **load_settings(settings),
+            **flags.image_settings(settings),
         )
     except USER_ERRORS as exc:
         fail(PROG, str(exc))

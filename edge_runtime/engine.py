@@ -42,7 +42,9 @@ from .backend import (
     resolve_ubatch,
     take_errors,
 )
+from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
+from .image_budget import HIGH_MAX_TOKENS, DeviceCost, ImagePlan, load_cost, plan_image, save_cost
 from .errors import (
     ContextOverflowError,
     DecodeError,
@@ -59,6 +61,7 @@ from .options import EngineOptions
 from .prompt import Chunk, ImageInput, Prompt, token_ids, tokenize_multimodal, tokenize_text
 from .sampling import Sampler
 from .saved_conversation import StateFingerprint, file_sha256
+from .vision_spec import read_vision_spec
 
 log = logging.getLogger("edge_runtime")
 
@@ -74,6 +77,7 @@ class PrefillResult:
     encoder_cache_hits: int = 0
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
+    disk_cache_hits: int = 0
 
 
 @dataclass
@@ -174,6 +178,10 @@ class Engine:
 
         self._seqs: dict[int, SeqState] = {}
         self.encoder_cache = EncoderCache(opts.encoder_cache_bytes)
+        self.disk_cache: DiskEncoderCache | None = None
+        self._disk_hits: set[str] = set()
+        if self.mmproj_path is not None:
+            self._init_image_costs()
         self._eot = self._end_of_turn_tokens()
         log.info(
             "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d, "
@@ -205,10 +213,16 @@ class Engine:
         params.n_threads = self.threads
         params.flash_attn_type = self.flash_attn_type
         params.warmup = bool(use_gpu)  # on CPU a warm-up encode only delays start-up
-        if opts.image_min_tokens is not None:
-            params.image_min_tokens = opts.image_min_tokens
-        if opts.image_max_tokens is not None:
-            params.image_max_tokens = opts.image_max_tokens
+        if self.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO and not use_gpu:
+            # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
+            # projector would run without flash attention (slower, and O(patches^2) memory).
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.vision = read_vision_spec(self.mmproj_path)
+        self.projector_gpu = bool(use_gpu)
+        # Images are resized here (HF's processor, per-image budgets) to sizes mtmd keeps as
+        # they are: its own bounds only need to admit every budget this engine may choose.
+        params.image_min_tokens = 1
+        params.image_max_tokens = max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0)
         take_errors()
         self._mctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
         if not self._mctx:
@@ -226,6 +240,36 @@ class Engine:
             )
         if not mtmd.mtmd_support_vision(self._mctx):
             raise ModelLoadError(f"{self.mmproj_path.name} has no vision encoder")
+
+    def _init_image_costs(self) -> None:
+        opts = self.options
+        self._cost_dir = Path(opts.cost_cache_dir).expanduser() if opts.cost_cache_dir else None
+        self._cost_key = (f"{self.model_path.name}:{self.model_path.stat().st_size}|{self.mmproj_path.name}:"
+                          f"{self.mmproj_path.stat().st_size}|threads={self.threads}|gpu={int(self.projector_gpu)}"
+                          f"|layers={self.n_gpu_layers}")
+        self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu)
+        self.text_flops_per_token = self._text_flops_per_token()
+        if opts.encoder_cache_dir:
+            root = Path(opts.encoder_cache_dir).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            sha = projector_sha256(self.mmproj_path, root)
+            self.disk_cache = DiskEncoderCache(root, sha, opts.encoder_cache_disk_bytes)
+
+    def _text_flops_per_token(self) -> float:
+        """2 x the text model's matrix weights a prompt token passes through (embeddings excluded)."""
+        n_params = int(llama_cpp.llama_model_n_params(self._model))
+        n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        return 2.0 * max(n_params - n_vocab * n_embd, n_params // 2)
+
+    def plan_image(self, detail: str = "auto") -> ImagePlan:
+        """The token budget for one image at `detail`, from this engine's options and device cost."""
+        opts = self.options
+        ceiling = max(1, self.n_ctx_seq // 2)
+        auto = self.cost.auto_tokens(self.vision, self.text_flops_per_token, opts.image_latency_s,
+                                     min(ceiling, self.vision.max_tokens))
+        return plan_image(detail, self.vision, auto_tokens=auto, ceiling=ceiling,
+                          explicit_min=opts.image_min_tokens, explicit_max=opts.image_max_tokens)
 
     def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
         """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""
@@ -364,10 +408,39 @@ class Engine:
             )
         if not self.has_vision:
             return tokenize_text(self._vocab, text)
-        pinned = {img.digest: e for img in images if (e := self.encoder_cache.get(img.digest)) is not None}
+        pinned = {img.digest: e for img in images if (e := self._cached_embedding(img.digest)) is not None}
         prompt = tokenize_multimodal(self._mctx, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
+
+    def _cached_embedding(self, digest: str) -> np.ndarray | None:
+        """Encoder output from memory, else from disk (then kept in memory too)."""
+        embd = self.encoder_cache.get(digest)
+        if embd is None and self.disk_cache is not None and digest:
+            embd = self.disk_cache.get(digest)
+            if embd is not None:
+                embd = embd.reshape(-1)
+                self._disk_hits.add(digest)
+                self.encoder_cache.put(digest, embd)
+        return embd
+
+    def encode_image(self, image: ImageInput) -> tuple[np.ndarray, int, int]:
+        """Encoder output of one image: (n_tokens x n_embd_inp float32 array, grid_x, grid_y).
+
+        Served from the caches when they hold it; what they store, and what the
+        parity tests compare with transformers.
+        """
+        self._require_open()
+        if not self.has_vision:
+            raise VisionUnsupportedError(f"{self.model_path.name} was loaded without a projector (mmproj)")
+        with self.tokenize(self.marker, [image]) as prompt:
+            chunk = next(c for c in prompt.chunks if c.kind == "image")
+            nx = int(mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)))
+            ny = int(mtmd.mtmd_image_tokens_get_ny(mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)))
+            embd = prompt.embeddings.get(chunk.digest or "")
+            if embd is None:
+                embd, _ = self._encode(chunk, keep=True)
+        return np.array(embd, dtype=np.float32).reshape(chunk.n_tokens, self.n_embd_inp), nx, ny
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.n_ctx_seq:
@@ -423,6 +496,9 @@ class Engine:
             self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
             raise
         result.prefill_s = time.perf_counter() - t0 - result.image_encode_s
+        if self.has_vision and result.evaluated_tokens >= 32 and result.prefill_s > 0:
+            if self.cost.record("prefill", result.evaluated_tokens * self.text_flops_per_token, result.prefill_s):
+                save_cost(self._cost_dir, self._cost_key, self.cost)
         return result
 
     def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
@@ -465,6 +541,28 @@ class Engine:
             reason = {1: "no free KV-cache slot (raise n_ctx)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
             raise DecodeError(f"llama_decode failed on {n} token(s): {reason} (code {rc})" + _log_suffix())
 
+    def _encode(self, chunk: Chunk, keep: bool = False) -> tuple[np.ndarray, float]:
+        """Run the vision encoder on an image chunk: (embeddings, seconds); feeds the caches and the cost model."""
+        digest = chunk.digest or ""
+        t0 = time.perf_counter()
+        take_errors()
+        if mtmd.mtmd_encode_chunk(self._mctx, chunk.handle) != 0:
+            raise DecodeError("the vision encoder failed on an image" + _log_suffix())
+        out = mtmd.mtmd_get_output_embd(self._mctx)
+        n = chunk.n_tokens * self.n_embd_inp
+        # mtmd's own buffer, valid until the next encode: copied only when a cache keeps it
+        embd = np.ctypeslib.as_array(out, shape=(n,))
+        seconds = time.perf_counter() - t0
+        if self.cost.record("encoder", self.vision.encoder_flops(chunk.n_tokens), seconds):
+            save_cost(self._cost_dir, self._cost_key, self.cost)
+        if keep or (digest and (embd.nbytes <= self.encoder_cache.max_bytes or self.disk_cache is not None)):
+            embd = embd.copy()
+        if digest and embd.nbytes <= self.encoder_cache.max_bytes:
+            self.encoder_cache.put(digest, embd)
+        if digest and self.disk_cache is not None:
+            self.disk_cache.put(digest, embd)
+        return embd, seconds
+
     def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: PrefillResult) -> None:
         digest = chunk.digest or ""
         embd = prompt.embeddings.get(digest)
@@ -473,21 +571,14 @@ class Engine:
         if embd is None:
             if chunk.placeholder:
                 raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
-            t0 = time.perf_counter()
-            take_errors()
-            if mtmd.mtmd_encode_chunk(self._mctx, chunk.handle) != 0:
-                raise DecodeError("the vision encoder failed on an image" + _log_suffix())
-            out = mtmd.mtmd_get_output_embd(self._mctx)
-            n = chunk.n_tokens * self.n_embd_inp
-            # mtmd's own buffer, valid until the next encode: copied only when the cache keeps it
-            embd = np.ctypeslib.as_array(out, shape=(n,))
-            result.image_encode_s += time.perf_counter() - t0
+            embd, seconds = self._encode(chunk)
+            result.image_encode_s += seconds
             result.images_encoded += 1
-            if digest and embd.nbytes <= self.encoder_cache.max_bytes:
-                embd = embd.copy()
-                self.encoder_cache.put(digest, embd)
         else:
             result.encoder_cache_hits += 1
+            if digest in self._disk_hits:
+                self._disk_hits.discard(digest)
+                result.disk_cache_hits += 1
         new_n_past = llama_cpp.llama_pos(0)
         with self.guarded():
             rc = self._decode_image_embd(chunk, embd, state, seq_id, new_n_past)

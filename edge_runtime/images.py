@@ -19,12 +19,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from edge_common.errors import EdgeError
+
+from .resize import draft_for, resize_to
 
 __all__ = [
     "ImageError",
@@ -41,6 +43,9 @@ __all__ = [
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+# (width, height) of the upright image -> (width, height) it should have: the resize
+# is known before decoding, so a large JPEG can decode at a reduced scale.
+SizeRule = Callable[[tuple[int, int]], tuple[int, int]]
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(?:;[^,]*)?),(?P<payload>.*)$", re.DOTALL | re.IGNORECASE)
 _WHITE = (255, 255, 255)
@@ -80,11 +85,15 @@ class ImageLimits:
             )
 
 
-def load_image(src: ImageSource, *, name: str | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def load_image(
+    src: ImageSource, *, name: str | None = None, limits: ImageLimits = ImageLimits(), fit: SizeRule | None = None
+) -> Image.Image:
     """Load `src` as an RGB image, EXIF orientation applied, alpha flattened onto white.
 
     `name` labels the input in error messages (e.g. "image 2"); the source kind
-    is appended, so errors read "image 2 (bytes): ...".
+    is appended, so errors read "image 2 (bytes): ...". With `fit`, the image is
+    resized (PIL bicubic) to the size it returns; a JPEG is decoded at a reduced
+    scale when that size allows (see resize.draft_for).
     """
     if isinstance(src, Image.Image):
         label = _label(name, "PIL image")
@@ -92,28 +101,28 @@ def load_image(src: ImageSource, *, name: str | None = None, limits: ImageLimits
             _check_size(label, src.size, limits)
             _load_pixels(label, src)
             img = _exif_upright(src)
-        return _finish(label, _pil_to_rgb(label, img), limits)
+        return _finish(label, _pil_to_rgb(label, img), limits, fit)
     if isinstance(src, np.ndarray):
         label = _label(name, "numpy array")
-        return _finish(label, _array_to_rgb(label, src, limits), limits)
+        return _finish(label, _array_to_rgb(label, src, limits), limits, fit)
     if isinstance(src, (bytes, bytearray, memoryview)):
         label = _label(name, "bytes")
         data = src.tobytes() if isinstance(src, memoryview) else bytes(src)
-        return _decode(label, data, limits)
+        return _decode(label, data, limits, fit)
     if isinstance(src, Path):
-        return _load_path(src, name, limits)
+        return _load_path(src, name, limits, fit)
     if isinstance(src, str):
         if src[:5].lower() == "data:":
             label = _label(name, "data URI")
-            return _decode(label, _data_uri_bytes(label, src, limits), limits)
+            return _decode(label, _data_uri_bytes(label, src, limits), limits, fit)
         if src[:7].lower() == "file://":
-            return _load_path(Path(urllib.parse.unquote(urllib.parse.urlparse(src).path)), name, limits)
+            return _load_path(Path(urllib.parse.unquote(urllib.parse.urlparse(src).path)), name, limits, fit)
         if re.match(r"^[a-z][a-z0-9+.-]*://", src, re.IGNORECASE):
             raise ImageError(
                 f"{_label(name, 'URL')}: remote URLs are not fetched ({src[:60]!r}); "
                 "download the image and pass its bytes or a local path"
             )
-        return _load_path(Path(src), name, limits)
+        return _load_path(Path(src), name, limits, fit)
     raise ImageError(
         f"{_label(name, type(src).__name__)}: unsupported image source type {type(src).__name__}; "
         "pass a path, bytes, a data:image/...;base64 URI, a PIL image or a numpy array"
@@ -141,7 +150,7 @@ def _label(name: str | None, kind: str) -> str:
     return f"{name or 'image'} ({kind})"
 
 
-def _load_path(path: Path, name: str | None, limits: ImageLimits) -> Image.Image:
+def _load_path(path: Path, name: str | None, limits: ImageLimits, fit: SizeRule | None = None) -> Image.Image:
     path = path.expanduser()
     label = _label(name, f"file '{path}'")
     try:
@@ -157,7 +166,7 @@ def _load_path(path: Path, name: str | None, limits: ImageLimits) -> Image.Image
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
-    return _decode(label, data, limits)
+    return _decode(label, data, limits, fit)
 
 
 def _data_uri_bytes(label: str, uri: str, limits: ImageLimits) -> bytes:
@@ -184,7 +193,7 @@ def _data_uri_bytes(label: str, uri: str, limits: ImageLimits) -> bytes:
 # --- decoding ------------------------------------------------------------
 
 
-def _decode(label: str, data: bytes, limits: ImageLimits) -> Image.Image:
+def _decode(label: str, data: bytes, limits: ImageLimits, fit: SizeRule | None = None) -> Image.Image:
     _check_bytes(label, len(data), limits)
     if not data:
         raise ImageError(f"{label}: no data (0 bytes)")
@@ -199,9 +208,13 @@ def _decode(label: str, data: bytes, limits: ImageLimits) -> Image.Image:
         except _DECODE_ERRORS as exc:
             raise ImageError(f"{label}: cannot decode image data ({exc}); the file is corrupt or truncated") from None
         _check_size(label, img.size, limits)
+        original = _upright_size(img)
+        target = _fit(label, fit, original) if fit is not None else None
+        if target is not None:
+            _draft(img, target, original)
         _load_pixels(label, img)  # the first frame of an animation: Image.open selected it
         img = _exif_upright(img)
-    return _finish(label, _pil_to_rgb(label, img), limits)
+    return _finish(label, _pil_to_rgb(label, img), limits, fit, target)
 
 
 def _load_pixels(label: str, img: Image.Image) -> None:
@@ -232,6 +245,28 @@ def _pil_pixel_limit(label: str, limits: ImageLimits) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
+_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that turn the picture by 90 degrees
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error, OSError):
+        return 1
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """The size after EXIF orientation, read from the header (nothing decoded)."""
+    w, h = img.size
+    return (h, w) if _exif_orientation(img) in _SWAPPED_ORIENTATIONS else (w, h)
+
+
+def _draft(img: Image.Image, target: tuple[int, int], upright: tuple[int, int]) -> None:
+    """draft_for in the file's own orientation."""
+    stored = target if upright == img.size else (target[1], target[0])
+    draft_for(img, stored)
+
+
 def _exif_upright(img: Image.Image) -> Image.Image:
     """Rotate as the camera meant; a broken EXIF block is no reason to refuse a photo."""
     try:
@@ -257,9 +292,23 @@ def _check_size(label: str, size: tuple[int, int], limits: ImageLimits) -> None:
         raise ImageError(f"{label}: {w}x{h} has a side under ImageLimits.min_side={limits.min_side}")
 
 
-def _finish(label: str, img: Image.Image, limits: ImageLimits) -> Image.Image:
-    _check_size(label, img.size, limits)
-    return img
+def _finish(
+    label: str, img: Image.Image, limits: ImageLimits, fit: SizeRule | None = None,
+    target: tuple[int, int] | None = None,
+) -> Image.Image:
+    if target is None:
+        _check_size(label, img.size, limits)
+        if fit is None:
+            return img
+        target = _fit(label, fit, img.size)
+    return resize_to(img, target)
+
+
+def _fit(label: str, fit: SizeRule, size: tuple[int, int]) -> tuple[int, int]:
+    try:
+        return fit(size)
+    except ValueError as exc:  # smart_resize: an aspect ratio over 200
+        raise ImageError(f"{label}: {size[0]}x{size[1]}: {exc}; crop the image") from None
 
 
 # --- colour --------------------------------------------------------------

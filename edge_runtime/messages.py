@@ -1,7 +1,8 @@
 """OpenAI-style message lists -> (template messages, images in prompt order).
 
 Accepted content parts: {"type": "text", "text"}, {"type": "image_url",
-"image_url": {"url": data URI | path | file://}} (or a bare string), and
+"image_url": {"url": data URI | path | file://, "detail": "low" | "auto" | "high"}}
+(or a bare string), and
 {"type": "image", "image": path | bytes | PIL | numpy | ImageInput}. Image parts
 become {"type": "image"}, which Qwen's chat template renders as its vision
 placeholder; the images themselves are returned in the order they appear.
@@ -11,22 +12,43 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from .errors import EmptyPromptError
+from .image_budget import ImagePlan, check_detail
 from .images import ImageLimits, image_digest, load_image, to_rgb_array
 from .prompt import ImageInput
 
-ImageLoader = Callable[[Any, str], ImageInput]
+# (source, name for errors, detail or None) -> ImageInput
+ImageLoader = Callable[[Any, str, "str | None"], ImageInput]
 
 
-def image_input(src: Any, name: str = "image", limits: ImageLimits = ImageLimits()) -> ImageInput:
-    """Load any supported image source once: pixels for mtmd, digest for the caches."""
+def image_input(
+    src: Any, name: str = "image", limits: ImageLimits = ImageLimits(), plan: ImagePlan | None = None
+) -> ImageInput:
+    """Load any supported image source once: pixels for mtmd, digest for the caches.
+
+    With a `plan`, the pixels are resized as the HF processor would for its budget
+    (a large JPEG decoded at reduced scale), so mtmd leaves them as they are.
+    """
     if isinstance(src, ImageInput):
         return src
-    img = load_image(src, name=name, limits=limits)
-    return ImageInput.from_array(to_rgb_array(img), image_digest(img))
+    if plan is None:
+        img = load_image(src, name=name, limits=limits)
+        return ImageInput.from_array(to_rgb_array(img), image_digest(img))
+    seen: list[tuple[int, int]] = []
+
+    def fit(size: tuple[int, int]) -> tuple[int, int]:
+        seen.append(size)
+        return plan.size_for(size)
+
+    img = load_image(src, name=name, limits=limits, fit=fit)
+    return ImageInput.from_array(to_rgb_array(img), image_digest(img), plan, seen[0] if seen else None)
+
+
+def _default_load(src: Any, name: str, detail: str | None) -> ImageInput:
+    return image_input(src, name)
 
 
 def split_messages(
-    messages: Sequence[dict], load: ImageLoader = image_input
+    messages: Sequence[dict], load: ImageLoader = _default_load
 ) -> tuple[list[dict], list[ImageInput]]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise EmptyPromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -43,7 +65,8 @@ def split_messages(
                 if src is None:
                     parts.append({"type": "text", "text": part} if isinstance(part, str) else part)
                     continue
-                images.append(load(src, f"messages[{i}].content[{j}]"))
+                where = f"messages[{i}].content[{j}]"
+                images.append(load(src, where, _detail(part, where)))
                 parts.append({"type": "image"})
             content = parts
         out.append({**message, "content": content})
@@ -78,6 +101,17 @@ def _image_source(part: Any) -> Any | None:
             raise ValueError("an image part needs an 'image' value (path, bytes, PIL image or array)")
         return src
     return None
+
+
+def _detail(part: Any, where: str) -> str | None:
+    """OpenAI's image_url.detail (also accepted beside an "image" part); None if not given."""
+    if not isinstance(part, dict):
+        return None
+    ref = part.get("image_url")
+    detail = ref.get("detail") if isinstance(ref, dict) else part.get("detail")
+    if detail is None:
+        return None
+    return check_detail(detail, f"{where}.detail")
 
 
 def _has_content(content: Any) -> bool:

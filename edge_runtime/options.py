@@ -28,6 +28,13 @@ class EngineOptions:
     # Encoder outputs of recent images, so a new conversation about the same
     # picture skips the vision encoder. A 2B model's 640x480 image is ~10 MB.
     encoder_cache_bytes: int = 128 << 20
+    # Encoder outputs on disk for new processes (None: off). Bounded in bytes.
+    encoder_cache_dir: str | None = None
+    encoder_cache_disk_bytes: int = 1 << 30
+    # detail="auto": the largest image budget whose predicted encode + prefill fits this.
+    image_latency_s: float = 8.0
+    # Where the measured encoder/prefill rates of this device are kept (None: in memory only).
+    cost_cache_dir: str | None = None
     n_seq_max: int = 1  # parallel sequences (a server would raise it)
     mmproj_gpu: bool | None = None  # None: follow n_gpu_layers
     # "auto": map the file unless CPU layers are repacked (then read it once:
@@ -75,6 +82,10 @@ class EngineOptions:
             raise ValueError(f"n_seq_max must be positive, got {self.n_seq_max}")
         if self.encoder_cache_bytes < 0:
             raise ValueError("encoder_cache_bytes must be >= 0")
+        if self.encoder_cache_disk_bytes < 0:
+            raise ValueError("encoder_cache_disk_bytes must be >= 0")
+        if not self.image_latency_s > 0:
+            raise ValueError(f"image_latency_s must be positive, got {self.image_latency_s}")
         for name in ("image_min_tokens", "image_max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -1,24 +1,36 @@
-"""Image sizes the way Hugging Face's Qwen-VL processors choose them.
+"""Image sizes and pixels the way Hugging Face's Qwen-VL processors make them.
 
 llama.cpp's own resize differs from the processor's (grid choice and filter), which
 costs fidelity on every real photo; resizing here to the processor's grid and handing
-mtmd an image it need not resize again matches transformers. Shared by single images
-and video frames.
+mtmd an image it need not resize again matches transformers. Small pure functions,
+shared by single images and video frames:
+
+    budget = PixelBudget.from_tokens(factor=32, min_tokens=64, max_tokens=256)
+    size = target_size(img.size, budget)      # (width, height), HF's smart_resize
+    img = draft_for(img, size)                # JPEG: decode at 1/2..1/8 scale when the target allows
+    img = resize_to(img, size)                # PIL bicubic (antialiased), as the HF PIL processor
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["smart_resize"]
+from PIL import Image
+
+__all__ = ["PixelBudget", "draft_for", "resize_to", "smart_resize", "target_size"]
 
 MAX_ASPECT_RATIO = 200
+# A JPEG is decoded at a reduced scale only while it keeps this many times the
+# target's pixels per side: the DCT downscale then only replaces the first part
+# of the bicubic's antialiasing, and embeddings stay within the parity tolerance.
+DRAFT_MARGIN = 2
 
 
 def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(height, width) divisible by `factor`, aspect kept, area within [min_pixels, max_pixels].
 
     Port of `smart_resize` in transformers' qwen2_vl image processing (used by Qwen3-VL
-    with factor = patch_size * merge_size = 32).
+    with factor = patch_size * merge_size = 32); Python's round() (half to even) as there.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -37,3 +49,56 @@ def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_p
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """The processor's resize bounds: sides multiples of `factor`, area in [min_pixels, max_pixels]."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ValueError(f"factor must be positive, got {self.factor}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+
+    @classmethod
+    def from_tokens(cls, *, factor: int, min_tokens: int, max_tokens: int) -> "PixelBudget":
+        """One merged token covers factor x factor pixels (llama.cpp's image_min/max_tokens)."""
+        area = factor * factor
+        return cls(factor, min(min_tokens, max_tokens) * area, max_tokens * area)
+
+    def tokens(self, size: tuple[int, int]) -> int:
+        """Merged tokens of an image of `size` (width, height) already on the grid."""
+        return (size[0] // self.factor) * (size[1] // self.factor)
+
+
+def target_size(size: tuple[int, int], budget: PixelBudget) -> tuple[int, int]:
+    """(width, height) the HF processor resizes an image of `size` (width, height) to."""
+    h, w = smart_resize(size[1], size[0], factor=budget.factor,
+                        min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
+    return w, h
+
+
+def draft_for(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Ask an undecoded JPEG to decode at the smallest DCT scale that keeps DRAFT_MARGIN x `size`.
+
+    A 12 MP photo bound for 512x384 then decodes as 1008x756 and never exists at full
+    size. Other formats, and already decoded images, are returned as they are.
+    """
+    if img.format != "JPEG":
+        return img
+    want = (size[0] * DRAFT_MARGIN, size[1] * DRAFT_MARGIN)
+    if want[0] < img.size[0] and want[1] < img.size[1]:
+        img.draft(None, want)  # a no-op once the pixels are decoded
+    return img
+
+
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """PIL bicubic with antialiasing and no reducing_gap: what the HF PIL processor calls."""
+    if img.size == tuple(size):
+        return img
+    return img.resize(tuple(size), resample=Image.Resampling.BICUBIC)

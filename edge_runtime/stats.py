@@ -1,7 +1,8 @@
 """Per-answer measurements (`VisionChat.last_stats`)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -12,7 +13,8 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens already in the KV cache
     evaluated_tokens: int = 0  # prompt tokens decoded this call
     images_encoded: int = 0  # images that ran the vision encoder
-    encoder_cache_hits: int = 0  # images whose embeddings came from the LRU cache
+    encoder_cache_hits: int = 0  # images whose embeddings came from a cache (memory or disk)
+    disk_cache_hits: int = 0  # of those, read from the encoder cache on disk
     image_encode_s: float = 0.0
     prefill_s: float = 0.0  # decoding new prompt tokens, excluding the encoder
     ttft_s: float = 0.0  # call start -> first generated token
@@ -22,6 +24,8 @@ class GenerationStats:
     kv_cache_bytes: int = 0  # allocated K+V buffers
     kv_used_bytes: int = 0  # the part holding this sequence
     peak_rss_bytes: int = 0
+    # One dict per image of the prompt: tokens, grid, sizes, detail, budget and why (image_report).
+    image_details: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -49,3 +53,18 @@ class GenerationStats:
             f"KV {self.kv_used_bytes / mib:.1f}/{self.kv_cache_bytes / mib:.1f} MiB | "
             f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB"
         )
+
+
+def image_report(image: Any, n_tokens: int) -> dict[str, Any]:
+    """What one image cost and why: its tokens, grid, sizes and the budget that chose them."""
+    plan = getattr(image, "plan", None)
+    factor = plan.factor if plan is not None else 0
+    report: dict[str, Any] = {
+        "tokens": n_tokens,
+        "size": [image.width, image.height],
+        "source_size": list(image.source_size) if image.source_size else None,
+        "grid": [image.width // factor, image.height // factor] if factor else None,
+    }
+    if plan is not None:
+        report.update(detail=plan.detail, min_tokens=plan.min_tokens, max_tokens=plan.max_tokens, reason=plan.reason)
+    return report

@@ -313,3 +313,19 @@ def test_cli_renders_an_earlier_json(report, tmp_path):
     result = CliRunner().invoke(cli_main, ["--render", str(path)])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == to_markdown(report).strip()
+
+
+def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
+    """edge-bench --images: every case measured in its own process; the second process is served from disk."""
+    out = tmp_path / "images.json"
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--kv", "f16",
+            "--n-ctx", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    assert "| 4032x3024 JPEG, defaults |" in result.output and "Encoder efficiency" in result.output
+    cases = json.loads(out.read_text())
+    assert cases["disk-first"]["images_encoded"] == 1
+    assert cases["disk-second"]["images_encoded"] == 0 and cases["disk-second"]["disk_cache_hits"] == 1
+    assert cases["attach"]["images_encoded"] == 0  # the attach thread encoded it before the question
+    assert cases["4032x3024"]["image"]["source_size"] == [4032, 3024]
+    assert all(c["ttft_s"] > 0 and c["peak_rss_bytes"] > 0 for c in cases.values())

@@ -352,3 +352,32 @@ def test_image_size_limit(server, test_image):
     test_image.resize((1024, 768)).save(buf, format="BMP")  # 2.3 MB uncompressed
     uri = "data:image/bmp;base64," + base64.b64encode(buf.getvalue()[: 700_000]).decode()
     assert_error(post(server, {"messages": user("x", uri)}), 400, "image_too_large", "messages[0].content[0]")
+
+
+def test_image_detail_levels_and_their_cost_in_usage(server):
+    """image_url.detail picks each image's budget; usage reports tokens, grid and why (checked against HF)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    from tests.conftest import make_test_image
+
+    buf = io.BytesIO()
+    make_test_image(500, 333, seed=21).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": "any", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": uri, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": uri}},
+        {"type": "text", "text": "Same?"}]}]}
+    resp = httpx.post(server.url("/v1/chat/completions"), json=body, headers=auth(), timeout=300)
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    low, auto = usage["images"]
+    assert (low["detail"], auto["detail"]) == ("low", "auto")
+    for img in (low, auto):
+        h, w = hf_smart_resize(333, 500, factor=32, min_pixels=img["min_tokens"] * 1024,
+                               max_pixels=img["max_tokens"] * 1024)
+        assert img["tokens"] == (h // 32) * (w // 32) and img["grid"] == [w // 32, h // 32]
+        assert img["source_size"] == [500, 333]
+    assert usage["prompt_tokens_details"]["image_tokens"] == low["tokens"] + auto["tokens"]
+    body["messages"][0]["content"][0]["image_url"]["detail"] = "huge"
+    bad = httpx.post(server.url("/v1/chat/completions"), json=body, headers=auth(), timeout=60)
+    assert bad.status_code == 400 and "detail must be one of low, auto, high" in bad.json()["error"]["message"]

@@ -111,6 +111,13 @@ def write_vision_metadata(w: GGUFWriter, ckpt: Checkpoint) -> None:
     w.add_vision_image_std(pre["image_std"])
     w.add_vision_use_gelu(True)
     w.add_vision_spatial_merge_size(vc.spatial_merge_size)
+    # The processor's resize bounds, so the runtime resizes as transformers does for any budget.
+    size = pre.get("size") or {}
+    min_px = size.get("shortest_edge", pre.get("min_pixels"))
+    max_px = size.get("longest_edge", pre.get("max_pixels"))
+    if min_px and max_px:
+        w.add_vision_min_pixels(int(min_px))
+        w.add_vision_max_pixels(int(max_px))
     w.add_vision_is_deepstack_layers([i in deepstack for i in range(vc.depth)])
 
 

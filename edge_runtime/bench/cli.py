@@ -126,6 +126,9 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
               "files (KL, top-1 agreement, image-embedding cosine; needs the float conversion).")
 @click.option("--render", "render_path", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Measure nothing: print the tables (and --plot) of an earlier --json file.")
+@click.option("--images", "images_bench", is_flag=True, help="Measure the image scenarios instead: a 4032x3024 "
+              "photo and 640x480 with the defaults, attach then ask, the encoder cache on disk in a second "
+              "process, encoder efficiency, and transformers bf16 at the same image tokens (with --transformers).")
 @click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -133,7 +136,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
          decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, rpc_servers,
          tensor_split, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
-         convert, convert_targets, memory_breakdown, accuracy, render_path, no_bandwidth, timeout, quiet) -> None:
+         convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, no_bandwidth, timeout,
+         quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
     chat handler and (optionally) transformers, in one run."""
@@ -161,6 +165,12 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
         except PlotUnavailable as exc:
             fail(str(exc))
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    if images_bench:
+        if not (model_dir or synthetic):
+            fail("--images needs a model: an edge-convert output directory or --synthetic 2b")
+        run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats,
+                   threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
+        return
     sections: list[str] = []
     json_out: dict = {}
     try:
@@ -203,6 +213,30 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
         log(f"edge-bench: figures written to {json_path}")
 
 
+def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
+               with_transformers, timeout, json_path, quiet, log) -> None:
+    from .image_bench import ImageBenchSetup, image_bench_markdown, run_image_bench
+    from .machine import detect
+    from .models import BenchSetupError
+
+    try:
+        models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
+        setup = ImageBenchSetup(
+            text=models.text_path(q[0]), mmproj=models.mmproj_path(proj),
+            mmproj_f16=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
+            threads=threads, kv=parse_kv(kv_types)[0], n_ctx=n_ctx, repeats=min(repeats, 2),
+            transformers=with_transformers, timeout=timeout)
+        cases = run_image_bench(setup, log)
+    except (BenchSetupError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    settings = (f"Settings: {setup.text.name} + {setup.mmproj.name}, KV {setup.kv}, n_ctx {setup.n_ctx}, "
+                f"{setup.threads} thread(s), median of {setup.repeats} asks per case (1 for the disk-cache cases), "
+                "defaults otherwise (detail auto, latency target 8 s, cost model measured by the first case).")
+    click.echo(image_bench_markdown(cases, detect().one_line(), settings))
+    if json_path:
+        json_path.write_text(json.dumps(cases, indent=2) + "\n", encoding="utf-8")
+
+
 def render(json_path: Path, plot_path: Path | None) -> None:
     from .report import BenchReport
 
@@ -220,10 +254,9 @@ def render(json_path: Path, plot_path: Path | None) -> None:
             fail(str(exc))
 
 
-def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
-                 measure: Measure, *, kv, resolutions, baselines, transformers_repeats: int, bandwidth: bool,
-                 memory_breakdown: bool, accuracy: bool, passes: int, timeout: float, quiet: bool, log):
-    from .api import run_bench
+def resolve_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
+                   quiet: bool, log):
+    """(ModelSet, text types, projector type): a synthetic model or an output directory, derived types cached."""
     from .models import prepare_dir, prepare_synthetic, read_manifest
 
     if synthetic:
@@ -236,6 +269,15 @@ def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmpro
         proj = parse_quants(mmproj_quant or manifest["mmproj"]["type"], "--mmproj-quant", projector=True)[0]
         models = prepare_dir(model_dir, quants, proj, cache_dir=cache_dir / Path(model_dir).resolve().name,
                              progress=not quiet, log=log)
+    return models, quants, proj
+
+
+def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
+                 measure: Measure, *, kv, resolutions, baselines, transformers_repeats: int, bandwidth: bool,
+                 memory_breakdown: bool, accuracy: bool, passes: int, timeout: float, quiet: bool, log):
+    from .api import run_bench
+
+    models, quants, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
     if TRANSFORMERS in baselines and models.hf_dir is None:
         raise ValueError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
     options = BenchOptions(quants=quants, mmproj_quant=proj, kv_types=kv, resolutions=resolutions, measure=measure,

@@ -64,7 +64,7 @@ def create_app(options: ServerOptions) -> FastAPI:
     metrics = Metrics()
     scheduler = Scheduler(options, metrics)
     policy = ImagePolicy(options.max_image_bytes, options.allow_remote_images, options.allow_local_dir,
-                         options.remote_fetch_timeout_s)
+                         options.remote_fetch_timeout_s, scheduler.plan_image, options.detail)
     started = int(time.time())
 
     @asynccontextmanager

@@ -57,6 +57,7 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @flags.ctx_size(DEFAULTS.ctx_size, "Context tokens per slot (KV cells = ctx-size x parallel).")
 @flags.batch_size(DEFAULTS.n_batch)
 @flags.engine_flags(DEFAULTS)
+@flags.image_flags
 @click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
@@ -83,7 +84,7 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
         options = ServerOptions(model_dir=target, mmproj=mmproj, ctx_size=n_ctx, flash_attn=flash_attn,
-                                **load_settings(settings), **settings)
+                                **load_settings(settings), **flags.image_settings(settings), **settings)
     except (EdgeError, ValueError) as exc:
         fail("edge-serve", str(exc))
     try:  # unreachable RPC workers: a clear error now, not a failed load behind /health

@@ -40,6 +40,10 @@ class ServerOptions:
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
     encoder_cache_mb: float = 128
+    detail: str = "auto"  # images without image_url.detail
+    image_latency_s: float = 8.0
+    encoder_cache_dir: Path | None = None  # encoder outputs on disk (the CLI: the user cache dir)
+    cost_cache_dir: Path | None = None
     api_key: str | None = None
     # Saving/restoring conversations (their KV cache) on the server's disk needs this key
     # when set; with only api_key those routes are refused; with neither they are open.
@@ -104,6 +108,9 @@ class ServerOptions:
             image_min_tokens=self.image_min_tokens,
             image_max_tokens=self.image_max_tokens,
             encoder_cache_bytes=int(self.encoder_cache_mb * MiB),
+            encoder_cache_dir=str(self.encoder_cache_dir) if self.encoder_cache_dir else None,
+            image_latency_s=self.image_latency_s,
+            cost_cache_dir=str(self.cost_cache_dir) if self.cost_cache_dir else None,
             n_seq_max=self.parallel,
         )
 

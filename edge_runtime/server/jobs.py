@@ -24,6 +24,7 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the slot's KV cache
     image_tokens: int = 0  # prompt tokens that are image embeddings
+    images: tuple = ()  # per image: tokens, grid, sizes, detail, budget and why
 
     @property
     def total_tokens(self) -> int:

@@ -22,12 +22,15 @@ class ResponseMeta:
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "image_tokens": usage.image_tokens},
     }
+    if usage.images:  # an extension: what each image cost and why
+        body["images"] = list(usage.images)
+    return body
 
 
 def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:

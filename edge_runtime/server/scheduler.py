@@ -24,6 +24,7 @@ from ..detokenize import PieceTable
 from ..engine import Engine
 from ..manifest_paths import resolve_model_paths
 from ..sampling import Sampler
+from ..stats import image_report
 from ..template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate
 from .batching import TokenBatch
 from .config import ServerOptions
@@ -159,6 +160,11 @@ class Scheduler:
         finally:
             self._shutdown()
 
+    def plan_image(self, detail: str):
+        """The token budget of one image at `detail` (None until a vision model is loaded)."""
+        engine = self._engine
+        return engine.plan_image(detail) if engine is not None and engine.has_vision else None
+
     def _load(self) -> None:
         opts = self.options
         model, mmproj = resolve_model_paths(opts.model_dir, opts.mmproj)
@@ -256,6 +262,8 @@ class Scheduler:
                 seq_id, _ = choose_slot(candidates, prompt.units)
                 t0 = time.perf_counter()
                 pre = engine.prefill(prompt, seq_id, reserve=limit)
+                images = tuple(image_report(img, c.n_tokens) for img, c in
+                               zip(job.images, (c for c in prompt.chunks if c.kind == "image")))
                 self.metrics.add("prefill_seconds", time.perf_counter() - t0)
         except Exception as exc:
             if sampler is not None:
@@ -272,6 +280,7 @@ class Scheduler:
         slot.pipeline = TextPipeline(self._pieces, job.options.stop, job.options.keep_think, job.starts_inside_think)
         slot.prompt_tokens, slot.cached_tokens, slot.started = pre.prompt_tokens, pre.reused_tokens, time.monotonic()
         slot.image_tokens = pre.image_tokens
+        slot.images = images
         self.metrics.add("prompt_tokens", pre.prompt_tokens)
         self.metrics.add("prompt_tokens_cached", pre.reused_tokens)
         self.metrics.add("images", pre.images)
@@ -332,7 +341,7 @@ class Scheduler:
         tail = pipeline.finish()
         if tail:
             job.emit(TextDelta(tail))
-        usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens, slot.image_tokens)
+        usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens, slot.image_tokens, slot.images)
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",

@@ -151,19 +151,24 @@ class ImagePolicy:
     allow_remote: bool = False
     local_root: Path | None = None
     fetch_timeout_s: float = 10.0
+    # detail -> the budget the loaded engine gives an image (None before it is loaded)
+    planner: Callable[[str], Any] | None = None
+    default_detail: str = "auto"
 
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes)
 
-    def load(self, src: Any, name: str) -> ImageInput:
-        """An image_url value -> ImageInput, refusing sources the server was not told to allow."""
+    def load(self, src: Any, name: str, detail: str | None = None) -> ImageInput:
+        """An image_url value -> ImageInput (resized for its detail level), refusing sources
+        the server was not told to allow."""
+        plan = self.planner(detail or self.default_detail) if self.planner is not None else None
         try:
-            return self._load(src, name)
+            return self._load(src, name, plan)
         except ImageError as exc:
             raise bad_request(str(exc), name, "invalid_image") from None
 
-    def _load(self, src: Any, name: str) -> ImageInput:
+    def _load(self, src: Any, name: str, plan: Any = None) -> ImageInput:
         if not isinstance(src, str):
             raise bad_request(f"{name}: image_url.url must be a string", name)
         kind = source_kind(src)
@@ -171,20 +176,21 @@ class ImagePolicy:
             size = data_uri_size(src)
             if size > self.max_image_bytes:
                 raise _image_too_large(name, size, self.max_image_bytes)
-            return image_input(src, name, self.limits)
+            return image_input(src, name, self.limits, plan)
         if kind == "remote":
             if not self.allow_remote:
                 raise ApiError(400, f"{name}: remote image URLs are disabled on this server; send the image as a "
                                "data: URI (or start edge-serve with --allow-remote-images)",
                                "invalid_request_error", name, "remote_images_disabled")
-            return image_input(fetch_remote(src, self.max_image_bytes, self.fetch_timeout_s, name), name, self.limits)
+            return image_input(fetch_remote(src, self.max_image_bytes, self.fetch_timeout_s, name), name,
+                               self.limits, plan)
         if kind == "local":
             if self.local_root is None:
                 raise ApiError(400, f"{name}: local file paths are disabled on this server; send the image as a "
                                "data: URI (or start edge-serve with --allow-local-dir DIR)",
                                "invalid_request_error", name, "local_images_disabled")
             path = confine_path(self.local_root, local_path(src, name), name)
-            return image_input(read_capped(path, self.max_image_bytes, name), name, self.limits)
+            return image_input(read_capped(path, self.max_image_bytes, name), name, self.limits, plan)
         raise bad_request(f"{name}: unsupported image URL scheme in {src[:40]!r}; use a data: URI", name,
                           "unsupported_image_url")
 

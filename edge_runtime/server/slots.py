@@ -27,6 +27,7 @@ class Slot:
     cached_tokens: int = 0
     image_tokens: int = 0
     started: float = 0.0
+    images: tuple = ()  # stats.image_report of each image of the prompt
 
     @property
     def busy(self) -> bool:
@@ -38,6 +39,7 @@ class Slot:
             self.sampler.close()
         self.job = self.sampler = self.pipeline = self.pending = self.bias = None
         self.generated = self.limit = self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
+        self.images = ()
         self.last_used = time.monotonic()
 
 

@@ -1,0 +1,140 @@
+"""`edge-bench --images`: the image scenarios, each case in a fresh process, ratios from one run.
+
+A 4032x3024 phone-like JPEG and a 640x480 image with the defaults, 640x480 at the
+processor's own 300 tokens (what llama.cpp's default budget gives it), attach then
+ask, a second process served by the encoder cache on disk, encoder efficiency
+(encoder FLOP/s over text-prefill FLOP/s) and what flash attention and the
+projector type change, and transformers bf16 on the same image at the same tokens.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+Log = Callable[[str], None]
+GB = 1e9
+
+
+def photo_like_jpeg(path: Path, width: int = 4032, height: int = 3024, seed: int = 0) -> Path:
+    """A synthetic phone photo: smooth gradients, shapes, blur and sensor noise, saved as a q90 JPEG."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC)  # large smooth colour fields, like sky and walls
+    draw = ImageDraw.Draw(small)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 40, width // 6)), int(rng.integers(height // 40, height // 6))
+        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=colour)
+    img = small.filter(ImageFilter.GaussianBlur(2))
+    noise = rng.normal(0, 6, size=(height, width, 1)).astype(np.int16)
+    pixels = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    return path
+
+
+@dataclass(frozen=True)
+class ImageBenchSetup:
+    text: Path
+    mmproj: Path
+    mmproj_f16: Path | None
+    hf_dir: Path | None
+    threads: int
+    kv: str = "q8_0"
+    n_ctx: int = 4096
+    repeats: int = 2
+    transformers: bool = True
+    timeout: float = 1800.0
+
+
+def _run(case: dict, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench.image_worker"], input=json.dumps(case),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case['name']} failed: {proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
+    with tempfile.TemporaryDirectory(prefix="edge-bench-images-") as tmp:
+        work = Path(tmp)
+        photo = photo_like_jpeg(work / "photo-4032x3024.jpg")
+        small = photo_like_jpeg(work / "photo-640x480.jpg", 640, 480, seed=1)
+        cost_dir, disk_dir = work / "cost", work / "encoder-cache"
+        base = {"n_ctx": setup.n_ctx, "kv_cache_type": setup.kv, "threads": setup.threads,
+                "cost_cache_dir": str(cost_dir)}
+
+        def case(name: str, image: Path, mode: str = "ask", repeats: int | None = None, **chat) -> dict:
+            spec = {"name": name, "mode": mode, "text": str(setup.text), "mmproj": str(chat.pop("mmproj", setup.mmproj)),
+                    "image": str(image), "repeats": repeats or setup.repeats, "chat": {**base, **chat},
+                    "threads": setup.threads, "hf_dir": str(setup.hf_dir) if setup.hf_dir else None}
+            log(f"edge-bench --images: {name}")
+            result = _run(spec, setup.timeout)
+            result["name"] = name
+            return result
+
+        cases: dict[str, dict] = {}
+        # llama.cpp's default budget (4096 tokens) leaves 640x480 at the processor's 300 tokens; this
+        # case also measures this device once for the cost model the default ("auto") cases read.
+        cases["640x480@300"] = case("640x480 at 300 tokens", small, image_max_tokens=4096)
+        cases["640x480"] = case("640x480, defaults", small)
+        cases["4032x3024"] = case("4032x3024 JPEG, defaults", photo)
+        cases["attach"] = case("4032x3024: attach, then ask", photo, mode="attach")
+        cases["disk-first"] = case("4032x3024, encoder cache on disk: first process", photo, repeats=1,
+                                   encoder_cache_dir=str(disk_dir))
+        cases["disk-second"] = case("4032x3024, encoder cache on disk: second process", photo, repeats=1,
+                                    encoder_cache_dir=str(disk_dir))
+        cases["fa-off"] = case("640x480 at 300 tokens, projector without flash attention", small,
+                               image_max_tokens=4096, kv_cache_type="f16", flash_attn=False)
+        if setup.mmproj_f16 is not None:
+            cases["mmproj-f16"] = case("640x480 at 300 tokens, f16 projector", small, image_max_tokens=4096,
+                                       mmproj=str(setup.mmproj_f16))
+        if setup.transformers and setup.hf_dir is not None:
+            cases["transformers"] = case("transformers bf16, 640x480 (300 tokens)", small, mode="transformers")
+    return cases
+
+
+def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
+    ref = cases["640x480@300"]
+    lines = [
+        f"### Images (edge-bench --images; {machine}; one run, each case a fresh process)", "",
+        *([settings, ""] if settings else []),
+        "| case | image tokens | encode s | prefill s | TTFT s | TTFT / 640x480@300 | peak RSS GB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, c in cases.items():
+        if key == "transformers":
+            continue
+        lines.append(f"| {c['name']} | {c['image_tokens']} | {c['image_encode_s']:.2f} | {c['prefill_s']:.2f} | "
+                     f"{c['ttft_s']:.2f} | {c['ttft_s'] / ref['ttft_s']:.2f} | {c['peak_rss_bytes'] / GB:.2f} |")
+    lines += ["", f"- Encoder efficiency (640x480 at 300 tokens): encoder {ref['encoder_gflop_s']:.1f} GFLOP/s, "
+              f"text prefill {ref['prefill_gflop_s']:.1f} GFLOP/s: ratio "
+              f"{ref['encoder_gflop_s'] / ref['prefill_gflop_s']:.2f}."]
+    if "fa-off" in cases:
+        off = cases["fa-off"]
+        lines.append(f"- Projector flash attention: encode {off['image_encode_s']:.2f} s without, "
+                     f"{ref['image_encode_s']:.2f} s with ({off['image_encode_s'] / ref['image_encode_s']:.2f}x).")
+    if "mmproj-f16" in cases:
+        f16 = cases["mmproj-f16"]
+        lines.append(f"- Projector type: f16 encode {f16['image_encode_s']:.2f} s vs q8_0 {ref['image_encode_s']:.2f} s.")
+    second = cases.get("disk-second")
+    if second:
+        lines.append(f"- Encoder cache on disk: the second process encoded {second['images_encoded']} image(s), "
+                     f"{second['disk_cache_hits']} disk hit(s), image encode {second['image_encode_s']:.2f} s.")
+    hf = cases.get("transformers")
+    if hf:
+        lines.append(f"- First-image TTFT at {ref['image_tokens']} image tokens: VisionChat {ref['ttft_s']:.2f} s, "
+                     f"transformers bf16 {hf['ttft_s']:.2f} s ({hf['image_tokens']} tokens): ratio "
+                     f"{ref['ttft_s'] / hf['ttft_s']:.2f}.")
+    for key in ("640x480", "4032x3024"):
+        img = cases[key].get("image") or {}
+        lines.append(f"- {cases[key]['name']}: {img.get('size')} from {img.get('source_size')}, {img.get('reason')}.")
+    return "\n".join(lines) + "\n"

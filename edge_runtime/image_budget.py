@@ -1,0 +1,166 @@
+"""How many tokens each image gets: OpenAI's detail levels over a device-aware default.
+
+`low` is a small fixed budget, `high` at least the grounding minimum, `auto` the
+largest budget whose predicted encode + prefill time fits `image_latency_s` on
+this device (a FLOP model of the encoder and the text model, scaled by FLOP/s
+rates measured on the first real encode and prefill, and kept on disk if asked).
+Explicit image_min_tokens / image_max_tokens always win.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_models.qwen3vl import vision as qwen
+from .resize import PixelBudget, target_size
+from .vision_spec import VisionSpec
+
+log = logging.getLogger("edge_runtime")
+
+__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "plan_image"]
+
+DETAILS = ("low", "auto", "high")
+LOW_MAX_TOKENS = 256
+HIGH_MAX_TOKENS = 4096  # llama.cpp's own default budget
+# Auto budgets come from this ladder (x1.5 / x1.33 steps): a device's budget is one of a few
+# values, the same on every run once its rates are measured.
+AUTO_LADDER = tuple(sorted({base << k for base in (16, 24) for k in range(12)}))
+# Before this device has been measured: conservative rates (a small 2-4 core CPU).
+GUESS_CPU = (40e9, 120e9)
+GUESS_GPU = (2e12, 4e12)
+# The rates are measured once (the first encode, the first prefill of 32+ tokens) and then
+# kept: a busy moment must not move a photo to another budget, and so out of the caches.
+
+
+def check_detail(detail: str | None, where: str = "detail") -> str:
+    value = "auto" if detail is None else detail
+    if value not in DETAILS:
+        raise ValueError(f"{where} must be one of {', '.join(DETAILS)}, got {detail!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """The budget chosen for one image and why (what last_stats and the server report)."""
+
+    detail: str
+    min_tokens: int
+    max_tokens: int
+    reason: str
+    factor: int = 32  # pixels per side of one merged token
+
+    @property
+    def budget(self) -> PixelBudget:
+        return PixelBudget.from_tokens(factor=self.factor, min_tokens=self.min_tokens, max_tokens=self.max_tokens)
+
+    def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) an image of `size` is resized to (HF's smart_resize)."""
+        return target_size(size, self.budget)
+
+
+@dataclass
+class DeviceCost:
+    """FLOP/s of this device's vision encoder and text prefill, measured once (a guess before)."""
+
+    encoder_flops_s: float
+    prefill_flops_s: float
+    measured: bool = False  # the encoder rate (what budgets mostly depend on)
+    prefill_measured: bool = False
+
+    @classmethod
+    def guess(cls, gpu: bool) -> "DeviceCost":
+        enc, pre = GUESS_GPU if gpu else GUESS_CPU
+        return cls(enc, pre)
+
+    def predict_s(self, spec: VisionSpec, text_flops_per_token: float, tokens: int) -> float:
+        return (spec.encoder_flops(tokens) / self.encoder_flops_s
+                + tokens * text_flops_per_token / self.prefill_flops_s)
+
+    def record(self, kind: str, flops: float, seconds: float) -> bool:
+        """Take the first measurement of `kind` ("encoder" or "prefill"); True if it was the first."""
+        if seconds <= 0 or flops <= 0:
+            return False
+        if kind == "encoder" and not self.measured:
+            self.encoder_flops_s, self.measured = flops / seconds, True
+            return True
+        if kind == "prefill" and not self.prefill_measured:
+            self.prefill_flops_s, self.prefill_measured = flops / seconds, True
+            return True
+        return False
+
+    def auto_tokens(self, spec: VisionSpec, text_flops_per_token: float, latency_s: float, ceiling: int) -> int:
+        """The largest AUTO_LADDER budget (at least its first) predicted to fit latency_s."""
+        best = AUTO_LADDER[0]
+        for tokens in AUTO_LADDER:
+            if tokens > ceiling or self.predict_s(spec, text_flops_per_token, tokens) > latency_s:
+                break
+            best = tokens
+        return min(best, ceiling)
+
+
+def plan_image(
+    detail: str,
+    spec: VisionSpec,
+    *,
+    auto_tokens: int,
+    ceiling: int,
+    explicit_min: int | None = None,
+    explicit_max: int | None = None,
+) -> ImagePlan:
+    """Token bounds for one image; `ceiling` is what the context can hold for it."""
+    if detail == "low":
+        lo, hi, why = spec.min_tokens, LOW_MAX_TOKENS, f"detail=low: at most {LOW_MAX_TOKENS} tokens"
+    elif detail == "high":
+        lo = qwen.GROUNDING_MIN_TOKENS
+        hi = max(lo, min(HIGH_MAX_TOKENS, spec.max_tokens))
+        why = f"detail=high: {lo}..{hi} tokens (grounding / OCR)"
+    else:
+        hi = max(auto_tokens, spec.min_tokens)  # never below what the processor gives a tiny image
+        lo = spec.min_tokens
+        why = (f"detail=auto: {auto_tokens} tokens fit the latency target" if hi == auto_tokens else
+               f"detail=auto: {auto_tokens} tokens fit the latency target, raised to the processor's minimum {hi}")
+    if explicit_min is not None or explicit_max is not None:
+        lo = explicit_min if explicit_min is not None else lo
+        hi = explicit_max if explicit_max is not None else max(hi, lo)
+        why = f"image_min_tokens/image_max_tokens: {lo}..{hi} tokens"
+    if hi > ceiling:
+        hi, why = max(1, ceiling), why + f"; capped at {ceiling} by the context"
+    lo = min(lo, hi)
+    return ImagePlan(detail, lo, hi, why, spec.factor)
+
+
+def cost_file(cache_dir: Path) -> Path:
+    return cache_dir / "device-cost.json"
+
+
+def load_cost(cache_dir: Path | None, key: str, gpu: bool) -> DeviceCost:
+    """The stored rates for `key` (this model pair on this device), else a guess."""
+    if cache_dir is not None:
+        try:
+            data = json.loads(cost_file(cache_dir).read_text()).get(key)
+            if data:
+                return DeviceCost(**data)
+        except (OSError, ValueError, TypeError):
+            pass
+    return DeviceCost.guess(gpu)
+
+
+def save_cost(cache_dir: Path | None, key: str, cost: DeviceCost) -> None:
+    if cache_dir is None or not cost.measured:
+        return
+    path = cost_file(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = asdict(cost)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache is no reason to fail an answer
+        log.warning("could not store the device cost model in %s: %s", path, exc)

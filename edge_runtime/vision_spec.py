@@ -1,0 +1,75 @@
+"""What the runtime needs to know about a projector, read from its GGUF metadata.
+
+The image grid (patch x merge), the processor's pixel bounds and the encoder's
+shape (for its cost) come from the `clip.vision.*` keys, so nothing here is
+specific to one model; missing keys fall back to Qwen3-VL's values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGUFReader, Keys
+
+from edge_models.qwen3vl import vision as qwen
+from .resize import PixelBudget
+
+__all__ = ["VisionSpec", "read_vision_spec"]
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    patch_size: int
+    merge_size: int
+    min_tokens: int  # the processor's bounds (clip.vision.image_min/max_pixels)
+    max_tokens: int
+    hidden: int = 0
+    ff: int = 0
+    depth: int = 0
+    out_dim: int = 0
+    deepstack: int = 0  # layers whose features are merged into extra outputs
+
+    @property
+    def factor(self) -> int:
+        """Pixels per side of one merged image token."""
+        return self.patch_size * self.merge_size
+
+    def budget(self, min_tokens: int, max_tokens: int) -> PixelBudget:
+        return PixelBudget.from_tokens(factor=self.factor, min_tokens=min_tokens, max_tokens=max_tokens)
+
+    def encoder_flops(self, tokens: int) -> float:
+        """Multiply-adds x 2 of one encode of `tokens` merged tokens (linear layers + attention + mergers)."""
+        patches = tokens * self.merge_size ** 2
+        d, f = self.hidden, self.ff
+        per_layer = patches * 2 * (4 * d * d + 2 * d * f) + 4 * patches * patches * d
+        embed = patches * 2 * (3 * 2 * self.patch_size ** 2) * d
+        merged = d * self.merge_size ** 2
+        mergers = tokens * 2 * (merged * merged + merged * self.out_dim) * (1 + self.deepstack)
+        return float(self.depth * per_layer + embed + mergers)
+
+
+def read_vision_spec(path: str | Path) -> VisionSpec:
+    """The projector's VisionSpec (ValueError naming the file if it is not a vision projector)."""
+    reader = GGUFReader(str(path))
+
+    def value(key: str, default=None):
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    v = Keys.ClipVision
+    patch = int(value(v.PATCH_SIZE, qwen.PATCH_SIZE))
+    merge = int(value(v.SPATIAL_MERGE_SIZE, qwen.MERGE_SIZE))
+    area = (patch * merge) ** 2
+    min_px, max_px = value(v.IMAGE_MIN_PIXELS), value(v.IMAGE_MAX_PIXELS)
+    deep = value(v.IS_DEEPSTACK_LAYERS) or []
+    return VisionSpec(
+        patch_size=patch,
+        merge_size=merge,
+        min_tokens=max(1, int(min_px) // area) if min_px else qwen.PROCESSOR_MIN_TOKENS,
+        max_tokens=max(1, int(max_px) // area) if max_px else qwen.PROCESSOR_MAX_TOKENS,
+        hidden=int(value(v.EMBEDDING_LENGTH, 0)),
+        ff=int(value(v.FEED_FORWARD_LENGTH, 0)),
+        depth=int(value(v.BLOCK_COUNT, 0)),
+        out_dim=int(value(Keys.ClipVision.PROJECTION_DIM, 0)),
+        deepstack=sum(bool(x) for x in deep),
+    )

@@ -1,0 +1,167 @@
+"""Per-image detail levels, the device-aware budget, the encoder cache on disk, attach/ask, encode_image.
+
+Token counts are checked against transformers' smart_resize (an independent
+implementation); equality of answers against a fresh conversation.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+from edge_runtime import VisionChat
+from edge_runtime.disk_cache import SUFFIX
+from tests.conftest import make_test_image
+
+GREEDY = {"temperature": 0.0, "max_tokens": 6}
+FACTOR = 32
+MIN_TOKENS = 8  # the tiny checkpoint's preprocessor (shortest_edge), written into its projector
+
+
+def hf_tokens(size, min_tokens, max_tokens) -> int:
+    h, w = hf_smart_resize(size[1], size[0], factor=FACTOR, min_pixels=min_tokens * FACTOR ** 2,
+                           max_pixels=max_tokens * FACTOR ** 2)
+    return (h // FACTOR) * (w // FACTOR)
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return make_test_image(1000, 700, seed=11)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_f32_dir):
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096) as c:
+        yield c
+
+
+def test_detail_levels_choose_budgets_and_report_why(chat, photo):
+    chat.reset()
+    chat.ask("What is it?", images=[photo], detail="low", **GREEDY)
+    low = chat.last_stats.image_details[0]
+    assert low["detail"] == "low" and low["max_tokens"] == 256
+    assert chat.last_stats.image_tokens == low["tokens"] == hf_tokens((1000, 700), MIN_TOKENS, 256)
+    assert low["source_size"] == [1000, 700] and low["grid"][0] * low["grid"][1] == low["tokens"]
+    assert "detail=low" in low["reason"]
+
+    chat.reset()
+    chat.ask("What is it?", images=[{"image": photo, "detail": "high"}], **GREEDY)
+    high = chat.last_stats.image_details[0]
+    assert high["detail"] == "high" and high["tokens"] >= 1024
+    assert high["tokens"] == hf_tokens((1000, 700), 1024, 2048)  # capped at n_ctx / 2
+
+
+def test_auto_fits_the_latency_target_and_never_upscales(tiny_f32_dir, photo):
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e-9) as fast:
+        plan = fast.engine.plan_image("auto")
+        assert plan.max_tokens == 16, "nothing fits: the smallest auto budget"
+        fast.ask("Hi?", images=[photo], **GREEDY)
+        assert fast.last_stats.image_tokens == hf_tokens((1000, 700), MIN_TOKENS, 16)
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e9) as slow:
+        slow.ask("Hi?", images=[make_test_image(300, 200, seed=1)], **GREEDY)
+        assert slow.last_stats.image_tokens == hf_tokens((300, 200), MIN_TOKENS, 16384) == 6 * 9
+        assert slow.engine.cost.measured, "a real encode refines the device's cost model"
+
+
+def test_explicit_token_bounds_win_over_detail(tiny_f32_dir, photo):
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_max_tokens=40) as c:
+        c.ask("Hi?", images=[photo], detail="high", **GREEDY)
+        details = c.last_stats.image_details[0]
+        assert c.last_stats.image_tokens == hf_tokens((1000, 700), 40, 40) <= 40
+        assert "image_min_tokens/image_max_tokens" in details["reason"]
+
+
+def test_detail_in_openai_messages_and_bad_values(chat, photo):
+    from edge_runtime.images import ImageError  # noqa: F401  (errors are plain ValueErrors here)
+
+    uri = "data:image/png;base64," + __import__("base64").b64encode(png(photo)).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": uri, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": uri, "detail": "high"}},
+        {"type": "text", "text": "Compare."}]}]
+    chat.generate(messages, **GREEDY)
+    assert [d["detail"] for d in chat.last_stats.image_details] == ["low", "high"]
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri, "detail": "ultra"}}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[0\].detail must be one of low, auto, high"):
+        chat.generate(bad)
+    with pytest.raises(ValueError, match="detail must be one of"):
+        chat.ask("x", images=[photo], detail="medium")
+
+
+def test_disk_cache_serves_a_new_process_and_ignores_damaged_entries(tiny_f32_dir, tmp_path):
+    image = png(make_test_image(320, 256, seed=12))
+    cache = tmp_path / "enc"
+
+    def run():
+        with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_dir=cache) as c:
+            answer = c.ask("What is it?", images=[image], **GREEDY)
+            return answer, c.last_stats
+
+    first, s1 = run()
+    assert s1.images_encoded == 1 and s1.disk_cache_hits == 0
+    entries = list(cache.rglob("*" + SUFFIX))
+    assert len(entries) == 1
+    second, s2 = run()  # a fresh engine: its memory cache is empty, as in a new process
+    assert s2.images_encoded == 0 and s2.disk_cache_hits == 1 and s2.image_encode_s == 0.0
+    assert second == first
+
+    data = bytearray(entries[0].read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the embeddings
+    entries[0].write_bytes(bytes(data))
+    third, s3 = run()
+    assert s3.images_encoded == 1 and s3.disk_cache_hits == 0, "a damaged entry is never used"
+    assert third == first
+    _, s4 = run()
+    assert s4.disk_cache_hits == 1, "the re-encode rewrote the entry"
+    assert not list(cache.rglob("*.partial")), "no half-written files"
+
+
+def test_disk_cache_stays_within_its_byte_bound(tiny_f32_dir, tmp_path):
+    cache = tmp_path / "enc"
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_dir=cache, encoder_cache_mb=0) as c:
+        one = c.encode_image(png(make_test_image(320, 256, seed=1)))
+    bound_mb = one.embeddings.nbytes * 2.5 / (1 << 20)
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_dir=cache,
+                             encoder_cache_disk_mb=bound_mb) as c:
+        for seed in range(2, 6):
+            c.encode_image(png(make_test_image(320, 256, seed=seed)))
+    sizes = [p.stat().st_size for p in cache.rglob("*" + SUFFIX)]
+    assert len(sizes) == 2 and sum(sizes) <= bound_mb * (1 << 20)
+
+
+def test_attach_then_ask_evaluates_only_the_question(tiny_f32_dir):
+    image = make_test_image(320, 256, seed=13)
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_mb=0) as fresh:
+        expected = fresh.ask("What colour is the box?", images=[image], **GREEDY)
+        n_prompt = fresh.last_stats.prompt_tokens
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_mb=0) as c:
+        thread = c.attach([image])
+        answer = c.ask("What colour is the box?", **GREEDY)
+        assert not thread.is_alive()
+        stats = c.last_stats
+        assert answer == expected
+        assert stats.prompt_tokens == n_prompt and stats.images_encoded == 0
+        # the turn's opening, the image and <|vision_end|> were prefilled by attach
+        assert stats.reused_tokens > stats.image_tokens > 0
+        assert stats.evaluated_tokens == n_prompt - stats.reused_tokens
+        follow = c.ask("And the circle?", **GREEDY)  # the attached image stays in the conversation
+        assert c.last_stats.images_encoded == 0 and follow is not None
+
+
+def test_encode_image_returns_embeddings_grid_and_tokens(chat):
+    image = make_test_image(500, 333, seed=14)
+    a = chat.encode_image(image, detail="low")
+    b = chat.encode_image(image, detail="low")  # from the cache this time
+    assert a.n_tokens == hf_tokens((500, 333), MIN_TOKENS, 256) == a.grid[0] * a.grid[1]
+    assert a.embeddings.shape == (a.n_tokens, chat.engine.n_embd_inp) and a.embeddings.dtype == np.float32
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert a.size == (a.grid[0] * FACTOR, a.grid[1] * FACTOR)
