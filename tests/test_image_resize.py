@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convert.reference import Reference, image_processor
+from edge_models.qwen3vl.reference import Reference, image_processor
 from edge_runtime import VisionChat
 from edge_runtime.images import load_image
 from edge_runtime.resize import PixelBudget, draft_for, resize_to, smart_resize, target_size

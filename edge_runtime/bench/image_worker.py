@@ -69,7 +69,7 @@ def run_transformers(case: dict) -> dict:
     import torch
     from PIL import Image
 
-    from convert.reference import Reference
+    from edge_models.qwen3vl.reference import Reference
     from edge_runtime.backend import peak_rss_bytes
 
     from .transformers_worker import _pad_token_id, generate_inputs
