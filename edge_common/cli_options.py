@@ -10,7 +10,6 @@ one-line message on stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,12 +181,6 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
             "tensor_split": settings.pop("tensor_split", None)}
 
 
-def user_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/qwen3-vl-edge (default ~/.cache/qwen3-vl-edge): encoder outputs, device costs."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qwen3-vl-edge"
-
-
 def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --detail, --image-latency and --encoder-cache-dir/--no-encoder-cache."""
     flags = [
@@ -198,8 +191,8 @@ def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--image-latency", "image_latency_s", default=8.0, show_default=True,
                      type=click.FloatRange(min=0.001), help="Seconds of image encode + prefill --detail auto aims for."),
         click.option("--encoder-cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-                     help="Keep image encoder outputs here across runs [default: the user cache dir, "
-                          "~/.cache/qwen3-vl-edge/encoder]."),
+                     help="Keep image encoder outputs here across runs [default: encoder/ in the user cache "
+                          "dir, $XDG_CACHE_HOME or ~/.cache]."),
         click.option("--no-encoder-cache", is_flag=True, help="Do not keep encoder outputs on disk."),
     ]
     for flag in reversed(flags):
@@ -207,14 +200,13 @@ def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def image_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Pops the image_flags values from click's kwargs, as VisionChat keywords."""
+def image_settings(settings: dict[str, Any], cache_root: Path) -> dict[str, Any]:
+    """Pops the image_flags values from click's kwargs, as VisionChat keywords; `cache_root` is the app's cache dir."""
     cache_dir = settings.pop("encoder_cache_dir")
     off = settings.pop("no_encoder_cache")
-    root = user_cache_dir()
     return {
         "detail": settings.pop("detail"),
         "image_latency_s": settings.pop("image_latency_s"),
-        "encoder_cache_dir": None if off else (cache_dir or root / "encoder"),
-        "cost_cache_dir": root,
+        "encoder_cache_dir": None if off else (cache_dir or cache_root / "encoder"),
+        "cost_cache_dir": cache_root,
     }

@@ -19,6 +19,7 @@ from edge_common.errors import EdgeError
 
 from .chat import VisionChat
 from .options import EngineOptions, GenerationOptions
+from .disk_cache import user_cache_dir
 from .manifest_paths import resolve_model_paths
 
 HELP = """commands:
@@ -85,7 +86,7 @@ def main(
             system_prompt=system_prompt,
             seed=settings["seed"],
             **load_settings(settings),
-            **flags.image_settings(settings),
+            **flags.image_settings(settings, user_cache_dir()),
         )
     except USER_ERRORS as exc:
         fail(PROG, str(exc))

@@ -21,11 +21,17 @@ from .saved_conversation import file_sha256
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["DiskEncoderCache", "projector_sha256"]
+__all__ = ["DiskEncoderCache", "projector_sha256", "user_cache_dir"]
 
 MAGIC = b"EDGEENC1"
 _HEADER = struct.Struct("<8sI")  # magic, header-json length
 SUFFIX = ".emb"
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/qwen3-vl-edge (default ~/.cache/qwen3-vl-edge): encoder outputs, device costs."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qwen3-vl-edge"
 
 
 def projector_sha256(path: Path, memo_dir: Path) -> str:

@@ -17,6 +17,7 @@ from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
 from edge_llama.rpc import RpcError, parse_endpoints, probe
 
+from ..disk_cache import user_cache_dir
 from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
 
@@ -84,7 +85,8 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
         options = ServerOptions(model_dir=target, mmproj=mmproj, ctx_size=n_ctx, flash_attn=flash_attn,
-                                **load_settings(settings), **flags.image_settings(settings), **settings)
+                                **load_settings(settings), **flags.image_settings(settings, user_cache_dir()),
+                                **settings)
     except (EdgeError, ValueError) as exc:
         fail("edge-serve", str(exc))
     try:  # unreachable RPC workers: a clear error now, not a failed load behind /health
