@@ -189,7 +189,8 @@ def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
                           "--image-latency on this device), high (>= 1024 tokens, for grounding and OCR). "
                           "--image-min-tokens/--image-max-tokens override it."),
         click.option("--image-latency", "image_latency_s", default=8.0, show_default=True,
-                     type=click.FloatRange(min=0.001), help="Seconds of image encode + prefill --detail auto aims for."),
+                     type=click.FloatRange(min=0.001),
+                     help="Seconds of image encode + prefill --detail auto aims for."),
         click.option("--encoder-cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
                      help="Keep image encoder outputs here across runs [default: encoder/ in the user cache "
                           "dir, $XDG_CACHE_HOME or ~/.cache]."),

@@ -318,8 +318,8 @@ def test_cli_renders_an_earlier_json(report, tmp_path):
 def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     """edge-bench --images: every case measured in its own process; the second process is served from disk."""
     out = tmp_path / "images.json"
-    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--kv", "f16",
-            "--n-ctx", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
+            "--ctx-size", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
     result = CliRunner().invoke(cli_main, args)
     assert result.exit_code == 0, result.output
     assert "| 4032x3024 JPEG, defaults |" in result.output and "Encoder efficiency" in result.output

@@ -73,7 +73,8 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
                 "cost_cache_dir": str(cost_dir)}
 
         def case(name: str, image: Path, mode: str = "ask", repeats: int | None = None, **chat) -> dict:
-            spec = {"name": name, "mode": mode, "text": str(setup.text), "mmproj": str(chat.pop("mmproj", setup.mmproj)),
+            spec = {"name": name, "mode": mode, "text": str(setup.text),
+                    "mmproj": str(chat.pop("mmproj", setup.mmproj)),
                     "image": str(image), "repeats": repeats or setup.repeats, "chat": {**base, **chat},
                     "threads": setup.threads, "hf_dir": str(setup.hf_dir) if setup.hf_dir else None}
             log(f"edge-bench --images: {name}")
@@ -124,7 +125,8 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
                      f"{ref['image_encode_s']:.2f} s with ({off['image_encode_s'] / ref['image_encode_s']:.2f}x).")
     if "mmproj-f16" in cases:
         f16 = cases["mmproj-f16"]
-        lines.append(f"- Projector type: f16 encode {f16['image_encode_s']:.2f} s vs q8_0 {ref['image_encode_s']:.2f} s.")
+        lines.append(f"- Projector type: f16 encode {f16['image_encode_s']:.2f} s vs q8_0 "
+                     f"{ref['image_encode_s']:.2f} s.")
     second = cases.get("disk-second")
     if second:
         lines.append(f"- Encoder cache on disk: the second process encoded {second['images_encoded']} image(s), "
