@@ -18,7 +18,13 @@ class ChatFormat:
     think_open: str  # reasoning markers of Thinking variants, cut from what the user sees
     think_close: str
     grounding_coord_range: float  # boxes and points in grounding answers span 0..this on each axis
+    video_pad: str = ""  # the pad a template renders for one video ("" when the family has none)
+    video_timestamp: str = ""  # text before each frame group of a clip, str.format(seconds=...)
 
     @property
     def image_placeholder(self) -> str:
         return self.vision_start + self.image_pad + self.vision_end
+
+    @property
+    def video_placeholder(self) -> str:
+        return self.vision_start + self.video_pad + self.vision_end if self.video_pad else ""

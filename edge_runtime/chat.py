@@ -14,14 +14,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backend import peak_rss_bytes
+from .backend import gpu_offload_available, peak_rss_bytes
 from .detokenize import PieceTable, TextPipeline
 from .engine import DecodeOutcome, Engine, PrefillResult
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
 from .manifest_paths import resolve_model_paths
 from .image_budget import ImagePlan, check_detail
-from .messages import image_input, split_messages, user_message
+from .messages import image_input, media_in, split_messages, user_message, videos_in
 from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
@@ -34,6 +34,7 @@ from .saved_conversation import (
 )
 from .stats import GenerationStats, image_report
 from .template import THINK_OPEN, render_with_markers, template_for
+from .video import MTMD_MAX_TOKENS, MTMD_MIN_TOKENS, VideoInput, VideoOptions, load_video
 
 
 class VisionChat:
@@ -78,6 +79,7 @@ class VisionChat:
         chat_template: str | None = None,
         generation: GenerationOptions | None = None,
         image_limits: ImageLimits = ImageLimits(),
+        video: VideoOptions | None = None,
         seq_id: int = 0,
     ) -> None:
         options = EngineOptions(
@@ -116,6 +118,7 @@ class VisionChat:
         self.seed = seed
         self.generation = generation or GenerationOptions()
         self.image_limits = image_limits
+        self.video = video or VideoOptions()
         self.seq_id = seq_id
         self.history: list[dict] = []
         self.last_stats: GenerationStats | None = None
@@ -133,17 +136,23 @@ class VisionChat:
 
     # ------------------------------------------------------------ public API
 
-    def ask(self, prompt: str, images: Sequence[Any] | None = None, *, detail: str | None = None, **gen: Any) -> str:
-        """Answer `prompt` (about `images`, if any) and add the turn to the history.
+    def ask(
+        self, prompt: str, images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None, *,
+        detail: str | None = None, **gen: Any,
+    ) -> str:
+        """Answer `prompt` (about `images` and `videos`, if any) and add the turn to the history.
 
         `detail` ("low" | "auto" | "high", default the chat's) sets the token budget of
         these images; an item {"image": src, "detail": ...} sets it for one image.
-        Without images, the images given to `attach` (if any) are used.
+        Without images, the images given to `attach` (if any) are used. A video is a
+        path, bytes, a data URI, a list of frames or a T x H x W x 3 array; how it is
+        sampled is `VisionChat(video=VideoOptions(...))`.
         """
-        return "".join(self.stream(prompt, images, detail=detail, **gen))
+        return "".join(self.stream(prompt, images, videos, detail=detail, **gen))
 
     def stream(
-        self, prompt: str, images: Sequence[Any] | None = None, *, detail: str | None = None, **gen: Any
+        self, prompt: str, images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None, *,
+        detail: str | None = None, **gen: Any,
     ) -> Iterator[str]:
         """Like `ask`, yielding text pieces as they are generated.
 
@@ -155,12 +164,13 @@ class VisionChat:
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         attached = self._take_attached()
         loaded = self._load_images(images or (), detail) if images or not attached else attached
-        if not prompt.strip() and not loaded:
+        clips = self._load_videos(videos or ())
+        if not prompt.strip() and not loaded and not clips:
             raise EmptyPromptError("the prompt is empty and no image was given: nothing to answer")
         history = list(self.history)
-        turn = user_message(prompt, loaded)
+        turn = user_message(prompt, loaded, clips)
         messages = self._with_system(history + [turn])
-        return self._stream(messages, loaded_from_history(messages), gen, t_start, record=history + [turn])
+        return self._stream(messages, media_in(messages), gen, t_start, record=history + [turn])
 
     def generate(self, messages: Sequence[dict], **gen: Any) -> str:
         """Answer an OpenAI-style message list, used as given (no system_prompt added).
@@ -173,7 +183,7 @@ class VisionChat:
     def generate_stream(self, messages: Sequence[dict], **gen: Any) -> Iterator[str]:
         t_start = time.perf_counter()
         template_messages, images = split_messages(
-            messages, load=lambda src, name, detail: self.load_image(src, detail, name)
+            messages, load=lambda src, name, detail: self.load_image(src, detail, name), load_video=self.load_video
         )
         return self._stream(template_messages, images, gen, t_start, record=None)
 
@@ -309,16 +319,33 @@ class VisionChat:
     # ------------------------------------------------------------ internals
 
     def _load_images(self, images: Sequence[Any], detail: str | None = None) -> list[ImageInput]:
-        if isinstance(images, (str, Path, bytes, dict)) or not isinstance(images, Sequence):
-            images = [images]  # a single image where a list was expected
-        if images and not self.engine.has_vision:
-            raise VisionUnsupportedError(
-                f"{self.engine.model_path.name} was loaded without a projector (mmproj), so it cannot see "
-                "images; pass mmproj=... or open the converter's output directory"
-            )
+        images = self._media_list(images, "images")
         if detail is not None:
             check_detail(detail)
         return [self.load_image(src, detail, f"image {i + 1}") for i, src in enumerate(images)]
+
+    def _media_list(self, items: Any, what: str) -> list[Any]:
+        if isinstance(items, (str, Path, bytes, dict)) or not isinstance(items, Sequence):
+            items = [items]  # a single image or clip where a list was expected
+        if items and not self.engine.has_vision:
+            raise VisionUnsupportedError(
+                f"{self.engine.model_path.name} was loaded without a projector (mmproj), so it cannot see "
+                f"{what}; pass mmproj=... or open the converter's output directory"
+            )
+        return list(items)
+
+    def load_video(self, src: Any, name: str = "video") -> VideoInput:
+        """A clip sampled and sized for this engine (its device's token budget, the projector's bounds)."""
+        opts = self.engine.options
+        return load_video(
+            src, name, self.video,
+            on_gpu=self.engine.n_gpu_layers != 0 and gpu_offload_available(),
+            frame_min_tokens=opts.image_min_tokens or MTMD_MIN_TOKENS,
+            frame_max_tokens=opts.image_max_tokens or MTMD_MAX_TOKENS,
+        )
+
+    def _load_videos(self, videos: Sequence[Any]) -> list[VideoInput]:
+        return [self.load_video(src, f"video {i + 1}") for i, src in enumerate(self._media_list(videos, "videos"))]
 
     def _drop_attached(self) -> None:
         try:
@@ -345,7 +372,7 @@ class VisionChat:
 
     def _render(self, messages: list[dict], images: Sequence[ImageInput]) -> str:
         marker = self.engine.marker if self.engine.has_vision else None
-        return render_with_markers(self.template, messages, len(images), marker)
+        return render_with_markers(self.template, messages, len(images), marker, videos_in(messages))
 
     def _guard(self) -> "_Guard":
         return _Guard(self)
@@ -441,17 +468,6 @@ class VisionChat:
                 self.last_stats = stats
                 if record is not None and (finished or (cancelled and shown)):
                     self.history = record + [{"role": "assistant", "content": "".join(shown)}]
-
-def loaded_from_history(messages: list[dict]) -> list[ImageInput]:
-    """The ImageInputs of a history (already loaded), in prompt order."""
-    return [
-        part["image"]
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for part in m["content"]
-        if isinstance(part, dict) and isinstance(part.get("image"), ImageInput)
-    ]
-
 
 class _Guard:
     """One answer at a time per chat; a second call from the thread that is still

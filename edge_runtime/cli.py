@@ -1,4 +1,4 @@
-"""`edge-chat`: ask a converted Qwen3-VL about images from the terminal.
+"""`edge-chat`: ask a converted Qwen3-VL about images and videos from the terminal.
 
 With a PROMPT it answers once, streaming to stdout. Without one it opens an
 interactive session; the conversation stays in the KV cache between questions.
@@ -21,9 +21,11 @@ from .chat import VisionChat
 from .options import EngineOptions, GenerationOptions
 from .disk_cache import user_cache_dir
 from .manifest_paths import resolve_model_paths
+from .video import VideoError, VideoOptions
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
+  /video PATH   attach a video to the next question (repeatable)
   /reset        start a new conversation (recent images stay encoded)
   /stats        timings and memory of the last answer
   /quit         leave (also Ctrl-D)"""
@@ -40,6 +42,10 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
 @click.argument("prompt", required=False)
 @flags.mmproj()
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image for the (first) question; repeatable.")
+@click.option("--video", "videos", multiple=True, type=click.Path(path_type=Path), help="Video for the (first) question; repeatable (needs the [video] extra).")
+@click.option("--video-fps", default=2.0, show_default=True, type=float, help="Frames sampled per second of video (Qwen's rate).")
+@click.option("--video-max-frames", default=None, type=int, help="Most frames per video (default: what the token budget affords).")
+@click.option("--video-max-tokens", default=None, type=int, help="Vision tokens for one whole video (default: 512 on a CPU, 2048 on a GPU).")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-tokens", default=GEN.max_tokens, show_default=True, type=int)
 @click.option("--temperature", default=GEN.temperature, show_default=True, type=float, help="0 = greedy.")
@@ -61,6 +67,10 @@ def main(
     prompt: str | None,
     mmproj: Path | None,
     images: tuple[Path, ...],
+    videos: tuple[Path, ...],
+    video_fps: float,
+    video_max_frames: int | None,
+    video_max_tokens: int | None,
     system_prompt: str | None,
     stats: bool,
     verbose: bool,
@@ -70,6 +80,10 @@ def main(
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     gen = _generation(settings)
+    try:
+        video = VideoOptions(fps=video_fps, max_frames=video_max_frames, max_tokens=video_max_tokens)
+    except VideoError as exc:
+        fail(PROG, f"--video-fps/--video-max-frames/--video-max-tokens: {exc}")
     try:
         model, projector = resolve_model_paths(target, mmproj)
         chat = VisionChat(
@@ -85,6 +99,7 @@ def main(
             image_max_tokens=settings["image_max_tokens"],
             system_prompt=system_prompt,
             seed=settings["seed"],
+            video=video,
             **load_settings(settings),
             **flags.image_settings(settings, user_cache_dir()),
         )
@@ -93,11 +108,11 @@ def main(
     with chat:
         if prompt is not None:
             try:
-                _answer(chat, chat.stream(prompt, list(images), **gen), stats)
+                _answer(chat, chat.stream(prompt, list(images), list(videos), **gen), stats)
             except USER_ERRORS as exc:
                 fail(PROG, str(exc))
         else:
-            _interactive(chat, list(images), gen, stats)
+            _interactive(chat, list(images), list(videos), gen, stats)
 
 
 def _generation(settings: dict[str, Any]) -> dict[str, Any]:
@@ -129,12 +144,13 @@ def _answer(chat: VisionChat, pieces: Iterator[str], show_stats: bool) -> None:
         click.echo(chat.last_stats.summary(), err=True)
 
 
-def _interactive(chat: VisionChat, pending: list[Path], gen: dict[str, Any], stats: bool) -> None:
+def _interactive(chat: VisionChat, pending: list[Path], clips: list[Path], gen: dict[str, Any], stats: bool) -> None:
     click.echo(f"edge-chat: {chat.engine.model_path.name}" + (" (vision)" if chat.has_vision else " (text only)"), err=True)
     click.echo(HELP, err=True)
     stdin = sys.stdin
     while True:
-        click.echo(f"[{len(pending)} image(s)] > " if pending else "> ", nl=False, err=True)
+        attached = ", ".join(f"{n} {what}(s)" for n, what in ((len(pending), "image"), (len(clips), "video")) if n)
+        click.echo(f"[{attached}] > " if attached else "> ", nl=False, err=True)
         line = stdin.readline()
         if not line:
             click.echo(err=True)
@@ -149,23 +165,24 @@ def _interactive(chat: VisionChat, pending: list[Path], gen: dict[str, Any], sta
             if command == "/reset":
                 chat.reset()
                 pending.clear()
+                clips.clear()
                 click.echo("(new conversation)", err=True)
             elif command == "/stats":
                 click.echo(chat.last_stats.summary() if chat.last_stats else "(no answer yet)", err=True)
-            elif command == "/image":
+            elif command in ("/image", "/video"):
                 path = Path(arg.strip()).expanduser()
                 if not arg.strip():
-                    click.echo("usage: /image PATH", err=True)
+                    click.echo(f"usage: {command} PATH", err=True)
                 elif not path.is_file():
                     click.echo(f"no such file: {path}", err=True)
                 else:
-                    pending.append(path)
+                    (pending if command == "/image" else clips).append(path)
             else:
                 click.echo(HELP, err=True)
             continue
         try:
-            _answer(chat, chat.stream(line, pending, **gen), stats)
-            pending = []
+            _answer(chat, chat.stream(line, pending, clips, **gen), stats)
+            pending, clips = [], []
         except USER_ERRORS as exc:
             click.echo(f"error: {exc}", err=True)
         except KeyboardInterrupt:

@@ -448,7 +448,8 @@ class Engine:
                 f"the prompt needs {prompt_tokens} tokens and max_tokens={max_tokens} more: "
                 f"{prompt_tokens + max_tokens} > n_ctx={self.n_ctx_seq}. Raise n_ctx (e.g. "
                 f"n_ctx={_round_up(prompt_tokens + max_tokens, 1024)}), lower max_tokens, "
-                "use fewer/smaller images (image_max_tokens) or reset the conversation"
+                "use fewer/smaller images (image_max_tokens), fewer video tokens (VideoOptions "
+                "max_tokens / fps / max_frames) or reset the conversation"
             )
 
     # ------------------------------------------------------------ evaluation

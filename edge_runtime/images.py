@@ -33,6 +33,7 @@ __all__ = [
     "ImageLimits",
     "ImageSource",
     "SUPPORTED_FORMATS",
+    "data_uri_bytes",
     "image_digest",
     "load_image",
     "to_rgb_array",
@@ -114,7 +115,7 @@ def load_image(
     if isinstance(src, str):
         if src[:5].lower() == "data:":
             label = _label(name, "data URI")
-            return _decode(label, _data_uri_bytes(label, src, limits), limits, fit)
+            return _decode(label, data_uri_bytes(label, src, limits.max_bytes), limits, fit)
         if src[:7].lower() == "file://":
             return _load_path(Path(urllib.parse.unquote(urllib.parse.urlparse(src).path)), name, limits, fit)
         if re.match(r"^[a-z][a-z0-9+.-]*://", src, re.IGNORECASE):
@@ -161,7 +162,7 @@ def _load_path(path: Path, name: str | None, limits: ImageLimits, fit: SizeRule 
         raise ImageError(f"{label}: cannot read file ({getattr(exc, 'strerror', None) or exc})") from None
     if not path.is_file():
         raise ImageError(f"{label}: not a regular file; pass the path of an image file")
-    _check_bytes(label, size, limits)
+    _check_bytes(label, size, limits.max_bytes)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -169,32 +170,36 @@ def _load_path(path: Path, name: str | None, limits: ImageLimits, fit: SizeRule 
     return _decode(label, data, limits, fit)
 
 
-def _data_uri_bytes(label: str, uri: str, limits: ImageLimits) -> bytes:
+def data_uri_bytes(
+    label: str, uri: str, max_bytes: int, media: str = "image", error: type[ImageError] = ImageError,
+    limit: str = "ImageLimits.max_bytes",
+) -> bytes:
+    """The payload of a `data:{media}/...` URI, its size checked before it is decoded."""
     m = _DATA_URI.match(uri)
     if m is None:
-        raise ImageError(f"{label}: malformed data URI (no ',' separator); expected data:image/png;base64,...")
+        raise error(f"{label}: malformed data URI (no ',' separator); expected data:{media}/...;base64,...")
     mime = m["mime"].strip().lower()
-    if mime and not mime.startswith("image/"):
-        raise ImageError(f"{label}: data URI media type is {mime!r}, not image/*")
+    if mime and not mime.startswith(f"{media}/"):
+        raise error(f"{label}: data URI media type is {mime!r}, not {media}/*")
     payload = m["payload"]
     if "base64" not in m["params"].lower():
         data = urllib.parse.unquote_to_bytes(payload)
-        _check_bytes(label, len(data), limits)
+        _check_bytes(label, len(data), max_bytes, error, limit)
         return data
     payload = re.sub(r"\s+", "", payload)
     # Check the decoded size before decoding: base64 is 4 chars per 3 bytes.
-    _check_bytes(label, len(payload) * 3 // 4, limits)
+    _check_bytes(label, len(payload) * 3 // 4, max_bytes, error, limit)
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ImageError(f"{label}: invalid base64 payload ({exc})") from None
+        raise error(f"{label}: invalid base64 payload ({exc})") from None
 
 
 # --- decoding ------------------------------------------------------------
 
 
 def _decode(label: str, data: bytes, limits: ImageLimits, fit: SizeRule | None = None) -> Image.Image:
-    _check_bytes(label, len(data), limits)
+    _check_bytes(label, len(data), limits.max_bytes)
     if not data:
         raise ImageError(f"{label}: no data (0 bytes)")
     with _pil_pixel_limit(label, limits):
@@ -275,9 +280,11 @@ def _exif_upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _check_bytes(label: str, n: int, limits: ImageLimits) -> None:
-    if n > limits.max_bytes:
-        raise ImageError(f"{label}: {n} bytes exceeds ImageLimits.max_bytes={limits.max_bytes}")
+def _check_bytes(
+    label: str, n: int, max_bytes: int, error: type[ImageError] = ImageError, limit: str = "ImageLimits.max_bytes"
+) -> None:
+    if n > max_bytes:
+        raise error(f"{label}: {n} bytes exceeds {limit}={max_bytes}")
 
 
 def _check_size(label: str, size: tuple[int, int], limits: ImageLimits) -> None:

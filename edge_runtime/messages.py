@@ -2,10 +2,13 @@
 
 Accepted content parts: {"type": "text", "text"}, {"type": "image_url",
 "image_url": {"url": data URI | path | file://, "detail": "low" | "auto" | "high"}}
-(or a bare string), and
-{"type": "image", "image": path | bytes | PIL | numpy | ImageInput}. Image parts
-become {"type": "image"}, which Qwen's chat template renders as its vision
-placeholder; the images themselves are returned in the order they appear.
+(or a bare string),
+{"type": "image", "image": path | bytes | PIL | numpy | ImageInput},
+{"type": "video_url", "video_url": {"url": data URI | path}} (vLLM's spelling) and
+{"type": "video", "video": path | bytes | frames | VideoInput}. Image parts become
+{"type": "image"} and video parts {"type": "video", "video": VideoInput}, which Qwen's
+chat template renders as its vision placeholders; the images (a video's frames in
+its place) are returned in the order mtmd needs them.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ from .errors import EmptyPromptError
 from .image_budget import ImagePlan, check_detail
 from .images import ImageLimits, image_digest, load_image, to_rgb_array
 from .prompt import ImageInput
+from .video import VideoInput, load_video
 
 # (source, name for errors, detail or None) -> ImageInput
 ImageLoader = Callable[[Any, str, "str | None"], ImageInput]
+VideoLoader = Callable[[Any, str], VideoInput]
 
 
 def image_input(
@@ -48,7 +53,7 @@ def _default_load(src: Any, name: str, detail: str | None) -> ImageInput:
 
 
 def split_messages(
-    messages: Sequence[dict], load: ImageLoader = _default_load
+    messages: Sequence[dict], load: ImageLoader = _default_load, load_video: VideoLoader = load_video
 ) -> tuple[list[dict], list[ImageInput]]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise EmptyPromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -61,12 +66,18 @@ def split_messages(
         if isinstance(content, (list, tuple)):
             parts = []
             for j, part in enumerate(content):
+                name = f"messages[{i}].content[{j}]"
+                clip = _video_source(part)
+                if clip is not None:
+                    video = load_video(clip, name)
+                    images.extend(video.frames)
+                    parts.append({"type": "video", "video": video})
+                    continue
                 src = _image_source(part)
                 if src is None:
                     parts.append({"type": "text", "text": part} if isinstance(part, str) else part)
                     continue
-                where = f"messages[{i}].content[{j}]"
-                images.append(load(src, where, _detail(part, where)))
+                images.append(load(src, name, _detail(part, name)))
                 parts.append({"type": "image"})
             content = parts
         out.append({**message, "content": content})
@@ -75,30 +86,61 @@ def split_messages(
     return out, images
 
 
-def user_message(prompt: str, images: Sequence[ImageInput]) -> dict:
-    """A user turn as Qwen lays it out: images first, then the question."""
+def user_message(prompt: str, images: Sequence[ImageInput], videos: Sequence[VideoInput] = ()) -> dict:
+    """A user turn as Qwen lays it out: images, then videos, then the question."""
     parts: list[dict] = [{"type": "image", "image": img} for img in images]
+    parts += [{"type": "video", "video": clip} for clip in videos]
     if prompt:
         parts.append({"type": "text", "text": prompt})
     return {"role": "user", "content": parts}
 
 
+def videos_in(messages: Sequence[dict]) -> list[VideoInput]:
+    """The loaded clips of template messages, in prompt order."""
+    return [p["video"] for p in _parts(messages) if isinstance(p.get("video"), VideoInput)]
+
+
+def media_in(messages: Sequence[dict]) -> list[ImageInput]:
+    """Every bitmap of template messages for mtmd, in prompt order (a clip's frames in its place)."""
+    out: list[ImageInput] = []
+    for part in _parts(messages):
+        if isinstance(part.get("image"), ImageInput):
+            out.append(part["image"])
+        elif isinstance(part.get("video"), VideoInput):
+            out.extend(part["video"].frames)
+    return out
+
+
+def _parts(messages: Sequence[dict]) -> list[dict]:
+    return [p for m in messages if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)]
+
+
+def _video_source(part: Any) -> Any | None:
+    return _part_source(part, "video", "a data:video/... URI or a local path", "path, bytes, frame list or array")
+
+
 def _image_source(part: Any) -> Any | None:
     if isinstance(part, ImageInput):
         return part
+    return _part_source(part, "image", "a data URI or a local path", "path, bytes, PIL image or array")
+
+
+def _part_source(part: Any, kind: str, url_hint: str, value_hint: str) -> Any | None:
+    """The source of a `{kind}_url` or `{kind}` part (None for other parts)."""
     if not isinstance(part, dict):
         return None
-    kind = part.get("type")
-    if kind == "image_url" or (kind is None and "image_url" in part):
-        ref = part.get("image_url")
+    tag, url_key = part.get("type"), f"{kind}_url"
+    article = "an" if kind[0] in "aeiou" else "a"
+    if tag == url_key or (tag is None and url_key in part):
+        ref = part.get(url_key)
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not url:
-            raise ValueError("an image_url part needs image_url.url (a data URI or a local path)")
+            raise ValueError(f"{article} {url_key} part needs {url_key}.url ({url_hint})")
         return url
-    if kind == "image" or (kind is None and "image" in part):
-        src = part.get("image")
+    if tag == kind or (tag is None and kind in part):
+        src = part.get(kind)
         if src is None:
-            raise ValueError("an image part needs an 'image' value (path, bytes, PIL image or array)")
+            raise ValueError(f"{article} {kind} part needs a value under '{kind}' ({value_hint})")
         return src
     return None
 

@@ -26,6 +26,8 @@ class ImageInput:
 
     `plan` and `source_size` say which budget resized it from what size (None when
     the caller built it from pixels directly).
+    `mergeable` marks a video frame: mtmd merges two adjacent mergeable frames of one
+    size into one temporal group (the pair shares its digest, the group's cache key).
     """
 
     digest: str
@@ -34,14 +36,15 @@ class ImageInput:
     pixels: np.ndarray | None = field(default=None, repr=False, compare=False)
     plan: Any = field(default=None, compare=False)
     source_size: tuple[int, int] | None = field(default=None, compare=False)
+    mergeable: bool = False
 
     @classmethod
     def from_array(cls, pixels: np.ndarray, digest: str, plan: Any = None,
-                   source_size: tuple[int, int] | None = None) -> "ImageInput":
+                   source_size: tuple[int, int] | None = None, mergeable: bool = False) -> "ImageInput":
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 array, got {pixels.shape} {pixels.dtype}")
         pixels = np.ascontiguousarray(pixels)
-        return cls(digest, int(pixels.shape[1]), int(pixels.shape[0]), pixels, plan, source_size)
+        return cls(digest, int(pixels.shape[1]), int(pixels.shape[0]), pixels, plan, source_size, mergeable)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ def _bitmap(img: ImageInput, placeholder: bool) -> tuple[Any, bool]:
     if not bitmap:
         raise DecodeError(f"mtmd_bitmap_init failed for a {img.width}x{img.height} image")
     mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode("ascii"))
+    if img.mergeable:
+        mtmd.mtmd_bitmap_set_mergeable(bitmap, True)
     return bitmap, placeholder
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
-__all__ = ["PixelBudget", "draft_for", "resize_to", "smart_resize", "target_size"]
+__all__ = ["PixelBudget", "draft_for", "resize_rgb", "resize_to", "smart_resize", "smart_resize_video",
+           "target_size"]
 
 MAX_ASPECT_RATIO = 200
 # A JPEG is decoded at a reduced scale only while it keeps this many times the
@@ -102,3 +104,42 @@ def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     if img.size == tuple(size):
         return img
     return img.resize(tuple(size), resample=Image.Resampling.BICUBIC)
+
+
+def smart_resize_video(
+    num_frames: int, height: int, width: int, *, temporal_factor: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """One (height, width) for every frame of a clip: the pixel bounds count all frames together.
+
+    Port of `smart_resize` in transformers' qwen3_vl video processing: the frame count,
+    rounded to `temporal_factor`, multiplies the area, so a token budget is spread over
+    the whole clip.
+    """
+    if num_frames < temporal_factor:
+        raise ValueError(f"{num_frames} frame(s): a clip needs at least {temporal_factor}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_rgb(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`resize_to` for an HxWx3 uint8 array (video frames)."""
+    if pixels.shape[0] == height and pixels.shape[1] == width:
+        return pixels
+    return np.asarray(resize_to(Image.fromarray(pixels), (width, height)), dtype=np.uint8)

@@ -31,6 +31,7 @@ from edge_common.manifest import sha256_file
 from .errors import SavedConversationError
 from .kv_state import Unit, image_unit, text_units
 from .prompt import ImageInput
+from .video import VideoInput
 
 MAGIC = b"EDGECONV"
 VERSION = 1
@@ -157,6 +158,11 @@ def _part_to_json(part: Any) -> Any:
         return {"type": "image", "digest": img.digest, "width": img.width, "height": img.height, **kept}
     if isinstance(part, ImageInput):
         return {"type": "image", "digest": part.digest, "width": part.width, "height": part.height}
+    if isinstance(part, dict) and isinstance(part.get("video"), VideoInput):
+        clip = part["video"]  # frame pairs by digest (a pair shares one), their times and size
+        return {"type": "video", "pairs": [f.digest for f in clip.frames[::2]], "timestamps": list(clip.timestamps),
+                "width": clip.width, "height": clip.height, "source_fps": clip.source_fps,
+                "indices": list(clip.indices)}
     return part
 
 
@@ -167,6 +173,18 @@ def _part_from_json(part: Any, source: str | Path) -> Any:
         except (KeyError, TypeError, ValueError):
             raise SavedConversationError(f"{source}: an image reference lacks digest/width/height") from None
         return {"type": "image", "image": image, **({"url": part["url"]} if "url" in part else {})}
+    if isinstance(part, dict) and part.get("type") == "video" and "pairs" in part:
+        try:
+            w, h = int(part["width"]), int(part["height"])
+            frames = tuple(ImageInput(str(d), w, h, mergeable=True) for d in part["pairs"] for _ in range(2))
+            clip = VideoInput(frames, tuple(float(t) for t in part["timestamps"]), w, h, float(part["source_fps"]),
+                              tuple(int(i) for i in part["indices"]))
+        except (KeyError, TypeError, ValueError):
+            raise SavedConversationError(f"{source}: a video reference lacks pairs/timestamps/size") from None
+        if len(clip.timestamps) != len(part["pairs"]):
+            raise SavedConversationError(f"{source}: a video reference has {len(part['pairs'])} frame pairs "
+                                         f"but {len(clip.timestamps)} timestamps")
+        return {"type": "video", "video": clip}
     return part
 
 

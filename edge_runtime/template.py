@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import jinja2
 from jinja2 import nodes
@@ -26,6 +26,7 @@ __all__ = [
     "ChatTemplate",
     "DEFAULT_QWEN3_VL_TEMPLATE",
     "IMAGE_PLACEHOLDER",
+    "VIDEO_PLACEHOLDER",
     "TemplateError",
     "ThinkFilter",
     "normalize_messages",
@@ -37,6 +38,9 @@ __all__ = [
 FORMAT = chat_format()
 VISION_START, IMAGE_PAD, VISION_END = FORMAT.vision_start, FORMAT.image_pad, FORMAT.vision_end
 IMAGE_PLACEHOLDER = FORMAT.image_placeholder
+# transformers 4.57 (Qwen's reference) and vLLM replace this whole triple with the clip's
+# timestamped frame groups; each group then gets its own vision start/end.
+VIDEO_PAD, VIDEO_PLACEHOLDER = FORMAT.video_pad, FORMAT.video_placeholder
 THINK_OPEN, THINK_CLOSE = FORMAT.think_open, FORMAT.think_close
 DEFAULT_QWEN3_VL_TEMPLATE = FORMAT.default_template
 
@@ -165,6 +169,10 @@ def replace_image_placeholders(text: str, marker: str) -> tuple[str, int]:
     return _PLACEHOLDER_RE.subn(lambda _: marker, text)
 
 
+_MEDIA_RE = re.compile(
+    "(?P<image>" + _PLACEHOLDER_RE.pattern + ")|(?P<video>" + re.escape(VISION_START) + r"\s*" + re.escape(VIDEO_PAD)
+    + r"\s*" + re.escape(VISION_END) + "|" + re.escape(VIDEO_PAD) + ")"
+)
 _THINK_RE = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"\s*|\Z)"
                        + r"|" + re.escape(THINK_CLOSE) + r"\s*", re.DOTALL)
 
@@ -267,18 +275,37 @@ class ThinkFilter:
             self._shown = self._shown or bool(text.strip())
 
 
-def render_with_markers(template: ChatTemplate, messages: list[dict], n_images: int, marker: str | None) -> str:
-    """Render a conversation for the engine: each image placeholder becomes mtmd's media marker.
+def render_with_markers(
+    template: ChatTemplate, messages: list[dict], n_images: int, marker: str | None, videos: Sequence[Any] = ()
+) -> str:
+    """Render a conversation for the engine: each image placeholder becomes mtmd's media marker,
+    each video placeholder the clip's `prompt_text(marker)` (timestamps and frame markers).
 
-    `marker` None means a text-only model (no projector): the text is returned as rendered.
+    `n_images` counts every bitmap handed to mtmd (video frames included); `marker` None
+    means a text-only model (no projector): the text is returned as rendered.
     """
     text = template.render(messages, add_generation_prompt=True)
     if marker is None:
         return text
-    text, count = replace_image_placeholders(text, marker)
-    if count != n_images:
+    clips = iter(videos)
+    n_markers = 0
+
+    def swap(match: re.Match) -> str:
+        nonlocal n_markers
+        if match.lastgroup == "image":
+            n_markers += 1
+            return marker
+        clip = next(clips, None)
+        if clip is None:
+            raise ValueError("the chat template placed more videos than the messages carry")
+        out = clip.prompt_text(marker)
+        n_markers += out.count(marker)
+        return out
+
+    text = _MEDIA_RE.sub(swap, text)
+    if next(clips, None) is not None or n_markers != n_images:
         raise ValueError(
-            f"the chat template placed {count} image(s) but the messages carry {n_images}; "
-            "images are only supported where the template renders them (user turns)"
+            f"the chat template placed {n_markers} image(s)/frame(s) for the {n_images} given (and "
+            f"{len(videos)} video(s)); images and videos are only supported where the template renders them (user turns)"
         )
     return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..chat_format import ChatFormat
 
 # A ChatML template of Qwen's shape, for GGUFs that carry none. Only user/system/
-# assistant turns with text and images: tools are not used by this runtime.
+# assistant turns with text, images and videos: tools are not used by this runtime.
 DEFAULT_TEMPLATE = (
     "{%- for message in messages %}\n"
     "    {{- '<|im_start|>' + message.role + '\\n' }}\n"
@@ -14,6 +14,8 @@ DEFAULT_TEMPLATE = (
     "        {%- for part in message.content %}\n"
     "            {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}\n"
     "                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}\n"
+    "            {%- elif part.type == 'video' or 'video' in part %}\n"
+    "                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}\n"
     "            {%- elif 'text' in part %}\n"
     "                {{- part.text }}\n"
     "            {%- endif %}\n"
@@ -35,4 +37,6 @@ CHAT_FORMAT = ChatFormat(
     think_open="<think>",
     think_close="</think>",
     grounding_coord_range=1000.0,  # Qwen3-VL answers grounding prompts in a 0..1000 frame
+    video_pad="<|video_pad|>",
+    video_timestamp="<{seconds:.1f} seconds>",  # as Qwen3VLProcessor writes it
 )

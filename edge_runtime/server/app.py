@@ -132,7 +132,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             req = parse_chat_request(await request.body())
             gen = generation_options(req)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
-                render_prompt, scheduler.prompt_format, template_messages(req), policy.load)
+                render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video)
         except Exception as exc:
             error = from_exception(exc)
             if error.status < 500:

@@ -183,7 +183,8 @@ def add_conversation_routes(app: FastAPI, scheduler: Scheduler, options: ServerO
         try:
             req = parse_chat_request(await request.body())
             messages = template_messages(req)
-            rendered = await run_in_threadpool(render_prompt, scheduler.prompt_format, messages, policy.load)
+            rendered = await run_in_threadpool(render_prompt, scheduler.prompt_format, messages, policy.load,
+                                               policy.load_video)
         except Exception as exc:
             raise from_exception(exc) from None
         try:

@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 from llama_cpp.llama_grammar import JSON_GBNF
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from ..options import GenerationOptions
 from ..sampling import schema_to_grammar
@@ -33,17 +33,26 @@ class TextPart(_Model):
     text: str
 
 
+def _url_object(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value  # some clients send the URL itself
+
+
+URL = Annotated[ImageURL, BeforeValidator(_url_object)]
+
+
 class ImagePart(_Model):
     type: Literal["image_url"]
-    image_url: ImageURL
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _bare_string(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value  # some clients send the URL itself
+    image_url: URL
 
 
-Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoPart(_Model):
+    """vLLM's spelling of a video: {"type": "video_url", "video_url": {"url": ...}}."""
+
+    type: Literal["video_url"]
+    video_url: URL
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(_Model):

@@ -21,6 +21,7 @@ import httpx
 from ..images import ImageError, ImageLimits
 from ..messages import image_input
 from ..prompt import ImageInput
+from ..video import VideoInput, VideoOptions, load_video
 from .errors import ApiError, bad_request
 
 Scope = dict[str, Any]
@@ -155,6 +156,8 @@ class ImagePolicy:
     planner: Callable[[str], Any] | None = None
     default_detail: str = "auto"
 
+    video: VideoOptions = VideoOptions(max_bytes=64 * 1024 * 1024)
+
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes)
@@ -164,33 +167,40 @@ class ImagePolicy:
         the server was not told to allow."""
         plan = self.planner(detail or self.default_detail) if self.planner is not None else None
         try:
-            return self._load(src, name, plan)
+            return image_input(self._source(src, name, self.max_image_bytes), name, self.limits, plan)
         except ImageError as exc:
             raise bad_request(str(exc), name, "invalid_image") from None
 
-    def _load(self, src: Any, name: str, plan: Any = None) -> ImageInput:
+    def load_video(self, src: Any, name: str) -> VideoInput:
+        """A video_url value -> VideoInput, under the same source policy as images."""
+        try:
+            return load_video(self._source(src, name, self.video.max_bytes), name, self.video)
+        except ImageError as exc:  # VideoError included
+            raise bad_request(str(exc), name, "invalid_video") from None
+
+    def _source(self, src: Any, name: str, max_bytes: int) -> str | bytes:
+        """The data URI itself, or the bytes of an allowed remote URL or local file."""
         if not isinstance(src, str):
-            raise bad_request(f"{name}: image_url.url must be a string", name)
+            raise bad_request(f"{name}: the url must be a string", name)
         kind = source_kind(src)
         if kind == "data":
             size = data_uri_size(src)
-            if size > self.max_image_bytes:
-                raise _image_too_large(name, size, self.max_image_bytes)
-            return image_input(src, name, self.limits, plan)
+            if size > max_bytes:
+                raise _image_too_large(name, size, max_bytes)
+            return src
         if kind == "remote":
             if not self.allow_remote:
                 raise ApiError(400, f"{name}: remote image URLs are disabled on this server; send the image as a "
                                "data: URI (or start edge-serve with --allow-remote-images)",
                                "invalid_request_error", name, "remote_images_disabled")
-            return image_input(fetch_remote(src, self.max_image_bytes, self.fetch_timeout_s, name), name,
-                               self.limits, plan)
+            return fetch_remote(src, max_bytes, self.fetch_timeout_s, name)
         if kind == "local":
             if self.local_root is None:
                 raise ApiError(400, f"{name}: local file paths are disabled on this server; send the image as a "
                                "data: URI (or start edge-serve with --allow-local-dir DIR)",
                                "invalid_request_error", name, "local_images_disabled")
             path = confine_path(self.local_root, local_path(src, name), name)
-            return image_input(read_capped(path, self.max_image_bytes, name), name, self.limits, plan)
+            return read_capped(path, max_bytes, name)
         raise bad_request(f"{name}: unsupported image URL scheme in {src[:40]!r}; use a data: URI", name,
                           "unsupported_image_url")
 
