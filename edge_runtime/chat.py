@@ -34,7 +34,7 @@ from .saved_conversation import (
 )
 from .stats import GenerationStats, image_report
 from .template import THINK_OPEN, render_with_markers, template_for
-from .video import MTMD_MAX_TOKENS, MTMD_MIN_TOKENS, VideoInput, VideoOptions, load_video
+from .video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
 
 
 class VisionChat:
@@ -340,7 +340,6 @@ class VisionChat:
         return load_video(
             src, name, self.video,
             on_gpu=self.engine.n_gpu_layers != 0 and gpu_offload_available(),
-            frame_min_tokens=opts.image_min_tokens or MTMD_MIN_TOKENS,
             frame_max_tokens=opts.image_max_tokens or MTMD_MAX_TOKENS,
         )
 
