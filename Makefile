@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml
 	# A pinned CPU torch first: an unpinned one would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(MAKE) llama-wheel
-	$(BIN)/python -m pip install -q --no-index --find-links '$(WHEEL_DIR)' llama-cpp-python==$(LLAMA_CPP_VERSION)
+	# --only-binary: PyPI has only the sdist, so the one candidate is the wheel built above
+	# (its own dependencies still come from the index).
+	$(BIN)/python -m pip install -q --only-binary llama-cpp-python --find-links '$(WHEEL_DIR)' llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/python -m pip install -q -e '.[all]'
 	$(BIN)/python -m edge_llama.rpc --require
 	touch $(STAMP)
