@@ -106,7 +106,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
                 f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size}; re-download it."
             )
         tensors[name] = TensorRef(name, path, dtype, shape, base + begin, end - begin)
+    check_disjoint(path, tensors.values())
     return tensors
+
+
+def check_disjoint(path: Path, refs) -> None:
+    """Two tensors sharing bytes would be read as each other's weights: the file is corrupt or forged."""
+    spans = sorted((r.offset, r.offset + r.nbytes, r.name) for r in refs if r.nbytes)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ConvertError(f"{path}: tensors {n0!r} (bytes {b0}-{e0}) and {n1!r} (bytes {b1}-{e1}) overlap; "
+                               "the file is corrupt, re-download it.")
 
 
 @dataclass

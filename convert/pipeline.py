@@ -19,6 +19,7 @@ from edge_common import __version__
 from edge_models import ModelConfigError, lookup
 from edge_models.spec import ArchSpec, OutputFile, Transform
 from .checkpoint import Checkpoint, TensorRef
+
 from .errors import ConvertError
 from edge_common.disk import check_free_space, check_overwrite, prepare_out_dir
 from edge_common.floats import FLOAT_TYPES

@@ -117,8 +117,8 @@ def parallel(default: int) -> Decorator:
 
 
 def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds --ubatch-size, --mmap/--no-mmap, --repack/--no-repack, --rpc and --tensor-split
-    (keyword args n_ubatch, mmap, repack, rpc_servers, tensor_split)."""
+    """Adds --ubatch-size, --mmap/--no-mmap, --repack/--no-repack, --amx, --rpc and --tensor-split
+    (keyword args n_ubatch, mmap, repack, amx, rpc_servers, tensor_split)."""
     return options(
         click.option("--ubatch-size", "-ub", "n_ubatch", default=None, type=click.IntRange(min=1),
                      help="Tokens per forward pass (sizes the compute buffer) [default: the batch on a GPU, "
@@ -128,6 +128,9 @@ def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
                           "repacked, since the mapped pages would stay resident beside the copy]."),
         click.option("--repack/--no-repack", "repack", default=True, show_default=True,
                      help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)."),
+        click.option("--amx", "amx", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Intel AMX for repacked weights: auto = only where a cached probe showed llama.cpp's AMX "
+                          "kernels work on this CPU (else repack without AMX); also $EDGE_AMX."),
         rpc_flags(),
     )(command)
 
@@ -177,8 +180,8 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Pops the load_flags values from click's kwargs, as EngineOptions / VisionChat keywords."""
     mmap = settings.pop("mmap")
     return {"n_ubatch": settings.pop("n_ubatch"), "mmap": "auto" if mmap is None else mmap,
-            "repack": settings.pop("repack"), "rpc_servers": settings.pop("rpc_servers", None) or (),
-            "tensor_split": settings.pop("tensor_split", None)}
+            "repack": settings.pop("repack"), "amx": settings.pop("amx"),
+            "rpc_servers": settings.pop("rpc_servers", None) or (), "tensor_split": settings.pop("tensor_split", None)}
 
 
 def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import EdgeError, OutputError
+from .units import format_bytes
 
 
 def prepare_out_dir(out_dir: Path, error: type[EdgeError] = OutputError) -> None:
@@ -44,5 +45,5 @@ def check_free_space(out_dir: Path, needed: int, what: str = "the output",
                      error: type[EdgeError] = OutputError) -> None:
     free = shutil.disk_usage(out_dir).free
     if free < needed:
-        raise error(f"{out_dir}: needs {needed / 1e9:.2f} GB free for {what} but has {free / 1e9:.2f} GB; "
+        raise error(f"{out_dir}: needs {format_bytes(needed)} free for {what} but has {format_bytes(free)}; "
                     "free space or choose another directory with -o.")

@@ -21,7 +21,7 @@ from .errors import ContextOverflowError, EmptyPromptError, SavedConversationErr
 from .images import ImageLimits
 from .manifest_paths import resolve_model_paths
 from .image_budget import ImagePlan, check_detail
-from .messages import image_input, media_in, split_messages, user_message, videos_in
+from .messages import check_text, image_input, media_in, split_messages, user_message, videos_in
 from .options import EngineOptions, GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
@@ -75,6 +75,7 @@ class VisionChat:
         rpc_timeout_s: float = 5.0,
         rpc_stall_s: float = 300.0,
         rpc_output_on_host: bool = True,
+        amx: bool | str = "auto",
         encoder_cache_mb: float = 128,
         chat_template: str | None = None,
         generation: GenerationOptions | None = None,
@@ -93,6 +94,7 @@ class VisionChat:
             rpc_timeout_s=rpc_timeout_s,
             rpc_stall_s=rpc_stall_s,
             rpc_output_on_host=rpc_output_on_host,
+            amx=amx,
             kv_cache_type_k=kv_cache_type_k or kv_cache_type,
             kv_cache_type_v=kv_cache_type_v or kv_cache_type,
             flash_attn=flash_attn,
@@ -162,6 +164,7 @@ class VisionChat:
         t_start = time.perf_counter()
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_text(prompt, "the prompt")
         attached = self._take_attached()
         loaded = self._load_images(images or (), detail) if images or not attached else attached
         clips = self._load_videos(videos or ())

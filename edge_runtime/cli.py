@@ -18,6 +18,7 @@ from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
 
 from .chat import VisionChat
+from .images import ImageError
 from .options import EngineOptions, GenerationOptions
 from .disk_cache import user_cache_dir
 from .manifest_paths import resolve_model_paths
@@ -80,6 +81,10 @@ def main(
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
     gen = _generation(settings)
+    try:  # sampling settings are checked before minutes of loading: a bad one is a usage error (exit code 2)
+        GenerationOptions().updated(gen)
+    except (ValueError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         video = VideoOptions(fps=video_fps, max_frames=video_max_frames, max_tokens=video_max_tokens)
     except VideoError as exc:
@@ -183,6 +188,10 @@ def _interactive(chat: VisionChat, pending: list[Path], clips: list[Path], gen: 
         try:
             _answer(chat, chat.stream(line, pending, clips, **gen), stats)
             pending, clips = [], []
+        except ImageError as exc:  # an image that cannot be read would fail every following question
+            click.echo(f"error: {exc}", err=True)
+            pending, clips = [], []
+            click.echo("(the pending image(s) and clip(s) were dropped; attach them again)", err=True)
         except USER_ERRORS as exc:
             click.echo(f"error: {exc}", err=True)
         except KeyboardInterrupt:

@@ -23,23 +23,22 @@ import numpy as np
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
-from edge_llama.placement import Placement, place
-from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
 
 from edge_common.preflight import projector_problems
+from edge_llama import (Batch, Closeable, Context, ContextOptions, LlamaLoadError, LoadOptions, Model, Projector,
+                        ProjectorOptions, log_suffix, model_meta)
+from edge_llama.params import resolve_mmap, resolve_ubatch
+from edge_llama.placement import Placement, place
+from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
 from edge_models import chat_format
 
-from .llama_io import model_meta
 from .backend import (
     ensure_backend,
     gpu_offload_available,
     kv_type,
-    model_params,
     physical_cores,
     resolve_flash_attn,
     resolve_gpu_layers,
-    resolve_mmap,
-    resolve_ubatch,
     take_errors,
 )
 from .disk_cache import DiskEncoderCache, projector_sha256
@@ -95,7 +94,7 @@ def _check_file(path: str | Path, what: str) -> Path:
     return p
 
 
-class Engine:
+class Engine(Closeable):
     def __init__(
         self, model_path: str | Path, mmproj_path: str | Path | None = None, options: EngineOptions | None = None
     ) -> None:
@@ -106,6 +105,10 @@ class Engine:
         self._model = self._ctx = self._mctx = None
         self.placement: Placement | None = None
         self._watchdog: DecodeWatchdog | None = None
+        self._lmodel: Model | None = None
+        self._lctx: Context | None = None
+        self._lproj: Projector | None = None
+        self._lbatch: Batch | None = None
         self._batch: Any = None
         try:
             self._load()
@@ -131,45 +134,41 @@ class Engine:
             local_gpu_layers = 0 if self.placement.local_cpu else -1
             self._watchdog = DecodeWatchdog(opts.rpc_stall_s)
         self.mmap = resolve_mmap(opts.mmap, local_gpu_layers, opts.repack)
-        mparams = model_params(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack, placement=self.placement)
-        take_errors()
-        with ensure_backend().capture() as load_log:
-            self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not self._model:
-            raise ModelLoadError(_with_log(f"llama.cpp could not load the text model {self.model_path}"))
+        load = LoadOptions(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack, amx=opts.amx,
+                           placement=self.placement)
+        try:
+            self._lmodel = Model(self.model_path, load)
+        except LlamaLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        self.weights_how = self._lmodel.how
+        self._model = self._lmodel.ptr
         # {device: (layers, weight bytes)} as llama.cpp placed them
-        self.device_weights = placement_from_log(load_log, self.placement.buffer_devices() if self.placement else None)
+        self.device_weights = placement_from_log(self._lmodel.load_log,
+                                                 self.placement.buffer_devices() if self.placement else None)
         if self.placement is not None:
             log.info("layers and weights per device: %s", self.placement.describe(self.device_weights))
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._vocab = self._lmodel.vocab
         self.arch = self.meta("general.architecture") or ""
-
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = opts.n_ctx
-        cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = resolve_ubatch(opts.n_ubatch, opts.n_batch, local_gpu_layers)
-        cparams.n_seq_max = opts.n_seq_max
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads
-        cparams.flash_attn_type = self.flash_attn_type
-        cparams.type_k = type_k.ggml_type
-        cparams.type_v = type_v.ggml_type
-        cparams.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        cparams = ContextOptions(
+            n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=resolve_ubatch(opts.n_ubatch, opts.n_batch, local_gpu_layers),
+            n_seq_max=opts.n_seq_max, n_threads=self.threads, type_k=type_k.ggml_type, type_v=type_v.ggml_type,
+            flash_attn=self.flash_attn_type)
+        try:
+            self._lctx = Context(self._lmodel, cparams)
+        except LlamaLoadError as exc:
             raise ModelLoadError(
-                _with_log(
-                    f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, "
-                    f"K={type_k.name}, V={type_v.name}, flash_attn={opts.flash_attn!r})"
-                )
-            )
+                f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, K={type_k.name}, V={type_v.name}, "
+                f"flash_attn={opts.flash_attn!r})" + (": " + " | ".join(exc.log_lines[-3:]) if exc.log_lines else "")
+            ) from exc
+        self._ctx = self._lctx.ptr
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.marker = mtmd.mtmd_default_marker().decode("utf-8")
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
         self.n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx))
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._lbatch = Batch(self.n_batch)
+        self._batch = self._lbatch.raw
         self.n_embd_inp = int(llama_cpp.llama_model_n_embd_inp(self._model))
         self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
 
@@ -185,7 +184,7 @@ class Engine:
         self._eot = self._end_of_turn_tokens()
         log.info(
             "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d, "
-            "n_batch=%d/%d, %s%s",
+            "n_batch=%d/%d, weights %s",
             self.model_path.name,
             self.arch,
             f" + {self.mmproj_path.name}" if self.mmproj_path else "",
@@ -197,8 +196,7 @@ class Engine:
             self.threads,
             self.n_batch,
             self.n_ubatch,
-            "mmap" if self.mmap else "read",
-            "" if opts.repack else ", no repack",
+            self.weights_how,
         )
 
     def _load_projector(self) -> None:
@@ -206,38 +204,33 @@ class Engine:
         if problems:
             raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
         opts = self.options
-        params = mtmd.mtmd_context_params_default()
         use_gpu = opts.mmproj_gpu if opts.mmproj_gpu is not None else (self.n_gpu_layers != 0 and gpu_offload_available())
-        params.use_gpu = bool(use_gpu)
-        params.print_timings = False
-        params.n_threads = self.threads
-        params.flash_attn_type = self.flash_attn_type
-        params.warmup = bool(use_gpu)  # on CPU a warm-up encode only delays start-up
         if self.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO and not use_gpu:
             # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
             # projector would run without flash attention (slower, and O(patches^2) memory).
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        else:
+            flash = self.flash_attn_type
         self.vision = read_vision_spec(self.mmproj_path)
         self.projector_gpu = bool(use_gpu)
         # Images are resized here (HF's processor, per-image budgets) to sizes mtmd keeps as
         # they are: its own bounds only need to admit every budget this engine may choose.
-        params.image_min_tokens = 1
-        params.image_max_tokens = max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0)
-        take_errors()
-        self._mctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self._model, params)
-        if not self._mctx:
-            errors = take_errors()
-            mismatch = next((e for e in errors if "mismatch between text model" in e), None)
+        params = ProjectorOptions(
+            n_threads=self.threads, use_gpu=bool(use_gpu), image_min_tokens=1,
+            image_max_tokens=max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0),
+            flash_attn=flash, warmup=bool(use_gpu))  # on CPU a warm-up encode only delays start-up
+        try:
+            self._lproj = Projector(self.mmproj_path, self._lmodel, params)
+        except LlamaLoadError as exc:
+            mismatch = next((e for e in exc.log_lines if "mismatch between text model" in e), None)
             if mismatch:
                 raise ProjectorMismatchError(
                     f"projector {self.mmproj_path.name} does not fit text model {self.model_path.name}: "
                     f"{mismatch.split(': error: ')[-1].strip()} (text model expects "
                     f"{self.n_embd_inp}-wide image embeddings); use the mmproj converted with this model"
-                )
-            raise ModelLoadError(
-                f"llama.cpp could not load the projector {self.mmproj_path}"
-                + (": " + " | ".join(errors) if errors else "")
-            )
+                ) from exc
+            raise ModelLoadError(str(exc)) from exc
+        self._mctx = self._lproj.ptr
         if not mtmd.mtmd_support_vision(self._mctx):
             raise ModelLoadError(f"{self.mmproj_path.name} has no vision encoder")
 
@@ -652,46 +645,23 @@ class Engine:
             raise EngineClosedError("the engine is closed")
 
     def close(self) -> None:
+        """Free projector, batch, context and model (in that order), then release the RPC workers; idempotent."""
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
-        if self._mctx:
-            mtmd.mtmd_free(self._mctx)
-        self._mctx = None
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-        self._ctx = None
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-        self._model = None
+        for name in ("_lproj", "_lbatch", "_lctx", "_lmodel"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+            setattr(self, name, None)
+        self._mctx = self._batch = self._ctx = self._model = None
         if self.placement is not None:
             unguard_workers(self.placement.endpoints)
             self.placement = None
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def _log_suffix() -> str:
-    errors = take_errors()
-    return (": " + " | ".join(errors[-3:])) if errors else ""
-
-
-def _with_log(message: str) -> str:
-    return message + _log_suffix()
+_log_suffix = log_suffix

@@ -33,6 +33,10 @@ class EmptyPromptError(EdgeRuntimeError, ValueError):
     """Nothing to answer: no text and no image."""
 
 
+class PromptEncodingError(EdgeRuntimeError, ValueError):
+    """The prompt holds text that is not encodable as UTF-8 (a lone surrogate)."""
+
+
 class ContextOverflowError(EdgeRuntimeError, ValueError):
     """The prompt plus the requested `max_tokens` do not fit in `n_ctx`."""
 

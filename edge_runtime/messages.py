@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .errors import EmptyPromptError
+from .errors import EmptyPromptError, PromptEncodingError
 from .image_budget import ImagePlan, check_detail
 from .images import ImageLimits, image_digest, load_image, to_rgb_array
 from .prompt import ImageInput
@@ -75,15 +75,33 @@ def split_messages(
                     continue
                 src = _image_source(part)
                 if src is None:
+                    if isinstance(part, str):
+                        check_text(part, f"messages[{i}].content[{j}]")
+                    elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                        check_text(part["text"], f"messages[{i}].content[{j}].text")
                     parts.append({"type": "text", "text": part} if isinstance(part, str) else part)
                     continue
                 images.append(load(src, name, _detail(part, name)))
                 parts.append({"type": "image"})
             content = parts
+        elif isinstance(content, str):
+            check_text(content, f"messages[{i}].content")
         out.append({**message, "content": content})
     if not any(_has_content(m.get("content")) for m in out if m.get("role") == "user") and not images:
         raise EmptyPromptError("the messages hold no user text and no image: nothing to answer")
     return out, images
+
+
+def check_text(text: str, where: str) -> str:
+    """Refuse text llama.cpp cannot receive: UTF-8 has no encoding for a lone surrogate ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptEncodingError(
+            f"{where} is not valid Unicode text: a lone surrogate {text[exc.start]!r} (U+{ord(text[exc.start]):04X}) at "
+            f"character {exc.start}; surrogates only exist in pairs (decode the text with errors='replace' or fix "
+            "its source)") from None
+    return text
 
 
 def user_message(prompt: str, images: Sequence[ImageInput], videos: Sequence[VideoInput] = ()) -> dict:

@@ -1,10 +1,12 @@
 """Typed options: how an engine is built, and how one answer is generated."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from edge_llama.rpc import parse_endpoint
+from edge_llama import LoadOptions
 
 from .backend import kv_type
 
@@ -53,6 +55,10 @@ class EngineOptions:
     # One evaluation (llama_decode) longer than this with workers means a worker
     # stopped answering: the process ends naming it (see edge_llama.rpc).
     rpc_stall_s: float = 300.0
+    # Intel AMX among them: "auto" uses it only where a cached child-process probe showed that
+    # llama.cpp's AMX kernels work on this CPU ($EDGE_AMX=auto|on|off decides "auto"); False keeps
+    # repacking without AMX; True forces it (llama.cpp's own default).
+    amx: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rpc_servers, str):
@@ -76,6 +82,7 @@ class EngineOptions:
             raise ValueError(f"n_ubatch must be positive, got {self.n_ubatch}")
         if not (self.mmap == "auto" or isinstance(self.mmap, bool)):
             raise ValueError(f"mmap must be 'auto', True or False, got {self.mmap!r}")
+        LoadOptions(mmap=self.mmap, repack=self.repack, amx=self.amx)  # refuses bad mmap / amx values
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.n_seq_max < 1:
@@ -125,6 +132,10 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -21,6 +21,7 @@ import llama_cpp
 from PIL import Image
 
 from edge_common import cli_options as flags
+from edge_llama import Batch
 from edge_runtime import EngineOptions, GenerationOptions, VisionChat
 from edge_runtime.demo import example_image
 from edge_runtime.sampling import Sampler
@@ -32,7 +33,8 @@ def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> f
     # Bring the KV cache to the same prompt (untimed), through the engine's own prefill.
     chat.generate(messages, max_tokens=1, temperature=0.0)
     state = engine.seq_state(chat.seq_id)
-    batch = llama_cpp.llama_batch_init(1, 0, 1)
+    owned = Batch(1)
+    batch = owned.raw
     try:
         with Sampler(GenerationOptions(temperature=0.0), engine.vocab, 0) as sampler:
             pos = state.n_pos
@@ -54,7 +56,7 @@ def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> f
                 pos += 1
             elapsed = time.perf_counter() - t_first
     finally:
-        llama_cpp.llama_batch_free(batch)
+        owned.close()
         engine.reset(chat.seq_id)  # the raw loop bypassed the engine's KV bookkeeping
     return (n_tokens - 1) / elapsed
 

@@ -18,6 +18,7 @@ import numpy as np
 from edge_common.gguf_plan import ModelShapes, TensorSize, natural_key
 
 from . import catalog, kv
+from .errors import QuantError
 from .layout import QUANT_KEYS, gguf_file_bytes, imatrix_keys
 from .memory import TextDims, compute_bytes, vision_compute_bytes
 from .tensor_types import mmproj_types, text_types
@@ -77,6 +78,8 @@ def estimate(shapes: ModelShapes, quant: str = "q4_k_m", mmproj_quant: str | Non
              n_ctx: int = 4096, kv_type: str = "f16", *, imatrix: bool | None = None,
              kv_type_v: str | None = None) -> Estimate:
     """Sizes of the files `edge-convert --quant QUANT --mmproj-quant M` writes, and the memory to run them."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise QuantError(f"n_ctx must be a positive number of tokens, got {n_ctx!r} (--ctx-size).")
     qt = catalog.lookup(quant)
     mq = catalog.lookup_projector(mmproj_quant or catalog.default_projector_type(quant))
     has_imatrix = qt.needs_imatrix if imatrix is None else imatrix

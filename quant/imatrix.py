@@ -92,7 +92,18 @@ def load(path: str | Path) -> Imatrix:
                          "or a file written by llama-imatrix.")
     with open(path, "rb") as f:
         magic = f.read(4)
-    im = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    try:
+        im = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    except QuantError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, OSError) as exc:
+        # gguf-py's reader and numpy fail on damaged files with their own messages
+        raise QuantError(f"{path}: damaged or truncated imatrix file ({type(exc).__name__}: {exc}); "
+                         "recompute it with --imatrix auto or llama-imatrix.") from None
+    for name, e in im.entries.items():
+        if not np.all(np.isfinite(e.sums)) or np.any(e.sums < 0) or np.any(e.counts < 0):
+            raise QuantError(f"{path}: entry {name!r} holds values that are not finite or are negative (squared "
+                             "activations cannot be); the file is damaged, recompute it.")
     im.path = path
     return im
 

@@ -124,40 +124,39 @@ class _TextModel:
     def __init__(self, path: Path, n_ctx: int, threads: int, kv: str = "f16"):
         import llama_cpp
 
-        from .kv import kv_type
+        from edge_llama import Context, ContextOptions, LlamaLoadError, Model, kv_type
 
         cache = kv_type(kv)
         self.lc = llama_cpp
-        mp = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise QuantError(f"{path}: llama.cpp cannot load this text model.")
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_ctx
-        cp.n_ubatch = min(512, n_ctx)
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.type_k = cp.type_v = int(cache.ggml_type)
-        if cache.needs_flash_attn_for_v:
-            cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise QuantError(f"{path}: llama.cpp cannot create a context (n_ctx={n_ctx}).")
+        try:
+            self._model = Model(path)
+            flash = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache.needs_flash_attn_for_v
+                     else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
+            self._ctx = Context(self._model, ContextOptions(
+                n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx), n_threads=threads,
+                type_k=int(cache.ggml_type), type_v=int(cache.ggml_type), flash_attn=flash))
+        except LlamaLoadError as exc:
+            if getattr(self, "_model", None) is not None:
+                self._model.close()
+            raise QuantError(f"{path}: {exc}") from exc
+        self.model, self.ctx = self._model.ptr, self._ctx.ptr
         self.n_batch = n_ctx
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab
 
     def reset(self) -> None:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
 
     def decode_tokens(self, tokens: Sequence[int], n_past: int) -> np.ndarray:
         """Decode with logits at every position; returns [len(tokens), n_vocab] float32."""
+        from edge_llama import Batch
+
         lc = self.lc
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         for s in range(0, len(tokens), self.n_batch):
             part = tokens[s: s + self.n_batch]
-            batch = lc.llama_batch_init(len(part), 0, 1)
+            owned = Batch(len(part))
+            batch = owned.raw
             try:
                 batch.n_tokens = len(part)
                 for i, tok in enumerate(part):
@@ -172,12 +171,12 @@ class _TextModel:
                     ptr = lc.llama_get_logits_ith(self.ctx, i)
                     out[s + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
             finally:
-                lc.llama_batch_free(batch)
+                owned.close()
         return out
 
     def close(self) -> None:
-        self.lc.llama_free(self.ctx)
-        self.lc.llama_model_free(self.model)
+        self._ctx.close()
+        self._model.close()
 
 
 class _Vision:
@@ -186,14 +185,13 @@ class _Vision:
 
         self.m = mtmd_cpp
         check_projector(mmproj)
-        p = mtmd_cpp.mtmd_context_params_default()
-        p.use_gpu = False
-        p.print_timings = False
-        p.n_threads = threads
-        p.warmup = False
-        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), text.model, p)
-        if not self.ctx:
-            raise QuantError(f"{mmproj}: mtmd cannot load this projector with {text.model!r}.")
+        from edge_llama import LlamaLoadError, Projector, ProjectorOptions
+
+        try:
+            self._proj = Projector(mmproj, text._model, ProjectorOptions(n_threads=threads, use_gpu=False))
+        except LlamaLoadError as exc:
+            raise QuantError(f"{mmproj}: mtmd cannot load this projector with {text._model.path.name}: {exc}") from exc
+        self.ctx = self._proj.ptr
         self.text = text
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
 
@@ -234,7 +232,7 @@ class _Vision:
         raise QuantError("the probe produced no image chunk; does the projector support vision?")
 
     def close(self) -> None:
-        self.m.mtmd_free(self.ctx)
+        self._proj.close()
 
 
 def check_projector(path: Path) -> None:
@@ -352,16 +350,15 @@ def probe_images(options: QualityOptions) -> list[Any]:
 def image_cosines(ref: ModelPair, test: ModelPair, images: Iterable[Any], *, threads: int | None = None,
                   n_ctx: int = 512) -> list[tuple[float, float]]:
     """(whole-image cosine, worst per-token cosine) of the two projectors' embeddings, per image."""
-    from . import llamalog
+    from edge_llama import capture
 
     if ref.mmproj is None or test.mmproj is None:
         raise QuantError("both pairs need a projector to compare image embeddings.")
     threads = threads or os.cpu_count() or 1
     import llama_cpp
 
-    llama_cpp.llama_backend_init()
     out = []
-    with llamalog.capture(mtmd=True):
+    with capture():
         text = _TextModel(ref.text, n_ctx, threads)
         try:
             va, vb = _Vision(ref.mmproj, text, threads), None
@@ -383,16 +380,11 @@ def image_cosines(ref: ModelPair, test: ModelPair, images: Iterable[Any], *, thr
 def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Path | tuple",
              options: QualityOptions = QualityOptions()) -> QualityReport:
     """Compare `test` against `ref` (each a converted output dir, a ModelPair or a (text, mmproj) tuple)."""
-    import llama_cpp
-
-    from . import llamalog
-
     ref, test = as_pair(ref), as_pair(test)
     threads = options.threads or os.cpu_count() or 1
     images = probe_images(options)
     use_images = ref.mmproj is not None and test.mmproj is not None
     groups: dict[str, tuple[list[np.ndarray], ...]] = {"text": ([], [], []), "image": ([], [], [])}
-    llama_cpp.llama_backend_init()
     if options.text:
         probes = [(p, []) for p in options.prompts]
         if use_images:
@@ -400,8 +392,8 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
 
             marker = mtmd_cpp.mtmd_default_marker().decode()
             probes += [(f"{marker}\n{q}", [img]) for q, img in zip(_cycle(options.image_prompts, len(images)), images)]
-        ref_runs = _run_all(ref, probes, None, options, threads, use_images, llamalog)
-        test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images, llamalog,
+        ref_runs = _run_all(ref, probes, None, options, threads, use_images)
+        test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images,
                              kv=options.test_kv)
         for (p, imgs), (la, _), (lb, _) in zip(probes, ref_runs, test_runs):
             n = min(len(la), len(lb))
@@ -435,10 +427,12 @@ def _cycle(items: Sequence[str], n: int) -> list[str]:
     return [items[i % len(items)] for i in range(n)] if items else ["Describe this image."] * n
 
 
-def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: int, use_images: bool, llamalog,
+def _run_all(pair: ModelPair, probes, forced, options: QualityOptions, threads: int, use_images: bool,
              kv: str = "f16"):
+    from edge_llama import capture
+
     runs = []
-    with llamalog.capture(mtmd=True):
+    with capture():
         model = _TextModel(pair.text, options.n_ctx, threads, kv)
         vision = None
         try:

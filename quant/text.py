@@ -119,7 +119,7 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
     import llama_cpp
     from tqdm import tqdm
 
-    from . import llamalog
+    from edge_llama import capture
 
     t = catalog.lookup(options.quant)
     src, dst = Path(src), Path(dst)
@@ -139,7 +139,6 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
         params.imatrix = ctypes.cast(arr.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
         keep += [arr, overrides]
-    llama_cpp.llama_backend_init()
     bar = tqdm(total=None, desc=f"{dst.name}", unit="tensor", disable=not options.progress, leave=False)
 
     def on_line(level: int, line: str) -> None:
@@ -150,7 +149,7 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
             bar.refresh()
 
     try:
-        with atomic_output(dst) as tmp, llamalog.capture(on_line) as log:
+        with atomic_output(dst) as tmp, capture(on_line) as log:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0:
                 raise QuantError(f"llama.cpp could not quantize {src.name} to {t.name}: {log.errors() or 'see its log'}")

@@ -175,6 +175,35 @@ def test_cli_table_and_json(tiny_f16_dir, tmp_path):
     assert data["bandwidth"] is None
 
 
+def test_cli_names_a_worker_signal_and_fails_when_every_party_died(tiny_f16_dir, tmp_path, monkeypatch):
+    """Workers that die by SIGILL (as on the AMX Xeon of issue 10): cause and setting named, exit code 1."""
+    from edge_runtime.bench.workers import SELF_SIGNAL_ENV
+
+    monkeypatch.setenv(SELF_SIGNAL_ENV, "SIGILL")
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
+            "--resolution", "96x96", "--prompt-lengths", "16", "--decode-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--ctx-size", "512", "--baselines", "raw", "--no-bandwidth", "-q"]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 1, result.output
+    assert "killed by SIGILL (signal 4)" in result.output and "EDGE_AMX=off" in result.output
+    assert "every party failed for f16+q8_0 KV f16 96x96" in result.output
+
+
+def test_cli_extra_bufts_modes_are_measured_side_by_side(tiny_f16_dir, tmp_path):
+    out = tmp_path / "b.json"
+    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
+            "--resolution", "96x96", "--prompt-lengths", "16", "--decode-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--ctx-size", "512", "--baselines", "none", "--no-bandwidth", "--json", str(out), "-q",
+            "--extra-bufts", "repack,none"]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    labels = [c["label"] for c in json.loads(out.read_text())["configs"]]
+    assert labels == ["f16+q8_0 KV f16 96x96 bufts repack", "f16+q8_0 KV f16 96x96 bufts none"]
+    assert "| f16 (bufts repack) | q8_0 | f16 | 96x96 |" in result.output
+    bad = CliRunner().invoke(cli_main, args[:-1] + ["turbo"])
+    assert bad.exit_code == 2 and "unknown mode(s) turbo" in bad.output
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "nothing to bench"),
     (["--synthetic", "tiny", "--resolution", "640by480"], "WIDTHxHEIGHT"),

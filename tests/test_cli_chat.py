@@ -46,7 +46,7 @@ def test_load_flags_reach_the_engine(tiny_f32_dir, image_path, caplog):
     with caplog.at_level("INFO", logger="edge_runtime"):
         result = run([*args, "Describe it."])
     assert result.exit_code == 0, result.output
-    assert "n_batch=512/16, read, no repack" in caplog.text  # the engine's load line
+    assert "n_batch=512/16, weights read, no extra buffer types (repack off)" in caplog.text  # the engine's load line
     result = run([tiny_f32_dir, "--ubatch-size", "0", "Describe it."])
     assert result.exit_code == 2 and "--ubatch-size" in result.stderr
 

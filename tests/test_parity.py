@@ -10,7 +10,7 @@ from edge_models.qwen3vl.reference import Reference
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape, VisionShape
 import llama_cpp
 
-from edge_runtime.llama_io import Context, ContextOptions, Model, Projector
+from edge_llama import Context, ContextOptions, Model, Projector
 
 # f32 KV cache and no flash attention (which rounds Q to f16): the exact path, so
 # that what is measured is the conversion, not llama.cpp's speed-for-precision trades.

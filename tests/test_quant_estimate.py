@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from convert.shapes import model_shapes
-from quant import catalog, estimate as E, llamalog
+from edge_llama import capture
+from quant import catalog, estimate as E
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
@@ -114,7 +115,7 @@ def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
             params.dry_run = True
             if with_imatrix:
                 params.imatrix = ctypes.cast(one, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-            with llamalog.capture() as log:
+            with capture() as log:
                 assert llama_cpp.llama_model_quantize(str(sparse).encode(), b"", ctypes.byref(params)) == 0
             real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
             quant_mib = float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])

@@ -28,11 +28,12 @@ def llama_quantize(src, dst, quant: str) -> None:
     reference calls the same library function the tool calls, with the tool's parameters."""
     import llama_cpp
 
+    from edge_llama import ensure_backend
     from quant import catalog
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = catalog.lookup(quant).ftype
-    llama_cpp.llama_backend_init()
+    ensure_backend()
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
 
 

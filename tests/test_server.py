@@ -315,6 +315,16 @@ def test_malformed_json_and_schema_errors(server):
     assert metrics(server)['edge_requests_total{outcome="invalid"}'] == before + 5
 
 
+def test_nan_settings_and_lone_surrogates_are_400(server):
+    """Issue 10: NaN sampling settings and text UTF-8 cannot encode get an OpenAI-shaped 400, not a crash."""
+    for name in ("temperature", "repeat_penalty", "top_p"):
+        body = b'{"messages": [{"role": "user", "content": "x"}], "%s": NaN}' % name.encode()
+        assert_error(post(server, body), 400, param=name)
+    err = assert_error(post(server, b'{"messages": [{"role": "user", "content": "ab\\ud800"}]}'), 400)
+    assert "U+D800" in err["message"] and "character 2" in err["message"]
+    assert post(server, {"messages": user("x"), "max_tokens": 2}).status_code == 200  # still serving
+
+
 def test_body_size_limit(server):
     big = {"messages": user("x" * (1 << 20))}
     assert_error(post(server, big), 413, "request_too_large")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import gguf
@@ -162,9 +163,55 @@ def claims_vision(name: str) -> bool:
     return name.startswith(VISION_PREFIX)
 
 
+TEXT_BLOCK = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")
+VISION_BLOCK = re.compile(r"^model\.visual\.blocks\.(\d+)\.(.+)$")
+DEEPSTACK_BLOCK = re.compile(r"^model\.visual\.deepstack_merger_list\.(\d+)\.(.+)$")
+
+
+def _check_blocks(ckpt: Checkpoint, pattern: re.Pattern, n: int, key: str, what: str) -> None:
+    """Blocks 0..n-1 each hold the same tensors, and no other block exists: config.json and the weights agree."""
+    blocks: dict[int, set[str]] = {}
+    for name in ckpt.tensors:
+        m = pattern.match(name)
+        if m:
+            blocks.setdefault(int(m[1]), set()).add(m[2])
+    found = sorted(blocks)
+    config = ckpt.model_dir / "config.json"
+    if found != list(range(n)):
+        missing = sorted(set(range(n)) - set(found))
+        extra = sorted(set(found) - set(range(n)))
+        detail = (f"missing {what} {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"{what} {extra[:5]} beyond it" if extra else "")
+        raise ModelConfigError(f"{config}: {key} = {n} but the weights hold {len(found)} {what}(s) ({detail}); "
+                               "config.json and the safetensors disagree: use the config.json shipped with these "
+                               "weights.")
+    union = set().union(*blocks.values()) if blocks else set()
+    for i in found:
+        if blocks[i] != union:
+            lacking = sorted(union - blocks[i])
+            raise ModelConfigError(f"{ckpt.model_dir}: {what} {i} lacks {len(lacking)} tensor(s) the others have "
+                                   f"(first: {lacking[0]!r}); the checkpoint is incomplete.")
+
+
+def check_config_matches_tensors(ckpt: Checkpoint) -> None:
+    """Every block config.json implies is present, none it does not know; deepstack indexes within the tower."""
+    hp = text_hparams(ckpt.config)
+    vc = vision_config(ckpt.config)
+    _check_blocks(ckpt, TEXT_BLOCK, hp.n_layer, "text_config.num_hidden_layers", "text layer")
+    _check_blocks(ckpt, VISION_BLOCK, vc.depth, "vision_config.depth", "vision block")
+    indexes = list(vc.deepstack_visual_indexes)
+    bad = [i for i in indexes if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vc.depth]
+    if bad or len(set(indexes)) != len(indexes):
+        raise ModelConfigError(f"{ckpt.model_dir / 'config.json'}: vision_config.deepstack_visual_indexes {indexes} "
+                               f"must be distinct vision block numbers in 0..{vc.depth - 1} (depth {vc.depth}); "
+                               "fix config.json.")
+    _check_blocks(ckpt, DEEPSTACK_BLOCK, len(indexes), "len(vision_config.deepstack_visual_indexes)",
+                  "deepstack merger")
+
+
 def validate(ckpt: Checkpoint) -> None:
     hp = text_hparams(ckpt.config)
-    vision_config(ckpt.config)
+    check_config_matches_tensors(ckpt)
     if not hp.tied and LM_HEAD not in ckpt.tensors:
         raise ModelConfigError(
             f"{ckpt.model_dir}: config.json says tie_word_embeddings=false but no {LM_HEAD!r} tensor is stored; "

@@ -104,6 +104,10 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @flags.ctx_size(MEASURE.n_ctx)
 @flags.batch_size(MEASURE.n_batch)
 @flags.load_flags
+@click.option("--extra-bufts", "extra_bufts", default="auto", show_default=True,
+              help="How weights use llama.cpp's CPU extra buffer types, comma-separated modes measured side by side: "
+                   "auto (the runtime's choice: AMX only where its probe passed), amx (llama.cpp's default, AMX "
+                   "included), repack (CPU_REPACK without AMX), none (plain CPU buffers).")
 @flags.threads()
 @flags.n_gpu_layers("auto")
 @flags.flash_attn(MEASURE.flash_attn)
@@ -133,8 +137,8 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_types_v, resolutions, prompt_lengths,
-         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, rpc_servers,
-         tensor_split, threads, n_gpu_layers,
+         decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, amx, rpc_servers,
+         tensor_split, extra_bufts, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
          convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, no_bandwidth, timeout,
          quiet) -> None:
@@ -175,8 +179,10 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     json_out: dict = {}
     try:
         if model_dir or synthetic:
-            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack,
+            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack, "amx": amx,
                                   "rpc_servers": rpc_servers, "tensor_split": tensor_split})
+            load.pop("amx")
+            modes = parse_extra_bufts(extra_bufts, amx)
             if rpc_servers and baselines != "none":
                 log("edge-bench: with --rpc only VisionChat is measured (the baselines cannot use workers)")
                 baselines = "none"
@@ -190,7 +196,7 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
                                   baselines=parse_baselines(baselines, with_transformers),
                                   transformers_repeats=transformers_repeats, bandwidth=not no_bandwidth,
                                   memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes,
-                                  timeout=timeout, quiet=quiet, log=log)
+                                  timeout=timeout, quiet=quiet, log=log, extra_bufts=modes)
             if convert:
                 report.convert = run_convert(synthetic or "2b", cache_dir, convert_targets, log)
             sections.append(to_markdown(report))
@@ -211,6 +217,35 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     if json_path:
         json_path.write_text(json.dumps(json_out, indent=2) + "\n", encoding="utf-8")
         log(f"edge-bench: figures written to {json_path}")
+    dead = all_parties_failed(json_out)
+    if dead:
+        click.echo("edge-bench: every party failed for " + "; ".join(dead) + " (see the notes for why)", err=True)
+        sys.exit(1)
+
+
+def all_parties_failed(report: dict) -> list[str]:
+    """Labels of the configurations whose every measured party failed (a figure-less run is a failure)."""
+    from .options import Config
+
+    dead = []
+    for c in report.get("configs", []):
+        parties = c.get("parties", {})
+        if parties and all(p.get("error") for p in parties.values()):
+            dead.append(Config.from_dict(c["config"]).label)
+    return dead
+
+
+def parse_extra_bufts(text: str, amx: str) -> tuple[str, ...]:
+    from .options import EXTRA_BUFTS
+
+    modes = split_list(text)
+    bad = sorted(set(modes) - set(EXTRA_BUFTS))
+    if bad or not modes:
+        raise click.BadParameter(f"unknown mode(s) {', '.join(bad) or repr(text)}; choose from {', '.join(EXTRA_BUFTS)}",
+                                 param_hint="--extra-bufts")
+    if modes == ("auto",) and amx != "auto":  # --amx on|off is a single-mode shorthand
+        return ("amx",) if amx == "on" else ("repack",)
+    return modes
 
 
 def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
@@ -274,7 +309,8 @@ def resolve_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmp
 
 def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
                  measure: Measure, *, kv, resolutions, baselines, transformers_repeats: int, bandwidth: bool,
-                 memory_breakdown: bool, accuracy: bool, passes: int, timeout: float, quiet: bool, log):
+                 memory_breakdown: bool, accuracy: bool, passes: int, timeout: float, quiet: bool, log,
+                 extra_bufts: tuple[str, ...] = ("auto",)):
     from .api import run_bench
 
     models, quants, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
@@ -282,7 +318,8 @@ def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmpro
         raise ValueError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
     options = BenchOptions(quants=quants, mmproj_quant=proj, kv_types=kv, resolutions=resolutions, measure=measure,
                            baselines=baselines, worker_timeout_s=timeout, bandwidth=bandwidth,
-                           memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes)
+                           memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes,
+                           extra_bufts=extra_bufts)
     return run_bench(models, options, transformers_repeats=transformers_repeats, progress=not quiet, log=log)
 
 

@@ -15,14 +15,38 @@ from .summary import decode_rates
 from .workers import Recorder, WorkerSpec
 
 
+# ggml-cpu/amx/common.h qtype_has_amx_kernels: weights of these types run llama.cpp's AMX tile kernels
+# (F16 weights in the AMX buffer use AVX-512 only).
+AMX_KERNEL_TYPES = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+
+
+def refuse_faulting_amx(text_path: str) -> None:
+    """llama-cpp-python's Llama always loads with every extra buffer type, AMX included: where edge_llama's
+    probe found AMX faulting and the model has AMX-kernel weights, this baseline would die by SIGILL, so it
+    reports why instead."""
+    from gguf import GGUFReader
+
+    from edge_llama import amx, bufts, resolve_amx
+
+    if bufts.AMX not in {b.name for b in bufts.cpu_extra_buffer_types()}:
+        return
+    if not {t.tensor_type.name for t in GGUFReader(text_path).tensors} & AMX_KERNEL_TYPES:
+        return
+    plan = amx.extra_bufts_plan(True, resolve_amx("auto"))
+    if not plan.use_extra_bufts:
+        raise RuntimeError("llama-cpp-python's Llama cannot turn AMX off and AMX is not usable on this CPU "
+                           f"({plan.how}); this baseline cannot run here")
+
+
 def open_llama(spec: WorkerSpec):
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     from ..backend import kv_type
 
+    refuse_faulting_amx(str(spec.text_path))
     m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
-    mmap, n_ubatch = m.load_settings()  # its Llama cannot turn repacking off: --no-repack applies to the others
+    mmap, n_ubatch = m.load_settings(spec.config)  # its Llama cannot turn repacking off: --no-repack applies to the others
     handler = MTMDChatHandler(clip_model_path=str(spec.mmproj_path), verbose=False, use_gpu=m.n_gpu_layers != 0)
     return Llama(
         model_path=str(spec.text_path), chat_handler=handler, n_ctx=m.n_ctx, n_batch=m.n_batch,

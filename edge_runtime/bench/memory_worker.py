@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import CPU_UBATCH, ensure_backend, kv_type, model_params
+from edge_llama import (CPU_UBATCH, Context, ContextOptions, LoadOptions, Model, Projector, ProjectorOptions,
+                        kv_type)
 
 from .scenario import FIRST_QUESTION, bench_image, chat_prompt
 from .workers import Recorder, WorkerSpec
@@ -65,76 +66,47 @@ def rss_now() -> dict[str, int]:
 
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     import llama_cpp as L
-    from llama_cpp import mtmd_cpp as M
 
     v = MemoryVariant(**(spec.variant or {"name": "default"}))
     m, res = spec.measure, spec.config.resolution
-    kv = kv_type(spec.config.kv_type).ggml_type
+    kv = int(kv_type(spec.config.kv_type).ggml_type)
     flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ensure_backend()
     stage = lambda name: rec.value(f"rss_{name}", rss_now().get("VmRSS", 0))  # noqa: E731
     stage("start")
-    model = L.llama_model_load_from_file(str(spec.text_path).encode(), model_params(m.n_gpu_layers, mmap=v.mmap,
-                                                                                    repack=v.repack))
-    if not model:
-        raise RuntimeError(f"could not load {spec.text_path}")
-    stage("model")
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch = m.n_ctx, m.n_batch, min(v.n_ubatch, m.n_batch)
-    cp.n_threads = cp.n_threads_batch = m.threads
-    cp.type_k, cp.type_v, cp.flash_attn_type, cp.no_perf = kv, kv, flash, True
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        raise RuntimeError("could not create a context")
-    stage("context")
-    pp = M.mtmd_context_params_default()
-    pp.use_gpu, pp.n_threads, pp.warmup, pp.flash_attn_type, pp.print_timings = (
-        m.n_gpu_layers != 0, m.threads, False, flash, False)
-    if v.image_max_tokens:
-        pp.image_max_tokens = v.image_max_tokens
-    mctx = M.mtmd_init_from_file(str(spec.mmproj_path).encode(), model, pp)
-    if not mctx:
-        raise RuntimeError(f"could not load {spec.mmproj_path}")
-    stage("projector")
-    try:
-        t0 = time.perf_counter()
-        n_past, n_image = _eval_image_prompt(L, M, mctx, ctx, min(v.n_ubatch, m.n_batch), np.asarray(bench_image(res.width, res.height)))
-        rec.sample("image_prompt_s", time.perf_counter() - t0)  # encode + prefill: what a smaller ubatch costs
-        stage("image")
-        rec.value("image_tokens", n_image)
-        rec.sample("decode_tok_s", _decode(L, ctx, n_past, DECODE_TOKENS))
-        stage("decode")
-    finally:
-        M.mtmd_free(mctx)
-        L.llama_free(ctx)
-        L.llama_model_free(model)
+    with Model(spec.text_path, LoadOptions(m.n_gpu_layers, mmap=v.mmap, repack=v.repack and spec.config.repack(m),
+                                                  amx=spec.config.amx)) as model:
+        stage("model")
+        with Context(model, ContextOptions(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=min(v.n_ubatch, m.n_batch),
+                                           n_threads=m.threads, type_k=kv, type_v=kv, flash_attn=flash)) as ctx:
+            stage("context")
+            with Projector(spec.mmproj_path, model, ProjectorOptions(
+                    n_threads=m.threads, use_gpu=m.n_gpu_layers != 0, image_max_tokens=v.image_max_tokens,
+                    flash_attn=flash, warmup=False)) as proj:
+                stage("projector")
+                t0 = time.perf_counter()
+                n_past, n_image = _eval_image_prompt(proj, ctx, min(v.n_ubatch, m.n_batch),
+                                                     np.asarray(bench_image(res.width, res.height)))
+                rec.sample("image_prompt_s", time.perf_counter() - t0)  # encode + prefill: what a smaller ubatch costs
+                stage("image")
+                rec.value("image_tokens", n_image)
+                rec.sample("decode_tok_s", _decode(L, ctx.ptr, n_past, DECODE_TOKENS))
+                stage("decode")
 
 
-def _eval_image_prompt(L, M, mctx, ctx, n_batch: int, rgb: np.ndarray) -> tuple[int, int]:
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w = rgb.shape[:2]
-    bmp = M.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-    chunks = M.mtmd_input_chunks_init()
-    try:
-        text = chat_prompt(FIRST_QUESTION, M.mtmd_default_marker().decode()).encode()
-        inp = M.mtmd_input_text(text, len(text), True, True)
-        arr = (M.mtmd_bitmap_p_ctypes * 1)(bmp)
-        if M.mtmd_tokenize(mctx, chunks, ctypes.byref(inp), arr, 1) != 0:
-            raise RuntimeError("mtmd_tokenize failed")
-        n_image = sum(M.mtmd_input_chunk_get_n_tokens(M.mtmd_input_chunks_get(chunks, i))
-                      for i in range(M.mtmd_input_chunks_size(chunks))
-                      if M.mtmd_input_chunk_get_type(M.mtmd_input_chunks_get(chunks, i)) != 0)
-        new_past = L.llama_pos(0)
-        if M.mtmd_helper_eval_chunks(mctx, ctx, chunks, 0, 0, n_batch, True, ctypes.byref(new_past)) != 0:
-            raise RuntimeError("mtmd_helper_eval_chunks failed")
-        return new_past.value, n_image
-    finally:
-        M.mtmd_input_chunks_free(chunks)
-        M.mtmd_bitmap_free(bmp)
+def _eval_image_prompt(proj: Projector, ctx: Context, n_batch: int, rgb: np.ndarray) -> tuple[int, int]:
+    from edge_llama import chunk_is_text
+    from llama_cpp import mtmd_cpp as M
+
+    with proj.tokenize(chat_prompt(FIRST_QUESTION, proj.marker), [rgb]) as chunks:
+        n_image = sum(M.mtmd_input_chunk_get_n_tokens(c) for c in chunks if not chunk_is_text(c))
+        return proj.eval_chunks(ctx, chunks, 0, 0, n_batch=n_batch), n_image
 
 
 def _decode(L, ctx, n_past: int, n_tokens: int) -> float:
-    sampler, batch = L.llama_sampler_init_greedy(), L.llama_batch_init(1, 0, 1)
+    from edge_llama import Batch
+
+    sampler, owned = L.llama_sampler_init_greedy(), Batch(1)
+    batch = owned.raw
     try:
         t0 = None
         for i in range(n_tokens):
@@ -148,5 +120,5 @@ def _decode(L, ctx, n_past: int, n_tokens: int) -> float:
                 raise RuntimeError("llama_decode failed")
         return n_tokens / (time.perf_counter() - t0)
     finally:
-        L.llama_batch_free(batch)
+        owned.close()
         L.llama_sampler_free(sampler)

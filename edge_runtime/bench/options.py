@@ -21,6 +21,11 @@ ACCURACY = "accuracy"  # divergence from the float files, not a party either
 BASELINES = (RAW, CHAT_HANDLER, TRANSFORMERS)
 DEFAULT_BASELINES = (RAW, CHAT_HANDLER)
 
+# --extra-bufts modes: how weights use llama.cpp's CPU extra buffer types -> (repack, amx).
+# auto: the runtime's default (AMX only where its probe passed); amx: llama.cpp's own default;
+# repack: CPU repacking without AMX; none: plain CPU buffers. repack None = follow --repack/--no-repack.
+EXTRA_BUFTS = {"auto": (None, "auto"), "amx": (True, "on"), "repack": (True, "off"), "none": (False, "off")}
+
 
 @dataclass(frozen=True, order=True)
 class Resolution:
@@ -79,11 +84,12 @@ class Measure:
         if self.image_max_tokens is not None and self.image_max_tokens < 1:
             raise ValueError(f"image_max_tokens must be positive, got {self.image_max_tokens}")
 
-    def load_settings(self) -> tuple[bool, int]:
+    def load_settings(self, config: "Config | None" = None) -> tuple[bool, int]:
         """(mmap, n_ubatch) resolved as VisionChat resolves them, so every party loads the same way."""
         from ..backend import resolve_mmap, resolve_ubatch
 
-        return (resolve_mmap(self.mmap, self.n_gpu_layers, self.repack),
+        repack = self.repack if config is None else config.repack(self)
+        return (resolve_mmap(self.mmap, self.n_gpu_layers, repack),
                 resolve_ubatch(self.n_ubatch, self.n_batch, self.n_gpu_layers))
 
 
@@ -95,18 +101,33 @@ class Config:
     mmproj_quant: str
     kv_type: str
     resolution: Resolution
+    bufts: str = "auto"  # a key of EXTRA_BUFTS
+
+    def __post_init__(self) -> None:
+        if self.bufts not in EXTRA_BUFTS:
+            raise ValueError(f"unknown extra-buffer-type mode {self.bufts!r}; choose from {', '.join(EXTRA_BUFTS)}")
 
     @property
     def label(self) -> str:
-        return f"{self.quant}+{self.mmproj_quant} KV {self.kv_type} {self.resolution}"
+        bufts = "" if self.bufts == "auto" else f" bufts {self.bufts}"
+        return f"{self.quant}+{self.mmproj_quant} KV {self.kv_type} {self.resolution}{bufts}"
+
+    @property
+    def amx(self) -> str:
+        return EXTRA_BUFTS[self.bufts][1]
+
+    def repack(self, measure: Measure) -> bool:
+        forced = EXTRA_BUFTS[self.bufts][0]
+        return measure.repack if forced is None else forced
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant": self.quant, "mmproj_quant": self.mmproj_quant, "kv_type": self.kv_type,
-                "resolution": str(self.resolution)}
+                "resolution": str(self.resolution), "bufts": self.bufts}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
-        return cls(data["quant"], data["mmproj_quant"], data["kv_type"], Resolution.parse(data["resolution"]))
+        return cls(data["quant"], data["mmproj_quant"], data["kv_type"], Resolution.parse(data["resolution"]),
+                   data.get("bufts", "auto"))
 
 
 # The issue's memory target: this configuration at n_ctx 4096 within 2.0 GB peak RSS.
@@ -121,6 +142,7 @@ class BenchOptions:
     mmproj_quant: str = "q8_0"
     kv_types: tuple[str, ...] = ("q8_0",)
     resolutions: tuple[Resolution, ...] = (Resolution(640, 480),)
+    extra_bufts: tuple[str, ...] = ("auto",)
     measure: Measure = field(default_factory=Measure)
     baselines: tuple[str, ...] = DEFAULT_BASELINES
     # Each pass runs the runtime and its baselines once more, alternating, and the samples
@@ -132,21 +154,25 @@ class BenchOptions:
     accuracy: bool = False  # KL / top-1 / image cosine of each configuration against the float files
 
     def __post_init__(self) -> None:
-        for name in ("quants", "kv_types", "resolutions"):
+        for name in ("quants", "kv_types", "resolutions", "extra_bufts"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
         if self.passes < 1:
             raise ValueError(f"passes must be >= 1, got {self.passes}")
+        bad = sorted(set(self.extra_bufts) - set(EXTRA_BUFTS))
+        if bad:
+            raise ValueError(f"unknown --extra-bufts mode(s) {', '.join(bad)}; choose from {', '.join(EXTRA_BUFTS)}")
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
 
     def configs(self) -> Iterator[Config]:
-        """The matrix in a stable order: quant, then KV type, then resolution."""
+        """The matrix in a stable order: quant, then KV type, then resolution, then extra-buffer-type mode."""
         for q in self.quants:
             for kv in self.kv_types:
                 for res in self.resolutions:
-                    yield Config(q, self.mmproj_quant, kv, res)
+                    for bufts in self.extra_bufts:
+                        yield Config(q, self.mmproj_quant, kv, res, bufts)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "measure"}
@@ -157,7 +183,7 @@ class BenchOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BenchOptions":
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        for name in ("quants", "kv_types", "baselines"):
+        for name in ("quants", "kv_types", "baselines", "extra_bufts"):
             if name in values:
                 values[name] = tuple(values[name])
         values["resolutions"] = tuple(Resolution.parse(r) for r in data.get("resolutions", ("640x480",)))

@@ -22,29 +22,32 @@ from .workers import Recorder, WorkerSpec
 
 
 class RawSession:
-    """A model, context and projector opened with llama_io, plus one reusable 1-token batch."""
+    """A model, context and projector opened with edge_llama, plus one reusable 1-token batch."""
 
     def __init__(self, spec: WorkerSpec):
         import llama_cpp as L
 
-        from ..backend import kv_type
-        from ..llama_io import Context, ContextOptions, Model, Projector, ProjectorOptions
+        from edge_llama import Context, ContextOptions, LoadOptions, Model, Projector, ProjectorOptions, kv_type
 
-        m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
+        m, kv = spec.measure, int(kv_type(spec.config.kv_type).ggml_type)
         flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.L, self.n_batch = L, m.n_batch
-        mmap, n_ubatch = m.load_settings()
-        self.model = Model(spec.text_path, n_gpu_layers=m.n_gpu_layers, mmap=mmap, repack=m.repack)
+        mmap, n_ubatch = m.load_settings(spec.config)
+        self.model = Model(spec.text_path, LoadOptions(m.n_gpu_layers, mmap=mmap, repack=spec.config.repack(m),
+                                                       amx=spec.config.amx))
         self.ctx = Context(self.model, ContextOptions(n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=n_ubatch,
                                                       n_threads=m.threads, type_k=kv, type_v=kv, flash_attn=flash))
         self.proj = Projector(spec.mmproj_path, self.model, ProjectorOptions(
             n_threads=m.threads, use_gpu=m.n_gpu_layers != 0, image_max_tokens=m.image_max_tokens,
             flash_attn=flash, warmup=False))
         self.sampler = L.llama_sampler_init_greedy()
-        self.batch = L.llama_batch_init(1, 0, 1)
+        from edge_llama import Batch
+
+        self._batch = Batch(1)
+        self.batch = self._batch.raw
 
     def close(self) -> None:
-        self.L.llama_batch_free(self.batch)
+        self._batch.close()
         self.L.llama_sampler_free(self.sampler)
         self.proj.close()
         self.ctx.close()
@@ -54,7 +57,7 @@ class RawSession:
         """Evaluate a prompt with one image chunk by chunk; (n_past, encode seconds, image tokens)."""
         from llama_cpp import mtmd_cpp as M
 
-        from ..llama_io import LlamaError, chunk_is_text, chunk_text_tokens
+        from edge_llama import LlamaError, chunk_is_text, chunk_text_tokens
 
         chunks = self.proj.tokenize(text, [rgb])
         n_past, encode_s, image_tokens = 0, 0.0, 0

@@ -252,7 +252,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _cfg_cells(c: Config) -> list[str]:
-    return [c.quant, c.mmproj_quant, c.kv_type, str(c.resolution)]
+    quant = c.quant if c.bufts == "auto" else f"{c.quant} (bufts {c.bufts})"  # --extra-bufts rows side by side
+    return [quant, c.mmproj_quant, c.kv_type, str(c.resolution)]
 
 
 def runtime_table(report: BenchReport) -> list[str]:

@@ -20,7 +20,7 @@ def open_chat(spec: WorkerSpec):
     m = spec.measure
     return VisionChat(
         spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch, mmap=m.mmap,
-        repack=m.repack, kv_cache_type=spec.config.kv_type,
+        repack=spec.config.repack(m), amx=spec.config.amx, kv_cache_type=spec.config.kv_type,
         flash_attn=m.flash_attn, n_gpu_layers="auto" if m.rpc_servers else m.n_gpu_layers, threads=m.threads,
         image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
         rpc_servers=m.rpc_servers, tensor_split=m.tensor_split,
@@ -44,6 +44,16 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
             if rates:
                 rec.sample("decode_tok_s", rates[0])
                 rec.sample("decode_mean_tok_s", rates[1])
+            elif first.generated_tokens >= 3 and first.decode_tok_s > 0:
+                # random weights can emit tokens that stream no text (held-back partial UTF-8, empty
+                # pieces): time the tokens themselves then, as the engine counted them
+                rec.sample("decode_tok_s", first.decode_tok_s)
+                rec.sample("decode_mean_tok_s", first.decode_tok_s)
+                rec.note(f"decode rate from the engine's token count: the answer streamed {len(times)} text "
+                         f"piece(s) for {first.generated_tokens} tokens")
+            else:
+                rec.note(f"no decode rate: the first answer had {first.generated_tokens} token(s) and streamed "
+                         f"{len(times)} text piece(s); a rate needs 3 ({first.stop_reason})")
             if first.generated_tokens < m.decode_tokens:
                 rec.note(f"the first answer ended after {first.generated_tokens} of {m.decode_tokens} tokens "
                          f"({first.stop_reason})")

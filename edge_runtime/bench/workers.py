@@ -36,6 +36,7 @@ MEASURERS = {
     ACCURACY: "edge_runtime.bench.accuracy_worker",
 }
 _STDERR_TAIL = 2000
+SELF_SIGNAL_ENV = "EDGE_BENCH_WORKER_SELF_SIGNAL"  # test hook, e.g. SIGILL
 
 
 @dataclass(frozen=True)
@@ -168,9 +169,11 @@ def parse_output(spec: WorkerSpec, returncode: int, stdout: str, stderr: str, wa
             return result
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return WorkerResult.failed(spec, f"unreadable worker output ({exc}): {text[:200]!r}", wall_s)
+    from edge_llama.crash import describe_exit
+
     tail = stderr.strip()[-_STDERR_TAIL:]
-    how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-    return WorkerResult.failed(spec, f"worker {spec.kind} crashed ({how}) without a result: {tail}", wall_s)
+    return WorkerResult.failed(spec, f"worker {spec.kind} crashed without a result, {describe_exit(returncode)}"
+                               + (f"; its stderr ends: {tail}" if tail else ""), wall_s)
 
 
 # ---------------------------------------------------------------- worker side
@@ -194,6 +197,11 @@ def main() -> int:
     out = _protect_stdout()
     t0 = time.perf_counter()
     spec = WorkerSpec.from_json(sys.stdin.read())
+    hook = os.environ.get(SELF_SIGNAL_ENV)  # test hook: die as a faulting llama.cpp kernel kills the process
+    if hook:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, hook))
     rec = Recorder()
     error = None
     try:

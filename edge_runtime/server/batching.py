@@ -11,6 +11,8 @@ from typing import Sequence
 
 import llama_cpp
 
+from edge_llama import Batch
+
 from ..engine import Engine
 from ..errors import DecodeError
 from ..kv_state import text_units
@@ -21,7 +23,8 @@ class TokenBatch:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._owned = Batch(capacity)
+        self._batch = self._owned.raw
 
     def decode(self, engine: Engine, entries: Sequence[tuple[int, int]]) -> None:
         """Evaluate (seq_id, token) pairs; logits of entry i are at batch index i.
@@ -52,7 +55,7 @@ class TokenBatch:
 
     def close(self) -> None:
         if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
+            self._owned.close()
             self._batch = None
 
     def __del__(self) -> None:

@@ -6,6 +6,7 @@ bounded bodies, images, queue and request time.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ServerOptions:
     kv_cache_type_v: str = "f16"
     rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list (see EngineOptions)
     tensor_split: tuple[float, ...] | None = None
+    amx: bool | str = "auto"
     flash_attn: bool | str = "auto"
     n_gpu_layers: int | str = "auto"
     threads: int | None = None
@@ -71,6 +73,10 @@ class ServerOptions:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.timeout_s <= 0 or self.remote_fetch_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
         if self.ctx_size < 64:
@@ -102,6 +108,7 @@ class ServerOptions:
             kv_cache_type_v=self.kv_cache_type_v,
             rpc_servers=self.rpc_servers,
             tensor_split=self.tensor_split,
+            amx=self.amx,
             flash_attn=self.flash_attn,
             n_gpu_layers=self.n_gpu_layers,
             threads=self.threads,

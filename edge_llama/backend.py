@@ -1,0 +1,71 @@
+"""Process-wide llama.cpp setup: initialise once, keep the one log bridge installed."""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import llama_cpp
+
+from .log import LogBridge, LogCapture
+
+_init_lock = threading.Lock()
+_bridge: LogBridge | None = None
+
+
+def ensure_backend() -> LogBridge:
+    """Initialise llama.cpp once per process; (re)install the log bridge.
+
+    The log callback is process-wide and other code (llama-cpp-python's `Llama`)
+    may replace it; loads need it to explain failures, so every load puts it back.
+    """
+    global _bridge
+    with _init_lock:
+        if _bridge is None:
+            _bridge = LogBridge()
+            llama_cpp.llama_backend_init()
+            return_freed_memory()
+        _bridge.install()
+        return _bridge
+
+
+def take_errors() -> list[str]:
+    """Pop the llama.cpp error lines logged since the last call."""
+    return ensure_backend().take_errors()
+
+
+def log_suffix(limit: int = 3) -> str:
+    """": err1 | err2" of the last llama.cpp error lines, for an exception message ("" if none)."""
+    errors = take_errors()
+    return (": " + " | ".join(errors[-limit:])) if errors else ""
+
+
+@contextmanager
+def capture(on_line: Callable[[int, str], None] | None = None) -> Iterator[LogCapture]:
+    """Collect llama.cpp (and mtmd) log text written inside the block."""
+    with ensure_backend().capture(on_line) as cap:
+        yield cap
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HEAP_MMAP_THRESHOLD = 128 << 10
+
+
+def return_freed_memory() -> bool:
+    """Keep glibc's mmap threshold fixed so freed large buffers go back to the OS.
+
+    glibc raises the threshold after each large free (up to 32 MB), so image
+    preprocessing temporaries land on the heap and stay resident after they
+    are freed: ~30 MB of a 2B model's peak RSS. A fixed threshold keeps them
+    mmap'd. Skipped where the user tuned malloc or libc is not glibc.
+    """
+    if platform.system() != "Linux" or "GLIBC_TUNABLES" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
