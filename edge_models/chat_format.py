@@ -20,6 +20,9 @@ class ChatFormat:
     grounding_coord_range: float  # boxes and points in grounding answers span 0..this on each axis
     video_pad: str = ""  # the pad a template renders for one video ("" when the family has none)
     video_timestamp: str = ""  # text before each frame group of a clip, str.format(seconds=...)
+    tool_call_open: str = ""  # a function call is JSON {"name", "arguments"} between these markers
+    tool_call_close: str = ""
+    tools_template: str = ""  # the family's template with tools, for GGUFs whose template has none
 
     @property
     def image_placeholder(self) -> str:

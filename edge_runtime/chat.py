@@ -35,6 +35,7 @@ from .saved_conversation import (
 from .stats import GenerationStats, image_report
 from .template import THINK_OPEN, render_with_markers, template_for
 from .video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
+from .tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
 
 
 class VisionChat:
@@ -175,20 +176,34 @@ class VisionChat:
         messages = self._with_system(history + [turn])
         return self._stream(messages, media_in(messages), gen, t_start, record=history + [turn])
 
-    def generate(self, messages: Sequence[dict], **gen: Any) -> str:
+    def generate(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool = True, **gen: Any) -> Any:
         """Answer an OpenAI-style message list, used as given (no system_prompt added).
 
         The chat history is left as it was; the KV cache still serves any prefix
-        these messages share with what it holds.
+        these messages share with what it holds. With `tools` (OpenAI's function
+        list) the answer is a `ToolAnswer` (content and tool_calls); `tool_choice`
+        "required" or a function name forces a call whose arguments match its schema.
+        Feed results back as {"role": "tool", "content": ...} after `answer.message()`.
         """
-        return "".join(self.generate_stream(messages, **gen))
+        if tools is None and tool_choice is None:
+            return "".join(self.generate_stream(messages, **gen))
+        plan = plan_tools(tools, tool_choice, parallel_tool_calls)
+        grammar = plan.grammar()
+        if grammar is not None:
+            if gen.get("grammar") or gen.get("json_schema"):
+                raise ToolError("a forced tool call cannot be combined with grammar or json_schema", "tool_choice")
+            gen = {**gen, "grammar": grammar}
+        text = "".join(self.generate_stream(messages, _tools=plan.template_tools(), **gen))
+        content, calls = parse_calls(text) if plan.active else (text, [])
+        return ToolAnswer(content, calls)
 
-    def generate_stream(self, messages: Sequence[dict], **gen: Any) -> Iterator[str]:
+    def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, **gen: Any) -> Iterator[str]:
         t_start = time.perf_counter()
         template_messages, images = split_messages(
             messages, load=lambda src, name, detail: self.load_image(src, detail, name), load_video=self.load_video
         )
-        return self._stream(template_messages, images, gen, t_start, record=None)
+        return self._stream(template_messages, images, gen, t_start, record=None, tools=_tools)
 
     def load_image(self, src: Any, detail: str | None = None, name: str = "image") -> ImageInput:
         """Load and resize one image for its detail level, as the HF processor would for that budget."""
@@ -372,9 +387,14 @@ class VisionChat:
             return [{"role": "system", "content": self.system_prompt}] + messages
         return messages
 
-    def _render(self, messages: list[dict], images: Sequence[ImageInput]) -> str:
+    def _render(self, messages: list[dict], images: Sequence[ImageInput], tools: list[dict] | None = None) -> str:
         marker = self.engine.marker if self.engine.has_vision else None
-        return render_with_markers(self.template, messages, len(images), marker, videos_in(messages))
+        videos = videos_in(messages)
+        if not tools and not uses_tools(messages):
+            return render_with_markers(self.template, messages, len(images), marker, videos)
+        template = tools_template_for(self.template)
+        return render_with_markers(template, messages, len(images), marker, videos,
+                                   **({"tools": tools} if tools else {}))
 
     def _guard(self) -> "_Guard":
         return _Guard(self)
@@ -386,10 +406,11 @@ class VisionChat:
         gen: dict,
         t_start: float,
         record: list[dict] | None,
+        tools: list[dict] | None = None,
     ) -> Iterator[str]:
         """Validate and tokenize now, so bad input raises at the call rather than at first next()."""
         options = self.generation.updated(gen)
-        text = self._render(messages, images)
+        text = self._render(messages, images, tools)
         prompt = self.engine.tokenize(text, images)
         try:
             max_tokens = options.max_tokens or (self.engine.n_ctx_seq - prompt.n_tokens)

@@ -320,6 +320,29 @@ class Engine(Closeable):
     def vocab(self) -> Any:
         return self._vocab
 
+    @property
+    def mtmd_ctx(self) -> Any:
+        """The projector's mtmd context (None without one); not thread-safe: one user at a time."""
+        return self._mctx
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Image tokens take M-RoPE positions (t, y, x, z) rather than one running position."""
+        return bool(self._mctx) and bool(mtmd.mtmd_decode_use_mrope(self._mctx))
+
+    def truncate(self, seq_id: int, keep: int) -> None:
+        """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""
+        self._truncate(seq_id, self._seq(seq_id), keep)
+
+    @staticmethod
+    def take_log_errors() -> list[str]:
+        return take_errors()
+
+    @staticmethod
+    def log_suffix() -> str:
+        """': <recent llama.cpp errors>' for an exception message, or ''."""
+        return _log_suffix()
+
     def is_end_of_turn(self, token: int) -> bool:
         return token in self._eot or bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 

@@ -276,15 +276,17 @@ class ThinkFilter:
 
 
 def render_with_markers(
-    template: ChatTemplate, messages: list[dict], n_images: int, marker: str | None, videos: Sequence[Any] = ()
+    template: ChatTemplate, messages: list[dict], n_images: int, marker: str | None, videos: Sequence[Any] = (),
+    **extra: Any,
 ) -> str:
     """Render a conversation for the engine: each image placeholder becomes mtmd's media marker,
     each video placeholder the clip's `prompt_text(marker)` (timestamps and frame markers).
 
     `n_images` counts every bitmap handed to mtmd (video frames included); `marker` None
-    means a text-only model (no projector): the text is returned as rendered.
+    means a text-only model (no projector): the text is returned as rendered. `extra` reaches the
+    template as variables (e.g. tools=[...]).
     """
-    text = template.render(messages, add_generation_prompt=True)
+    text = template.render(messages, add_generation_prompt=True, **extra)
     if marker is None:
         return text
     clips = iter(videos)

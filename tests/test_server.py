@@ -279,8 +279,9 @@ def test_disconnect_while_waiting_for_a_whole_answer(server):
 def post(server, body, headers=None):
     """POST a JSON-able dict, or raw bytes / a byte generator as they are."""
     payload = {"json": body} if isinstance(body, dict) else {"content": body}
-    return httpx.post(server.url("/v1/chat/completions"), headers={**auth(), **(headers or {})}, timeout=60,
-                      **payload)
+    json_type = {"Content-Type": "application/json"}
+    return httpx.post(server.url("/v1/chat/completions"), headers={**auth(), **json_type, **(headers or {})},
+                      timeout=60, **payload)
 
 
 def assert_error(resp, status, code=None, param=None):

@@ -53,7 +53,7 @@ def test_developer_role_and_parts_reach_the_template_shape():
      "messages[0].content[0].text", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "messages[0].content[0].image_url.url", "invalid_value"),
-    (b'{"messages": [{"role": "tool", "content": "x"}]}', "messages[0].role", "invalid_value"),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs", "invalid_value"),
@@ -173,7 +173,7 @@ def test_routes_before_the_model_is_loaded(tmp_path):
 
     from edge_runtime.server.app import create_app
 
-    http = TestClient(create_app(ServerOptions(tmp_path, api_key="k")))
+    http = TestClient(create_app(ServerOptions(tmp_path, api_key="k")), base_url="http://localhost")  # a loopback Host
     health = http.get("/health")
     assert health.status_code == 503 and health.json() == {"status": "loading"}
     resp = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},

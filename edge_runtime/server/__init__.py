@@ -4,8 +4,10 @@
     app = create_app(ServerOptions(model_dir="models/", parallel=4))   # an ASGI app for uvicorn
 
 Modules: `config` (options), `schemas` (request validation), `security` (auth,
-limits, image sources), `prompting` (messages -> prompt), `scheduler` (the
-batching thread) with `slots`, `batching`, `textstream`, `logit_bias`, `jobs`;
+limits, Host/Origin/Content-Type guard, image sources), `prompting` (messages ->
+prompt), `scheduler` (the batching thread) with `slots`, `batching`, `prefill`
+(chunked prompts, the vision thread), `textstream`, `logit_bias`, `jobs`;
+`engine_host` / `engine_process` (the scheduler in a restarted child process);
 `responses` (OpenAI shapes), `errors`, `metrics` (Prometheus), `app` (routes),
 `cli` (the command), `process` (run it as a child process: tests, benchmarks).
 FastAPI and uvicorn are needed: pip install 'qwen3-vl-edge[server]'.

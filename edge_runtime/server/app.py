@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..options import GenerationOptions
+from ..tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
 from .conversations import add_conversation_routes
 from .errors import ApiError, from_exception
@@ -34,11 +36,13 @@ from .responses import (
     completion_body,
     model_body,
     sse,
+    tool_call_deltas,
     usage_chunk_body,
 )
+from .engine_host import RESTARTING, EngineHost
 from .scheduler import LOADING, READY, Scheduler
-from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages
-from .security import AuthMiddleware, BodyLimitMiddleware, ImagePolicy
+from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages, tool_plan
+from .security import AuthMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, ImagePolicy
 
 log = logging.getLogger("edge_runtime.server")
 
@@ -62,7 +66,9 @@ class EventStreamResponse(StreamingResponse):
 
 def create_app(options: ServerOptions) -> FastAPI:
     metrics = Metrics()
-    scheduler = Scheduler(options, metrics)
+    scheduler: Scheduler | EngineHost = (
+        EngineHost(options, metrics, logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
+        if options.engine_process else Scheduler(options, metrics))
     policy = ImagePolicy(options.max_image_bytes, options.allow_remote_images, options.allow_local_dir,
                          options.remote_fetch_timeout_s, scheduler.plan_image, options.detail)
     started = int(time.time())
@@ -77,8 +83,13 @@ def create_app(options: ServerOptions) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
-    app.add_middleware(AuthMiddleware, api_key=options.api_key, admin_key=options.admin_key)  # last = runs first
+    app.add_middleware(AuthMiddleware, api_key=options.api_key, admin_key=options.admin_key)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if options.cors_origins:  # listed origins: preflights answered, CORS headers added
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(BrowserGuardMiddleware, allowed_hosts=options.allowed_hosts,  # added last = runs first
+                       cors_origins=options.cors_origins, loopback_bind=options.loopback_only)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -107,6 +118,10 @@ def create_app(options: ServerOptions) -> FastAPI:
                                  "slots_total": g.slots_total, "queue_depth": g.queue_depth})
         if scheduler.state == LOADING:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+        if scheduler.state == RESTARTING:
+            return JSONResponse({"status": "restarting", "restarts": scheduler.restarts,  # type: ignore[union-attr]
+                                 "last_exit": scheduler.last_exit},  # type: ignore[union-attr]
+                                status_code=503, headers={"Retry-After": "2"})
         return JSONResponse({"status": "error", "message": scheduler.error or scheduler.state}, status_code=503)
 
     @app.get("/metrics")
@@ -130,9 +145,11 @@ def create_app(options: ServerOptions) -> FastAPI:
         scheduler.require_ready()
         try:
             req = parse_chat_request(await request.body())
-            gen = generation_options(req)  # before any image is fetched or decoded
+            plan = tool_plan(req)
+            gen = generation_options(req, plan)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
-                render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video)
+                render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
+                plan.template_tools())
         except Exception as exc:
             error = from_exception(exc)
             if error.status < 500:
@@ -147,9 +164,9 @@ def create_app(options: ServerOptions) -> FastAPI:
             if isinstance(first, Failed):
                 raise first.error
             if req.stream:
-                return EventStreamResponse(stream_body(job, meta, first, req.include_usage),
+                return EventStreamResponse(stream_body(job, meta, first, req.include_usage, plan.active),
                                            on_close=lambda: scheduler.cancel(job))
-            return JSONResponse(await collect(job, watch, scheduler, meta, first))
+            return JSONResponse(await collect(job, watch, scheduler, meta, first, plan.active))
         except BaseException:
             scheduler.cancel(job)
             raise
@@ -207,26 +224,36 @@ async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> 
             return event
 
 
-async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event) -> dict:
+async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event,
+                  tools: bool = False) -> dict:
     parts: list[str] = []
     while True:
         if isinstance(event, TextDelta):
             parts.append(event.text)
         elif isinstance(event, Finished):
-            return completion_body(meta, "".join(parts), event.finish_reason, event.usage)
+            text, calls = parse_calls("".join(parts)) if tools else ("".join(parts), [])
+            return completion_body(meta, text, event.finish_reason, event.usage, calls)
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
 
 
-async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI's chunk sequence: role, content deltas, finish_reason, [usage], [DONE]."""
+async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool,
+                      tools: bool = False) -> AsyncIterator[bytes]:
+    """OpenAI's chunk sequence: role, content (or tool call) deltas, finish_reason, [usage], [DONE]."""
     yield sse(chunk_body(meta, {"role": "assistant", "content": ""}))
+    calls = ToolCallStream() if tools else None
     while True:
         if isinstance(event, TextDelta):
-            yield sse(chunk_body(meta, {"content": event.text}))
+            for delta in _deltas(calls, calls.feed(event.text) if calls else [event.text]):
+                yield sse(chunk_body(meta, delta))
         elif isinstance(event, Finished):
-            yield sse(chunk_body(meta, {}, event.finish_reason))
+            reason = event.finish_reason
+            if calls is not None:
+                for delta in _deltas(calls, calls.finish()):
+                    yield sse(chunk_body(meta, delta))
+                reason = "tool_calls" if calls.calls else reason
+            yield sse(chunk_body(meta, {}, reason))
             if include_usage:
                 yield sse(usage_chunk_body(meta, event.usage))
             yield SSE_DONE
@@ -235,3 +262,16 @@ async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage:
             yield sse(event.error.body())  # the openai client raises APIError on an "error" event
             return
         event = await job.channel.get()
+
+
+def _deltas(stream: ToolCallStream | None, items: list[str | ToolCall]) -> list[dict[str, Any]]:
+    """Content text and finished calls -> stream chunk deltas (calls numbered in order)."""
+    out: list[dict[str, Any]] = []
+    index = (stream.calls if stream is not None else 0) - sum(isinstance(i, ToolCall) for i in items)
+    for item in items:
+        if isinstance(item, ToolCall):
+            out.extend(tool_call_deltas(index, item))
+            index += 1
+        elif item:
+            out.append({"content": item})
+    return out

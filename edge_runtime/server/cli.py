@@ -76,6 +76,15 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @click.option("--timeout", "timeout_s", default=600.0, type=float, help="Seconds a request may take, queue included.")
 @click.option("--queue-size", default=16, type=int, help="Requests waiting for a slot before 429.")
 @click.option("--max-tokens", "default_max_tokens", default=512, type=int, help="Default when a request sets none.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name to answer besides loopback ones (repeatable; '*': any). Other names are refused "
+                   "so that a web page cannot reach this server through DNS rebinding.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="An origin (scheme://host[:port]) whose web pages may call the API (repeatable; '*': any).")
+@click.option("--prefill-chunk", default=DEFAULTS.prefill_chunk, type=click.IntRange(1), show_default="n_ubatch",
+              help="Prompt tokens evaluated between two decode steps of the running streams.")
+@click.option("--engine-process/--in-process", default=DEFAULTS.engine_process,
+              help="Run llama.cpp in a child process that is restarted when it dies.")
 @click.option("--model-id", default=None, help="Model name for /v1/models (default: the directory name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | str, n_ctx: int,

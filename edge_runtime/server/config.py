@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..backend import kv_type
 from ..options import EngineOptions
 
 MiB = 1 << 20
+_ORIGIN = re.compile(r"^https?://[^/\s]+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class ServerOptions:
     queue_size: int = 16  # requests waiting for a free slot before 429
     remote_fetch_timeout_s: float = 10.0
     default_max_tokens: int = 512
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones ("*": any)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API ("*": any)
+    prefill_chunk: int | None = None  # prompt tokens evaluated between two decode steps (None: n_ubatch)
+    engine_process: bool = True  # run llama.cpp in a child process that is restarted if it dies
 
     def __post_init__(self) -> None:
         kv_type(self.kv_cache_type_k)
@@ -89,6 +95,12 @@ class ServerOptions:
             raise ValueError("admin_key must differ from api_key: every API user would be an admin")
         if self.conversation_dir is not None and not Path(self.conversation_dir).is_dir():
             raise ValueError(f"--conversation-dir {self.conversation_dir} is not a directory; create it first")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
+                                 "e.g. http://localhost:3000")
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
             raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 

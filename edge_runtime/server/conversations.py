@@ -18,12 +18,13 @@ neither (loopback, one user) leaves them open. Files live in `--conversation-dir
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -42,7 +43,6 @@ from ..saved_conversation import (
 from .config import ServerOptions
 from .errors import ApiError, bad_request, from_exception
 from .prompting import RenderedPrompt, render_prompt
-from .scheduler import Scheduler
 from .schemas import parse_chat_request, template_messages
 from .security import ImagePolicy, bearer_token
 from .slots import Candidate, Slot, choose_slot
@@ -114,39 +114,41 @@ def _client_part(part: Any) -> Any:
 # ---------------------------------------------------------------- work in the scheduler thread
 
 
-def save_slot(rendered: RenderedPrompt):
-    """Evaluate the messages in the free slot sharing most of them, then export that slot."""
+def save_slot(rendered: RenderedPrompt) -> Callable[[Engine, list[Slot]], Snapshot]:
+    """Evaluate the messages in the free slot sharing most of them, then export that slot.
 
-    def run(engine: Engine, free: list[Slot]) -> Snapshot:
-        if not free:
-            raise _slots_busy()
-        with engine.tokenize(rendered.text, rendered.images) as prompt:
-            engine.check_fits(prompt.n_tokens, 0)
-            candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used) for s in free]
-            seq_id, _ = choose_slot(candidates, prompt.units)
-            pre = engine.prefill(prompt, seq_id)
-        _touch(free, seq_id)
-        units, kv = engine.export_seq(seq_id)
-        files = {"model": str(engine.model_path.resolve()),
-                 "mmproj": str(engine.mmproj_path.resolve()) if engine.mmproj_path else None}
-        return Snapshot(units, kv, pre.reused_tokens, engine.fingerprint(), engine.n_ctx_seq, files)
-
-    return run
+    Tasks are partials of module functions: they cross into the engine process pickled."""
+    return functools.partial(_save_slot, rendered)
 
 
-def restore_slot(conv: SavedConversation, source: str):
+def _save_slot(rendered: RenderedPrompt, engine: Engine, free: list[Slot]) -> Snapshot:
+    if not free:
+        raise _slots_busy()
+    with engine.tokenize(rendered.text, rendered.images) as prompt:
+        engine.check_fits(prompt.n_tokens, 0)
+        candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used) for s in free]
+        seq_id, _ = choose_slot(candidates, prompt.units)
+        pre = engine.prefill(prompt, seq_id)
+    _touch(free, seq_id)
+    units, kv = engine.export_seq(seq_id)
+    files = {"model": str(engine.model_path.resolve()),
+             "mmproj": str(engine.mmproj_path.resolve()) if engine.mmproj_path else None}
+    return Snapshot(units, kv, pre.reused_tokens, engine.fingerprint(), engine.n_ctx_seq, files)
+
+
+def restore_slot(conv: SavedConversation, source: str) -> Callable[[Engine, list[Slot]], int]:
     """Load the cells into a free slot: an empty one if any, else the least recently used."""
+    return functools.partial(_restore_slot, conv, source)
 
-    def run(engine: Engine, free: list[Slot]) -> int:
-        conv.check_fits(engine.fingerprint(), engine.n_ctx_seq, source)
-        if not free:
-            raise _slots_busy()
-        slot = min(free, key=lambda s: (engine.seq_state(s.seq_id).n_tokens > 0, s.last_used))
-        engine.import_seq(slot.seq_id, conv.units, conv.kv)
-        _touch(free, slot.seq_id)
-        return slot.seq_id
 
-    return run
+def _restore_slot(conv: SavedConversation, source: str, engine: Engine, free: list[Slot]) -> int:
+    conv.check_fits(engine.fingerprint(), engine.n_ctx_seq, source)
+    if not free:
+        raise _slots_busy()
+    slot = min(free, key=lambda s: (engine.seq_state(s.seq_id).n_tokens > 0, s.last_used))
+    engine.import_seq(slot.seq_id, conv.units, conv.kv)
+    _touch(free, slot.seq_id)
+    return slot.seq_id
 
 
 def _touch(slots: list[Slot], seq_id: int) -> None:
@@ -163,7 +165,7 @@ def _slots_busy() -> ApiError:
 # ---------------------------------------------------------------- routes
 
 
-def add_conversation_routes(app: FastAPI, scheduler: Scheduler, options: ServerOptions, policy: ImagePolicy) -> None:
+def add_conversation_routes(app: FastAPI, scheduler: Any, options: ServerOptions, policy: ImagePolicy) -> None:
     async def call(fn: Any) -> Any:
         return await asyncio.wrap_future(scheduler.run_exclusive(fn))
 

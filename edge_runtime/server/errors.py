@@ -28,6 +28,9 @@ class ApiError(EdgeError):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses the engine process boundary
+        return (ApiError, (self.status, self.message, self.type, self.param, self.code, dict(self.headers)))
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
@@ -43,6 +46,25 @@ def timeout_error(timeout_s: float) -> ApiError:
 
 def shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down", "server_error", None, "shutting_down")
+
+
+def unavailable(state: str, error: str | None = None, last_exit: str | None = None) -> ApiError | None:
+    """The 503 for an engine that is not ready (None when it is): loading, restarting or failed."""
+    if state == "ready":
+        return None
+    if state == "loading":
+        return ApiError(503, "the model is still loading; retry shortly", "server_error", None, "model_loading",
+                        {"Retry-After": "2"})
+    if state == "restarting":
+        return ApiError(503, f"the engine is restarting after it stopped ({last_exit}); retry shortly",
+                        "server_error", None, "engine_restarting", {"Retry-After": "2"})
+    return ApiError(503, f"the model is not available: {error or state}", "server_error", None, "model_unavailable")
+
+
+def queue_full(waiting: int, parallel: int, queue_size: int, retry_after_s: int) -> ApiError:
+    return ApiError(429, f"the server is busy: {waiting} request(s) already wait for one of {parallel} slot(s) "
+                    f"(--queue-size {queue_size}); retry later", "rate_limit_error", None, "queue_full",
+                    {"Retry-After": str(retry_after_s)})
 
 
 def from_exception(exc: BaseException) -> ApiError:

@@ -35,6 +35,10 @@ class Metrics:
         self._requests: Counter[str] = Counter({o: 0 for o in OUTCOMES})
         self._totals: Counter[str] = Counter()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of decode steps
+        # Counters of an engine child process: those of processes that died, plus the live one's.
+        self._remote_base: Counter[str] = Counter()
+        self._remote: Counter[str] = Counter()
+        self._remote_rate = 0.0
 
     def request(self, outcome: str) -> None:
         with self._lock:
@@ -59,12 +63,44 @@ class Metrics:
             return sum(n for _, n in self._recent) / self._window_s
 
     def requests(self, outcome: str) -> int:
-        with self._lock:
-            return self._requests[outcome]
+        return int(self._merged()[0][outcome])
 
     def total(self, name: str) -> int | float:
+        return self._merged()[1][name]
+
+    def snapshot(self) -> dict[str, float]:
+        """Every counter as 'requests:<outcome>' / '<total>' -> value, for the parent process."""
+        rate = self.decode_rate()
         with self._lock:
-            return self._totals[name]
+            out = {f"requests:{k}": float(v) for k, v in self._requests.items()}
+            out.update({k: float(v) for k, v in self._totals.items()})
+        out["rate"] = rate
+        return out
+
+    def set_remote(self, snapshot: dict[str, float]) -> None:
+        """The engine process's latest counters (its `snapshot()`)."""
+        with self._lock:
+            self._remote_rate = snapshot.get("rate", 0.0)
+            self._remote = Counter({k: v for k, v in snapshot.items() if k != "rate"})
+
+    def retire_remote(self) -> None:
+        """The engine process died: keep its counts, so counters never go back."""
+        with self._lock:
+            self._remote_base.update(self._remote)
+            self._remote, self._remote_rate = Counter(), 0.0
+
+    def _merged(self) -> tuple[Counter[str], Counter[str], float]:
+        with self._lock:
+            remote = self._remote_base + self._remote
+            requests = Counter(self._requests)
+            totals = Counter(self._totals)
+            rate = self._remote_rate
+        for key, value in remote.items():
+            if key.startswith("requests:"):
+                requests[key[len("requests:"):]] += value
+            else:
+                totals[key] += value
+        return requests, totals, rate
 
     def _trim(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - self._window_s:
@@ -72,10 +108,8 @@ class Metrics:
 
     def render(self, gauges: Gauges) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
-        rate = self.decode_rate()
-        with self._lock:
-            requests = dict(self._requests)
-            totals = dict(self._totals)
+        requests, totals, remote_rate = self._merged()
+        rate = self.decode_rate() + remote_rate
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -94,7 +128,8 @@ class Metrics:
             ("decode_steps", "Batched decode steps (one llama_decode each)."),
             ("decode_batch_tokens", "Tokens evaluated by batched decode steps (divide by steps: mean batch size)."),
             ("decode_seconds", "Time in batched decode steps, sampling included (batch tokens / this: decode tok/s)."),
-            ("prefill_seconds", "Time evaluating prompts (vision encoder included)."),
+            ("prefill_seconds", "Time evaluating prompts in the decode loop (the vision encoder runs beside it)."),
+            ("engine_restarts", "Times the engine process died and was started again."),
         ):
             metric(f"edge_{key}_total", "counter", help_, [("", totals.get(key, 0))])
         metric("edge_decode_tokens_per_second", "gauge", "Generated tokens per second over the last "

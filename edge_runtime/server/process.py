@@ -29,7 +29,8 @@ class ServerProcess:
     """`with ServerProcess(model_dir, "--parallel", "4") as server: server.url("/v1")`."""
 
     def __init__(self, model_dir: str | Path, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 180.0) -> None:
+                 startup_timeout_s: float = 180.0, root: Path = REPO_ROOT) -> None:
+        self.root = Path(root)  # the checkout whose edge-serve runs (a benchmark's baseline may be another)
         self.model_dir = Path(model_dir)
         self.args = list(args)
         self.env = env or {}
@@ -37,6 +38,10 @@ class ServerProcess:
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="edge-serve-", suffix=".log", delete=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def base_url(self) -> str:
@@ -48,11 +53,15 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.port = free_port()
         env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "edge_runtime.server", str(self.model_dir), "--port", str(self.port),
                "--log-level", "warning", *self.args]
-        self._proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        self._proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self.wait_ready()
+        except BaseException:  # the exception carries the log; nothing is left behind
+            self.__exit__()
+            raise
         return self
 
     def wait_ready(self) -> None:

@@ -6,11 +6,13 @@ them in worker threads; the scheduler thread is left with llama.cpp work only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..errors import VisionUnsupportedError
 from ..messages import ImageLoader, VideoLoader, split_messages, videos_in
 from ..prompt import ImageInput
 from ..template import THINK_OPEN, ChatTemplate, render_with_markers
+from ..tool_calls import tools_template_for, uses_tools
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,10 @@ class PromptFormat:
     has_vision: bool
     model_name: str
 
+    @cached_property
+    def tools_template(self) -> ChatTemplate:
+        return tools_template_for(self.template)
+
 
 @dataclass(frozen=True)
 class RenderedPrompt:
@@ -30,11 +36,17 @@ class RenderedPrompt:
     starts_inside_think: bool  # the template opened <think> itself (Thinking models)
 
 
-def render_prompt(fmt: PromptFormat, messages: list[dict], load: ImageLoader, load_video: VideoLoader) -> RenderedPrompt:
-    """Load the images and videos (through loaders that enforce the server's policy) and render."""
+def render_prompt(fmt: PromptFormat, messages: list[dict], load: ImageLoader, load_video: VideoLoader,
+                  tools: list[dict] | None = None) -> RenderedPrompt:
+    """Load the images and videos (through loaders that enforce the server's policy) and render.
+
+    Tools, tool calls and tool results need a template that knows them (see `tools_template`).
+    """
     template_messages, images = split_messages(messages, load=load, load_video=load_video)
     if images and not fmt.has_vision:
         raise VisionUnsupportedError(f"{fmt.model_name} was loaded without a projector (mmproj): it cannot see images")
-    text = render_with_markers(fmt.template, template_messages, len(images), fmt.marker if fmt.has_vision else None,
-                               videos_in(template_messages))
+    template = fmt.tools_template if tools or uses_tools(template_messages) else fmt.template
+    extra = {"tools": tools} if tools else {}
+    text = render_with_markers(template, template_messages, len(images), fmt.marker if fmt.has_vision else None,
+                               videos_in(template_messages), **extra)
     return RenderedPrompt(text, images, text.rstrip().endswith(THINK_OPEN))

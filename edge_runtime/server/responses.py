@@ -5,8 +5,9 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+from ..tool_calls import ToolCall
 from .jobs import Usage
 
 OWNER = "qwen3-vl-edge"
@@ -33,7 +34,23 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     return body
 
 
-def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def tool_call_body(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
+    """A call as OpenAI streams it: id, type and name first, then the arguments."""
+    return [{"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                             "function": {"name": call.name, "arguments": ""}}]},
+            {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+
+
+def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Usage,
+                    calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": [tool_call_body(c) for c in calls]}
+        finish_reason = "tool_calls"
     return {
         "id": meta.id,
         "object": "chat.completion",
@@ -41,7 +58,7 @@ def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Us
         "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": None,
             "finish_reason": finish_reason,
         }],

@@ -1,12 +1,15 @@
-"""Continuous batching: one thread owns the engine and serves every request.
+"""Continuous batching: one thread owns the llama context and serves every request.
 
 One llama context holds `parallel` sequences (slots). A request waits in a
-bounded queue until a slot is free, then its prompt (text and images, through
-the engine's encoder cache and prefix reuse) is evaluated in that slot alone,
-and from then on every step evaluates the next token of all busy slots in one
-llama_decode and samples each slot with its own sampler chain. Requests join
-and leave between steps. Because each slot's tokens, positions and sampler are
-exactly those of a single-request run, greedy answers match `VisionChat`'s.
+bounded queue until a slot is free; its prompt is tokenized (with images: on
+the vision thread, which also runs the encoder beside this loop) and given the
+free slot sharing the longest prefix. Then every step is one llama_decode with
+the next token of all generating slots plus one chunk of a prompt being
+evaluated (`prefill_chunk` tokens; an image's embeddings go in slices right
+after), so a new request, image and all, never stops the running streams for
+more than a chunk. Requests join and leave between steps; cancellation is seen
+between chunks. Each slot's tokens, positions and sampler are exactly those of
+a single-request run, so greedy answers match `VisionChat`'s.
 """
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ from ..engine import Engine
 from ..manifest_paths import resolve_model_paths
 from ..sampling import Sampler
 from ..stats import image_report
-from ..template import DEFAULT_QWEN3_VL_TEMPLATE, ChatTemplate
-from .batching import TokenBatch
+from ..template import template_for
+from ..errors import DecodeError
+from ..kv_state import plan_reuse, text_units
+from ..prompt import Prompt, tokenize_text
+from .batching import Entry, TokenBatch, decode_embeddings
 from .config import ServerOptions
-from .errors import ApiError, from_exception, shutting_down, timeout_error
+from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
 from .jobs import Failed, Finished, Job, TextDelta, Usage
 from .logit_bias import apply_bias, build_bias, end_of_generation_tokens
 from .metrics import Gauges, Metrics
+from .prefill import Piece, PrefillWork, VisionWorker, image_positions, missing_images
 from .prompting import PromptFormat
 from .slots import Candidate, Slot, choose_slot
 from .textstream import TextPipeline
@@ -41,7 +48,28 @@ log = logging.getLogger("edge_runtime.server")
 LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
 
 
-class Scheduler:
+class EngineFront:
+    """What the routes read of an engine, whether it runs here (`Scheduler`) or in a child
+    process (`EngineHost`): its state and, once ready, how to render prompts for it."""
+
+    state: str = LOADING
+    error: str | None = None
+    last_exit: str | None = None  # why the engine process last died, if it did
+    _format: PromptFormat | None = None
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        self.require_ready()
+        assert self._format is not None
+        return self._format
+
+    def require_ready(self) -> None:
+        error = unavailable(self.state, self.error, self.last_exit)
+        if error is not None:
+            raise error
+
+
+class Scheduler(EngineFront):
     def __init__(self, options: ServerOptions, metrics: Metrics) -> None:
         self.options = options
         self.metrics = metrics
@@ -51,6 +79,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[Engine, list[Slot]], Any], Future]] = deque()
+        self._tokenized: deque[tuple[Job, Prompt | None, BaseException | None]] = deque()
+        self._preparing = 0  # jobs taken from the queue, being tokenized
+        self._vision: VisionWorker | None = None
+        self._chunk = 64
         self._slots = [Slot(i) for i in range(options.parallel)]
         self._stopping = False
         self._engine: Engine | None = None
@@ -75,20 +107,6 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    @property
-    def prompt_format(self) -> PromptFormat:
-        self.require_ready()
-        assert self._format is not None
-        return self._format
-
-    def require_ready(self) -> None:
-        if self.state == LOADING:
-            raise ApiError(503, "the model is still loading; retry shortly", "server_error", None, "model_loading",
-                           {"Retry-After": "2"})
-        if self.state != READY:
-            raise ApiError(503, f"the model is not available: {self.error or self.state}", "server_error", None,
-                           "model_unavailable")
-
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it at once: 503 while not ready, 429 when the queue is full."""
         with self._cond:
@@ -97,10 +115,8 @@ class Scheduler:
                 raise shutting_down()
             if len(self._waiting) >= self.options.queue_size + len(self._free_slots()):
                 self.metrics.request("rejected")
-                raise ApiError(
-                    429, f"the server is busy: {len(self._waiting)} request(s) already wait for one of "
-                    f"{self.options.parallel} slot(s) (--queue-size {self.options.queue_size}); retry later",
-                    "rate_limit_error", None, "queue_full", {"Retry-After": str(self._retry_after())})
+                raise queue_full(len(self._waiting), self.options.parallel, self.options.queue_size,
+                                 self._retry_after())
             self._waiting.append(job)
             self._cond.notify_all()
 
@@ -171,17 +187,15 @@ class Scheduler:
         t0 = time.perf_counter()
         engine = Engine(model, mmproj, opts.engine_options())
         try:
-            template = ChatTemplate(
-                engine.chat_template or DEFAULT_QWEN3_VL_TEMPLATE,
-                bos_token=engine.special_token_text("bos") or "",
-                eos_token=engine.special_token_text("eos") or "",
-            )
+            template = template_for(engine)
         except BaseException:
             engine.close()
             raise
         self._engine = engine
         self._format = PromptFormat(template, engine.marker, engine.has_vision, engine.model_path.name)
-        self._batch = TokenBatch(opts.parallel)
+        self._chunk = opts.prefill_chunk or engine.n_ubatch
+        self._batch = TokenBatch(opts.parallel + engine.n_batch)
+        self._vision = VisionWorker(engine, self._notify) if engine.has_vision else None
         self._pieces = PieceTable(engine.vocab)
         self._eog_tokens = end_of_generation_tokens(engine)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(engine.vocab))
@@ -192,19 +206,25 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._busy() or self._tasks):
-                    self._cond.wait()
+                if not self._has_work():  # woken by a submit, a cancel or the vision thread; at the
+                    self._cond.wait(0.5)  # latest after 0.5 s, to drop jobs whose deadline passed
                 if self._stopping:
                     return
                 tasks, self._tasks = list(self._tasks), deque()
                 self._drop_stale_waiting()
             self._run_tasks(tasks)
             with self._cond:
-                admit = [self._waiting.popleft() for _ in range(min(len(self._waiting), len(self._free_slots())))]
+                room = len(self._free_slots()) - self._preparing
+                admit = [self._waiting.popleft() for _ in range(max(0, min(len(self._waiting), room)))]
+                self._preparing += len(admit)
+                tokenized, self._tokenized = list(self._tokenized), deque()
             for job in admit:
-                self._admit(job)
+                self._prepare(job)
+            for job, prompt, error in tokenized:
+                self._preparing -= 1
+                self._assign(job, prompt, error)
             self._reap()
-            if self._busy():
+            if self._runnable():
                 self._step()
 
     def _run_tasks(self, tasks: list[tuple[Callable[[Engine, list[Slot]], Any], Future]]) -> None:
@@ -219,11 +239,33 @@ class Scheduler:
             finally:
                 self._kv_used = self._engine.kv_used_bytes()
 
+    def _has_work(self) -> bool:
+        room = len(self._free_slots()) > self._preparing
+        return (self._stopping or bool(self._tasks) or bool(self._tokenized) or (bool(self._waiting) and room) or self._runnable()
+                or any(s.job.cancelled for s in self._busy() if s.job is not None)
+                or any(j.cancelled for j in self._waiting))
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _busy(self) -> list[Slot]:
         return [s for s in self._slots if s.busy]
 
     def _free_slots(self) -> list[Slot]:
         return [s for s in self._slots if not s.busy]
+
+    def _generating(self) -> list[Slot]:
+        return [s for s in self._slots if s.busy and s.prefill is None]
+
+    def _runnable(self) -> bool:
+        """A step can do something: a slot generates, or a prompt has a piece ready (or failed)."""
+        for slot in self._busy():
+            work = slot.prefill
+            if work is None or work.failed is not None or work.current is None or work.current.kind == "text" \
+                    or work.embedding(work.current) is not None:
+                return True
+        return False
 
     def _drop_stale_waiting(self) -> None:
         now = time.monotonic()
@@ -242,72 +284,171 @@ class Scheduler:
         else:
             self._end(job, "timeout", Failed(timeout_error(self.options.timeout_s)))
 
-    def _admit(self, job: Job) -> None:
-        """Evaluate the prompt in the best free slot and sample the first token."""
+    def _prepare(self, job: Job) -> None:
+        """Tokenize: text here (the vocab is thread-safe), images on the vision thread."""
+        engine = self._engine
+        assert engine is not None
+        if job.images and self._vision is not None:
+            self._vision.tokenize(job, self._on_tokenized)
+            return
+        try:
+            prompt = tokenize_text(engine.vocab, job.prompt_text)
+        except BaseException as exc:
+            self._on_tokenized(job, None, exc)
+            return
+        self._on_tokenized(job, prompt, None)
+
+    def _on_tokenized(self, job: Job, prompt: Prompt | None, error: BaseException | None) -> None:
+        with self._cond:
+            self._tokenized.append((job, prompt, error))
+            self._cond.notify_all()
+
+    def _assign(self, job: Job, prompt: Prompt | None, error: BaseException | None) -> None:
+        """Give a tokenized prompt the free slot sharing the longest prefix; its images go to the encoder."""
         engine = self._engine
         assert engine is not None and self._pieces is not None
-        if job.cancelled or job.expired():
-            self._drop(job)
+        if prompt is None or job.cancelled or job.expired():
+            if prompt is not None:
+                prompt.close()
+            if error is not None:
+                self._fail(job, error)
+            else:
+                self._drop(job)
             return
-        sampler = None
+        sampler = work = None
         try:
-            with engine.tokenize(job.prompt_text, job.images) as prompt:
-                room = engine.n_ctx_seq - prompt.n_tokens
-                limit = job.options.max_tokens or min(self.options.default_max_tokens, room)
-                engine.check_fits(prompt.n_tokens, max(limit, 1))
-                bias = build_bias(job.logit_bias, self._n_vocab, job.ignore_eos, self._eog_tokens)
-                sampler = Sampler(job.options, engine.vocab, job.seed)
-                candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
-                              for s in self._free_slots()]
-                seq_id, _ = choose_slot(candidates, prompt.units)
-                t0 = time.perf_counter()
-                pre = engine.prefill(prompt, seq_id, reserve=limit)
-                images = tuple(image_report(img, c.n_tokens) for img, c in
-                               zip(job.images, (c for c in prompt.chunks if c.kind == "image")))
-                self.metrics.add("prefill_seconds", time.perf_counter() - t0)
+            if not prompt.chunks or prompt.chunks[-1].kind != "text":
+                raise DecodeError("a prompt must end with text (the generation prompt)")
+            room = engine.n_ctx_seq - prompt.n_tokens
+            limit = job.options.max_tokens or min(self.options.default_max_tokens, room)
+            engine.check_fits(prompt.n_tokens, max(limit, 1))
+            bias = build_bias(job.logit_bias, self._n_vocab, job.ignore_eos, self._eog_tokens)
+            sampler = Sampler(job.options, engine.vocab, job.seed)
+            candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
+                          for s in self._free_slots()]
+            seq_id, _ = choose_slot(candidates, prompt.units)
+            keep = plan_reuse(engine.seq_state(seq_id), prompt.units)
+            engine.truncate(seq_id, keep)
+            work = PrefillWork(job, prompt, seq_id, keep)
+            work.skip_cached()
+            encode = missing_images(work, engine.encoder_cache.get)
         except Exception as exc:
             if sampler is not None:
                 sampler.close()
-            error = from_exception(exc)
-            self._end(job, "invalid" if error.status < 500 else "error", Failed(error))
-            if error.status >= 500:
-                log.error("request #%d failed: %s", job.number, error.message)
+            if work is not None:
+                work.release()
+            else:
+                prompt.close()
+            self._fail(job, exc)
             return
-        finally:
-            self._kv_used = engine.kv_used_bytes()
+        if encode:
+            assert self._vision is not None
+            self._vision.encode(work, encode)
         slot = self._slots[seq_id]
-        slot.job, slot.sampler, slot.limit, slot.bias = job, sampler, limit, bias or None
+        slot.job, slot.sampler, slot.limit, slot.bias, slot.prefill = job, sampler, limit, bias or None, work
         slot.pipeline = TextPipeline(self._pieces, job.options.stop, job.options.keep_think, job.starts_inside_think)
-        slot.prompt_tokens, slot.cached_tokens, slot.started = pre.prompt_tokens, pre.reused_tokens, time.monotonic()
-        slot.image_tokens = pre.image_tokens
-        slot.images = images
-        self.metrics.add("prompt_tokens", pre.prompt_tokens)
-        self.metrics.add("prompt_tokens_cached", pre.reused_tokens)
-        self.metrics.add("images", pre.images)
-        self._accept(slot, self._sample(slot, -1))
+        slot.prompt_tokens = prompt.n_tokens
+        slot.cached_tokens = sum(u.n_tokens for u in prompt.units[:keep])
+        slot.image_tokens = prompt.n_image_tokens
+        slot.images = tuple(image_report(img, c.n_tokens) for img, c in
+                            zip(job.images, (c for c in prompt.chunks if c.kind == "image")))
+        slot.started = time.monotonic()
+        self.metrics.add("prompt_tokens", prompt.n_tokens)
+        self.metrics.add("prompt_tokens_cached", slot.cached_tokens)
+        self.metrics.add("images", prompt.n_images)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        error = from_exception(exc)
+        self._end(job, "invalid" if error.status < 500 else "error", Failed(error))
+        if error.status >= 500:
+            log.error("request #%d failed: %s", job.number, error.message)
 
     def _step(self) -> None:
-        """One llama_decode for all busy slots, then one sample per slot."""
+        """One llama_decode: the next token of every generating slot plus, when a prompt is being
+        evaluated, one chunk of it (text tokens in the same batch, an image slice right after)."""
         engine = self._engine
         assert engine is not None and self._batch is not None
-        busy = self._busy()
-        entries = [(s.seq_id, s.pending) for s in busy]
+        generating = self._generating()
+        entries = [Entry(s.seq_id, s.pending, engine.seq_state(s.seq_id).n_pos, True)  # type: ignore[arg-type]
+                   for s in generating]
+        budget = min(self._chunk if generating else engine.n_batch, engine.n_batch - len(entries))
+        filling, piece = self._next_piece(budget) if budget > 0 else (None, None)
+        if piece is not None and piece.kind == "text":
+            assert filling is not None and filling.prefill is not None
+            n_pos = engine.seq_state(filling.seq_id).n_pos
+            entries += [Entry(filling.seq_id, t, n_pos + j, piece.final and j == len(piece.tokens) - 1)
+                        for j, t in enumerate(piece.tokens)]
         t0 = time.perf_counter()
-        try:
-            self._batch.decode(engine, entries)  # type: ignore[arg-type]
-        except Exception as exc:
-            log.error("decode step failed: %s", exc)
-            for slot in busy:
-                self._finish_slot(slot, "error", Failed(from_exception(exc)))
-            return
-        finally:
-            self._kv_used = engine.kv_used_bytes()
-        self.metrics.add("decode_steps")
-        self.metrics.add("decode_batch_tokens", len(entries))
-        for i, slot in enumerate(busy):
-            slot.pending = None
-            self._accept(slot, self._sample(slot, i))
-        self.metrics.add("decode_seconds", time.perf_counter() - t0)
+        if entries:
+            try:
+                self._batch.decode(engine, entries)
+            except Exception as exc:
+                log.error("decode step failed: %s", exc)
+                for slot in generating + ([filling] if filling is not None and piece is not None else []):
+                    engine.truncate(slot.seq_id, len(engine.seq_state(slot.seq_id)))
+                    self._finish_slot(slot, "error", Failed(from_exception(exc)))
+                self._kv_used = engine.kv_used_bytes()
+                return
+            for i, slot in enumerate(generating):
+                engine.seq_state(slot.seq_id).append(text_units((slot.pending,))[0])  # type: ignore[arg-type]
+                slot.pending = None
+                self._accept(slot, self._sample(slot, i))
+            if generating:
+                self.metrics.add("decode_steps")
+                self.metrics.add("decode_batch_tokens", len(generating))
+                self.metrics.add("decode_seconds", time.perf_counter() - t0)
+        if piece is not None:
+            assert filling is not None
+            t1 = time.perf_counter()
+            try:
+                if piece.kind == "image":
+                    self._decode_image_piece(filling, piece)
+                else:
+                    assert filling.prefill is not None
+                    filling.prefill.advance(engine, piece)
+            except Exception as exc:
+                engine.truncate(filling.seq_id, len(engine.seq_state(filling.seq_id)))
+                self._finish_slot(filling, "error", Failed(from_exception(exc)))
+            else:
+                self.metrics.add("prefill_seconds", time.perf_counter() - t1)
+                if piece.final:
+                    self._start_generating(filling, len(generating) + len(piece.tokens) - 1)
+        self._kv_used = engine.kv_used_bytes()
+
+    def _next_piece(self, budget: int) -> tuple[Slot | None, Piece | None]:
+        """The prompt piece this step evaluates: from the oldest request with one ready."""
+        filling = sorted((s for s in self._busy() if s.prefill is not None), key=lambda s: s.started)
+        for slot in filling:
+            work = slot.prefill
+            assert work is not None
+            if work.failed is not None:
+                self._finish_slot(slot, "error", Failed(from_exception(work.failed)))
+                continue
+            piece = work.next_piece(budget)
+            if piece is not None:
+                return slot, piece
+        return None, None
+
+    def _decode_image_piece(self, slot: Slot, piece: Piece) -> None:
+        engine, work = self._engine, slot.prefill
+        assert engine is not None and work is not None and work.current is not None
+        chunk = work.current
+        if work.positions is None:
+            work.positions = image_positions(chunk, engine.seq_state(slot.seq_id).n_pos, engine.uses_mrope)
+        embd = work.embedding(chunk)
+        assert embd is not None
+        decode_embeddings(engine, embd, work.positions, piece.start, piece.n, slot.seq_id)
+        work.advance(engine, piece)
+        if work.done:  # an image cannot end a prompt (checked at admission); kept for safety
+            raise DecodeError("a prompt must end with text (the generation prompt)")
+
+    def _start_generating(self, slot: Slot, index: int) -> None:
+        """The prompt is evaluated: sample the first token from its last position's logits."""
+        work = slot.prefill
+        assert work is not None
+        slot.prefill = None
+        work.release()
+        self._accept(slot, self._sample(slot, index))
 
     def _sample(self, slot: Slot, index: int) -> int:
         assert self._engine is not None and slot.sampler is not None
@@ -362,6 +503,8 @@ class Scheduler:
 
     def _finish_slot(self, slot: Slot, outcome: str, event: Any) -> None:
         job = slot.job
+        if slot.prefill is not None and self._engine is not None:  # a prompt half evaluated: drop its cells
+            self._engine.truncate(slot.seq_id, len(self._engine.seq_state(slot.seq_id)))
         slot.release()
         if job is not None:
             self._end(job, outcome, event)
@@ -384,6 +527,14 @@ class Scheduler:
             self._end(job, "error", Failed(shutting_down()))
         for slot in self._busy():
             self._finish_slot(slot, "error", Failed(shutting_down()))
+        with self._cond:
+            tokenized, self._tokenized = list(self._tokenized), deque()
+        for job, prompt, _ in tokenized:
+            if prompt is not None:
+                prompt.close()
+            self._end(job, "error", Failed(shutting_down()))
+        if self._vision is not None:
+            self._vision.stop()
         if self._batch is not None:
             self._batch.close()
         if self._engine is not None:

@@ -2,17 +2,19 @@
 
 A request is parsed from raw bytes so that malformed JSON and wrong types both
 become OpenAI-shaped 400s naming the offending field, instead of FastAPI's 422.
-Fields the runtime cannot honour (n > 1, logprobs, tools) are refused, not ignored.
+Fields the runtime cannot honour (n > 1, logprobs) are refused, not ignored.
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal, Union
 
 from llama_cpp.llama_grammar import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from ..options import GenerationOptions
+from ..tool_calls import ToolError, ToolPlan, plan_tools
 from ..sampling import schema_to_grammar
 from .errors import ApiError, bad_request
 
@@ -55,17 +57,32 @@ class VideoPart(_Model):
 Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
-class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
-    tool_calls: list[Any] | None = None
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("tool calls are not supported by this server")
-        return value
+
+class ToolCallEntry(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None
+    tool_calls: list[ToolCallEntry] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Model):
@@ -105,7 +122,9 @@ class ChatRequest(_Model):
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
     n: int = Field(default=1, ge=1, le=1)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -135,13 +154,6 @@ class ChatRequest(_Model):
             raise ValueError("logprobs are not supported by this server")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tool_list(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("tools are not supported by this server")
-        return value
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -149,10 +161,7 @@ class ChatRequest(_Model):
 
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Raw body -> validated request, or a 400 naming the first problem."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    data = load_json(body)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     try:
@@ -161,7 +170,69 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise _validation_error(exc) from None
 
 
-def generation_options(req: ChatRequest) -> GenerationOptions:
+MAX_JSON_DEPTH = 64  # tool schemas nest; nothing legitimate nests deeper
+MAX_NUMBER_CHARS = 40  # 1e308 and 2**64 fit; a 4000-digit integer does not
+
+
+def load_json(body: bytes) -> Any:
+    """Parse a request body with bounded nesting and number sizes (400s, never a RecursionError)."""
+    try:
+        data = json.loads(body, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        data = None
+        depth = MAX_JSON_DEPTH + 1
+    except ValueError as exc:  # from the number hooks
+        raise bad_request(f"the request body is not acceptable JSON: {exc}", None, "invalid_json") from None
+    else:
+        depth = json_depth(data, MAX_JSON_DEPTH + 1)
+    if depth > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", None,
+                          "json_too_deep")
+    return data
+
+
+def json_depth(value: Any, stop: int) -> int:
+    """Nesting depth of parsed JSON, iteratively, giving up once `stop` is reached."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest >= stop:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number has {len(text)} digits (at most {MAX_NUMBER_CHARS})")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def tool_plan(req: ChatRequest) -> ToolPlan:
+    """Validate tools / tool_choice into a ToolPlan (400s naming the field)."""
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    try:
+        return plan_tools(req.tools, choice, req.parallel_tool_calls is not False)
+    except ToolError as exc:
+        raise bad_request(str(exc), exc.param, "invalid_tools") from None
+
+
+def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> GenerationOptions:
     """The runtime's options for this request; unset fields keep the runtime defaults.
 
     max_tokens stays None when not given: the scheduler then fills what the slot has room for,
@@ -178,6 +249,12 @@ def generation_options(req: ChatRequest) -> GenerationOptions:
     if req.stop is not None:
         values["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     grammar = response_grammar(req.response_format)
+    call_rules = plan.grammar() if plan is not None else None
+    if call_rules is not None:
+        if grammar is not None:
+            raise bad_request("response_format cannot be combined with a forced tool call (tool_choice "
+                              "'required' or a named function)", "response_format")
+        grammar = call_rules
     if grammar is not None:
         values["grammar"] = grammar
     try:
@@ -208,7 +285,16 @@ def template_messages(req: ChatRequest) -> list[dict]:
         if isinstance(content, list):
             content = [part.model_dump(exclude_none=True) for part in content]
         role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": content if content is not None else ""})
+        entry: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": (
+                    c.function.arguments if isinstance(c.function.arguments, str)
+                    else json.dumps(c.function.arguments, ensure_ascii=False))}}
+                for c in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
 
 

@@ -7,6 +7,7 @@ reads at most `max_body_bytes` of any request before refusing it.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -139,6 +140,88 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class BrowserGuardMiddleware:
+    """What a web page could make a visitor's browser send to a local server is refused.
+
+    - A `Host` that is not a loopback name, not listed (`--allowed-host`) and not an
+      IP literal on a non-loopback bind is 403: a DNS-rebinding page sends its own name.
+    - An `Origin` other than the server's own and not listed (`--cors-origin`) is 403,
+      preflights included; listed origins get CORS headers from Starlette's middleware.
+    - POST/PUT/PATCH bodies must be `application/json` (415): a page can send text/plain
+      or form bodies to any address without a preflight. (Empty bodies carry no type.)
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...] = (), cors_origins: tuple[str, ...] = (),
+                 loopback_bind: bool = True) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
+        self.any_origin = "*" in cors_origins
+        self.origins = frozenset(o.lower().rstrip("/") for o in cors_origins)
+        self.loopback_bind = loopback_bind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self.check(scope.get("method", "GET"), dict(_headers(scope)))
+        if error is not None:
+            await send_error(send, error)
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, method: str, headers: dict[str, str]) -> ApiError | None:
+        host = headers.get("host")
+        if host is not None and not self.host_allowed(split_host(host)[0]):
+            return ApiError(403, f"Host {host!r} is not allowed: this server answers loopback names only "
+                            f"(start edge-serve with --allowed-host {split_host(host)[0]} to accept it)",
+                            "invalid_request_error", None, "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin, host):
+            return ApiError(403, f"cross-origin request from {origin!r} refused (start edge-serve with "
+                            f"--cors-origin {origin} to allow pages from it)", "invalid_request_error", None,
+                            "origin_not_allowed")
+        bodyless = headers.get("content-length", "0").strip() == "0" and "transfer-encoding" not in headers
+        if method in ("POST", "PUT", "PATCH") and not bodyless:  # an empty POST (restore) has nothing to label
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != "application/json":
+                shown = media or "none"
+                return ApiError(415, f"request bodies must be JSON: send 'Content-Type: application/json' "
+                                f"(got {shown})", "invalid_request_error", None, "unsupported_media_type")
+        return None
+
+    def host_allowed(self, name: str) -> bool:
+        name = name.lower().rstrip(".")
+        if self.any_host or name in self.hosts or name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False  # a DNS name: only listed ones (a rebinding page sends its own)
+        return address.is_loopback or not self.loopback_bind
+
+    def origin_allowed(self, origin: str, host: str | None) -> bool:
+        origin = origin.lower().rstrip("/")
+        if self.any_origin or origin in self.origins:
+            return True
+        parsed = urllib.parse.urlsplit(origin)  # same origin: the page this server itself served
+        return host is not None and parsed.scheme in ("http", "https") and parsed.netloc == host.lower()
+
+
+def split_host(value: str) -> tuple[str, str]:
+    """'[::1]:8080' -> ('::1', '8080'); 'localhost' -> ('localhost', '')."""
+    value = value.strip()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        return name, rest.lstrip(":")
+    name, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    return name, port
+
+
+def _headers(scope: Scope) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
 
 
 # ---------------------------------------------------------------- image sources

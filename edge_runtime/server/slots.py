@@ -9,6 +9,7 @@ from typing import Sequence
 from ..kv_state import Unit, common_prefix
 from ..sampling import Sampler
 from .jobs import Job
+from .prefill import PrefillWork
 from .textstream import TextPipeline
 
 
@@ -19,6 +20,7 @@ class Slot:
     job: Job | None = None
     sampler: Sampler | None = None
     pipeline: TextPipeline | None = None
+    prefill: PrefillWork | None = None  # the prompt still being evaluated (None: generating)
     bias: dict[int, float] | None = None  # added to the logits before each sample
     pending: int | None = None  # sampled, shown, not yet evaluated
     generated: int = 0
@@ -37,7 +39,9 @@ class Slot:
         """Free the slot for the next request; its KV cache (the conversation) stays."""
         if self.sampler is not None:
             self.sampler.close()
-        self.job = self.sampler = self.pipeline = self.pending = self.bias = None
+        if self.prefill is not None:
+            self.prefill.release()
+        self.job = self.sampler = self.pipeline = self.pending = self.bias = self.prefill = None
         self.generated = self.limit = self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
         self.images = ()
         self.last_used = time.monotonic()

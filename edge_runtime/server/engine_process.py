@@ -1,0 +1,203 @@
+"""The engine child process: the scheduler (llama.cpp and all) behind a socket.
+
+    python -m edge_runtime.server.engine_process CONN_FD LOG_FD LOG_LEVEL   (started by EngineHost)
+
+A native abort in llama.cpp (GGML_ASSERT, SIGILL, the OOM killer) ends this
+process, not the HTTP server; the parent then fails the requests in flight and
+starts a new one. Ollama runs its llama.cpp runner as a subprocess for the same
+reason. Messages are pickled over a Unix socket: the parent sends ("submit",
+job fields), ("cancel", number), ("task", number, fn) (Scheduler.run_exclusive),
+("stop",); this side sends ("ready", info), ("failed", message), ("event",
+number, event), ("task_done", number, ok, value) and ("stats", counters, gauges).
+llama.cpp's log lines go to LOG_FD as text, so the parent can name the last one
+when this process dies without a word.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..backend import ensure_backend
+from ..image_budget import DETAILS
+from .config import ServerOptions
+from .jobs import Event, Failed, Finished, Job
+from .metrics import Metrics
+from .scheduler import FAILED, LOADING, READY, Scheduler
+
+STATS_INTERVAL_S = 0.1
+LLAMA_LOGGER = "edge_runtime.llama_cpp"
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    """What the HTTP side needs to render prompts for the loaded model."""
+
+    template_source: str
+    bos_token: str
+    eos_token: str
+    marker: str
+    has_vision: bool
+    model_name: str
+    image_plans: dict  # detail level -> the engine's ImagePlan (empty without vision)
+
+
+def job_fields(job: Job) -> dict[str, Any]:
+    """A Job's picklable fields (not its channel or its thread events)."""
+    return {f.name: getattr(job, f.name) for f in fields(job) if f.name != "channel" and not f.name.startswith("_")}
+
+
+class Sender:
+    """Thread-safe sends to the parent; a parent that is gone ends this process's work."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            try:
+                self._conn.send(message)
+            except OSError:
+                pass  # the parent went away; the main loop sees EOF and exits
+
+
+class RemoteChannel:
+    """A job's event channel that sends to the parent (counters first, so /metrics is current
+    by the time a client reads the end of its answer)."""
+
+    def __init__(self, sender: Sender, number: int, stats: "StatsPump") -> None:
+        self._sender, self._number, self._stats = sender, number, stats
+
+    def put(self, event: Event) -> None:
+        if isinstance(event, (Finished, Failed)):
+            self._stats.send()
+        self._sender.send(("event", self._number, event))
+
+
+class StatsPump:
+    def __init__(self, sender: Sender, scheduler: Scheduler, metrics: Metrics) -> None:
+        self._sender, self._scheduler, self._metrics = sender, scheduler, metrics
+
+    def send(self) -> None:
+        self._sender.send(("stats", self._metrics.snapshot(), self._scheduler.gauges()))
+
+    def run(self) -> None:
+        announced = False
+        while True:
+            state = self._scheduler.state
+            if not announced and state == READY:
+                self._sender.send(("ready", ready_info(self._scheduler)))
+                announced = True
+            elif state == FAILED and not announced:
+                self._sender.send(("failed", self._scheduler.error or "the model failed to load"))
+                return
+            if state != LOADING:
+                self.send()
+            time.sleep(STATS_INTERVAL_S)
+
+
+def ready_info(scheduler: Scheduler) -> ReadyInfo:
+    fmt = scheduler.prompt_format
+    plans = {d: scheduler.plan_image(d) for d in DETAILS} if fmt.has_vision else {}
+    return ReadyInfo(fmt.template.source, fmt.template.bos_token, fmt.template.eos_token, fmt.marker,
+                     fmt.has_vision, fmt.model_name, plans)
+
+
+class _LineWriter(logging.Handler):
+    def __init__(self, fd: int) -> None:
+        super().__init__(logging.DEBUG)
+        self._fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self._fd, (record.getMessage().replace("\n", " ") + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+
+def setup_logging(log_fd: int, level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llama = logging.getLogger(LLAMA_LOGGER)
+    llama.setLevel(logging.DEBUG)  # every line reaches the parent's memory; stderr keeps the chosen level
+    llama.propagate = False
+    llama.addHandler(_LineWriter(log_fd))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(level.upper())
+    to_stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    llama.addHandler(to_stderr)
+
+
+def serve(conn: Connection) -> int:
+    kind, options = conn.recv()
+    if kind != "options" or not isinstance(options, ServerOptions):
+        return 2
+    ensure_backend()
+    sender = Sender(conn)
+    metrics = Metrics()
+    scheduler = Scheduler(options, metrics)
+    stats = StatsPump(sender, scheduler, metrics)
+    scheduler.start()
+    threading.Thread(target=stats.run, name="edge-stats", daemon=True).start()
+    jobs: dict[int, Job] = {}
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break  # the parent is gone
+            if message[0] == "submit":
+                spec = message[1]
+                job = Job(**spec, channel=RemoteChannel(sender, spec["number"], stats))  # type: ignore[arg-type]
+                jobs = {n: j for n, j in jobs.items() if not j.done}
+                jobs[job.number] = job
+                try:
+                    scheduler.submit(job)
+                except Exception as exc:  # 429 / 503 from the scheduler: the job ends at once
+                    from .errors import from_exception
+
+                    job.emit(Failed(from_exception(exc)))
+            elif message[0] == "task":
+                _, number, fn = message
+                try:
+                    future = scheduler.run_exclusive(fn)
+                except Exception as exc:
+                    sender.send(("task_done", number, False, exc))
+                else:
+                    future.add_done_callback(functools.partial(_task_done, sender, number))
+            elif message[0] == "cancel":
+                job = jobs.get(message[1])
+                if job is not None:
+                    scheduler.cancel(job)
+            elif message[0] == "stop":
+                break
+    finally:
+        scheduler.stop()
+        stats.send()
+    return 0
+
+
+def _task_done(sender: Sender, number: int, future: Any) -> None:
+    error = future.exception()
+    sender.send(("task_done", number, error is None, future.result() if error is None else error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    conn_fd, log_fd, level = int(args[0]), int(args[1]), args[2]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides when we stop
+    setup_logging(log_fd, level)
+    return serve(Connection(conn_fd))
+
+
+if __name__ == "__main__":  # run the package's copy, so pickled classes name their real module
+    from edge_runtime.server.engine_process import main as package_main
+
+    sys.exit(package_main())
