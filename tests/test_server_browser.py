@@ -75,7 +75,6 @@ def test_cross_origin_requests_need_an_allowed_origin(server):
     (b'{"messages": ' + b"[" * 65 + b"]" * 65 + b"}", "json_too_deep"),
     (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", "invalid_json"),
     (b'{"messages": [], "temperature": 1e999}', "invalid_json"),
-    (b'{"messages": [], "temperature": NaN}', "invalid_json"),
 ])
 def test_json_nesting_and_number_sizes_are_bounded(server, body, code):
     resp = chat(server, body, {"Content-Type": "application/json"})

@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .scheduler import FAILED, LOADING, READY, Scheduler
 
 STATS_INTERVAL_S = 0.1
-LLAMA_LOGGER = "edge_runtime.llama_cpp"
+LLAMA_LOGGER = "edge_llama.llama_cpp"  # where edge_llama routes llama.cpp's log
 
 
 @dataclass(frozen=True)
