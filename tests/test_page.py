@@ -138,7 +138,21 @@ def test_a_question_about_an_image_streams_its_answer_and_figures(page, server, 
     assert int(cached) >= usage["prompt_tokens"]
 
 
+# The random tiny model may end its answer (end-of-turn) before Stop is clicked; llama-server's
+# `ignore_eos` extension, added to the page's own request, keeps it going until Stop.
+_IGNORE_EOS = """
+const send = window.fetch;
+window.fetch = (url, opts) => {
+  if (opts && opts.body && String(url).endsWith("/v1/chat/completions")) {
+    opts = Object.assign({}, opts, {body: JSON.stringify(Object.assign(JSON.parse(opts.body), {ignore_eos: true}))});
+  }
+  return send(url, opts);
+};
+"""
+
+
 def test_stop_ends_the_stream_and_frees_the_slot(page, server):
+    page.execute_script(_IGNORE_EOS)
     ask(page, "Tell me a very long story.", max_tokens=1500)
     wait(page, lambda d: answers(d) and len(answers(d)[-1].find_element(By.CSS_SELECTOR, ".text").text) > 0)
     page.find_element(By.ID, "stop").click()
