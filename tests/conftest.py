@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic checkpoints, converted once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,28 @@ from PIL import Image
 from convert import convert_checkpoint
 from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
 from edge_runtime.bench.scenario import bench_image
+
+
+# Where the code would put its caches (encoder outputs, device costs, AMX verdicts) if the
+# tests did not redirect them; read before the fixture below changes the environment.
+REAL_CACHE_ROOTS = tuple(
+    Path(p).expanduser().resolve()
+    for p in (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-vl-edge",
+              os.environ.get("EDGE_CACHE_DIR"))
+    if p
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_home(tmp_path_factory):
+    """Every cache the code keeps goes under a temporary directory for the whole run, in this
+    process and in every subprocess a test starts (they inherit the environment): a test run
+    never writes into the user's ~/.cache/qwen3-vl-edge."""
+    root = tmp_path_factory.mktemp("cache-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root))
+        mp.delenv("EDGE_CACHE_DIR", raising=False)
+        yield root
 
 
 class Artifacts:
