@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edge_models import chat_format
+from edge_models.qwen3vl import vision as qwen
 
 from .images import ImageError, ImageLimits, data_uri_bytes, load_image, to_rgb_array
 from .prompt import ImageInput
@@ -40,13 +41,12 @@ __all__ = [
     "timestamp_text",
 ]
 
-# Qwen3VLVideoProcessor's defaults (transformers 4.57 / 5).
-DEFAULT_FPS = 2.0
-MIN_FRAMES = 4
-MAX_FRAMES = 768
-TEMPORAL_PATCH = 2
-# patch_size 16 x spatial merge 2: one vision token per 32 x 32 pixels of a frame.
-FACTOR = 32
+# The family's video processor defaults and patch geometry (edge_models/qwen3vl/vision.py).
+DEFAULT_FPS = qwen.VIDEO_FPS
+MIN_FRAMES = qwen.VIDEO_MIN_FRAMES
+MAX_FRAMES = qwen.VIDEO_MAX_FRAMES
+TEMPORAL_PATCH = qwen.TEMPORAL_PATCH_SIZE
+FACTOR = qwen.FACTOR
 # mtmd's own bounds on one image's tokens for Qwen-VL projectors: a frame outside them
 # would be resized again by llama.cpp and no longer match transformers.
 MTMD_MIN_TOKENS, MTMD_MAX_TOKENS = 8, 4096
@@ -85,7 +85,8 @@ class VideoOptions:
     def __post_init__(self) -> None:
         fps = self.fps
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
-            raise VideoError(f"video fps={fps!r} is out of range: use a number in (0, {MAX_FPS:g}] (Qwen samples at 2)")
+            raise VideoError(f"video fps={fps!r} is out of range: use a number in (0, {MAX_FPS:g}] "
+                             f"(the model samples at {DEFAULT_FPS:g})")
         for name, low, high in (("max_frames", 1, MAX_FRAMES), ("min_frames", 1, MAX_FRAMES)):
             value = getattr(self, name)
             if value is None and name == "max_frames":

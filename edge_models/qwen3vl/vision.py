@@ -1,5 +1,6 @@
-"""Qwen3-VL's image processor facts the runtime falls back on when a projector GGUF lacks them
-(projectors converted before `clip.vision.image_min/max_pixels` were written)."""
+"""Qwen3-VL's image and video processor facts: the image bounds the runtime falls back on when a
+projector GGUF lacks them (projectors converted before `clip.vision.image_min/max_pixels` were
+written), and the video processor's sampling defaults (no GGUF carries those)."""
 from __future__ import annotations
 
 # Qwen3-VL's preprocessor_config.json: size.shortest_edge = 65536 pixels and
@@ -10,3 +11,12 @@ PATCH_SIZE = 16
 MERGE_SIZE = 2
 # Qwen's advice for grounding and OCR (also llama.cpp's warning, issue 16842).
 GROUNDING_MIN_TOKENS = 1024
+
+# Qwen3VLVideoProcessor's defaults (video_preprocessor_config.json; transformers 4.57 / 5).
+VIDEO_FPS = 2.0
+VIDEO_MIN_FRAMES = 4
+VIDEO_MAX_FRAMES = 768
+# Frames per temporal group: the patch embedding's temporal_patch_size.
+TEMPORAL_PATCH_SIZE = 2
+# One merged vision token per FACTOR x FACTOR pixels (patch 16 x spatial merge 2).
+FACTOR = PATCH_SIZE * MERGE_SIZE
