@@ -60,6 +60,7 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             rows = plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
                               kv_type_v=kv_cache_type_v)
             click.echo(format_plan(rows))
+            click.echo(image_budget_plan(model_dir, n_ctx))
             if rpc_servers:
                 click.echo(split_plan(model_shapes(model_dir), quant, mmproj_quant, n_ctx, kv_cache_type_k,
                                       rpc_servers, tensor_split))
@@ -79,6 +80,34 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             entry = manifest[role]
             click.echo(f"{role:7s} {out_dir / entry['path']}  {entry['type']}  {entry['bytes'] / 1e6:.1f} MB", err=True)
     click.echo(json.dumps(manifest, indent=2))
+
+
+PLAN_IMAGES = ((4032, 3024, "photo"), (640, 480, "image"))
+
+
+def image_budget_plan(model_dir: Path, n_ctx: int) -> str:
+    """--plan: tokens and grid per detail level, from the runtime's own budget code. The latency cut of
+    `auto` needs this device's encoder rate, measured by the runtime on its first image of the converted
+    files; before that the budgets come from the fixed ladder alone."""
+    from edge_runtime.image_budget import DETAILS, plan_for_context
+    from edge_runtime.vision_spec import hf_vision_spec
+
+    spec = hf_vision_spec(model_dir)
+    lines = [f"\nImage budgets (--ctx-size {n_ctx}: at most {max(1, n_ctx // 2)} tokens an image; processor "
+             f"{spec.min_tokens}..{spec.max_tokens} tokens of {spec.factor}x{spec.factor} pixels):",
+             "  this device's cost model is not measured yet (the runtime measures it on its first image),\n"
+             "  so auto is shown from the fixed ladder without the latency cut",
+             f"  {'detail':7s} {'tokens':>12s}  "
+             + "  ".join(f"{f'{w}x{h} {what}':>28s}" for w, h, what in PLAN_IMAGES)]
+    for detail in DETAILS:
+        plan = plan_for_context(detail, spec, n_ctx, None)
+        cells = []
+        for w, h, _ in PLAN_IMAGES:
+            rw, rh = plan.size_for((w, h))
+            gw, gh = rw // spec.factor, rh // spec.factor
+            cells.append(f"{f'{gw}x{gh} grid = {gw * gh} tokens':>28s}")
+        lines.append(f"  {detail:7s} {f'{plan.min_tokens}..{plan.max_tokens}':>12s}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def split_plan(shapes, quant: str, mmproj_quant: str | None, n_ctx: int, kv_type: str,

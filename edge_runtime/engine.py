@@ -43,7 +43,7 @@ from .backend import (
 )
 from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
-from .image_budget import HIGH_MAX_TOKENS, DeviceCost, ImagePlan, load_cost, plan_image, save_cost
+from .image_budget import HIGH_MAX_TOKENS, DeviceCost, ImagePlan, load_cost, plan_for_context, save_cost
 from .errors import (
     ContextOverflowError,
     DecodeError,
@@ -258,11 +258,8 @@ class Engine(Closeable):
     def plan_image(self, detail: str = "auto") -> ImagePlan:
         """The token budget for one image at `detail`, from this engine's options and device cost."""
         opts = self.options
-        ceiling = max(1, self.n_ctx_seq // 2)
-        auto = self.cost.auto_tokens(self.vision, self.text_flops_per_token, opts.image_latency_s,
-                                     min(ceiling, self.vision.max_tokens))
-        return plan_image(detail, self.vision, auto_tokens=auto, ceiling=ceiling,
-                          explicit_min=opts.image_min_tokens, explicit_max=opts.image_max_tokens)
+        return plan_for_context(detail, self.vision, self.n_ctx_seq, self.cost, self.text_flops_per_token,
+                                opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens)
 
     def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
         """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""

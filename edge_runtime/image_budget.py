@@ -20,7 +20,7 @@ from .vision_spec import VisionSpec
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "plan_image"]
+__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "plan_for_context", "plan_image"]
 
 DETAILS = ("low", "auto", "high")
 LOW_MAX_TOKENS = 256
@@ -130,6 +130,28 @@ def plan_image(
         hi, why = max(1, ceiling), why + f"; capped at {ceiling} by the context"
     lo = min(lo, hi)
     return ImagePlan(detail, lo, hi, why, spec.factor)
+
+
+def plan_for_context(
+    detail: str,
+    spec: VisionSpec,
+    n_ctx_seq: int,
+    cost: DeviceCost | None,
+    text_flops_per_token: float = 0.0,
+    latency_s: float = 8.0,
+    explicit_min: int | None = None,
+    explicit_max: int | None = None,
+) -> ImagePlan:
+    """The runtime's budget for one image in a sequence of `n_ctx_seq` tokens (half of it at most).
+    `cost` None: no latency cut (a device not measured yet), auto is the largest ladder budget that fits."""
+    ceiling = max(1, n_ctx_seq // 2)
+    top = min(ceiling, spec.max_tokens)
+    if cost is None:
+        auto = min(max((t for t in AUTO_LADDER if t <= top), default=AUTO_LADDER[0]), top)
+    else:
+        auto = cost.auto_tokens(spec, text_flops_per_token, latency_s, top)
+    return plan_image(detail, spec, auto_tokens=auto, ceiling=ceiling,
+                      explicit_min=explicit_min, explicit_max=explicit_max)
 
 
 def cost_file(cache_dir: Path) -> Path:

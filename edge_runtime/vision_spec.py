@@ -6,6 +6,7 @@ specific to one model; missing keys fall back to Qwen3-VL's values.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gguf import GGUFReader, Keys
 from edge_models.qwen3vl import vision as qwen
 from .resize import PixelBudget
 
-__all__ = ["VisionSpec", "read_vision_spec"]
+__all__ = ["VisionSpec", "hf_vision_spec", "read_vision_spec"]
 
 
 @dataclass(frozen=True)
@@ -72,4 +73,29 @@ def read_vision_spec(path: str | Path) -> VisionSpec:
         depth=int(value(v.BLOCK_COUNT, 0)),
         out_dim=int(value(Keys.ClipVision.PROJECTION_DIM, 0)),
         deepstack=sum(bool(x) for x in deep),
+    )
+
+
+def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
+    """The grid and pixel bounds of a Hugging Face checkpoint (config.json's vision_config and
+    preprocessor_config.json: what the converter writes as clip.vision.*), before any GGUF exists."""
+    def load(name: str) -> dict:
+        path = Path(model_dir) / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable ({exc}); restore the checkpoint's {name}") from exc
+
+    vc, pre = load("config.json").get("vision_config") or {}, load("preprocessor_config.json")
+    patch = int(vc.get("patch_size") or pre.get("patch_size") or qwen.PATCH_SIZE)
+    merge = int(vc.get("spatial_merge_size") or pre.get("merge_size") or qwen.MERGE_SIZE)
+    area = (patch * merge) ** 2
+    size = pre.get("size") or {}
+    min_px = size.get("shortest_edge", pre.get("min_pixels"))
+    max_px = size.get("longest_edge", pre.get("max_pixels"))
+    return VisionSpec(
+        patch_size=patch,
+        merge_size=merge,
+        min_tokens=max(1, int(min_px) // area) if min_px else qwen.PROCESSOR_MIN_TOKENS,
+        max_tokens=max(1, int(max_px) // area) if max_px else qwen.PROCESSOR_MAX_TOKENS,
     )

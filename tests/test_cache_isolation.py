@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REAL_CACHE_ROOTS
+from tests.conftest import REAL_CACHE_ROOTS
 from edge_llama import amx
 from edge_runtime.disk_cache import user_cache_dir
 
