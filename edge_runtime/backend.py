@@ -12,7 +12,7 @@ import platform
 
 import llama_cpp
 
-from edge_llama.ggml_devices import has_local_gpu
+from edge_llama.ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, has_local_gpu, local_devices
 from edge_llama import CPU_UBATCH, KV_TYPES, KVType, ensure_backend, kv_type, physical_cores, take_errors
 from edge_llama.errors import LoadOptionError
 from edge_llama.hardware import parse_cpuinfo_cores
@@ -21,13 +21,22 @@ from edge_llama.params import resolve_mmap, resolve_ubatch
 log = logging.getLogger("edge_runtime")
 
 __all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_available", "kv_type",
-           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "resolve_flash_attn", "resolve_gpu_layers",
+           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "resolve_flash_attn",
+           "resolve_gpu_layers",
            "resolve_mmap", "resolve_ubatch", "take_errors"]
 
 
 def gpu_offload_available() -> bool:
     """A local GPU backend exists (llama_supports_gpu_offload is also true for RPC-only builds)."""
     return has_local_gpu()
+
+
+def projector_free_bytes(on_gpu: bool) -> int | None:
+    """Free memory of the device the projector runs on (the first local GPU, else the CPU), as ggml
+    reports it; None when ggml reports nothing."""
+    kinds = (DEVICE_GPU, DEVICE_IGPU) if on_gpu else (DEVICE_CPU,)
+    free = next((d.free for d in local_devices() if d.kind in kinds), 0)
+    return free or None
 
 
 def resolve_gpu_layers(n_gpu_layers: int | str) -> int:

@@ -37,6 +37,7 @@ from .backend import (
     gpu_offload_available,
     kv_type,
     physical_cores,
+    projector_free_bytes,
     resolve_flash_attn,
     resolve_gpu_layers,
     take_errors,
@@ -242,6 +243,7 @@ class Engine(Closeable):
                           f"|layers={self.n_gpu_layers}")
         self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu)
         self.text_flops_per_token = self._text_flops_per_token()
+        self.vision_free_bytes = projector_free_bytes(self.projector_gpu)
         if opts.encoder_cache_dir:
             root = Path(opts.encoder_cache_dir).expanduser()
             root.mkdir(parents=True, exist_ok=True)
@@ -259,7 +261,8 @@ class Engine(Closeable):
         """The token budget for one image at `detail`, from this engine's options and device cost."""
         opts = self.options
         return plan_for_context(detail, self.vision, self.n_ctx_seq, self.cost, self.text_flops_per_token,
-                                opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens)
+                                opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens,
+                                self.vision_free_bytes)
 
     def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
         """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""

@@ -2,7 +2,7 @@
 
 `low` is a small fixed budget, `high` at least the grounding minimum, `auto` the
 largest budget whose predicted encode + prefill time fits `image_latency_s` on
-this device (a FLOP model of the encoder and the text model, scaled by FLOP/s
+this device and whose projector compute buffer fits half its free memory (a FLOP model of the encoder and the text model, scaled by FLOP/s
 rates measured on the first real encode and prefill, and kept on disk if asked).
 Explicit image_min_tokens / image_max_tokens always win.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_models.qwen3vl import vision as qwen
@@ -28,6 +28,9 @@ HIGH_MAX_TOKENS = 4096  # llama.cpp's own default budget
 # Auto budgets come from this ladder (x1.5 / x1.33 steps): a device's budget is one of a few
 # values, the same on every run once its rates are measured.
 AUTO_LADDER = tuple(sorted({base << k for base in (16, 24) for k in range(12)}))
+# auto's projector compute buffer may take this share of the device's free memory (read at
+# load): the rest is headroom for the KV cache growing, other processes and the allocator.
+MEMORY_SHARE = 0.5
 # Before this device has been measured: conservative rates (a small 2-4 core CPU).
 GUESS_CPU = (40e9, 120e9)
 GUESS_GPU = (2e12, 4e12)
@@ -132,6 +135,14 @@ def plan_image(
     return ImagePlan(detail, lo, hi, why, spec.factor)
 
 
+def memory_tokens(spec: VisionSpec, free_bytes: int | None) -> int | None:
+    """The most tokens whose projector compute buffer fits MEMORY_SHARE of `free_bytes` (None: no cap)."""
+    per_token = spec.compute_bytes(1)
+    if free_bytes is None or per_token <= 0:
+        return None
+    return max(1, int(free_bytes * MEMORY_SHARE) // per_token)
+
+
 def plan_for_context(
     detail: str,
     spec: VisionSpec,
@@ -141,17 +152,25 @@ def plan_for_context(
     latency_s: float = 8.0,
     explicit_min: int | None = None,
     explicit_max: int | None = None,
+    free_bytes: int | None = None,
 ) -> ImagePlan:
     """The runtime's budget for one image in a sequence of `n_ctx_seq` tokens (half of it at most).
-    `cost` None: no latency cut (a device not measured yet), auto is the largest ladder budget that fits."""
+    `cost` None: no latency cut (a device not measured yet), auto is the largest ladder budget that fits.
+    `free_bytes`: the projector device's free memory; auto's compute buffer stays within a share of it."""
     ceiling = max(1, n_ctx_seq // 2)
     top = min(ceiling, spec.max_tokens)
+    mem = memory_tokens(spec, free_bytes)
+    if mem is not None:
+        top = min(top, mem)
     if cost is None:
         auto = min(max((t for t in AUTO_LADDER if t <= top), default=AUTO_LADDER[0]), top)
     else:
         auto = cost.auto_tokens(spec, text_flops_per_token, latency_s, top)
-    return plan_image(detail, spec, auto_tokens=auto, ceiling=ceiling,
+    plan = plan_image(detail, spec, auto_tokens=auto, ceiling=ceiling,
                       explicit_min=explicit_min, explicit_max=explicit_max)
+    if detail == "auto" and explicit_min is None and explicit_max is None and mem is not None and mem < ceiling:
+        plan = replace(plan, reason=plan.reason + f"; at most {mem} by free memory ({free_bytes / 2**20:.0f} MiB)")
+    return plan
 
 
 def cost_file(cache_dir: Path) -> Path:

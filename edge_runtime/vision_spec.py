@@ -38,6 +38,12 @@ class VisionSpec:
     def budget(self, min_tokens: int, max_tokens: int) -> PixelBudget:
         return PixelBudget.from_tokens(factor=self.factor, min_tokens=min_tokens, max_tokens=max_tokens)
 
+    def compute_bytes(self, tokens: int) -> int:
+        """The projector's compute buffer for one image of `tokens` merged tokens (0: shape unknown)."""
+        if not (self.hidden and self.ff):
+            return 0
+        return qwen.projector_compute_bytes(tokens * self.merge_size ** 2, self.hidden, self.ff)
+
     def encoder_flops(self, tokens: int) -> float:
         """Multiply-adds x 2 of one encode of `tokens` merged tokens (linear layers + attention + mergers)."""
         patches = tokens * self.merge_size ** 2

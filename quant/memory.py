@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from edge_common.gguf_plan import TensorSize
+from edge_models.qwen3vl.vision import projector_compute_bytes
 
 from . import kv
 from .errors import QuantError
@@ -59,13 +60,9 @@ WARMUP_PATCHES = 92 * 92
 
 
 def vision_compute_bytes(mmproj: Iterable[TensorSize], image_patches: int = WARMUP_PATCHES) -> int:
-    """Projector compute buffer: 4 * patches * 2 * (n_embd + n_ff) bytes.
-
-    Within 3% of mtmd's reported buffer for the Qwen3-VL-2B projector (322.5 MiB);
-    an estimate for other shapes.
-    """
+    """Projector compute buffer (edge_models.qwen3vl.vision.projector_compute_bytes)."""
     ups = [t.shape for t in mmproj if t.name.endswith("ffn_up.weight")]
     if not ups:
         return 0
     d, ff = ups[0][0], ups[0][1]
-    return 4 * image_patches * 2 * (d + ff)
+    return projector_compute_bytes(image_patches, d, ff)

@@ -14,6 +14,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from edge_runtime import VisionChat
 from edge_runtime.disk_cache import SUFFIX
+from edge_runtime.image_budget import plan_for_context
+from edge_runtime.vision_spec import VisionSpec
 from tests.conftest import make_test_image
 
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
@@ -165,3 +167,31 @@ def test_encode_image_returns_embeddings_grid_and_tokens(chat):
     assert a.embeddings.shape == (a.n_tokens, chat.engine.n_embd_inp) and a.embeddings.dtype == np.float32
     assert np.array_equal(a.embeddings, b.embeddings)
     assert a.size == (a.grid[0] * FACTOR, a.grid[1] * FACTOR)
+
+
+# The Qwen3-VL-2B projector's shapes (vision_config: hidden 1024, intermediate 4096, patch 16, merge 2).
+SPEC_2B = VisionSpec(patch_size=16, merge_size=2, min_tokens=64, max_tokens=16384, hidden=1024, ff=4096,
+                     depth=24, out_dim=2048, deepstack=3)
+
+
+def test_projector_compute_estimate_matches_mtmd_report():
+    # mtmd's log for the 2B projector at its 1472x1472 warm-up image (92 x 92 patches): 322.49 MiB.
+    assert abs(SPEC_2B.compute_bytes(92 * 92 // 4) / (322.49 * 2**20) - 1) < 0.03
+
+
+@pytest.mark.parametrize("free_mib, auto_max", [
+    (None, 4096),      # no memory figure: the ladder's largest budget within half the 8192 context
+    (1 << 20, 4096),   # 1 TiB free: memory is not the limit
+    (200, 512),        # half of 200 MiB / (4 * 4 patches * 2 * 5120 B) = 640 tokens -> ladder 512
+    (20, 64),          # 10 MiB / 160 KiB = 64 tokens, on the ladder
+    (1, 3),            # 512 KiB / 160 KiB = 3 tokens, below the ladder: the processor's minimum 64 wins
+])
+def test_auto_respects_free_memory(free_mib, auto_max):
+    free = None if free_mib is None else free_mib * 2**20
+    plan = plan_for_context("auto", SPEC_2B, 8192, None, free_bytes=free)
+    assert plan.max_tokens == max(auto_max, SPEC_2B.min_tokens)
+    if free_mib is not None and auto_max < 4096:
+        assert "free memory" in plan.reason
+    # explicit requests and the other levels are not cut by memory
+    assert plan_for_context("high", SPEC_2B, 8192, None, free_bytes=free).max_tokens == 4096
+    assert plan_for_context("auto", SPEC_2B, 8192, None, explicit_max=2048, free_bytes=free).max_tokens == 2048

@@ -12,6 +12,15 @@ MERGE_SIZE = 2
 # Qwen's advice for grounding and OCR (also llama.cpp's warning, issue 16842).
 GROUNDING_MIN_TOKENS = 1024
 
+
+
+def projector_compute_bytes(patches: int, n_embd: int, n_ff: int) -> int:
+    """The projector's compute buffer for one image of `patches` 16x16 patches: 4 * patches * 2 *
+    (n_embd + n_ff) bytes, within 3% of mtmd's reported buffer for the Qwen3-VL-2B projector
+    (322.5 MiB at its 92 x 92 patch warm-up image); an estimate for other shapes."""
+    return 4 * patches * 2 * (n_embd + n_ff)
+
+
 # Qwen3VLVideoProcessor's defaults (video_preprocessor_config.json; transformers 4.57 / 5).
 VIDEO_FPS = 2.0
 VIDEO_MIN_FRAMES = 4
