@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,10 @@ class Engine(Closeable):
         self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
         ensure_backend()
         self._model = self._ctx = self._mctx = None
+        # The mtmd context is not thread-safe: tokenizing and encoding take this lock, so a
+        # caller on another thread (the server's vision thread vs. a conversation save on the
+        # scheduler thread) waits instead of racing. Re-entrant: prefill encodes under it.
+        self.mtmd_lock = threading.RLock()
         self.placement: Placement | None = None
         self._watchdog: DecodeWatchdog | None = None
         self._lmodel: Model | None = None
@@ -425,7 +430,8 @@ class Engine(Closeable):
         if not self.has_vision:
             return tokenize_text(self._vocab, text)
         pinned = {img.digest: e for img in images if (e := self._cached_embedding(img.digest)) is not None}
-        prompt = tokenize_multimodal(self._mctx, text, images, frozenset(pinned))
+        with self.mtmd_lock:
+            prompt = tokenize_multimodal(self._mctx, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
 
@@ -560,6 +566,10 @@ class Engine(Closeable):
 
     def _encode(self, chunk: Chunk, keep: bool = False) -> tuple[np.ndarray, float]:
         """Run the vision encoder on an image chunk: (embeddings, seconds); feeds the caches and the cost model."""
+        with self.mtmd_lock:  # also guards mtmd's output buffer until it is used
+            return self._encode_locked(chunk, keep)
+
+    def _encode_locked(self, chunk: Chunk, keep: bool) -> tuple[np.ndarray, float]:
         digest = chunk.digest or ""
         t0 = time.perf_counter()
         take_errors()
@@ -581,6 +591,11 @@ class Engine(Closeable):
         return embd, seconds
 
     def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: PrefillResult) -> None:
+        with self.mtmd_lock:  # an uncopied encoder output lives in mtmd's buffer until decoded
+            self._decode_image_locked(chunk, prompt, seq_id, state, result)
+
+    def _decode_image_locked(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState,
+                             result: PrefillResult) -> None:
         digest = chunk.digest or ""
         embd = prompt.embeddings.get(digest)
         if embd is None and not chunk.placeholder:

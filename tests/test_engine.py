@@ -6,6 +6,7 @@ evaluation, which checks M-RoPE positions after images as well as token reuse.
 from __future__ import annotations
 
 import json
+import threading
 
 import gguf
 import llama_cpp
@@ -132,6 +133,27 @@ def test_encoder_cache_serves_another_sequence(fresh, image):
     assert r1.images_encoded == 0 and r1.encoder_cache_hits == 1 and r1.reused_tokens == 0
     np.testing.assert_allclose(logits0, last_logits(e), rtol=0, atol=2e-3)
     assert answer(e, 0) == answer(e, 1)
+
+
+def test_mtmd_context_is_used_by_one_thread_at_a_time(fresh, image):
+    """The server's vision thread encodes while a conversation save tokenizes and prefills
+    on the scheduler thread: both go through `mtmd_lock`, so the second waits for the first."""
+    e = fresh
+    text = turn(e.marker, "What is this?")
+    done = threading.Event()
+    result: list = []
+
+    def save_like() -> None:
+        result.append(prefill_text(e, text, [image]))
+        done.set()
+
+    with e.mtmd_lock:  # another thread is using the mtmd context
+        worker = threading.Thread(target=save_like)
+        worker.start()
+        assert not done.wait(0.5), "tokenize/encode ran while another thread held the mtmd context"
+    assert done.wait(60)
+    worker.join()
+    assert result[0][0].images_encoded == 1
 
 
 def test_two_images_and_positions_track_mrope(fresh, image, test_image):

@@ -207,11 +207,12 @@ class VisionWorker:
     def _encode(self, chunk: Chunk) -> np.ndarray:
         engine = self._engine
         t0 = time.perf_counter()
-        engine.take_log_errors()
-        if mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle) != 0:
-            raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
-        out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
-        embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
+        with engine.mtmd_lock:  # a conversation save may tokenize/encode on the scheduler thread
+            engine.take_log_errors()
+            if mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle) != 0:
+                raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
+            out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
+            embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
         embd = embd.reshape(chunk.n_tokens, engine.n_embd_inp)
         self.encode_seconds += time.perf_counter() - t0
         if chunk.digest:
