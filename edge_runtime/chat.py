@@ -15,14 +15,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backend import gpu_offload_available, peak_rss_bytes
-from .detokenize import PieceTable, TextPipeline
+from .detokenize import PieceTable
 from .engine import DecodeOutcome, Engine, PrefillResult
+from .generation import AnswerStep
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
 from .manifest_paths import resolve_model_paths
 from .image_budget import ImagePlan, check_detail
 from .messages import check_text, image_input, media_in, split_messages, user_message, videos_in
-from .options import EngineOptions, GenerationOptions
+from .open_model import engine_options, open_engine
+from .options import GenerationOptions
 from .prompt import ImageInput, Prompt
 from .sampling import Sampler
 from .saved_conversation import (
@@ -33,7 +35,7 @@ from .saved_conversation import (
     write_conversation,
 )
 from .stats import GenerationStats, image_report
-from .template import THINK_OPEN, render_with_markers, template_for
+from .template import THINK_OPEN, render_with_markers
 from .video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
 from .tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
 
@@ -84,14 +86,14 @@ class VisionChat:
         video: VideoOptions | None = None,
         seq_id: int = 0,
     ) -> None:
-        options = EngineOptions(
+        options = engine_options(
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             mmap=mmap,
             repack=repack,
-            rpc_servers=tuple(rpc_servers) if not isinstance(rpc_servers, str) else rpc_servers,
-            tensor_split=tuple(tensor_split) if tensor_split is not None else None,
+            rpc_servers=rpc_servers,
+            tensor_split=tensor_split,
             rpc_timeout_s=rpc_timeout_s,
             rpc_stall_s=rpc_stall_s,
             rpc_output_on_host=rpc_output_on_host,
@@ -103,20 +105,15 @@ class VisionChat:
             threads=threads,
             image_min_tokens=image_min_tokens,
             image_max_tokens=image_max_tokens,
-            encoder_cache_bytes=int(encoder_cache_mb * (1 << 20)),
-            encoder_cache_dir=str(encoder_cache_dir) if encoder_cache_dir else None,
-            encoder_cache_disk_bytes=int(encoder_cache_disk_mb * (1 << 20)),
+            encoder_cache_mb=encoder_cache_mb,
+            encoder_cache_dir=encoder_cache_dir,
+            encoder_cache_disk_mb=encoder_cache_disk_mb,
             image_latency_s=image_latency_s,
-            cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,
+            cost_cache_dir=cost_cache_dir,
             n_seq_max=seq_id + 1,
         )
         self.detail = check_detail(detail)
-        self.engine = Engine(model, mmproj, options)
-        try:
-            self.template = template_for(self.engine, chat_template)
-        except BaseException:
-            self.engine.close()
-            raise
+        self.engine, self.template = open_engine(model, mmproj, options, chat_template)
         self.system_prompt = system_prompt
         self.seed = seed
         self.generation = generation or GenerationOptions()
@@ -454,20 +451,20 @@ class VisionChat:
                 with Sampler(options, self.engine.vocab, seed) as sampler:
                     tokens = self.engine.decode_tokens(sampler, self.seq_id, max_tokens, outcome)
                     t_first = None
-                    text = TextPipeline(self._pieces, options.stop, options.keep_think, starts_inside)
+                    answer = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)
                     try:
                         for token in tokens:
                             if t_first is None:
                                 t_first = time.perf_counter()
                                 stats.ttft_s = t_first - t_start
-                            piece = text.feed(token)
+                            piece = answer.accept(token)
                             if piece:
                                 shown.append(piece)
                                 yield piece
-                            if text.stopped:
-                                outcome.stop_reason = "stop"
+                            if answer.reason is not None:  # evaluate nothing more
+                                outcome.stop_reason = answer.reason
                                 break
-                        tail = text.finish()  # "" after a stop string
+                        tail = answer.finish()  # "" after a stop string
                         if tail:
                             shown.append(tail)
                             yield tail

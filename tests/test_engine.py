@@ -258,3 +258,28 @@ def test_load_settings_change_memory_not_answers(tiny_f32_dir, fresh, image, loa
             np.testing.assert_allclose(last_logits(e), expected, rtol=0, atol=2e-3)
         assert r.images_encoded == (1 if load.get("encoder_cache_bytes") == 0 else 0)
         assert answer(e) == expected_answer
+
+
+def test_answer_step_ends_on_end_of_turn_stop_string_and_limit(engine):
+    """The per-token step VisionChat and the server share: end-of-turn ends unshown and uncounted,
+    a stop string ends with the text before it, the limit ends after `limit` tokens."""
+    from edge_runtime.generation import END_OF_TURN, LENGTH, STOP, AnswerStep
+    from edge_runtime.prompt import token_ids
+
+    words = token_ids(engine.vocab, "red green blue", add_special=False)
+    im_end = token_ids(engine.vocab, "<|im_end|>", add_special=False)
+    assert len(im_end) == 1 and len(words) >= 3
+
+    def run(options, limit, tokens):
+        step = AnswerStep(PieceTable(engine.vocab), options, limit, False, engine.is_end_of_turn)
+        shown = []
+        for t in tokens:
+            shown.append(step.accept(t))
+            if step.reason is not None:
+                break
+        return "".join(shown) + step.finish(), step.reason, step.generated
+
+    assert run(GREEDY, 100, words + im_end) == ("red green blue", END_OF_TURN, len(words))
+    text, reason, n = run(GenerationOptions(stop=("green",)), 100, words + im_end)
+    assert (text.strip(), reason) == ("red", STOP) and n < len(words) + 1
+    assert run(GREEDY, 2, words + im_end)[1:] == (LENGTH, 2)

@@ -6,7 +6,7 @@
 Modules: `config` (options), `schemas` (request validation), `security` (auth,
 limits, Host/Origin/Content-Type guard, image sources), `prompting` (messages ->
 prompt), `scheduler` (the batching thread) with `slots`, `batching`, `prefill`
-(chunked prompts, the vision thread), `textstream`, `logit_bias`, `jobs`;
+(chunked prompts, the vision thread), `logit_bias`, `jobs`;
 `engine_host` / `engine_process` (the scheduler in a restarted child process);
 `responses` (OpenAI shapes), `errors`, `metrics` (Prometheus), `app` (routes),
 `cli` (the command), `process` (run it as a child process: tests, benchmarks).

@@ -59,7 +59,7 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @flags.batch_size(DEFAULTS.n_batch)
 @flags.engine_flags(DEFAULTS)
 @flags.image_flags
-@click.option("--encoder-cache-mb", default=128.0, type=float, help="Cached vision-encoder outputs.")
+@click.option("--encoder-cache-mb", default=DEFAULTS.encoder_cache_mb, type=float, help="Cached vision-encoder outputs.")
 @click.option("--api-key", envvar="EDGE_API_KEY", default=None, show_default=False,
               help="Require 'Authorization: Bearer KEY' (all routes but /health). Prefer the EDGE_API_KEY "
                    "variable: a command line is visible to other users.")
@@ -73,9 +73,9 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
               help="Serve image paths / file:// URLs confined to this directory.")
 @click.option("--max-body-bytes", default="16M", type=SizeParam(), help="Largest request body.")
 @click.option("--max-image-bytes", default="10M", type=SizeParam(), help="Largest image (encoded).")
-@click.option("--timeout", "timeout_s", default=600.0, type=float, help="Seconds a request may take, queue included.")
-@click.option("--queue-size", default=16, type=int, help="Requests waiting for a slot before 429.")
-@click.option("--max-tokens", "default_max_tokens", default=512, type=int, help="Default when a request sets none.")
+@click.option("--timeout", "timeout_s", default=DEFAULTS.timeout_s, type=float, help="Seconds a request may take, queue included.")
+@click.option("--queue-size", default=DEFAULTS.queue_size, type=int, help="Requests waiting for a slot before 429.")
+@click.option("--max-tokens", "default_max_tokens", default=DEFAULTS.default_max_tokens, type=int, help="Default when a request sets none.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="A Host name to answer besides loopback ones (repeatable; '*': any). Other names are refused "
                    "so that a web page cannot reach this server through DNS rebinding.")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..backend import kv_type
+from ..open_model import MiB, engine_options
 from ..options import EngineOptions
 
-MiB = 1 << 20
 _ORIGIN = re.compile(r"^https?://[^/\s]+$", re.IGNORECASE)
 
 
@@ -110,7 +110,7 @@ class ServerOptions:
 
     def engine_options(self) -> EngineOptions:
         """One context, `parallel` sequences, each with `ctx_size` cells of its own."""
-        return EngineOptions(
+        return engine_options(
             n_ctx=self.ctx_size * self.parallel,
             n_batch=self.n_batch,
             n_ubatch=self.n_ubatch,
@@ -126,10 +126,10 @@ class ServerOptions:
             threads=self.threads,
             image_min_tokens=self.image_min_tokens,
             image_max_tokens=self.image_max_tokens,
-            encoder_cache_bytes=int(self.encoder_cache_mb * MiB),
-            encoder_cache_dir=str(self.encoder_cache_dir) if self.encoder_cache_dir else None,
+            encoder_cache_mb=self.encoder_cache_mb,
+            encoder_cache_dir=self.encoder_cache_dir,
             image_latency_s=self.image_latency_s,
-            cost_cache_dir=str(self.cost_cache_dir) if self.cost_cache_dir else None,
+            cost_cache_dir=self.cost_cache_dir,
             n_seq_max=self.parallel,
         )
 

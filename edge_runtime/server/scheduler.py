@@ -25,10 +25,11 @@ import llama_cpp
 
 from ..detokenize import PieceTable
 from ..engine import Engine
+from ..generation import END_OF_TURN, LENGTH, AnswerStep
 from ..manifest_paths import resolve_model_paths
 from ..sampling import Sampler
 from ..stats import image_report
-from ..template import template_for
+from ..open_model import open_engine
 from ..errors import DecodeError
 from ..kv_state import plan_reuse, text_units
 from ..prompt import Prompt, tokenize_text
@@ -41,7 +42,6 @@ from .metrics import Gauges, Metrics
 from .prefill import Piece, PrefillWork, VisionWorker, image_positions, missing_images
 from .prompting import PromptFormat
 from .slots import Candidate, Slot, choose_slot
-from .textstream import TextPipeline
 
 log = logging.getLogger("edge_runtime.server")
 
@@ -185,12 +185,7 @@ class Scheduler(EngineFront):
         opts = self.options
         model, mmproj = resolve_model_paths(opts.model_dir, opts.mmproj)
         t0 = time.perf_counter()
-        engine = Engine(model, mmproj, opts.engine_options())
-        try:
-            template = template_for(engine)
-        except BaseException:
-            engine.close()
-            raise
+        engine, template = open_engine(model, mmproj, opts.engine_options())
         self._engine = engine
         self._format = PromptFormat(template, engine.marker, engine.has_vision, engine.model_path.name)
         self._chunk = opts.prefill_chunk or engine.n_ubatch
@@ -345,8 +340,8 @@ class Scheduler(EngineFront):
             assert self._vision is not None
             self._vision.encode(work, encode)
         slot = self._slots[seq_id]
-        slot.job, slot.sampler, slot.limit, slot.bias, slot.prefill = job, sampler, limit, bias or None, work
-        slot.pipeline = TextPipeline(self._pieces, job.options.stop, job.options.keep_think, job.starts_inside_think)
+        slot.job, slot.sampler, slot.bias, slot.prefill = job, sampler, bias or None, work
+        slot.answer = AnswerStep(self._pieces, job.options, limit, job.starts_inside_think, engine.is_end_of_turn)
         slot.prompt_tokens = prompt.n_tokens
         slot.cached_tokens = sum(u.n_tokens for u in prompt.units[:keep])
         slot.image_tokens = prompt.n_image_tokens
@@ -458,28 +453,23 @@ class Scheduler(EngineFront):
             return slot.sampler.sample(self._engine.ctx, index)
 
     def _accept(self, slot: Slot, token: int) -> None:
-        """What `Engine.decode_tokens` + `VisionChat` do with a sampled token, for one slot."""
-        engine, job, pipeline = self._engine, slot.job, slot.pipeline
-        assert engine is not None and job is not None and pipeline is not None
-        if engine.is_end_of_turn(token):
-            self._complete(slot, "stop")
-            return
-        slot.generated += 1
-        self.metrics.tokens_generated(1)
-        text = pipeline.feed(token)
+        """The shared per-token step (`AnswerStep`, as in `VisionChat`) for one slot."""
+        job, answer = slot.job, slot.answer
+        assert job is not None and answer is not None
+        text = answer.accept(token)
+        if answer.reason != END_OF_TURN:
+            self.metrics.tokens_generated(1)
         if text:
             job.emit(TextDelta(text))
-        if pipeline.stopped:
-            self._complete(slot, "stop")
-        elif slot.generated >= slot.limit:
-            self._complete(slot, "length")
-        else:
+        if answer.reason is None:
             slot.pending = token
+        else:  # an end-of-turn token and a stop string both finish with "stop" (OpenAI's reason)
+            self._complete(slot, "length" if answer.reason == LENGTH else "stop")
 
     def _complete(self, slot: Slot, reason: str) -> None:
-        job, pipeline = slot.job, slot.pipeline
-        assert job is not None and pipeline is not None
-        tail = pipeline.finish()
+        job, answer = slot.job, slot.answer
+        assert job is not None and answer is not None
+        tail = answer.finish()
         if tail:
             job.emit(TextDelta(tail))
         usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens, slot.image_tokens, slot.images)

@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..generation import AnswerStep
 from ..kv_state import Unit, common_prefix
 from ..sampling import Sampler
 from .jobs import Job
 from .prefill import PrefillWork
-from .textstream import TextPipeline
 
 
 @dataclass
@@ -19,17 +19,19 @@ class Slot:
     last_used: float = 0.0
     job: Job | None = None
     sampler: Sampler | None = None
-    pipeline: TextPipeline | None = None
+    answer: AnswerStep | None = None  # the per-token step shared with VisionChat
     prefill: PrefillWork | None = None  # the prompt still being evaluated (None: generating)
     bias: dict[int, float] | None = None  # added to the logits before each sample
     pending: int | None = None  # sampled, shown, not yet evaluated
-    generated: int = 0
-    limit: int = 0  # most tokens this job may generate
     prompt_tokens: int = 0
     cached_tokens: int = 0
     image_tokens: int = 0
     started: float = 0.0
     images: tuple = ()  # stats.image_report of each image of the prompt
+
+    @property
+    def generated(self) -> int:
+        return self.answer.generated if self.answer is not None else 0
 
     @property
     def busy(self) -> bool:
@@ -41,8 +43,8 @@ class Slot:
             self.sampler.close()
         if self.prefill is not None:
             self.prefill.release()
-        self.job = self.sampler = self.pipeline = self.pending = self.bias = self.prefill = None
-        self.generated = self.limit = self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
+        self.job = self.sampler = self.answer = self.pending = self.bias = self.prefill = None
+        self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
         self.images = ()
         self.last_used = time.monotonic()
 

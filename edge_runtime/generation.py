@@ -1,0 +1,50 @@
+"""What one sampled token does to an answer, decided once for every generation loop.
+
+VisionChat's loop (sample, evaluate one token) and the server's (one batched
+llama_decode for all slots) differ in how tokens are sampled and evaluated;
+what a token means does not: an end-of-turn token ends the answer unshown, the
+others go through the detokenizer (whole characters, <think> cut, stop strings
+held back) and count against the token limit. As mlx-lm's `stream_generate`
+sits over `generate_step` for both its CLI and its server.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .detokenize import PieceTable, TextPipeline
+from .options import GenerationOptions
+
+# Why an answer ended: an end-of-turn token, a stop string, the token limit.
+END_OF_TURN, STOP, LENGTH = "eog", "stop", "length"
+
+
+class AnswerStep:
+    """The per-token step of one answer: `accept` each sampled token, show what it returns,
+    and stop evaluating once `reason` is set; `finish` gives the text held back at the end."""
+
+    def __init__(self, pieces: PieceTable, options: GenerationOptions, limit: int, starts_inside_think: bool,
+                 is_end_of_turn: Callable[[int], bool]) -> None:
+        self.limit = limit
+        self.generated = 0  # tokens of the answer (end-of-turn not counted)
+        self.reason: str | None = None
+        self._is_end_of_turn = is_end_of_turn
+        self._text = TextPipeline(pieces, options.stop, options.keep_think, starts_inside_think)
+
+    def accept(self, token: int) -> str:
+        """The text `token` adds to the answer; sets `reason` when the answer ends with it."""
+        if self.reason is not None:
+            raise RuntimeError(f"the answer already ended ({self.reason})")
+        if self._is_end_of_turn(token):
+            self.reason = END_OF_TURN
+            return ""
+        self.generated += 1
+        text = self._text.feed(token)
+        if self._text.stopped:
+            self.reason = STOP
+        elif self.generated >= self.limit:
+            self.reason = LENGTH
+        return text
+
+    def finish(self) -> str:
+        """Text held back at the end (a partial character or stop string); "" after a stop string."""
+        return self._text.finish()

@@ -1,0 +1,55 @@
+"""One way to open a model for chatting, used by `VisionChat` and the server alike:
+user-facing settings (MiB, paths, any sequence) -> `EngineOptions`, then the engine
+and the chat template it answers with."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .engine import Engine
+from .options import EngineOptions
+from .template import ChatTemplate, template_for
+
+MiB = 1 << 20
+
+
+def engine_options(
+    *,
+    kv_cache_type_k: str,
+    kv_cache_type_v: str,
+    encoder_cache_mb: float,
+    encoder_cache_dir: str | Path | None = None,
+    encoder_cache_disk_mb: float | None = None,
+    cost_cache_dir: str | Path | None = None,
+    rpc_servers: Sequence[str] | str = (),
+    tensor_split: Sequence[float] | None = None,
+    **rest: Any,
+) -> EngineOptions:
+    """`EngineOptions` from the units a person sets; the other fields (`rest`) pass as they are,
+    and whatever is not given keeps EngineOptions' default."""
+    extra: dict[str, Any] = {}
+    if encoder_cache_disk_mb is not None:
+        extra["encoder_cache_disk_bytes"] = int(encoder_cache_disk_mb * MiB)
+    return EngineOptions(
+        kv_cache_type_k=kv_cache_type_k,
+        kv_cache_type_v=kv_cache_type_v,
+        encoder_cache_bytes=int(encoder_cache_mb * MiB),
+        encoder_cache_dir=str(encoder_cache_dir) if encoder_cache_dir else None,
+        cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,
+        rpc_servers=rpc_servers if isinstance(rpc_servers, str) else tuple(rpc_servers),
+        tensor_split=tuple(tensor_split) if tensor_split is not None else None,
+        **extra,
+        **rest,
+    )
+
+
+def open_engine(model: str | Path, mmproj: str | Path | None, options: EngineOptions,
+                chat_template: str | None = None) -> tuple[Engine, ChatTemplate]:
+    """The loaded engine and its chat template (`chat_template` overrides the GGUF's); the engine
+    is closed again when the template cannot be had, so a failure leaks no model."""
+    engine = Engine(model, mmproj, options)
+    try:
+        return engine, template_for(engine, chat_template)
+    except BaseException:
+        engine.close()
+        raise
