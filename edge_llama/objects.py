@@ -136,6 +136,7 @@ class ContextOptions:
     type_v: int = L.GGML_TYPE_F16
     flash_attn: int = L.LLAMA_FLASH_ATTN_TYPE_AUTO
     no_perf: bool = True
+    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphTimer.callback)
 
 
 class Batch(_Owned):
@@ -177,6 +178,8 @@ class Context(_Owned):
         p.n_threads = p.n_threads_batch = threads
         p.type_k, p.type_v, p.flash_attn_type = int(options.type_k), int(options.type_v), options.flash_attn
         p.no_perf = options.no_perf
+        if options.eval_callback is not None:
+            p.cb_eval = options.eval_callback
         take_errors()
         self.ptr = L.llama_init_from_model(model.ptr, p)
         if not self.ptr:
@@ -237,6 +240,7 @@ class ProjectorOptions:
     image_max_tokens: int | None = None
     flash_attn: int = L.LLAMA_FLASH_ATTN_TYPE_AUTO
     warmup: bool = False
+    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphTimer.callback)
 
 
 class Chunks(_Owned):
@@ -302,6 +306,8 @@ class Projector(_Owned):
             p.image_min_tokens = options.image_min_tokens
         if options.image_max_tokens:
             p.image_max_tokens = options.image_max_tokens
+        if options.eval_callback is not None:
+            p.cb_eval = options.eval_callback
         take_errors()
         self.ptr = M.mtmd_init_from_file(str(self.path).encode(), model.ptr, p)
         if not self.ptr:

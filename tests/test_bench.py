@@ -357,4 +357,16 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     assert cases["disk-second"]["images_encoded"] == 0 and cases["disk-second"]["disk_cache_hits"] == 1
     assert cases["attach"]["images_encoded"] == 0  # the attach thread encoded it before the question
     assert cases["4032x3024"]["image"]["source_size"] == [4032, 3024]
-    assert all(c["ttft_s"] > 0 and c["peak_rss_bytes"] > 0 for c in cases.values())
+    asks = {k: c for k, c in cases.items() if not k.startswith("profile-")}
+    assert all(c["ttft_s"] > 0 and c["peak_rss_bytes"] > 0 for c in asks.values())
+    # one profiled encode per projector type: stages from the weight names, cosine to the f16 projector
+    profiles = {k.removeprefix("profile-"): c for k, c in cases.items() if k.startswith("profile-")}
+    assert set(profiles) == {"f16", "bf16", "q8_0", "q6_k", "q5_k", "q4_k"}
+    for q, prof in profiles.items():
+        stages = {r["stage"] for r in prof["rows"]}
+        assert {"patch embedding", "attention", "mlp", "deepstack", "merger"} <= stages, (q, stages)
+        assert prof["tokens"] == cases["640x480@300"]["image_tokens"]
+    assert profiles["f16"]["cosine_mean"] == pytest.approx(1.0) and profiles["f16"]["reference"] == "f16"
+    assert 0.9 < profiles["q4_k"]["cosine_worst"] < 1.0  # quantized: close to, not equal to, the float one
+    assert cases["fast"]["ttft_s"] > 0 and "weights not repacked" in cases["fast"]["name"]
+    assert "| attention | FLASH_ATTN_EXT |" in result.output and "| q8_0 |" in result.output

@@ -13,6 +13,18 @@ MERGE_SIZE = 2
 GROUNDING_MIN_TOKENS = 1024
 
 
+# The encoder's stages, by the GGUF names of the projector weights a graph node reads (clip's
+# layout: models/qwen3vl.cpp in mtmd). A node that reads no weight (attention scores, GELU,
+# casts, residual adds) counts toward the next node that does: FLASH_ATTN_EXT toward the
+# attention's output projection, GELU toward ffn_down.
+ENCODER_STAGES = (
+    (r"^v\.(patch_embd|position_embd)\.", "patch embedding"),
+    (r"^v\.blk\.\d+\.(ln1|attn_)", "attention"),
+    (r"^v\.blk\.\d+\.(ln2|ffn_)", "mlp"),
+    (r"^v\.deepstack\.", "deepstack"),
+    (r"^(v\.post_ln|mm)\.", "merger"),
+)
+
 
 def projector_compute_bytes(patches: int, n_embd: int, n_ff: int) -> int:
     """The projector's compute buffer for one image of `patches` 16x16 patches: 4 * patches * 2 *

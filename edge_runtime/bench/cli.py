@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from edge_common import cli_options as flags
 from edge_common.cli_options import load_settings
@@ -172,8 +173,10 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     if images_bench:
         if not (model_dir or synthetic):
             fail("--images needs a model: an edge-convert output directory or --synthetic 2b")
-        run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats,
-                   threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
+        # "with defaults" means the runtime's KV type unless -ctk was given
+        explicit_kv = click.get_current_context().get_parameter_source("kv_types") != ParameterSource.DEFAULT
+        run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types if explicit_kv else None, n_ctx,
+                   repeats, threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
         return
     sections: list[str] = []
     json_out: dict = {}
@@ -250,17 +253,19 @@ def parse_extra_bufts(text: str, amx: str) -> tuple[str, ...]:
 
 def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
                with_transformers, timeout, json_path, quiet, log) -> None:
-    from .image_bench import ImageBenchSetup, image_bench_markdown, run_image_bench
+    from ..options import EngineOptions
+    from .image_bench import PROJECTOR_TYPES, ImageBenchSetup, image_bench_markdown, run_image_bench
     from .machine import detect
     from .models import BenchSetupError
 
     try:
-        models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
+        models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log,
+                                         extra_mmproj=PROJECTOR_TYPES)
         setup = ImageBenchSetup(
-            text=models.text_path(q[0]), mmproj=models.mmproj_path(proj),
-            mmproj_f16=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
-            threads=threads, kv=parse_kv(kv_types)[0], n_ctx=n_ctx, repeats=min(repeats, 2),
-            transformers=with_transformers, timeout=timeout)
+            text=models.text_path(q[0]), mmproj=models.mmproj_path(proj), projectors=dict(models.mmproj),
+            mmproj_float=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
+            threads=threads, kv=parse_kv(kv_types)[0] if kv_types else EngineOptions().kv_cache_type_k,
+            n_ctx=n_ctx, repeats=min(repeats, 2), transformers=with_transformers, timeout=timeout)
         cases = run_image_bench(setup, log)
     except (BenchSetupError, ValueError, RuntimeError) as exc:
         fail(str(exc))
@@ -290,20 +295,21 @@ def render(json_path: Path, plot_path: Path | None) -> None:
 
 
 def resolve_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmproj_quant: str | None,
-                   quiet: bool, log):
+                   quiet: bool, log, extra_mmproj: tuple[str, ...] = ()):
     """(ModelSet, text types, projector type): a synthetic model or an output directory, derived types cached."""
     from .models import prepare_dir, prepare_synthetic, read_manifest
 
     if synthetic:
         quants = parse_quants(quant or "q4_k_m", "--quant")
         proj = parse_quants(mmproj_quant or "q8_0", "--mmproj-quant", projector=True)[0]
-        models = prepare_synthetic(synthetic, quants, proj, cache_dir=cache_dir, progress=not quiet, log=log)
+        models = prepare_synthetic(synthetic, quants, proj, cache_dir=cache_dir, progress=not quiet, log=log,
+                                   extra_mmproj=extra_mmproj)
     else:
         manifest = read_manifest(model_dir)
         quants = parse_quants(quant or manifest["text"]["type"], "--quant")
         proj = parse_quants(mmproj_quant or manifest["mmproj"]["type"], "--mmproj-quant", projector=True)[0]
         models = prepare_dir(model_dir, quants, proj, cache_dir=cache_dir / Path(model_dir).resolve().name,
-                             progress=not quiet, log=log)
+                             progress=not quiet, log=log, extra_mmproj=extra_mmproj)
     return models, quants, proj
 
 

@@ -5,6 +5,9 @@ processor's own 300 tokens (what llama.cpp's default budget gives it), attach th
 ask, a second process served by the encoder cache on disk, encoder efficiency
 (encoder FLOP/s over text-prefill FLOP/s) and what flash attention and the
 projector type change, and transformers bf16 on the same image at the same tokens.
+One encode is profiled per stage and operation for each projector type (time and
+cosine to the float projector); the fastest type that keeps cosine >= 0.999, with
+weights not repacked, is then asked too: the configuration that answers first.
 """
 from __future__ import annotations
 
@@ -12,15 +15,21 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .encoder_profile import OpRow, cosine_rows
+
 Log = Callable[[str], None]
 GB = 1e9
+# The projector types compared (each derived from the float projector where there is one).
+PROJECTOR_TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k", "q4_k")
+# A projector type "keeps" the image when every token's embedding keeps this cosine to the float one.
+FAST_MIN_COSINE = 0.999
 
 
 def photo_like_jpeg(path: Path, width: int = 4032, height: int = 3024, seed: int = 0) -> Path:
@@ -45,7 +54,7 @@ def photo_like_jpeg(path: Path, width: int = 4032, height: int = 3024, seed: int
 class ImageBenchSetup:
     text: Path
     mmproj: Path
-    mmproj_f16: Path | None
+    mmproj_float: Path | None  # the float projector: cosine reference of the projector types
     hf_dir: Path | None
     threads: int
     kv: str = "q8_0"
@@ -53,6 +62,7 @@ class ImageBenchSetup:
     repeats: int = 2
     transformers: bool = True
     timeout: float = 1800.0
+    projectors: dict[str, Path] = field(default_factory=dict)  # type -> projector GGUF, for the comparison
 
 
 def _run(case: dict, timeout: float) -> dict:
@@ -72,8 +82,9 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
         base = {"n_ctx": setup.n_ctx, "kv_cache_type": setup.kv, "threads": setup.threads,
                 "cost_cache_dir": str(cost_dir)}
 
-        def case(name: str, image: Path, mode: str = "ask", repeats: int | None = None, **chat) -> dict:
-            spec = {"name": name, "mode": mode, "text": str(setup.text),
+        def case(name: str, image: Path, mode: str = "ask", repeats: int | None = None,
+                 embeddings: str | None = None, **chat) -> dict:
+            spec = {"name": name, "mode": mode, "text": str(setup.text), "embeddings": embeddings,
                     "mmproj": str(chat.pop("mmproj", setup.mmproj)),
                     "image": str(image), "repeats": repeats or setup.repeats, "chat": {**base, **chat},
                     "threads": setup.threads, "hf_dir": str(setup.hf_dir) if setup.hf_dir else None}
@@ -95,12 +106,59 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
                                     encoder_cache_dir=str(disk_dir))
         cases["fa-off"] = case("640x480 at 300 tokens, projector without flash attention", small,
                                image_max_tokens=4096, kv_cache_type="f16", flash_attn=False)
-        if setup.mmproj_f16 is not None:
-            cases["mmproj-f16"] = case("640x480 at 300 tokens, f16 projector", small, image_max_tokens=4096,
-                                       mmproj=str(setup.mmproj_f16))
+        profiles = {q: case(f"encoder profile, {q} projector", small, mode="profile", repeats=1, mmproj=str(path),
+                            image_max_tokens=4096, embeddings=str(work / f"embd-{q}.npy"))
+                    for q, path in setup.projectors.items()}
+        if setup.mmproj_float is not None:
+            ref_q = next(q for q, p in setup.projectors.items() if p == setup.mmproj_float)
+            ref_embd = np.load(profiles[ref_q]["embeddings"])
+            for q, prof in profiles.items():
+                prof["cosine_mean"], prof["cosine_worst"] = cosine_rows(np.load(prof["embeddings"]), ref_embd)
+                prof["reference"] = ref_q
+        for q, prof in profiles.items():
+            prof["type"], prof["bytes"] = q, setup.projectors[q].stat().st_size
+            cases[f"profile-{q}"] = prof
+        fast = fastest_projector(profiles)
+        if fast is not None:
+            cases["fast"] = case(f"640x480 at 300 tokens, {fast} projector, weights not repacked", small,
+                                 image_max_tokens=4096, mmproj=str(setup.projectors[fast]), repack=False)
         if setup.transformers and setup.hf_dir is not None:
             cases["transformers"] = case("transformers bf16, 640x480 (300 tokens)", small, mode="transformers")
     return cases
+
+
+def fastest_projector(profiles: dict[str, dict]) -> str | None:
+    """The projector type with the fastest encode among those keeping every token's cosine >= FAST_MIN_COSINE."""
+    kept = [q for q, p in profiles.items() if p.get("cosine_worst", 0.0) >= FAST_MIN_COSINE]
+    return min(kept, key=lambda q: profiles[q]["encode_s"]) if kept else None
+
+
+def profile_table(prof: dict) -> list[str]:
+    rows = [OpRow(**r) for r in prof["rows"]]
+    total = sum(r.seconds for r in rows) or 1.0
+    lines = [f"Encoder profile ({prof['type']} projector, {prof['tokens']} tokens): preprocessing "
+             f"{prof['preprocess_s']:.2f} s, encode {prof['encode_s']:.2f} s (node by node "
+             f"{prof['profiled_s']:.2f} s)", "",
+             "| stage | operation | nodes | s | share | GFLOP/s |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        rate = f"{r.gflop_s:.0f}" if r.gflop_s else ""
+        lines.append(f"| {r.stage} | {r.op} | {r.nodes} | {r.seconds:.3f} | {100 * r.seconds / total:.1f}% | {rate} |")
+    return lines
+
+
+def projector_table(profiles: list[dict]) -> list[str]:
+    lines = ["| projector | MB | encode s | flash attention s | weight matmuls s | matmul GFLOP/s | "
+             "cosine to float: mean / worst token |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for p in profiles:
+        rows = [OpRow(**r) for r in p["rows"]]
+        fa = sum(r.seconds for r in rows if r.op == "FLASH_ATTN_EXT")
+        mm = [r for r in rows if r.op.startswith("MUL_MAT") and r.op != "MUL_MAT (activations)"]
+        mm_s, mm_flops = sum(r.seconds for r in mm), sum(r.flops for r in mm)
+        cos = (f"{p['cosine_mean']:.5f} / {p['cosine_worst']:.5f} (to {p['reference']})"
+               if "cosine_mean" in p else "")
+        lines.append(f"| {p['type']} | {p['bytes'] / 1e6:.0f} | {p['encode_s']:.2f} | {fa:.2f} | {mm_s:.2f} | "
+                     f"{mm_flops / mm_s / 1e9 if mm_s else 0:.0f} | {cos} |")
+    return lines
 
 
 def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
@@ -111,8 +169,9 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
         "| case | image tokens | encode s | prefill s | TTFT s | TTFT / 640x480@300 | peak RSS GB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    profiles = [c for k, c in cases.items() if k.startswith("profile-")]
     for key, c in cases.items():
-        if key == "transformers":
+        if key == "transformers" or key.startswith("profile-"):
             continue
         lines.append(f"| {c['name']} | {c['image_tokens']} | {c['image_encode_s']:.2f} | {c['prefill_s']:.2f} | "
                      f"{c['ttft_s']:.2f} | {c['ttft_s'] / ref['ttft_s']:.2f} | {c['peak_rss_bytes'] / GB:.2f} |")
@@ -123,10 +182,6 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
         off = cases["fa-off"]
         lines.append(f"- Projector flash attention: encode {off['image_encode_s']:.2f} s without, "
                      f"{ref['image_encode_s']:.2f} s with ({off['image_encode_s'] / ref['image_encode_s']:.2f}x).")
-    if "mmproj-f16" in cases:
-        f16 = cases["mmproj-f16"]
-        lines.append(f"- Projector type: f16 encode {f16['image_encode_s']:.2f} s vs q8_0 "
-                     f"{ref['image_encode_s']:.2f} s.")
     second = cases.get("disk-second")
     if second:
         lines.append(f"- Encoder cache on disk: the second process encoded {second['images_encoded']} image(s), "
@@ -136,7 +191,16 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
         lines.append(f"- First-image TTFT at {ref['image_tokens']} image tokens: VisionChat {ref['ttft_s']:.2f} s, "
                      f"transformers bf16 {hf['ttft_s']:.2f} s ({hf['image_tokens']} tokens): ratio "
                      f"{ref['ttft_s'] / hf['ttft_s']:.2f}.")
+        if "fast" in cases:
+            fast = cases["fast"]
+            lines.append(f"- The same with {fast['name'].split(', ', 1)[1]}: VisionChat {fast['ttft_s']:.2f} s "
+                         f"(encode {fast['image_encode_s']:.2f} s + prefill {fast['prefill_s']:.2f} s): ratio "
+                         f"{fast['ttft_s'] / hf['ttft_s']:.2f}.")
     for key in ("640x480", "4032x3024"):
         img = cases[key].get("image") or {}
         lines.append(f"- {cases[key]['name']}: {img.get('size')} from {img.get('source_size')}, {img.get('reason')}.")
+    configured = next((p for p in profiles if p.get("mmproj") == ref.get("mmproj")), profiles[0] if profiles else None)
+    if configured:
+        lines += ["", *profile_table(configured), "", "Projector types (640x480 at 300 tokens, one warm encode each; "
+                  "the flash attention and matmul columns from the node-by-node run):", "", *projector_table(profiles)]
     return "\n".join(lines) + "\n"

@@ -3,8 +3,9 @@
 Reads a JSON case on stdin, prints one JSON object on stdout (llama.cpp's own
 output goes to stderr). Cases: "ask" (first question about an image, `repeats`
 times, re-encoding each time unless a disk cache serves it), "attach" (attach,
-wait as a user typing would, then ask) and "transformers" (the bf16 reference on
-the same image at the same image tokens).
+wait as a user typing would, then ask), "profile" (one encode per stage and
+operation) and "transformers" (the bf16 reference on the same image at the same
+image tokens).
 """
 from __future__ import annotations
 
@@ -62,7 +63,27 @@ def run_ask(case: dict) -> dict:
             "encoder_gflop_s": _median(enc_rates) / 1e9,
             "prefill_gflop_s": _median(prefill_rates) / 1e9,
             "peak_rss_bytes": peak_rss_bytes(),
+            "mmproj": case["mmproj"],
         }
+
+
+def run_profile(case: dict) -> dict:
+    """One encode of the image per stage and operation; the embeddings saved for the cosine comparison."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from edge_runtime import VisionChat
+    from edge_runtime.backend import peak_rss_bytes
+
+    from .encoder_profile import profile_encode
+
+    with VisionChat(case["text"], case["mmproj"], encoder_cache_mb=0, **case.get("chat", {})) as chat:
+        prof = profile_encode(chat, case["image"], keep_embeddings=True)
+    np.save(case["embeddings"], prof.embeddings)
+    return {"tokens": prof.tokens, "preprocess_s": prof.preprocess_s, "encode_s": prof.encode_s,
+            "profiled_s": prof.profiled_s, "rows": [asdict(r) for r in prof.rows], "embeddings": case["embeddings"],
+            "mmproj": case["mmproj"], "peak_rss_bytes": peak_rss_bytes()}
 
 
 def run_transformers(case: dict) -> dict:
@@ -95,7 +116,8 @@ def main() -> None:
     out = os.dup(1)
     os.dup2(2, 1)  # llama.cpp / torch chatter goes to stderr; the result alone to the real stdout
     try:
-        result = run_transformers(case) if case["mode"] == "transformers" else run_ask(case)
+        run = {"transformers": run_transformers, "profile": run_profile}.get(case["mode"], run_ask)
+        result = run(case)
     finally:
         sys.stdout.flush()
         os.dup2(out, 1)

@@ -78,8 +78,12 @@ def derive_mmproj(source: Path, dst: Path, quant: str, threads: int, progress: b
 
 
 def prepare_dir(out_dir: str | Path, quants: tuple[str, ...], mmproj_quant: str, *, cache_dir: str | Path,
-                threads: int = 0, progress: bool = True, log: Log = print) -> ModelSet:
-    """The converted pair of `out_dir`, plus each other requested type derived into `cache_dir`."""
+                threads: int = 0, progress: bool = True, log: Log = print,
+                extra_mmproj: tuple[str, ...] = ()) -> ModelSet:
+    """The converted pair of `out_dir`, plus each other requested type derived into `cache_dir`.
+
+    `extra_mmproj`: more projector types to derive where the projector is float (the projector-type
+    comparison of `--images`); skipped otherwise."""
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     manifest = read_manifest(out_dir)
     text_src, text_type = out_dir / manifest["text"]["path"], manifest["text"]["type"]
@@ -95,12 +99,13 @@ def prepare_dir(out_dir: str | Path, quants: tuple[str, ...], mmproj_quant: str,
             continue
         _require_float(text_type, text_src, q)
         models.text[q] = derive_text(text_src, cache_dir / f"{stem}-{q}.gguf", q, threads, progress, log)
-    if mmproj_quant == proj_type:
-        models.mmproj[mmproj_quant] = proj_src
-    else:
-        _require_float(proj_type, proj_src, mmproj_quant)
-        dst = cache_dir / f"mmproj-{stem}-{mmproj_quant}.gguf"
-        models.mmproj[mmproj_quant] = derive_mmproj(proj_src, dst, mmproj_quant, threads, progress, log)
+    extra = tuple(q for q in extra_mmproj if q != mmproj_quant) if proj_type in FLOAT_TYPES else ()
+    for q in (mmproj_quant, *extra):
+        if q == proj_type:
+            models.mmproj[q] = proj_src
+            continue
+        _require_float(proj_type, proj_src, q)
+        models.mmproj[q] = derive_mmproj(proj_src, cache_dir / f"mmproj-{stem}-{q}.gguf", q, threads, progress, log)
     return models
 
 
@@ -136,9 +141,10 @@ def ensure_synthetic(size: str, cache_dir: str | Path, *, progress: bool = True,
 
 
 def prepare_synthetic(size: str, quants: tuple[str, ...], mmproj_quant: str, *, cache_dir: str | Path,
-                      threads: int = 0, progress: bool = True, log: Log = print) -> ModelSet:
+                      threads: int = 0, progress: bool = True, log: Log = print,
+                      extra_mmproj: tuple[str, ...] = ()) -> ModelSet:
     gguf_dir = ensure_synthetic(size, cache_dir, progress=progress, log=log)
     models = prepare_dir(gguf_dir, quants, mmproj_quant, cache_dir=gguf_dir, threads=threads, progress=progress,
-                         log=log)
+                         log=log, extra_mmproj=extra_mmproj)
     models.hf_dir = synthetic_paths(size, cache_dir)[0]
     return models
