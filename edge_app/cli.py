@@ -40,13 +40,15 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
 @flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
 @flags.rpc_flags("With --plan: also split --quant over this machine and these edge-rpc-worker processes, by "
                  "their free memory (or --tensor-split), and say what fits where.")
+@flags.image_latency(ENGINE.image_latency_s, "With --plan: seconds of image encode + prefill the image budgets "
+                     "of detail auto aim for (edge-chat's --image-latency).")
 @flags.threads("Threads for quantizing [default: all cores].")
 @click.option("--name", default=None, help="File-name stem (default: MODEL_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the manifest.")
 def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, imatrix: str | None,
          calibration: Path | None, keep_f16: bool, report: bool, plan: bool, n_ctx: int, kv_cache_type_k: str,
-         kv_cache_type_v: str, rpc_servers: tuple[str, ...] | None,
+         kv_cache_type_v: str, image_latency_s: float, rpc_servers: tuple[str, ...] | None,
          tensor_split: tuple[float, ...] | None, threads: int | None,
          name: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
@@ -57,12 +59,16 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table
 
-            rows = plan_table(model_shapes(model_dir), n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant,
-                              kv_type_v=kv_cache_type_v)
+            from edge_runtime.disk_cache import user_cache_dir
+            from .image_plan import PlanDevice, image_budget_plan
+
+            shapes = model_shapes(model_dir)
+            rows = plan_table(shapes, n_ctx, kv_cache_type_k, mmproj_quant=mmproj_quant, kv_type_v=kv_cache_type_v)
             click.echo(format_plan(rows))
-            click.echo(image_budget_plan(model_dir, n_ctx))
+            click.echo(image_budget_plan(model_dir, shapes, n_ctx, quant, mmproj_quant, latency_s=image_latency_s,
+                                         cache_dir=user_cache_dir(), device=PlanDevice.this_machine()))
             if rpc_servers:
-                click.echo(split_plan(model_shapes(model_dir), quant, mmproj_quant, n_ctx, kv_cache_type_k,
+                click.echo(split_plan(shapes, quant, mmproj_quant, n_ctx, kv_cache_type_k,
                                       rpc_servers, tensor_split))
             return
         if rpc_servers or tensor_split:
@@ -80,34 +86,6 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             entry = manifest[role]
             click.echo(f"{role:7s} {out_dir / entry['path']}  {entry['type']}  {entry['bytes'] / 1e6:.1f} MB", err=True)
     click.echo(json.dumps(manifest, indent=2))
-
-
-PLAN_IMAGES = ((4032, 3024, "photo"), (640, 480, "image"))
-
-
-def image_budget_plan(model_dir: Path, n_ctx: int) -> str:
-    """--plan: tokens and grid per detail level, from the runtime's own budget code. The latency cut of
-    `auto` needs this device's encoder rate, measured by the runtime on its first image of the converted
-    files; before that the budgets come from the fixed ladder alone."""
-    from edge_runtime.image_budget import DETAILS, plan_for_context
-    from edge_runtime.vision_spec import hf_vision_spec
-
-    spec = hf_vision_spec(model_dir)
-    lines = [f"\nImage budgets (--ctx-size {n_ctx}: at most {max(1, n_ctx // 2)} tokens an image; processor "
-             f"{spec.min_tokens}..{spec.max_tokens} tokens of {spec.factor}x{spec.factor} pixels):",
-             "  this device's cost model is not measured yet (the runtime measures it on its first image),\n"
-             "  so auto is shown from the fixed ladder without the latency cut",
-             f"  {'detail':7s} {'tokens':>12s}  "
-             + "  ".join(f"{f'{w}x{h} {what}':>28s}" for w, h, what in PLAN_IMAGES)]
-    for detail in DETAILS:
-        plan = plan_for_context(detail, spec, n_ctx, None)
-        cells = []
-        for w, h, _ in PLAN_IMAGES:
-            rw, rh = plan.size_for((w, h))
-            gw, gh = rw // spec.factor, rh // spec.factor
-            cells.append(f"{f'{gw}x{gh} grid = {gw * gh} tokens':>28s}")
-        lines.append(f"  {detail:7s} {f'{plan.min_tokens}..{plan.max_tokens}':>12s}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 def split_plan(shapes, quant: str, mmproj_quant: str | None, n_ctx: int, kv_type: str,

@@ -184,6 +184,11 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
             "rpc_servers": settings.pop("rpc_servers", None) or (), "tensor_split": settings.pop("tensor_split", None)}
 
 
+def image_latency(default: float, help: str = "Seconds of image encode + prefill --detail auto aims for.") -> Decorator:
+    return click.option("--image-latency", "image_latency_s", default=default, show_default=True,
+                        type=click.FloatRange(min=0.001), help=help)
+
+
 def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --detail, --image-latency and --encoder-cache-dir/--no-encoder-cache."""
     flags = [
@@ -191,9 +196,7 @@ def image_flags(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Image token budget: low (<= 256 tokens, fastest), auto (the largest that answers within "
                           "--image-latency on this device), high (>= 1024 tokens, for grounding and OCR). "
                           "--image-min-tokens/--image-max-tokens override it."),
-        click.option("--image-latency", "image_latency_s", default=8.0, show_default=True,
-                     type=click.FloatRange(min=0.001),
-                     help="Seconds of image encode + prefill --detail auto aims for."),
+        image_latency(8.0),  # EngineOptions.image_latency_s (this layer cannot import the runtime)
         click.option("--encoder-cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
                      help="Keep image encoder outputs here across runs [default: encoder/ in the user cache "
                           "dir, $XDG_CACHE_HOME or ~/.cache]."),

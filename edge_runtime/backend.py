@@ -21,7 +21,7 @@ from edge_llama.params import resolve_mmap, resolve_ubatch
 log = logging.getLogger("edge_runtime")
 
 __all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_available", "kv_type",
-           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "resolve_flash_attn",
+           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "projector_on_gpu", "resolve_flash_attn",
            "resolve_gpu_layers",
            "resolve_mmap", "resolve_ubatch", "take_errors"]
 
@@ -29,6 +29,11 @@ __all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_av
 def gpu_offload_available() -> bool:
     """A local GPU backend exists (llama_supports_gpu_offload is also true for RPC-only builds)."""
     return has_local_gpu()
+
+
+def projector_on_gpu(mmproj_gpu: bool | None, n_gpu_layers: int) -> bool:
+    """Where the projector runs: as asked, else on a local GPU when the text model's layers are offloaded."""
+    return bool(mmproj_gpu) if mmproj_gpu is not None else (n_gpu_layers != 0 and gpu_offload_available())
 
 
 def projector_free_bytes(on_gpu: bool) -> int | None:

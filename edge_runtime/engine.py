@@ -36,17 +36,18 @@ from edge_models import chat_format
 
 from .backend import (
     ensure_backend,
-    gpu_offload_available,
     kv_type,
     physical_cores,
     projector_free_bytes,
+    projector_on_gpu,
     resolve_flash_attn,
     resolve_gpu_layers,
     take_errors,
 )
 from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
-from .image_budget import HIGH_MAX_TOKENS, DeviceCost, ImagePlan, load_cost, plan_for_context, save_cost
+from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, cost_key, device_key, load_cost, plan_for_context,
+                           save_cost, text_flops_per_token)
 from .errors import (
     ContextOverflowError,
     DecodeError,
@@ -213,7 +214,7 @@ class Engine(Closeable):
         if problems:
             raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
         opts = self.options
-        use_gpu = opts.mmproj_gpu if opts.mmproj_gpu is not None else (self.n_gpu_layers != 0 and gpu_offload_available())
+        use_gpu = projector_on_gpu(opts.mmproj_gpu, self.n_gpu_layers)
         if self.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO and not use_gpu:
             # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
             # projector would run without flash attention (slower, and O(patches^2) memory).
@@ -247,24 +248,18 @@ class Engine(Closeable):
     def _init_image_costs(self) -> None:
         opts = self.options
         self._cost_dir = Path(opts.cost_cache_dir).expanduser() if opts.cost_cache_dir else None
-        self._cost_key = (f"{self.model_path.name}:{self.model_path.stat().st_size}|{self.mmproj_path.name}:"
-                          f"{self.mmproj_path.stat().st_size}|threads={self.threads}|gpu={int(self.projector_gpu)}"
-                          f"|layers={self.n_gpu_layers}")
-        self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu)
-        self.text_flops_per_token = self._text_flops_per_token()
+        self._cost_key = cost_key(self.model_path, self.mmproj_path,
+                                  device_key(self.threads, self.projector_gpu, self.n_gpu_layers))
+        self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu, self.vision.signature)
+        self.text_flops_per_token = text_flops_per_token(int(llama_cpp.llama_model_n_params(self._model)),
+                                                         int(llama_cpp.llama_vocab_n_tokens(self._vocab)),
+                                                         int(llama_cpp.llama_model_n_embd(self._model)))
         self.vision_free_bytes = projector_free_bytes(self.projector_gpu)
         if opts.encoder_cache_dir:
             root = Path(opts.encoder_cache_dir).expanduser()
             root.mkdir(parents=True, exist_ok=True)
             sha = projector_sha256(self.mmproj_path, root)
             self.disk_cache = DiskEncoderCache(root, sha, opts.encoder_cache_disk_bytes)
-
-    def _text_flops_per_token(self) -> float:
-        """2 x the text model's matrix weights a prompt token passes through (embeddings excluded)."""
-        n_params = int(llama_cpp.llama_model_n_params(self._model))
-        n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        n_embd = int(llama_cpp.llama_model_n_embd(self._model))
-        return 2.0 * max(n_params - n_vocab * n_embd, n_params // 2)
 
     def plan_image(self, detail: str = "auto") -> ImagePlan:
         """The token budget for one image at `detail`, from this engine's options and device cost."""

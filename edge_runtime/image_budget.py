@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from .vision_spec import VisionSpec
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "plan_for_context", "plan_image"]
+__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "cost_key", "device_key", "find_cost", "load_cost",
+           "memory_tokens", "plan_for_context", "plan_image", "save_cost", "text_flops_per_token"]
 
 DETAILS = ("low", "auto", "high")
 LOW_MAX_TOKENS = 256
@@ -72,6 +74,8 @@ class DeviceCost:
     prefill_flops_s: float
     measured: bool = False  # the encoder rate (what budgets mostly depend on)
     prefill_measured: bool = False
+    projector: str = ""  # VisionSpec.signature of the projector measured (edge-convert --plan matches on it)
+    measured_on: str = ""  # UTC date of the encoder measurement
 
     @classmethod
     def guess(cls, gpu: bool) -> "DeviceCost":
@@ -88,6 +92,7 @@ class DeviceCost:
             return False
         if kind == "encoder" and not self.measured:
             self.encoder_flops_s, self.measured = flops / seconds, True
+            self.measured_on = time.strftime("%Y-%m-%d", time.gmtime())
             return True
         if kind == "prefill" and not self.prefill_measured:
             self.prefill_flops_s, self.prefill_measured = flops / seconds, True
@@ -102,6 +107,11 @@ class DeviceCost:
                 break
             best = tokens
         return min(best, ceiling)
+
+
+def text_flops_per_token(n_params: int, n_vocab: int, n_embd: int) -> float:
+    """2 x the text model's matrix weights a prompt token passes through (the embedding table excluded)."""
+    return 2.0 * max(n_params - n_vocab * n_embd, n_params // 2)
 
 
 def plan_image(
@@ -177,16 +187,48 @@ def cost_file(cache_dir: Path) -> Path:
     return cache_dir / "device-cost.json"
 
 
-def load_cost(cache_dir: Path | None, key: str, gpu: bool) -> DeviceCost:
-    """The stored rates for `key` (this model pair on this device), else a guess."""
-    if cache_dir is not None:
+def device_key(threads: int, gpu: bool, gpu_layers: int) -> str:
+    """How the runtime runs on this machine: the part of a cost key a plan for unconverted files can match."""
+    return f"threads={threads}|gpu={int(gpu)}|layers={gpu_layers}"
+
+
+def cost_key(model_path: Path, mmproj_path: Path, device: str) -> str:
+    """The rates' key: this model pair (names and sizes) run this way on this device."""
+    return f"{model_path.name}:{model_path.stat().st_size}|{mmproj_path.name}:{mmproj_path.stat().st_size}|{device}"
+
+
+def _cost_table(cache_dir: Path | None) -> dict:
+    if cache_dir is None:
+        return {}
+    try:
+        table = json.loads(cost_file(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def load_cost(cache_dir: Path | None, key: str, gpu: bool, projector: str = "") -> DeviceCost:
+    """The stored rates for `key` (this model pair on this device), else a guess; `projector` is the
+    signature of the projector they are (or will be) measured on."""
+    try:
+        cost = DeviceCost(**_cost_table(cache_dir)[key])
+    except (KeyError, TypeError):
+        cost = DeviceCost.guess(gpu)
+    return cost if cost.projector else replace(cost, projector=projector)
+
+
+def find_cost(cache_dir: Path | None, device: str, projector: str) -> tuple[str, DeviceCost] | None:
+    """The newest measured rates of a projector of this signature run this way on this device, with
+    their key: what a model pair not converted yet would measure here (its text model may differ)."""
+    found = []
+    for key, data in _cost_table(cache_dir).items():
         try:
-            data = json.loads(cost_file(cache_dir).read_text()).get(key)
-            if data:
-                return DeviceCost(**data)
-        except (OSError, ValueError, TypeError):
-            pass
-    return DeviceCost.guess(gpu)
+            cost = DeviceCost(**data)
+        except TypeError:
+            continue
+        if cost.measured and cost.projector == projector and key.endswith("|" + device):
+            found.append((cost.measured_on, key, cost))
+    return max(found, key=lambda f: (f[0], f[1]))[1:] if found else None
 
 
 def save_cost(cache_dir: Path | None, key: str, cost: DeviceCost) -> None:
@@ -195,10 +237,7 @@ def save_cost(cache_dir: Path | None, key: str, cost: DeviceCost) -> None:
     path = cost_file(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
+        table = _cost_table(cache_dir)
         table[key] = asdict(cost)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         tmp.write_text(json.dumps(table, indent=1))

@@ -7,15 +7,17 @@ specific to one model; missing keys fall back to Qwen3-VL's values.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from gguf import GGUFReader, Keys
 
 from edge_models.qwen3vl import vision as qwen
 from .resize import PixelBudget
 
-__all__ = ["VisionSpec", "hf_vision_spec", "read_vision_spec"]
+__all__ = ["VisionSpec", "block_weight_type", "hf_vision_spec", "read_vision_spec"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,13 @@ class VisionSpec:
     depth: int = 0
     out_dim: int = 0
     deepstack: int = 0  # layers whose features are merged into extra outputs
+    weight_type: str = ""  # ggml type of most encoder block weights ("" unknown): sets the encoder's speed
+
+    @property
+    def signature(self) -> str:
+        """Shape and type of the encoder: projectors alike in these run at the same FLOP/s on one device."""
+        return (f"patch={self.patch_size}x{self.merge_size}|hidden={self.hidden}|ff={self.ff}|depth={self.depth}"
+                f"|out={self.out_dim}|deepstack={self.deepstack}|type={self.weight_type}")
 
     @property
     def factor(self) -> int:
@@ -55,6 +64,15 @@ class VisionSpec:
         return float(self.depth * per_layer + embed + mergers)
 
 
+def block_weight_type(tensors: Iterable[tuple[str, str, int]]) -> str:
+    """The ggml type holding most elements of the encoder blocks (`v.blk.*`), from (name, type, elements)."""
+    count: Counter[str] = Counter()
+    for name, type_name, n in tensors:
+        if name.startswith("v.blk."):
+            count[type_name.lower()] += int(n)
+    return count.most_common(1)[0][0] if count else ""
+
+
 def read_vision_spec(path: str | Path) -> VisionSpec:
     """The projector's VisionSpec (ValueError naming the file if it is not a vision projector)."""
     reader = GGUFReader(str(path))
@@ -79,12 +97,14 @@ def read_vision_spec(path: str | Path) -> VisionSpec:
         depth=int(value(v.BLOCK_COUNT, 0)),
         out_dim=int(value(Keys.ClipVision.PROJECTION_DIM, 0)),
         deepstack=sum(bool(x) for x in deep),
+        weight_type=block_weight_type((t.name, t.tensor_type.name, int(t.n_elements)) for t in reader.tensors),
     )
 
 
 def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
-    """The grid and pixel bounds of a Hugging Face checkpoint (config.json's vision_config and
-    preprocessor_config.json: what the converter writes as clip.vision.*), before any GGUF exists."""
+    """The grid, pixel bounds and encoder shape of a Hugging Face checkpoint (config.json's vision_config
+    and preprocessor_config.json: what the converter writes as clip.vision.*), before any GGUF exists.
+    The weight type is the converter's choice, not the checkpoint's: left unknown here."""
     def load(name: str) -> dict:
         path = Path(model_dir) / name
         try:
@@ -104,4 +124,9 @@ def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
         merge_size=merge,
         min_tokens=max(1, int(min_px) // area) if min_px else qwen.PROCESSOR_MIN_TOKENS,
         max_tokens=max(1, int(max_px) // area) if max_px else qwen.PROCESSOR_MAX_TOKENS,
+        hidden=int(vc.get("hidden_size") or 0),
+        ff=int(vc.get("intermediate_size") or 0),
+        depth=int(vc.get("depth") or 0),
+        out_dim=int(vc.get("out_hidden_size") or 0),
+        deepstack=len(vc.get("deepstack_visual_indexes") or ()),
     )
