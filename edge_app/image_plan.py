@@ -74,7 +74,8 @@ def image_budget_plan(model_dir: Path, shapes: ModelShapes, n_ctx: int, quant: s
         spec = replace(spec, weight_type=block_weight_type(
             (t.name, t.ggml_type.name, _elements(t.shape)) for t in e.mmproj.tensors))
     embd = next(t for t in e.text.tensors if t.name == "token_embd.weight")  # ggml order: (n_embd, n_vocab)
-    flops_per_token = text_flops_per_token(sum(_elements(t.shape) for t in e.text.tensors), embd.shape[1], embd.shape[0])
+    n_params = sum(_elements(t.shape) for t in e.text.tensors)
+    flops_per_token = text_flops_per_token(n_params, n_vocab=embd.shape[1], n_embd=embd.shape[0])
     found = find_cost(cache_dir, device.key, spec.signature)
     cost = found[1] if found else DeviceCost.guess(device.gpu)
     mem = memory_tokens(spec, device.free_bytes)

@@ -21,8 +21,8 @@ from edge_llama.params import resolve_mmap, resolve_ubatch
 log = logging.getLogger("edge_runtime")
 
 __all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_available", "kv_type",
-           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "projector_on_gpu", "resolve_flash_attn",
-           "resolve_gpu_layers",
+           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "projector_on_gpu",
+           "resolve_flash_attn", "resolve_gpu_layers",
            "resolve_mmap", "resolve_ubatch", "take_errors"]
 
 
