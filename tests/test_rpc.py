@@ -282,7 +282,7 @@ def test_edge_convert_plan_asks_the_workers(tiny_model_dir, workers):
     result = CliRunner().invoke(convert_main, [str(tiny_model_dir), "--plan", "--quant", "f32", "--ctx-size", "256",
                                                "--rpc", ",".join(map(str, workers)), "--tensor-split", "1,2,2"])
     assert result.exit_code == 0, result.output
-    rows = [line for line in result.output.splitlines() if "layers" in line]
+    rows = [line for line in result.output.splitlines() if " layers  weights " in line]  # the split table's rows
     assert [int(r.split()[2]) for r in rows] == [1, 2, 2]  # the layer table at the top of this file
     assert all(r.rstrip().endswith("fits") for r in rows)
     assert f"RPC {workers[1]}" in rows[2]
