@@ -11,6 +11,7 @@ The markdown table goes to stdout; progress and per-run lines to stderr.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
