@@ -370,3 +370,10 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     assert 0.9 < profiles["q4_k"]["cosine_worst"] < 1.0  # quantized: close to, not equal to, the float one
     assert cases["fast"]["ttft_s"] > 0 and "weights not repacked" in cases["fast"]["name"]
     assert "| attention | FLASH_ATTN_EXT |" in result.output and "| q8_0 |" in result.output
+
+
+def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
+    from edge_runtime.bench.image_bench import transformers_ratio
+
+    line = transformers_ratio({"name": "case", "ttft_all_s": [10.0, 6.0]}, {"ttft_all_s": [5.0, 8.0]})
+    assert line == "case: first ask 10.00 s vs 5.00 s = 2.00; second ask 6.00 s vs 8.00 s = 0.75"

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from edge_common import cli_options as flags
 from edge_common.cli_options import load_settings
@@ -174,10 +173,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     if images_bench:
         if not (model_dir or synthetic):
             fail("--images needs a model: an edge-convert output directory or --synthetic 2b")
-        # "with defaults" means the runtime's KV type unless -ctk was given
-        explicit_kv = click.get_current_context().get_parameter_source("kv_types") != ParameterSource.DEFAULT
-        run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types if explicit_kv else None, n_ctx,
-                   repeats, threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
+        run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats,
+                   threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
         return
     sections: list[str] = []
     json_out: dict = {}
@@ -254,7 +251,6 @@ def parse_extra_bufts(text: str, amx: str) -> tuple[str, ...]:
 
 def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
                with_transformers, timeout, json_path, quiet, log) -> None:
-    from ..options import EngineOptions
     from .image_bench import PROJECTOR_TYPES, ImageBenchSetup, image_bench_markdown, run_image_bench
     from .machine import detect
     from .models import BenchSetupError
@@ -265,7 +261,7 @@ def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n
         setup = ImageBenchSetup(
             text=models.text_path(q[0]), mmproj=models.mmproj_path(proj), projectors=dict(models.mmproj),
             mmproj_float=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
-            threads=threads, kv=parse_kv(kv_types)[0] if kv_types else EngineOptions().kv_cache_type_k,
+            threads=threads, kv=parse_kv(kv_types)[0],
             n_ctx=n_ctx, repeats=min(repeats, 2), transformers=with_transformers, timeout=timeout)
         cases = run_image_bench(setup, log)
     except (BenchSetupError, ValueError, RuntimeError) as exc:
