@@ -1,12 +1,12 @@
-"""Timing each node of a ggml graph as the scheduler computes it (the encoder profile).
+"""Watching a ggml graph as the scheduler computes it: timing each node, stopping it midway.
 
 llama.cpp has no per-op timer for mtmd; ggml's scheduler has an eval callback
 (`cb_eval`, which mtmd_context_params passes on): it asks the callback about every
 node, computes the nodes the callback wants on their own, then reports each one.
 Asking for every node therefore runs the graph one node at a time, timed; asking
 for none leaves the graph as one computation (the callback then costs ~1 us a
-node). So a `GraphTimer` is installed once, at load, and records only while
-`timing()` is open.
+node). So a `GraphWatch` is installed once, at load, and acts only inside
+`timing()` (the encoder profile) or `stopping()` (a cancelled request's encode).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import llama_cpp
 
@@ -113,38 +113,73 @@ def describe(t: GgmlTensor, index: int, seconds: float) -> NodeTime:
                     flops=node_flops(op, t), seconds=seconds)
 
 
-class GraphTimer:
-    """A scheduler eval callback that times every node while `timing()` is open, and costs nothing else."""
+# Nodes between two stop checks: the graph then runs in ~25 pieces for a 24-block encoder (each
+# piece one more thread-pool dispatch), so a stop lands within ~4% of an encode.
+STOP_CHECK_EVERY = 32
+
+
+class StopState:
+    stopped: bool = False
+
+
+class GraphWatch:
+    """A scheduler eval callback installed once, at load.
+
+    Inside `timing()` it asks for every node and times it; inside `stopping(pred)`
+    the graph runs in pieces and stops at the first piece boundary where pred()
+    is true (mtmd has no abort hook of its own). Otherwise it asks for nothing.
+    The callback must ask for a node to regain control: the scheduler asks about
+    every node of a piece before it computes any of them.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._timing_lock, self._stop_lock = threading.Lock(), threading.Lock()  # one block of each kind at a time
         self._nodes: list[NodeTime] | None = None
+        self._stop: Callable[[], bool] | None = None
+        self._state = StopState()
         self._asked_at = 0.0
+        self._count = 0
         # kept on the instance: ggml holds only the C pointer
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
     def _on_node(self, tensor: int, ask: bool, _user_data: int) -> bool:
-        nodes = self._nodes
-        if nodes is None:
+        nodes, stop = self._nodes, self._stop
+        if nodes is None and stop is None:
             return False  # nothing wanted: the scheduler computes the graph in one piece
-        now = time.perf_counter()
         if ask:
-            self._asked_at = now
-            return True
+            self._count += 1
+            self._asked_at = time.perf_counter()
+            return nodes is not None or self._count % STOP_CHECK_EVERY == 0
         try:
-            nodes.append(describe(ctypes.cast(tensor, ctypes.POINTER(GgmlTensor)).contents, len(nodes),
-                                  now - self._asked_at))
+            if nodes is not None:
+                nodes.append(describe(ctypes.cast(tensor, ctypes.POINTER(GgmlTensor)).contents, len(nodes),
+                                      time.perf_counter() - self._asked_at))
+            if stop is not None and stop():
+                self._state.stopped = True
+                return False  # the scheduler leaves the rest of the graph uncomputed
         except Exception:  # a callback must not raise into C; an unreadable node is just not recorded
             pass
         return True
 
     @contextmanager
     def timing(self) -> Iterator[list[NodeTime]]:
-        """Record every node computed inside the block into the yielded list (one block at a time)."""
+        """Record every node computed inside the block into the yielded list."""
         nodes: list[NodeTime] = []
-        with self._lock:
+        with self._timing_lock:
             self._nodes = nodes
             try:
                 yield nodes
             finally:
                 self._nodes = None
+
+    @contextmanager
+    def stopping(self, should_stop: Callable[[], bool]) -> Iterator[StopState]:
+        """Stop graphs computed inside the block once should_stop() is true; the yielded state says if one
+        was. A stopped graph's output is garbage: the caller must drop it."""
+        state = StopState()
+        with self._stop_lock:
+            self._stop, self._state, self._count = should_stop, state, 0
+            try:
+                yield state
+            finally:
+                self._stop = None

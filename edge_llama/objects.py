@@ -136,7 +136,7 @@ class ContextOptions:
     type_v: int = L.GGML_TYPE_F16
     flash_attn: int = L.LLAMA_FLASH_ATTN_TYPE_AUTO
     no_perf: bool = True
-    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphTimer.callback)
+    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphWatch.callback)
 
 
 class Batch(_Owned):
@@ -240,7 +240,7 @@ class ProjectorOptions:
     image_max_tokens: int | None = None
     flash_attn: int = L.LLAMA_FLASH_ATTN_TYPE_AUTO
     warmup: bool = False
-    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphTimer.callback)
+    eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphWatch.callback)
 
 
 class Chunks(_Owned):

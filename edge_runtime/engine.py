@@ -28,7 +28,7 @@ import llama_cpp.mtmd_cpp as mtmd
 from edge_common.preflight import projector_problems
 from edge_llama import (Batch, Closeable, Context, ContextOptions, LlamaLoadError, LoadOptions, Model, Projector,
                         ProjectorOptions, log_suffix, model_meta)
-from edge_llama.graph_watch import GraphTimer
+from edge_llama.graph_watch import GraphWatch
 from edge_llama.params import resolve_mmap, resolve_ubatch
 from edge_llama.placement import Placement, place
 from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
@@ -111,8 +111,8 @@ class Engine(Closeable):
         # caller on another thread (the server's vision thread vs. a conversation save on the
         # scheduler thread) waits instead of racing. Re-entrant: prefill encodes under it.
         self.mtmd_lock = threading.RLock()
-        # per-node timing of the image encoder, recording only inside encoder_timer.timing()
-        self.encoder_timer = GraphTimer()
+        # the image encoder's graph: timed inside encoder_watch.timing(), stoppable inside .stopping()
+        self.encoder_watch = GraphWatch()
         self.placement: Placement | None = None
         self._watchdog: DecodeWatchdog | None = None
         self._lmodel: Model | None = None
@@ -229,7 +229,7 @@ class Engine(Closeable):
             n_threads=self.threads, use_gpu=bool(use_gpu), image_min_tokens=1,
             image_max_tokens=max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0),
             flash_attn=flash, warmup=bool(use_gpu),  # on CPU a warm-up encode only delays start-up
-            eval_callback=self.encoder_timer.callback)
+            eval_callback=self.encoder_watch.callback)
         try:
             self._lproj = Projector(self.mmproj_path, self._lmodel, params)
         except LlamaLoadError as exc:

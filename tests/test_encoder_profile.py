@@ -73,7 +73,7 @@ def test_profile_times_every_stage_of_a_real_encode(tiny_f32_dir, test_image):
 
 def test_timer_records_only_inside_its_block(tiny_f32_dir, test_image):
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_mb=0) as chat:
-        timer = chat.engine.encoder_timer
+        timer = chat.engine.encoder_watch
         with timer.timing() as nodes:
             chat.encode_image(test_image)
         recorded = len(nodes)
@@ -82,3 +82,79 @@ def test_timer_records_only_inside_its_block(tiny_f32_dir, test_image):
     flash = [n for n in nodes if n.op == "FLASH_ATTN_EXT"]
     assert flash and all(n.flops > 0 and n.weight is None for n in flash)
     assert op_rows(nodes)[0].stage == "patch embedding"
+
+
+class _Calls:
+    """A stop predicate that turns true on its n-th call and counts its calls."""
+
+    def __init__(self, true_from: int | None):
+        self.true_from, self.calls = true_from, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.true_from is not None and self.calls >= self.true_from
+
+
+def test_a_stopped_encode_stops_at_the_first_piece_boundary(tiny_f32_dir, test_image):
+    from edge_llama.graph_watch import STOP_CHECK_EVERY
+
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, encoder_cache_mb=0) as chat:
+        watch = chat.engine.encoder_watch
+        full = chat.encode_image(test_image).embeddings
+        with watch.timing() as nodes:
+            chat.encode_image(test_image)
+        never = _Calls(None)
+        with watch.stopping(never) as state:
+            pieces = chat.encode_image(test_image).embeddings
+        assert not state.stopped and never.calls == len(nodes) // STOP_CHECK_EVERY > 1
+        assert abs(pieces - full).max() == 0.0  # computed in pieces: the same numbers
+        at_once = _Calls(1)
+        with watch.stopping(at_once) as state:
+            chat.encode_image(test_image)
+        assert state.stopped and at_once.calls == 1  # nothing after the first boundary ran
+        with watch.timing() as partial, watch.stopping(_Calls(5)) as state:
+            chat.encode_image(test_image)
+        assert state.stopped and len(partial) == 5 < len(nodes)
+
+
+class _CancelledDuringEncode:
+    """A job whose client hangs up once the encode has started (its second look at `cancelled`)."""
+
+    number = 1
+
+    def __init__(self):
+        self.looks = 0
+
+    @property
+    def cancelled(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_the_server_drops_an_image_whose_request_went_away_mid_encode(tiny_f32_dir, test_image):
+    import threading
+
+    from edge_runtime.server.prefill import PrefillWork, VisionWorker
+
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024) as chat:
+        engine = chat.engine
+        loaded = chat.load_image(test_image)
+        woken = threading.Event()
+        worker = VisionWorker(engine, woken.set)
+        try:
+            with engine.tokenize(engine.marker, [loaded]) as prompt:
+                chunk = next(c for c in prompt.chunks if c.kind == "image")
+                job = _CancelledDuringEncode()
+                work = PrefillWork(job, prompt, seq_id=0, keep=0)
+                worker.encode(work, [chunk])
+                for _ in range(600):
+                    with work.lock:
+                        if not work.encoding:
+                            break
+                    woken.wait(0.1)
+                    woken.clear()
+                assert not work.encoding and work.failed is None
+                assert work.embeddings == {} and worker.stopped_encodes == 1 and job.looks == 2
+                assert engine.encoder_cache.get(chunk.digest) is None  # half-computed output never cached
+        finally:
+            worker.stop()

@@ -107,7 +107,7 @@ def profile_encode(chat, image, detail: str | None = None, *, keep_embeddings: b
     embd, _, _ = engine.encode_image(loaded)
     encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with engine.encoder_timer.timing() as nodes:
+    with engine.encoder_watch.timing() as nodes:
         engine.encode_image(loaded)
     profiled_s = time.perf_counter() - t0
     return EncoderProfile(tokens=int(embd.shape[0]), preprocess_s=preprocess_s, encode_s=encode_s,

@@ -155,6 +155,7 @@ class VisionWorker:
         self._thread = threading.Thread(target=self._run, name="edge-vision", daemon=True)
         self._thread.start()
         self.encode_seconds = 0.0
+        self.stopped_encodes = 0  # encodes stopped midway because their request went away
 
     def _put(self, priority: int, work: Callable[[], None]) -> None:
         with self._lock:
@@ -182,12 +183,17 @@ class VisionWorker:
         with prefill.lock:
             prefill.encoding = True
 
+        def gone() -> bool:
+            return prefill.job.cancelled or prefill.abandoned
+
         def work() -> None:
             try:
                 for chunk in chunks:
-                    if prefill.job.cancelled or prefill.abandoned:
-                        break  # checked between images: a disconnect stops the work here
-                    embd = self._encode(chunk)
+                    if gone():
+                        break  # a disconnect stops the work between images, and within one (below)
+                    embd = self._encode(chunk, gone)
+                    if embd is None:
+                        break
                     with prefill.lock:
                         prefill.embeddings[chunk.digest or ""] = embd
                     self._notify()
@@ -204,17 +210,23 @@ class VisionWorker:
 
         self._put(self.ENCODE, work)
 
-    def _encode(self, chunk: Chunk) -> np.ndarray:
+    def _encode(self, chunk: Chunk, gone: Callable[[], bool]) -> np.ndarray | None:
+        """The chunk's embeddings; None when the request went away mid-encode (the graph was stopped)."""
         engine = self._engine
         t0 = time.perf_counter()
         with engine.mtmd_lock:  # a conversation save may tokenize/encode on the scheduler thread
             engine.take_log_errors()
-            if mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle) != 0:
+            with engine.encoder_watch.stopping(gone) as watch:
+                rc = mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle)
+            self.encode_seconds += time.perf_counter() - t0
+            if watch.stopped:
+                self.stopped_encodes += 1
+                return None  # half-computed: neither used nor cached
+            if rc != 0:
                 raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
             out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
             embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
         embd = embd.reshape(chunk.n_tokens, engine.n_embd_inp)
-        self.encode_seconds += time.perf_counter() - t0
         if chunk.digest:
             engine.encoder_cache.put(chunk.digest, embd)
         return embd
