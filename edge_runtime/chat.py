@@ -16,7 +16,7 @@ import numpy as np
 
 from .backend import gpu_offload_available, peak_rss_bytes
 from .detokenize import PieceTable
-from .engine import DecodeOutcome, Engine, PrefillResult
+from .engine import DecodeOutcome, PrefillResult
 from .generation import AnswerStep
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits

@@ -355,7 +355,6 @@ def image_cosines(ref: ModelPair, test: ModelPair, images: Iterable[Any], *, thr
     if ref.mmproj is None or test.mmproj is None:
         raise QuantError("both pairs need a projector to compare image embeddings.")
     threads = threads or os.cpu_count() or 1
-    import llama_cpp
 
     out = []
     with capture():

@@ -6,7 +6,6 @@ implementation); equality of answers against a fresh conversation.
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -83,7 +82,6 @@ def test_explicit_token_bounds_win_over_detail(tiny_f32_dir, photo):
 
 
 def test_detail_in_openai_messages_and_bad_values(chat, photo):
-    from edge_runtime.images import ImageError  # noqa: F401  (errors are plain ValueErrors here)
 
     uri = "data:image/png;base64," + __import__("base64").b64encode(png(photo)).decode()
     messages = [{"role": "user", "content": [

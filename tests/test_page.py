@@ -5,7 +5,6 @@ conversations. Expected values come from the HTTP API and from edge_runtime.grou
 from __future__ import annotations
 
 import base64
-import io
 import time
 
 import httpx

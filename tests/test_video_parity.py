@@ -9,7 +9,6 @@ transformers 4.57 (Qwen's reference) and vLLM do.
 """
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np

@@ -42,12 +42,6 @@ class EncoderProfile:
     rows: list[OpRow] = field(default_factory=list)
     embeddings: np.ndarray | None = None
 
-    def stage_seconds(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for r in self.rows:
-            out[r.stage] = out.get(r.stage, 0.0) + r.seconds
-        return out
-
 
 def node_stages(nodes: Sequence[NodeTime], stages: Sequence[tuple[str, str]] = ENCODER_STAGES) -> list[str]:
     """Each node's stage: by the weight it reads, else that of the next node reading one (else the last seen)."""
@@ -112,17 +106,6 @@ def profile_encode(chat, image, detail: str | None = None, *, keep_embeddings: b
     profiled_s = time.perf_counter() - t0
     return EncoderProfile(tokens=int(embd.shape[0]), preprocess_s=preprocess_s, encode_s=encode_s,
                           profiled_s=profiled_s, rows=op_rows(nodes), embeddings=embd if keep_embeddings else None)
-
-
-def profile_markdown(p: EncoderProfile, title: str) -> str:
-    total = sum(r.seconds for r in p.rows) or 1.0
-    lines = [f"{title}: {p.tokens} tokens, preprocessing {p.preprocess_s:.2f} s, encode {p.encode_s:.2f} s "
-             f"(node by node {p.profiled_s:.2f} s)", "",
-             "| stage | operation | nodes | s | share | GFLOP/s |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in p.rows:
-        rate = f"{r.gflop_s:.0f}" if r.gflop_s else ""
-        lines.append(f"| {r.stage} | {r.op} | {r.nodes} | {r.seconds:.3f} | {100 * r.seconds / total:.1f}% | {rate} |")
-    return "\n".join(lines) + "\n"
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

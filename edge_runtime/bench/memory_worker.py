@@ -11,7 +11,6 @@ compute buffer) and the image token budget (vision compute buffer).
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
