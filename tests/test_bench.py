@@ -377,3 +377,16 @@ def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
 
     line = transformers_ratio({"name": "case", "ttft_all_s": [10.0, 6.0]}, {"ttft_all_s": [5.0, 8.0]})
     assert line == "case: first ask 10.00 s vs 5.00 s = 2.00; second ask 6.00 s vs 8.00 s = 0.75"
+
+
+def test_cli_images_compares_projector_types_with_an_f32_reference(tiny_f32_dir, tmp_path):
+    """An f32 conversion is the cosine reference itself (it is none of the compared types)."""
+    out = tmp_path / "images.json"
+    args = [str(tiny_f32_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
+            "--ctx-size", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    cases = json.loads(out.read_text())
+    reference = cases["profile-float"]
+    assert reference["reference"] == "float" and reference["cosine_worst"] == pytest.approx(1.0)
+    assert 0.999 < cases["profile-f16"]["cosine_worst"] < 1.0  # f16 rounding of f32 weights, measured against them

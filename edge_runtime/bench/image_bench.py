@@ -106,23 +106,26 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
                                     encoder_cache_dir=str(disk_dir))
         cases["fa-off"] = case("640x480 at 300 tokens, projector without flash attention", small,
                                image_max_tokens=4096, kv_cache_type="f16", flash_attn=False)
+        projectors = dict(setup.projectors)
+        if setup.mmproj_float is not None and setup.mmproj_float not in projectors.values():
+            projectors["float"] = setup.mmproj_float  # the reference, e.g. an f32 conversion
         profiles = {q: case(f"encoder profile, {q} projector", small, mode="profile", repeats=1, mmproj=str(path),
                             image_max_tokens=4096, embeddings=str(work / f"embd-{q}.npy"))
-                    for q, path in setup.projectors.items()}
+                    for q, path in projectors.items()}
         if setup.mmproj_float is not None:
-            ref_q = next(q for q, p in setup.projectors.items() if p == setup.mmproj_float)
+            ref_q = next(q for q, p in projectors.items() if p == setup.mmproj_float)
             ref_embd = np.load(profiles[ref_q]["embeddings"])
             for q, prof in profiles.items():
                 prof["cosine_mean"], prof["cosine_worst"] = cosine_rows(np.load(prof["embeddings"]), ref_embd)
                 prof["reference"] = ref_q
         for q, prof in profiles.items():
-            prof["type"], prof["bytes"] = q, setup.projectors[q].stat().st_size
+            prof["type"], prof["bytes"] = q, projectors[q].stat().st_size
             cases[f"profile-{q}"] = prof
         fast = fastest_projector(profiles)
         if fast is not None:
             # f16 KV: ggml's tiled CPU flash attention takes f16/f32 K and V only (q8_0 KV: 2.7x slower there)
             cases["fast"] = case(f"640x480 at 300 tokens, {fast} projector, weights not repacked, f16 KV", small,
-                                 image_max_tokens=4096, mmproj=str(setup.projectors[fast]), repack=False,
+                                 image_max_tokens=4096, mmproj=str(projectors[fast]), repack=False,
                                  kv_cache_type="f16")
         if setup.transformers and setup.hf_dir is not None:
             cases["transformers"] = case("transformers bf16, 640x480 (300 tokens)", small, mode="transformers")
