@@ -214,7 +214,12 @@ def load_cost(cache_dir: Path | None, key: str, gpu: bool, projector: str = "") 
         cost = DeviceCost(**_cost_table(cache_dir)[key])
     except (KeyError, TypeError):
         cost = DeviceCost.guess(gpu)
-    return cost if cost.projector else replace(cost, projector=projector)
+    if cost.projector:
+        return cost
+    cost = replace(cost, projector=projector)
+    if projector and cost.measured:
+        save_cost(cache_dir, key, cost)  # stored before signatures were: edge-convert --plan can match it now
+    return cost
 
 
 def find_cost(cache_dir: Path | None, device: str, projector: str) -> tuple[str, DeviceCost] | None:

@@ -132,3 +132,19 @@ def test_free_memory_caps_auto(tiny_model_dir, tmp_path):
     assert (int(auto[0]), int(auto[1])) == (8, best) == (8, 96)
     assert "by free memory" in capped
     assert rows(capped)["high"][:2] == ("1024", "2048"), "the cap is auto's; high stays as asked"
+
+
+def test_a_measured_entry_from_before_signatures_gets_one_on_its_next_load(tmp_path):
+    """device-cost.json entries written before projector signatures existed are filled in (and kept),
+    so that --plan can match them without a re-measurement."""
+    from edge_runtime.image_budget import cost_file, load_cost
+
+    key = "text.gguf:1|mmproj.gguf:2|threads=2|gpu=0|layers=0"
+    cost_file(tmp_path).write_text(json.dumps({key: {"encoder_flops_s": 1.5e11, "prefill_flops_s": 2e11,
+                                                     "measured": True, "prefill_measured": True}}))
+    cost = load_cost(tmp_path, key, False, "sig-of-this-projector")
+    assert cost.encoder_flops_s == 1.5e11 and cost.projector == "sig-of-this-projector"
+    assert json.loads(cost_file(tmp_path).read_text())[key]["projector"] == "sig-of-this-projector"
+    unmeasured = "other|threads=2|gpu=0|layers=0"
+    load_cost(tmp_path, unmeasured, False, "sig")
+    assert unmeasured not in json.loads(cost_file(tmp_path).read_text())  # a guess is never stored
