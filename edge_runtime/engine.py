@@ -518,10 +518,16 @@ class Engine(Closeable):
             self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
             raise
         result.prefill_s = time.perf_counter() - t0 - result.image_encode_s
-        if self.has_vision and result.evaluated_tokens >= 32 and result.prefill_s > 0:
-            if self.cost.record("prefill", result.evaluated_tokens * self.text_flops_per_token, result.prefill_s):
-                save_cost(self._cost_dir, self._cost_key, self.cost)
+        if self.has_vision and result.evaluated_tokens >= 32:
+            self.measured("prefill", result.evaluated_tokens, result.prefill_s)
         return result
+
+    def measured(self, kind: str, tokens: int, seconds: float) -> None:
+        """Feed the device cost model with one encode ("encoder") or prompt evaluation ("prefill") of
+        `tokens`; the first of each kind is stored for later processes and for `edge-convert --plan`."""
+        flops = self.vision.encoder_flops(tokens) if kind == "encoder" else tokens * self.text_flops_per_token
+        if self.cost.record(kind, flops, seconds):
+            save_cost(self._cost_dir, self._cost_key, self.cost)
 
     def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
         pos = state.truncate(keep)
@@ -579,8 +585,7 @@ class Engine(Closeable):
         # mtmd's own buffer, valid until the next encode: copied only when a cache keeps it
         embd = np.ctypeslib.as_array(out, shape=(n,))
         seconds = time.perf_counter() - t0
-        if self.cost.record("encoder", self.vision.encoder_flops(chunk.n_tokens), seconds):
-            save_cost(self._cost_dir, self._cost_key, self.cost)
+        self.measured("encoder", chunk.n_tokens, seconds)
         if keep or (digest and (embd.nbytes <= self.encoder_cache.max_bytes or self.disk_cache is not None)):
             embd = embd.copy()
         if digest and embd.nbytes <= self.encoder_cache.max_bytes:

@@ -74,3 +74,42 @@ def test_a_long_prompt_with_an_image_is_evaluated_between_decode_steps(server, m
     with VisionChat.from_dir(model_dir, n_ctx=4096, threads=1) as chat:  # evaluated whole, image in one go
         assert resp.json()["choices"][0]["message"]["content"] == chat.generate(messages, max_tokens=12,
                                                                                 temperature=0)
+
+
+def test_auto_budgets_follow_the_rates_the_first_encode_measures(model_dir, test_image, tmp_path):
+    """A fresh device plans `auto` from the built-in guess; the running server measures the encoder on
+    its first image and plans the next image from that rate (it neither measured nor re-planned)."""
+    step = 96  # a rung of the auto ladder; the latency target is set so that the guess just fits it
+    with VisionChat.from_dir(model_dir, n_ctx=2048, threads=1, cost_cache_dir=tmp_path / "empty") as fresh:
+        eng = fresh.engine
+        latency = eng.cost.predict_s(eng.vision, eng.text_flops_per_token, step) * 1.001
+    cache = tmp_path / "cache"
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def ask(proc) -> dict:
+        body = {"model": "m", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri, "detail": "auto"}},
+            {"type": "text", "text": "what is it"}]}]}
+        r = httpx.post(proc.url("/v1/chat/completions"), json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["images"][0]
+
+    args = ["--ctx-size", "2048", "--threads", "1", "--image-latency", repr(latency)]
+    with ServerProcess(model_dir, args, env={"XDG_CACHE_HOME": str(cache)}) as proc:
+        first = ask(proc)
+        deadline = time.monotonic() + 30
+        while True:  # the plans reach the HTTP process with the next stats message (every 0.1 s)
+            second = ask(proc)
+            if second["max_tokens"] != first["max_tokens"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    stored = cache / "qwen3-vl-edge" / "device-cost.json"
+    with VisionChat.from_dir(model_dir, n_ctx=2048, threads=1, image_latency_s=latency,
+                             cost_cache_dir=stored.parent) as measured:
+        planned = measured.engine.plan_image("auto")
+        rate = measured.engine.cost.encoder_flops_s
+    assert first["max_tokens"] == step
+    # a tiny model's encoder is overhead-bound, far below the guess for a CPU: the next rung down
+    assert rate < eng.cost.encoder_flops_s and second["max_tokens"] == planned.max_tokens < step

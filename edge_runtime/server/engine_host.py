@@ -218,9 +218,11 @@ class EngineHost(EngineFront):
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_result(value) if ok else future.set_exception(value)
         elif kind == "stats":
-            _, counters, gauges = message
+            _, counters, gauges, plans = message
             self.metrics.set_remote(counters)
             self._gauges = gauges
+            if plans:
+                self._plans = dict(plans)
         elif kind == "ready":
             info: ReadyInfo = message[1]
             template = ChatTemplate(info.template_source, bos_token=info.bos_token, eos_token=info.eos_token)

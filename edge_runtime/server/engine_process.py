@@ -8,7 +8,7 @@ starts a new one. Ollama runs its llama.cpp runner as a subprocess for the same
 reason. Messages are pickled over a Unix socket: the parent sends ("submit",
 job fields), ("cancel", number), ("task", number, fn) (Scheduler.run_exclusive),
 ("stop",); this side sends ("ready", info), ("failed", message), ("event",
-number, event), ("task_done", number, ok, value) and ("stats", counters, gauges).
+number, event), ("task_done", number, ok, value) and ("stats", counters, gauges, image plans).
 llama.cpp's log lines go to LOG_FD as text, so the parent can name the last one
 when this process dies without a word.
 """
@@ -87,7 +87,8 @@ class StatsPump:
         self._sender, self._scheduler, self._metrics = sender, scheduler, metrics
 
     def send(self) -> None:
-        self._sender.send(("stats", self._metrics.snapshot(), self._scheduler.gauges()))
+        # the image plans too: the first encode measures this device, and `auto` follows it
+        self._sender.send(("stats", self._metrics.snapshot(), self._scheduler.gauges(), image_plans(self._scheduler)))
 
     def run(self) -> None:
         announced = False
@@ -104,11 +105,16 @@ class StatsPump:
             time.sleep(STATS_INTERVAL_S)
 
 
+def image_plans(scheduler: Scheduler) -> dict:
+    """detail level -> the engine's current ImagePlan (empty without vision or before the model loaded)."""
+    fmt = scheduler.prompt_format if scheduler.state == READY else None
+    return {d: scheduler.plan_image(d) for d in DETAILS} if fmt is not None and fmt.has_vision else {}
+
+
 def ready_info(scheduler: Scheduler) -> ReadyInfo:
     fmt = scheduler.prompt_format
-    plans = {d: scheduler.plan_image(d) for d in DETAILS} if fmt.has_vision else {}
     return ReadyInfo(fmt.template.source, fmt.template.bos_token, fmt.template.eos_token, fmt.marker,
-                     fmt.has_vision, fmt.model_name, plans)
+                     fmt.has_vision, fmt.model_name, image_plans(scheduler))
 
 
 class _LineWriter(logging.Handler):

@@ -218,12 +218,14 @@ class VisionWorker:
             engine.take_log_errors()
             with engine.encoder_watch.stopping(gone) as watch:
                 rc = mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle)
-            self.encode_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.encode_seconds += seconds
             if watch.stopped:
                 self.stopped_encodes += 1
                 return None  # half-computed: neither used nor cached
             if rc != 0:
                 raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
+            engine.measured("encoder", chunk.n_tokens, seconds)  # the device cost model `auto` plans with
             out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
             embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
         embd = embd.reshape(chunk.n_tokens, engine.n_embd_inp)
