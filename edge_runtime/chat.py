@@ -198,18 +198,20 @@ class VisionChat:
     def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, **gen: Any) -> Iterator[str]:
         t_start = time.perf_counter()
         template_messages, images = split_messages(
-            messages, load=lambda src, name, detail: self.load_image(src, detail, name), load_video=self.load_video
+            messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share),
+            load_video=self.load_video
         )
         return self._stream(template_messages, images, gen, t_start, record=None, tools=_tools)
 
-    def load_image(self, src: Any, detail: str | None = None, name: str = "image") -> ImageInput:
-        """Load and resize one image for its detail level, as the HF processor would for that budget."""
+    def load_image(self, src: Any, detail: str | None = None, name: str = "image", share: int = 1) -> ImageInput:
+        """Load and resize one image for its detail level, as the HF processor would for that budget;
+        `share`: the images asked about together, which split `auto`'s latency target."""
         if isinstance(src, dict) and "image" in src:
             src, detail = src["image"], src.get("detail", detail)
         if isinstance(src, ImageInput):
             return src
         detail = check_detail(detail or self.detail)
-        plan = self.engine.plan_image(detail) if self.engine.has_vision else None
+        plan = self.engine.plan_image(detail, share) if self.engine.has_vision else None
         return image_input(src, name, self.image_limits, plan)
 
     def encode_image(self, image: Any, detail: str | None = None) -> "EncodedImage":
@@ -337,7 +339,7 @@ class VisionChat:
         images = self._media_list(images, "images")
         if detail is not None:
             check_detail(detail)
-        return [self.load_image(src, detail, f"image {i + 1}") for i, src in enumerate(images)]
+        return [self.load_image(src, detail, f"image {i + 1}", len(images)) for i, src in enumerate(images)]
 
     def _media_list(self, items: Any, what: str) -> list[Any]:
         if isinstance(items, (str, Path, bytes, dict)) or not isinstance(items, Sequence):

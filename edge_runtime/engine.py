@@ -16,7 +16,7 @@ import ctypes
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -46,7 +46,7 @@ from .backend import (
 )
 from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
-from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, cost_key, device_key, load_cost, plan_for_context,
+from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
                            save_cost, text_flops_per_token)
 from .errors import (
     ContextOverflowError,
@@ -261,12 +261,15 @@ class Engine(Closeable):
             sha = projector_sha256(self.mmproj_path, root)
             self.disk_cache = DiskEncoderCache(root, sha, opts.encoder_cache_disk_bytes)
 
-    def plan_image(self, detail: str = "auto") -> ImagePlan:
-        """The token budget for one image at `detail`, from this engine's options and device cost."""
+    def planner(self) -> Planner:
+        """This engine's image budgets as they stand (the cost model moves once, on the first measurement)."""
         opts = self.options
-        return plan_for_context(detail, self.vision, self.n_ctx_seq, self.cost, self.text_flops_per_token,
-                                opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens,
-                                self.vision_free_bytes)
+        return Planner(self.vision, self.n_ctx_seq, replace(self.cost), self.text_flops_per_token,
+                       opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens, self.vision_free_bytes)
+
+    def plan_image(self, detail: str = "auto", share: int = 1) -> ImagePlan:
+        """The token budget for one of `share` images of a message at `detail`."""
+        return self.planner().plan(detail, share)
 
     def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
         """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""

@@ -21,8 +21,8 @@ from .vision_spec import VisionSpec
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "check_detail", "cost_key", "device_key", "find_cost", "load_cost",
-           "memory_tokens", "plan_for_context", "plan_image", "save_cost", "text_flops_per_token"]
+__all__ = ["DETAILS", "DeviceCost", "ImagePlan", "Planner", "check_detail", "cost_key", "device_key", "find_cost",
+           "load_cost", "memory_tokens", "plan_for_context", "plan_image", "save_cost", "text_flops_per_token"]
 
 DETAILS = ("low", "auto", "high")
 LOW_MAX_TOKENS = 256
@@ -163,24 +163,48 @@ def plan_for_context(
     explicit_min: int | None = None,
     explicit_max: int | None = None,
     free_bytes: int | None = None,
+    share: int = 1,
 ) -> ImagePlan:
     """The runtime's budget for one image in a sequence of `n_ctx_seq` tokens (half of it at most).
     `cost` None: no latency cut (a device not measured yet), auto is the largest ladder budget that fits.
-    `free_bytes`: the projector device's free memory; auto's compute buffer stays within a share of it."""
+    `free_bytes`: the projector device's free memory; auto's compute buffer stays within a share of it.
+    `share`: the images of one message; at `auto` they split the latency target and the half context."""
+    share = max(1, share)
     ceiling = max(1, n_ctx_seq // 2)
-    top = min(ceiling, spec.max_tokens)
+    top = min(max(1, ceiling // share), spec.max_tokens)
     mem = memory_tokens(spec, free_bytes)
     if mem is not None:
         top = min(top, mem)
     if cost is None:
         auto = min(max((t for t in AUTO_LADDER if t <= top), default=AUTO_LADDER[0]), top)
     else:
-        auto = cost.auto_tokens(spec, text_flops_per_token, latency_s, top)
+        auto = cost.auto_tokens(spec, text_flops_per_token, latency_s / share, top)
     plan = plan_image(detail, spec, auto_tokens=auto, ceiling=ceiling,
                       explicit_min=explicit_min, explicit_max=explicit_max)
+    if detail == "auto" and share > 1 and explicit_min is None and explicit_max is None:
+        plan = replace(plan, reason=plan.reason + f" (shared by the {share} images of the message)")
     if detail == "auto" and explicit_min is None and explicit_max is None and mem is not None and mem < ceiling:
         plan = replace(plan, reason=plan.reason + f"; at most {mem} by free memory ({free_bytes / 2**20:.0f} MiB)")
     return plan
+
+
+@dataclass(frozen=True)
+class Planner:
+    """What an image's budget depends on, frozen: the engine plans with it, and edge-serve's HTTP
+    process receives it (it pickles) to plan the images of a request the same way."""
+
+    spec: VisionSpec
+    n_ctx_seq: int
+    cost: DeviceCost
+    text_flops_per_token: float
+    latency_s: float
+    explicit_min: int | None = None
+    explicit_max: int | None = None
+    free_bytes: int | None = None
+
+    def plan(self, detail: str = "auto", share: int = 1) -> ImagePlan:
+        return plan_for_context(detail, self.spec, self.n_ctx_seq, self.cost, self.text_flops_per_token,
+                                self.latency_s, self.explicit_min, self.explicit_max, self.free_bytes, share)
 
 
 def cost_file(cache_dir: Path) -> Path:

@@ -21,7 +21,8 @@ from .prompt import ImageInput
 from .video import VideoInput, load_video
 
 # (source, name for errors, detail or None) -> ImageInput
-ImageLoader = Callable[[Any, str, "str | None"], ImageInput]
+# (source, name, detail, share): share = the images of the message, which split `auto`'s budget
+ImageLoader = Callable[[Any, str, "str | None", int], ImageInput]
 VideoLoader = Callable[[Any, str], VideoInput]
 
 
@@ -48,7 +49,7 @@ def image_input(
     return ImageInput.from_array(to_rgb_array(img), image_digest(img), plan, seen[0] if seen else None)
 
 
-def _default_load(src: Any, name: str, detail: str | None) -> ImageInput:
+def _default_load(src: Any, name: str, detail: str | None, share: int = 1) -> ImageInput:
     return image_input(src, name)
 
 
@@ -65,6 +66,7 @@ def split_messages(
         content = message.get("content")
         if isinstance(content, (list, tuple)):
             parts = []
+            share = sum(_video_source(part) is None and _image_source(part) is not None for part in content)
             for j, part in enumerate(content):
                 name = f"messages[{i}].content[{j}]"
                 clip = _video_source(part)
@@ -81,7 +83,7 @@ def split_messages(
                         check_text(part["text"], f"messages[{i}].content[{j}].text")
                     parts.append({"type": "text", "text": part} if isinstance(part, str) else part)
                     continue
-                images.append(load(src, name, _detail(part, name)))
+                images.append(load(src, name, _detail(part, name), share))
                 parts.append({"type": "image"})
             content = parts
         elif isinstance(content, str):

@@ -193,3 +193,37 @@ def test_auto_respects_free_memory(free_mib, auto_max):
     # explicit requests and the other levels are not cut by memory
     assert plan_for_context("high", SPEC_2B, 8192, None, free_bytes=free).max_tokens == 4096
     assert plan_for_context("auto", SPEC_2B, 8192, None, explicit_max=2048, free_bytes=free).max_tokens == 2048
+
+
+def test_images_of_one_message_share_the_latency_target_and_the_half_context():
+    """Two images asked about together each get what one image gets at half the target and a
+    quarter of the context: the answer's wait, not each image's, is what `image_latency_s` bounds."""
+    from edge_runtime.image_budget import DeviceCost
+
+    spec = VisionSpec(16, 2, 8, 16384, hidden=1024, ff=4096, depth=24, out_dim=2048, deepstack=3)
+    cost = DeviceCost(1.4e11, 2e11, measured=True, prefill_measured=True)
+    text_flops = 3e9
+    for latency in (2.0, 8.0, 30.0):
+        one = plan_for_context("auto", spec, 4096, cost, text_flops, latency)
+        two = plan_for_context("auto", spec, 4096, cost, text_flops, latency, share=2)
+        alone_at_half = plan_for_context("auto", spec, 2048, cost, text_flops, latency / 2)
+        assert two.max_tokens == alone_at_half.max_tokens <= one.max_tokens
+        assert "shared by the 2 images of the message" in two.reason
+    assert plan_for_context("auto", spec, 4096, cost, text_flops, 30.0, share=2).max_tokens < \
+        plan_for_context("auto", spec, 4096, cost, text_flops, 30.0).max_tokens
+    high = plan_for_context("high", spec, 4096, cost, text_flops, 8.0, share=4)
+    assert high == plan_for_context("high", spec, 4096, cost, text_flops, 8.0)  # only auto is shared
+
+
+def test_vision_chat_plans_the_images_of_one_ask_together(tiny_f32_dir, photo):
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096) as c:
+        alone, together = c.engine.plan_image("auto"), c.engine.plan_image("auto", 2)
+        c.ask("Compare them.", images=[photo, make_test_image(900, 600, seed=3)], **GREEDY)
+        details = c.last_stats.image_details
+        assert [d["max_tokens"] for d in details] == [together.max_tokens] * 2
+        assert together.max_tokens < alone.max_tokens and "shared by the 2 images" in details[0]["reason"]
+        c.reset()
+        msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                + __import__("base64").b64encode(png(photo)).decode()}}, {"type": "text", "text": "What is it?"}]}]
+        c.generate(msg, **GREEDY)
+        assert c.last_stats.image_details[0]["max_tokens"] == c.engine.plan_image("auto").max_tokens

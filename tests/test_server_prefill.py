@@ -113,3 +113,24 @@ def test_auto_budgets_follow_the_rates_the_first_encode_measures(model_dir, test
     assert first["max_tokens"] == step
     # a tiny model's encoder is overhead-bound, far below the guess for a CPU: the next rung down
     assert rate < eng.cost.encoder_flops_s and second["max_tokens"] == planned.max_tokens < step
+
+
+def test_the_images_of_one_message_share_auto_budget_in_the_server(server, test_image):
+    """The HTTP process plans with the engine's planner: two images of one message split the budget."""
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    part = {"type": "image_url", "image_url": {"url": uri}}
+
+    def images_of(n: int) -> list[dict]:
+        body = {"model": "m", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": [
+            *([part] * n), {"type": "text", "text": "what is it"}]}]}
+        r = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["images"]
+
+    images_of(1)  # the first image measures this device
+    time.sleep(0.5)  # its rates reach the HTTP process with the next stats message
+    (one,), two = images_of(1), images_of(2)
+    assert len(two) == 2 and two[0]["max_tokens"] == two[1]["max_tokens"] < one["max_tokens"]
+    assert "shared by the 2 images of the message" in two[0]["reason"] and "shared" not in one["reason"]

@@ -138,7 +138,8 @@ def test_many_images_fit_until_the_context_then_a_clear_error(chat, test_image):
     chat.ask("Compare.", images=[test_image] * 6, max_tokens=2)  # 6 x 48 image tokens
     assert chat.last_stats.images == 6
     with pytest.raises(ContextOverflowError, match=r"needs \d+ tokens.*n_ctx=1024"):
-        chat.ask("More.", images=[test_image] * 30, max_tokens=2)
+        # detail low keeps each at its natural 48 tokens (auto would split the half context among the 30)
+        chat.ask("More.", images=[test_image] * 30, detail="low", max_tokens=2)
     assert chat.ask("Still there?", max_tokens=2) is not None
     chat.reset()
 

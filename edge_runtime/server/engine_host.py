@@ -58,7 +58,7 @@ class EngineHost(EngineFront):
         self._jobs: dict[int, Job] = {}
         self._tasks: dict[int, Future] = {}  # run_exclusive calls in flight
         self._task_ids = 0
-        self._plans: dict[str, Any] = {}
+        self._planner: Any = None  # the engine's image_budget.Planner, as of its last stats message
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._conn: Connection | None = None
@@ -120,9 +120,9 @@ class EngineHost(EngineFront):
                            "engine_restarting", {"Retry-After": "2"})
         return future
 
-    def plan_image(self, detail: str) -> Any:
-        """The engine's token budget for one image at `detail` (None until it is ready)."""
-        return self._plans.get(detail)
+    def plan_image(self, detail: str, share: int = 1) -> Any:
+        """The engine's token budget for one of `share` images at `detail` (None until it is ready)."""
+        return self._planner.plan(detail, share) if self._planner is not None else None
 
     def cancel(self, job: Job) -> None:
         if job.done:
@@ -218,16 +218,16 @@ class EngineHost(EngineFront):
             if future is not None and future.set_running_or_notify_cancel():
                 future.set_result(value) if ok else future.set_exception(value)
         elif kind == "stats":
-            _, counters, gauges, plans = message
+            _, counters, gauges, planner = message
             self.metrics.set_remote(counters)
             self._gauges = gauges
-            if plans:
-                self._plans = dict(plans)
+            if planner is not None:
+                self._planner = planner
         elif kind == "ready":
             info: ReadyInfo = message[1]
             template = ChatTemplate(info.template_source, bos_token=info.bos_token, eos_token=info.eos_token)
             self._format = PromptFormat(template, info.marker, info.has_vision, info.model_name)
-            self._plans = dict(info.image_plans)
+            self._planner = info.planner
             self.state = READY
             log.info("engine process %d ready%s", self._proc.pid if self._proc else 0,
                      f" (restart {self.restarts})" if self.restarts else "")

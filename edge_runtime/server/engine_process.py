@@ -8,7 +8,7 @@ starts a new one. Ollama runs its llama.cpp runner as a subprocess for the same
 reason. Messages are pickled over a Unix socket: the parent sends ("submit",
 job fields), ("cancel", number), ("task", number, fn) (Scheduler.run_exclusive),
 ("stop",); this side sends ("ready", info), ("failed", message), ("event",
-number, event), ("task_done", number, ok, value) and ("stats", counters, gauges, image plans).
+number, event), ("task_done", number, ok, value) and ("stats", counters, gauges, image planner).
 llama.cpp's log lines go to LOG_FD as text, so the parent can name the last one
 when this process dies without a word.
 """
@@ -26,7 +26,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..backend import ensure_backend
-from ..image_budget import DETAILS
 from .config import ServerOptions
 from .jobs import Event, Failed, Finished, Job
 from .metrics import Metrics
@@ -46,7 +45,7 @@ class ReadyInfo:
     marker: str
     has_vision: bool
     model_name: str
-    image_plans: dict  # detail level -> the engine's ImagePlan (empty without vision)
+    planner: Any  # the engine's image_budget.Planner (None without vision)
 
 
 def job_fields(job: Job) -> dict[str, Any]:
@@ -87,8 +86,8 @@ class StatsPump:
         self._sender, self._scheduler, self._metrics = sender, scheduler, metrics
 
     def send(self) -> None:
-        # the image plans too: the first encode measures this device, and `auto` follows it
-        self._sender.send(("stats", self._metrics.snapshot(), self._scheduler.gauges(), image_plans(self._scheduler)))
+        # the image planner too: the first encode measures this device, and `auto` follows it
+        self._sender.send(("stats", self._metrics.snapshot(), self._scheduler.gauges(), planner(self._scheduler)))
 
     def run(self) -> None:
         announced = False
@@ -105,16 +104,15 @@ class StatsPump:
             time.sleep(STATS_INTERVAL_S)
 
 
-def image_plans(scheduler: Scheduler) -> dict:
-    """detail level -> the engine's current ImagePlan (empty without vision or before the model loaded)."""
-    fmt = scheduler.prompt_format if scheduler.state == READY else None
-    return {d: scheduler.plan_image(d) for d in DETAILS} if fmt is not None and fmt.has_vision else {}
+def planner(scheduler: Scheduler) -> Any:
+    """The engine's current image planner (None without vision or before the model loaded)."""
+    return scheduler.planner() if scheduler.state == READY else None
 
 
 def ready_info(scheduler: Scheduler) -> ReadyInfo:
     fmt = scheduler.prompt_format
     return ReadyInfo(fmt.template.source, fmt.template.bos_token, fmt.template.eos_token, fmt.marker,
-                     fmt.has_vision, fmt.model_name, image_plans(scheduler))
+                     fmt.has_vision, fmt.model_name, planner(scheduler))
 
 
 class _LineWriter(logging.Handler):

@@ -176,10 +176,15 @@ class Scheduler(EngineFront):
         finally:
             self._shutdown()
 
-    def plan_image(self, detail: str):
-        """The token budget of one image at `detail` (None until a vision model is loaded)."""
+    def planner(self):
+        """The engine's image planner (None until a vision model is loaded)."""
         engine = self._engine
-        return engine.plan_image(detail) if engine is not None and engine.has_vision else None
+        return engine.planner() if engine is not None and engine.has_vision else None
+
+    def plan_image(self, detail: str, share: int = 1):
+        """The token budget of one of `share` images at `detail` (None until a vision model is loaded)."""
+        planner = self.planner()
+        return planner.plan(detail, share) if planner is not None else None
 
     def _load(self) -> None:
         opts = self.options
