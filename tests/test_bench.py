@@ -344,15 +344,20 @@ def test_cli_renders_an_earlier_json(report, tmp_path):
     assert result.output.strip() == to_markdown(report).strip()
 
 
-def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
-    """edge-bench --images: every case measured in its own process; the second process is served from disk."""
+def run_images_cli(model_dir, tmp_path) -> tuple[str, dict]:
+    """edge-bench --images on a tiny model (f16 KV: its 16-wide heads take no q8_0 blocks): (output, cases)."""
     out = tmp_path / "images.json"
-    args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
+    args = [str(model_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
             "--ctx-size", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
     result = CliRunner().invoke(cli_main, args)
     assert result.exit_code == 0, result.output
-    assert "| 4032x3024 JPEG, defaults |" in result.output and "Encoder efficiency" in result.output
-    cases = json.loads(out.read_text())
+    return result.output, json.loads(out.read_text())
+
+
+def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
+    """edge-bench --images: every case measured in its own process; the second process is served from disk."""
+    output, cases = run_images_cli(tiny_f16_dir, tmp_path)
+    assert "| 4032x3024 JPEG, defaults |" in output and "Encoder efficiency" in output
     assert cases["disk-first"]["images_encoded"] == 1
     assert cases["disk-second"]["images_encoded"] == 0 and cases["disk-second"]["disk_cache_hits"] == 1
     assert cases["attach"]["images_encoded"] == 0  # the attach thread encoded it before the question
@@ -369,7 +374,7 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     assert profiles["f16"]["cosine_mean"] == pytest.approx(1.0) and profiles["f16"]["reference"] == "f16"
     assert 0.9 < profiles["q4_k"]["cosine_worst"] < 1.0  # quantized: close to, not equal to, the float one
     assert cases["fast"]["ttft_s"] > 0 and "weights not repacked" in cases["fast"]["name"]
-    assert "| attention | FLASH_ATTN_EXT |" in result.output and "| q8_0 |" in result.output
+    assert "| attention | FLASH_ATTN_EXT |" in output and "| q8_0 |" in output
 
 
 def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
@@ -381,12 +386,7 @@ def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
 
 def test_cli_images_compares_projector_types_with_an_f32_reference(tiny_f32_dir, tmp_path):
     """An f32 conversion is the cosine reference itself (it is none of the compared types)."""
-    out = tmp_path / "images.json"
-    args = [str(tiny_f32_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
-            "--ctx-size", "2048", "--repeats", "1", "--images", "--json", str(out), "-q"]
-    result = CliRunner().invoke(cli_main, args)
-    assert result.exit_code == 0, result.output
-    cases = json.loads(out.read_text())
+    _, cases = run_images_cli(tiny_f32_dir, tmp_path)
     reference = cases["profile-float"]
     assert reference["reference"] == "float" and reference["cosine_worst"] == pytest.approx(1.0)
     assert 0.999 < cases["profile-f16"]["cosine_worst"] < 1.0  # f16 rounding of f32 weights, measured against them
