@@ -110,6 +110,7 @@ def test_auto_budgets_follow_the_rates_the_first_encode_measures(model_dir, test
                              cost_cache_dir=stored.parent) as measured:
         planned = measured.engine.plan_image("auto")
         rate = measured.engine.cost.encoder_flops_s
+        assert measured.engine.cost.prefill_measured  # the image's tokens, evaluated alone in their step
     assert first["max_tokens"] == step
     # a tiny model's encoder is overhead-bound, far below the guess for a CPU: the next rung down
     assert rate < eng.cost.encoder_flops_s and second["max_tokens"] == planned.max_tokens < step

@@ -410,7 +410,10 @@ class Scheduler(EngineFront):
                 engine.truncate(filling.seq_id, len(engine.seq_state(filling.seq_id)))
                 self._finish_slot(filling, "error", Failed(from_exception(exc)))
             else:
-                self.metrics.add("prefill_seconds", time.perf_counter() - t1)
+                seconds = time.perf_counter() - t1
+                self.metrics.add("prefill_seconds", seconds)
+                if piece.kind == "image" and not generating and piece.n >= 32:
+                    engine.measured("prefill", piece.n, seconds)  # alone in its step: this device's prefill rate
                 if piece.final:
                     self._start_generating(filling, len(generating) + len(piece.tokens) - 1)
         self._kv_used = engine.kv_used_bytes()
