@@ -113,6 +113,7 @@ class Engine(Closeable):
         self.mtmd_lock = threading.RLock()
         # the image encoder's graph: timed inside encoder_watch.timing(), stoppable inside .stopping()
         self.encoder_watch = GraphWatch()
+        self._cost_lock = threading.Lock()
         self.placement: Placement | None = None
         self._watchdog: DecodeWatchdog | None = None
         self._lmodel: Model | None = None
@@ -529,8 +530,9 @@ class Engine(Closeable):
         """Feed the device cost model with one encode ("encoder") or prompt evaluation ("prefill") of
         `tokens`; the first of each kind is stored for later processes and for `edge-convert --plan`."""
         flops = self.vision.encoder_flops(tokens) if kind == "encoder" else tokens * self.text_flops_per_token
-        if self.cost.record(kind, flops, seconds):
-            save_cost(self._cost_dir, self._cost_key, self.cost)
+        with self._cost_lock:  # the server's vision and scheduler threads both measure
+            if self.cost.record(kind, flops, seconds):
+                save_cost(self._cost_dir, self._cost_key, self.cost)
 
     def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
         pos = state.truncate(keep)
