@@ -62,7 +62,7 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m edge_runtime.bench --synthetic 2b
+	$(BIN)/python -m edge_bench --synthetic 2b
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.bench.scenario import bench_image  # noqa: E402
+from edge_bench.scenario import bench_image  # noqa: E402
 from edge_runtime.server.metrics import parse_metrics  # noqa: E402
 from edge_runtime.server.process import ServerProcess  # noqa: E402
 

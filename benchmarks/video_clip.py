@@ -28,7 +28,7 @@ def write_clip(path: Path, seconds: float, width: int, height: int, fps: int = 3
     import av
     import numpy as np
 
-    from edge_runtime.bench.scenario import bench_image
+    from edge_bench.scenario import bench_image
 
     background = np.asarray(bench_image(width, height, 0), dtype=np.uint8)
     with av.open(str(path), "w") as out:
@@ -49,7 +49,7 @@ def write_clip(path: Path, seconds: float, width: int, height: int, fps: int = 3
 def party(args: argparse.Namespace) -> dict:
     """One measured conversation in this process."""
     from edge_runtime import VisionChat
-    from edge_runtime.bench.scenario import bench_image
+    from edge_bench.scenario import bench_image
 
     t0 = time.perf_counter()
     chat = VisionChat(args.model, args.mmproj, kv_cache_type=args.kv, threads=args.threads)

@@ -1,6 +1,6 @@
 """PEP 562 lazy exports: a package lists its public names without importing their modules.
 
-`import edge_runtime` must not load llama.cpp, and `import edge_runtime.bench`
+`import edge_runtime` must not load llama.cpp, and `import edge_bench`
 no model library, so each package maps names to modules and imports on first use.
 """
 from __future__ import annotations

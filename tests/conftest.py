@@ -9,7 +9,7 @@ from PIL import Image
 
 from convert import convert_checkpoint
 from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
-from edge_runtime.bench.scenario import bench_image
+from edge_bench.scenario import bench_image
 
 
 # Where the code would put its caches (encoder outputs, device costs, AMX verdicts) if the

@@ -14,17 +14,17 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime.bench.cli import main as cli_main
-from edge_runtime.bench.convert_bench import bench_convert
-from edge_runtime.bench.machine import backend_name, cpu_model_from_cpuinfo
-from edge_runtime.bench.models import BenchSetupError, prepare_dir
-from edge_runtime.bench.options import (CHAT_HANDLER, RAW, RUNTIME, TRANSFORMERS, BenchOptions, Config, Measure,
+from edge_bench.cli import main as cli_main
+from edge_bench.convert_bench import bench_convert
+from edge_bench.machine import backend_name, cpu_model_from_cpuinfo
+from edge_bench.models import BenchSetupError, prepare_dir
+from edge_bench.options import (CHAT_HANDLER, RAW, RUNTIME, TRANSFORMERS, BenchOptions, Config, Measure,
                                         Resolution)
-from edge_runtime.bench.peak import vmhwm_bytes
-from edge_runtime.bench.report import RATIOS, fmt_ratio, fmt_summary, to_markdown
-from edge_runtime.bench.roofline import kv_bytes_read, weight_bytes_read
-from edge_runtime.bench.summary import ratio, summarize
-from edge_runtime.bench.workers import WorkerSpec, parse_output
+from edge_bench.peak import vmhwm_bytes
+from edge_bench.report import RATIOS, fmt_ratio, fmt_summary, to_markdown
+from edge_bench.roofline import kv_bytes_read, weight_bytes_read
+from edge_bench.summary import ratio, summarize
+from edge_bench.workers import WorkerSpec, parse_output
 
 RES = Resolution(128, 96)
 MEASURE = Measure(n_ctx=512, n_batch=128, threads=2, prompt_lengths=(16, 48), decode_tokens=4, warmup=1, repeats=2)
@@ -48,7 +48,7 @@ def bench_models(tiny_f16_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(bench_models):
-    from edge_runtime.bench.api import run_bench
+    from edge_bench.api import run_bench
 
     options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", kv_types=("f16",), resolutions=(RES,),
                            measure=MEASURE, baselines=(RAW, CHAT_HANDLER, TRANSFORMERS), memory_breakdown=True,
@@ -135,7 +135,7 @@ def test_accuracy_against_the_float_files(report_json):
 def test_accuracy_needs_the_float_reference(bench_models):
     from dataclasses import replace
 
-    from edge_runtime.bench.runner import plan
+    from edge_bench.runner import plan
 
     options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", resolutions=(RES,), measure=MEASURE, accuracy=True)
     assert plan(options, bench_models)[-1].variant["text"].endswith(".gguf")
@@ -153,7 +153,7 @@ def test_markdown_has_every_section(report):
 
 
 def test_plot_writes_a_png(report, tmp_path):
-    from edge_runtime.bench.plot import plot  # matplotlib comes with the bench extra
+    from edge_bench.plot import plot  # matplotlib comes with the bench extra
 
     out = plot(report, tmp_path / "bench.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -177,7 +177,7 @@ def test_cli_table_and_json(tiny_f16_dir, tmp_path):
 
 def test_cli_names_a_worker_signal_and_fails_when_every_party_died(tiny_f16_dir, tmp_path, monkeypatch):
     """Workers that die by SIGILL (as on the AMX Xeon of issue 10): cause and setting named, exit code 1."""
-    from edge_runtime.bench.workers import SELF_SIGNAL_ENV
+    from edge_bench.workers import SELF_SIGNAL_ENV
 
     monkeypatch.setenv(SELF_SIGNAL_ENV, "SIGILL")
     args = [str(tiny_f16_dir), "--cache-dir", str(tmp_path), "--mmproj-quant", "q8_0", "--cache-type-k", "f16",
@@ -235,7 +235,7 @@ def test_convert_bench(tiny_model_dir, tmp_path, target):
 
 def test_peak_wrapper_reports_the_module_peak(tmp_path):
     peak_file = tmp_path / "peak.json"
-    code = subprocess.run([sys.executable, "-m", "edge_runtime.bench.peak", str(peak_file), "json.tool", "--help"],
+    code = subprocess.run([sys.executable, "-m", "edge_bench.peak", str(peak_file), "json.tool", "--help"],
                           capture_output=True, check=False).returncode
     data = json.loads(peak_file.read_text())
     assert code == data["exit_code"] == 0 and data["peak_rss_bytes"] > 0
@@ -254,7 +254,7 @@ def test_summary_and_ratio():
 
 
 def test_decode_rates_ignore_a_stall():
-    from edge_runtime.bench.summary import decode_rates
+    from edge_bench.summary import decode_rates
 
     median, mean = decode_rates([0.0, 0.1, 0.2, 0.3, 1.3])  # one gap stretched by another process
     assert median == pytest.approx(10.0) and mean == pytest.approx(4 / 1.3)
@@ -309,13 +309,13 @@ def test_worker_output_parsing():
 
 
 def _result(kind: str, cfg: Config, decode: list[float], peak: int) -> "WorkerResult":
-    from edge_runtime.bench.workers import WorkerResult
+    from edge_bench.workers import WorkerResult
 
     return WorkerResult(kind, cfg, {"decode_tok_s": decode}, {"image_tokens": 4}, ["n"], peak, 1.0)
 
 
 def test_passes_alternate_parties_and_pool_samples(bench_models):
-    from edge_runtime.bench.runner import group, plan
+    from edge_bench.runner import group, plan
 
     options = BenchOptions(quants=("f16",), mmproj_quant="q8_0", kv_types=("f16",), resolutions=(RES,),
                            measure=MEASURE, baselines=(RAW,), passes=2)
@@ -329,7 +329,7 @@ def test_passes_alternate_parties_and_pool_samples(bench_models):
 
 
 def test_json_reads_back_into_the_same_report(report, report_json):
-    from edge_runtime.bench.report import BenchReport
+    from edge_bench.report import BenchReport
 
     again = BenchReport.from_dict(report_json)
     assert json.loads(json.dumps(again.to_dict())) == report_json
@@ -378,7 +378,7 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
 
 
 def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
-    from edge_runtime.bench.image_bench import transformers_ratio
+    from edge_bench.image_bench import transformers_ratio
 
     line = transformers_ratio({"name": "case", "ttft_all_s": [10.0, 6.0]}, {"ttft_all_s": [5.0, 8.0]})
     assert line == "case: first ask 10.00 s vs 5.00 s = 2.00; second ask 6.00 s vs 8.00 s = 0.75"

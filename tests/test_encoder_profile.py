@@ -10,7 +10,7 @@ import pytest
 from edge_common.manifest import resolve_model_paths
 from edge_llama.graph_watch import NodeTime
 from edge_runtime import VisionChat
-from edge_runtime.bench.encoder_profile import node_stages, op_rows, profile_encode
+from edge_bench.encoder_profile import node_stages, op_rows, profile_encode
 
 STAGES = ("patch embedding", "attention", "mlp", "deepstack", "merger")
 

@@ -9,9 +9,9 @@ import pytest
 
 from edge_common.errors import EdgeError
 
-PACKAGES = ("edge_common", "edge_models", "convert", "quant", "edge_runtime", "edge_app")
+PACKAGES = ("edge_common", "edge_models", "convert", "quant", "edge_runtime", "edge_app", "edge_bench")
 # Modules that import optional extras at module level (the server needs fastapi, plot matplotlib).
-OPTIONAL = {"edge_runtime.bench.plot"}
+OPTIONAL = {"edge_bench.plot"}
 # LlamaError moves with the llama.cpp access layer (issue 10); it is not a refusal of bad input.
 NOT_REFUSALS = {"edge_runtime.llama_io.LlamaError"}
 

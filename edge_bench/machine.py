@@ -97,7 +97,7 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def detect() -> MachineInfo:
     import llama_cpp
 
-    from ..backend import ensure_backend, gpu_offload_available, physical_cores
+    from edge_runtime.backend import ensure_backend, gpu_offload_available, physical_cores
 
     ensure_backend()
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(" |")

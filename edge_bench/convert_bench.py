@@ -1,6 +1,6 @@
 """`edge-bench --convert`: wall time and peak RSS of edge-convert itself.
 
-Each conversion runs as its own process under `edge_runtime.bench.peak`,
+Each conversion runs as its own process under `edge_bench.peak`,
 which reports that process's own high-water mark, so the figure is the
 converter's, not ours (and the converter's own subprocesses, if any, are not
 in it). The output goes to a scratch directory that is removed afterwards.
@@ -43,7 +43,7 @@ def run_measured(module: str, args: list[str], timeout_s: float = 7200.0) -> Pro
     """Run `python -m module args` under the peak wrapper: exit code, wall time, its own peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         peak_file = Path(tmp) / "peak.json"
-        cmd = [sys.executable, "-m", "edge_runtime.bench.peak", str(peak_file), module, *args]
+        cmd = [sys.executable, "-m", "edge_bench.peak", str(peak_file), module, *args]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -66,7 +66,7 @@ class ImageBenchSetup:
 
 
 def _run(case: dict, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench.image_worker"], input=json.dumps(case),
+    proc = subprocess.run([sys.executable, "-m", "edge_bench.image_worker"], input=json.dumps(case),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"case {case['name']} failed: {proc.stderr[-1500:]}")

@@ -7,7 +7,7 @@ least the parent's peak. VmHWM in /proc/self/status is the high-water mark of
 the current address space only (reset by exec), so Linux reads that; other
 systems fall back to getrusage.
 
-    python -m edge_runtime.bench.peak PEAK_FILE MODULE [ARGS...]
+    python -m edge_bench.peak PEAK_FILE MODULE [ARGS...]
 
 runs MODULE as __main__ with ARGS and writes {"peak_rss_bytes", "exit_code"}
 to PEAK_FILE: how the converter benchmark measures edge-convert.
@@ -48,7 +48,7 @@ def peak_rss_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
-        sys.stderr.write("usage: python -m edge_runtime.bench.peak PEAK_FILE MODULE [ARGS...]\n")
+        sys.stderr.write("usage: python -m edge_bench.peak PEAK_FILE MODULE [ARGS...]\n")
         return 2
     peak_file, module, args = Path(argv[0]), argv[1], argv[2:]
     sys.argv = [module, *args]

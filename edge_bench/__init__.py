@@ -1,7 +1,7 @@
 """`edge-bench`: speed and memory of VisionChat on this machine, beside raw llama.cpp,
 llama-cpp-python's chat handler and transformers, measured in one run.
 
-    from edge_runtime.bench import BenchOptions, prepare_synthetic, run_bench, to_markdown
+    from edge_bench import BenchOptions, prepare_synthetic, run_bench, to_markdown
     models = prepare_synthetic("2b", ("q4_k_m",), "q8_0", cache_dir=".cache/synthetic")
     print(to_markdown(run_bench(models, BenchOptions())))
 
@@ -11,7 +11,7 @@ package loads no model library.
 """
 from __future__ import annotations
 
-from ..lazy_exports import lazy_getattr
+from edge_runtime.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "BenchOptions": "options",

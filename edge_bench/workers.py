@@ -8,7 +8,7 @@ JSON to the worker's stdin; the worker prints exactly one JSON object (a
 `WorkerResult`) on stdout. llama.cpp and libraries that print to stdout are
 redirected to stderr first, so that object is never corrupted.
 
-    python -m edge_runtime.bench.workers < spec.json
+    python -m edge_bench.workers < spec.json
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from .options import ACCURACY, CHAT_HANDLER, MEMORY, RAW, RUNTIME, TRANSFORMERS,
 # kind -> module with `measure(spec, rec)`; imported in the worker only, so the
 # runtime's worker never loads torch and the parent never loads a model.
 MEASURERS = {
-    RUNTIME: "edge_runtime.bench.runtime_worker",
-    RAW: "edge_runtime.bench.raw_worker",
-    CHAT_HANDLER: "edge_runtime.bench.handler_worker",
-    TRANSFORMERS: "edge_runtime.bench.transformers_worker",
-    MEMORY: "edge_runtime.bench.memory_worker",
-    ACCURACY: "edge_runtime.bench.accuracy_worker",
+    RUNTIME: "edge_bench.runtime_worker",
+    RAW: "edge_bench.raw_worker",
+    CHAT_HANDLER: "edge_bench.handler_worker",
+    TRANSFORMERS: "edge_bench.transformers_worker",
+    MEMORY: "edge_bench.memory_worker",
+    ACCURACY: "edge_bench.accuracy_worker",
 }
 _STDERR_TAIL = 2000
 SELF_SIGNAL_ENV = "EDGE_BENCH_WORKER_SELF_SIGNAL"  # test hook, e.g. SIGILL
@@ -141,7 +141,7 @@ class WorkerResult:
 def worker_env() -> dict[str, str]:
     """The parent's environment, plus: this package importable, no gdb backtraces on ggml aborts."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("GGML_NO_BACKTRACE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -151,7 +151,7 @@ def worker_env() -> dict[str, str]:
 def run_worker(spec: WorkerSpec, timeout_s: float = 3600.0) -> WorkerResult:
     """Run one worker to completion; a crash or timeout becomes a result with `error` set."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "edge_runtime.bench.workers"]
+    cmd = [sys.executable, "-m", "edge_bench.workers"]
     try:
         proc = subprocess.run(cmd, input=spec.to_json(), capture_output=True, text=True, env=worker_env(),
                               timeout=timeout_s, check=False)
