@@ -115,7 +115,7 @@ def main() -> None:
     if args.host_mode:
         host(args)
         return
-    from rpc_helpers import Worker
+    from support.rpc import Worker
 
     local = run_mode(args, "", "")
     workers = [Worker("--threads", str(args.threads)), Worker("--threads", str(args.threads))]

@@ -22,10 +22,11 @@ import click
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.server
 
 from edge_common import cli_options as flags  # noqa: E402
 from edge_runtime.server.metrics import parse_metrics  # noqa: E402
-from edge_runtime.server.process import ServerProcess  # noqa: E402
+from support.server import ServerProcess  # noqa: E402
 
 PROMPT = "Describe scene number {i}: a busy street market at dusk, the stalls, the people and the light."
 

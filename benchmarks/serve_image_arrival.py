@@ -30,10 +30,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # support.server
 
 from edge_bench.scenario import bench_image  # noqa: E402
 from edge_runtime.server.metrics import parse_metrics  # noqa: E402
-from edge_runtime.server.process import ServerProcess  # noqa: E402
+from support.server import ServerProcess  # noqa: E402
 
 STREAM_PROMPT = "Describe scene number {i}: a busy street market at dusk, the stalls, the people and the light."
 

@@ -18,12 +18,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.server, support.browser
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from edge_runtime.server.browser import ask_on_page, headless_chromium  # noqa: E402
-from edge_runtime.server.process import ServerProcess  # noqa: E402
+from support.browser import ask_on_page, headless_chromium  # noqa: E402
+from support.server import ServerProcess  # noqa: E402
 
 
 def street_scene(width: int = 640, height: int = 480) -> Image.Image:

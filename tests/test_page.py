@@ -16,9 +16,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime.grounding import Box, parse_grounding
-from edge_runtime.server.browser import ask_on_page as ask
-from edge_runtime.server.browser import headless_chromium
-from edge_runtime.server.process import ServerProcess
+from support.browser import ask_on_page as ask
+from support.browser import headless_chromium
+from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 API_KEY, ADMIN_KEY = "page-key-1", "page-admin-2"

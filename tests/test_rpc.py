@@ -30,7 +30,7 @@ from edge_llama.rpc import (
 )
 from edge_runtime import VisionChat
 from edge_runtime.rpc_worker import main as worker_main
-from rpc_helpers import Worker, child_env, free_port
+from support.rpc import Worker, child_env, free_port
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 TEXT_Q = "Describe a red bicycle in one sentence."
@@ -290,7 +290,7 @@ def test_edge_convert_plan_asks_the_workers(tiny_model_dir, workers):
 
 def test_setup_builds_its_own_rpc_wheel_keyed_by_flags():
     """pip's wheel cache ignores CMAKE_ARGS: set-up must build with --no-cache-dir into a folder named for the flags."""
-    from rpc_helpers import REPO
+    from support.rpc import REPO
 
     def dry_run(*extra: str) -> str:
         out = subprocess.run(["make", "-n", "llama-wheel", *extra], cwd=REPO, capture_output=True, text=True)

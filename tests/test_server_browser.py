@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
-from edge_runtime.server.process import ServerProcess
+from support.server import ServerProcess
 
 ALLOWED_ORIGIN = "http://tools.example:3000"
 BODY = {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}

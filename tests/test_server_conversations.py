@@ -11,7 +11,7 @@ import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
-from edge_runtime.server.process import ServerProcess
+from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 API_KEY, ADMIN_KEY = "conv-api-key", "conv-admin-key"

@@ -17,7 +17,7 @@ import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime.server.metrics import parse_metrics
-from edge_runtime.server.process import ServerProcess
+from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 LONG = 4000

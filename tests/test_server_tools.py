@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
-from edge_runtime.server.process import ServerProcess
+from support.server import ServerProcess
 from edge_runtime.server.prompting import PromptFormat, render_prompt
 from edge_runtime.template import ChatTemplate
 from edge_runtime.tool_calls import ToolCall, ToolCallStream, parse_calls

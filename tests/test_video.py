@@ -280,7 +280,7 @@ def test_edge_chat_answers_about_a_video_and_refuses_bad_options(tiny_f16_dir, t
 def test_edge_serve_takes_video_url_parts_under_the_image_policy(tiny_f16_dir, tmp_path):
     import httpx
 
-    from edge_runtime.server.process import ServerProcess
+    from support.server import ServerProcess
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()

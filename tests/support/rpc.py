@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge_llama.rpc import Endpoint, WorkerUnreachableError, probe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
