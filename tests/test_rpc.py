@@ -30,7 +30,8 @@ from edge_llama.rpc import (
 )
 from edge_runtime import VisionChat
 from edge_runtime.rpc_worker import main as worker_main
-from support.rpc import Worker, child_env, free_port
+from support.rpc import Worker, child_env
+from support.server import free_port
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 TEXT_Q = "Describe a red bicycle in one sentence."

@@ -1,4 +1,4 @@
-"""Run `edge-serve` as a child process on a free loopback port (tests, benchmarks).
+"""Run `edge-serve` as a child process on a free loopback port (tests, benchmarks, examples).
 
 Talking to a real process over a real socket is the only way to test what
 clients see: the HTTP framing, SSE, disconnects, the startup and the exit.
