@@ -49,7 +49,7 @@ def peak_rss(pid: int) -> int:
 def host(args: argparse.Namespace) -> None:
     """One mode in this process: prints a JSON line."""
     from edge_runtime import VisionChat
-    from edge_runtime.backend import peak_rss_bytes
+    from edge_common.peak_rss import peak_rss_bytes
 
     rpc = [s for s in args.rpc.split(",") if s]
     worker_ports = [int(p) for p in args.worker_ports.split(",") if p]

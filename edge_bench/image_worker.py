@@ -26,7 +26,7 @@ def _median(values: list[float]) -> float:
 
 def run_ask(case: dict) -> dict:
     from edge_runtime import VisionChat
-    from edge_runtime.backend import peak_rss_bytes
+    from edge_common.peak_rss import peak_rss_bytes
 
     t0 = time.perf_counter()
     chat = VisionChat(case["text"], case["mmproj"], encoder_cache_mb=0, **case.get("chat", {}))
@@ -74,7 +74,7 @@ def run_profile(case: dict) -> dict:
     import numpy as np
 
     from edge_runtime import VisionChat
-    from edge_runtime.backend import peak_rss_bytes
+    from edge_common.peak_rss import peak_rss_bytes
 
     from .encoder_profile import profile_encode
 
@@ -91,7 +91,7 @@ def run_transformers(case: dict) -> dict:
     from PIL import Image
 
     from edge_models.qwen3vl.reference import Reference
-    from edge_runtime.backend import peak_rss_bytes
+    from edge_common.peak_rss import peak_rss_bytes
 
     from .transformers_worker import _pad_token_id, generate_inputs
 

@@ -1,11 +1,4 @@
-"""Peak resident memory of this process image, and a wrapper that reports it for a module.
-
-`getrusage(RUSAGE_SELF).ru_maxrss` is wrong for a freshly started worker on
-Linux: Python starts children with vfork + exec, and exec carries the
-parent's high-water mark into the child's, so every worker would report at
-least the parent's peak. VmHWM in /proc/self/status is the high-water mark of
-the current address space only (reset by exec), so Linux reads that; other
-systems fall back to getrusage.
+"""A wrapper that reports a module's peak resident memory (edge_common.peak_rss measures it).
 
     python -m edge_bench.peak PEAK_FILE MODULE [ARGS...]
 
@@ -15,34 +8,11 @@ to PEAK_FILE: how the converter benchmark measures edge-convert.
 from __future__ import annotations
 
 import json
-import platform
 import runpy
 import sys
 from pathlib import Path
 
-
-def vmhwm_bytes(status: str) -> int | None:
-    """The VmHWM line of /proc/<pid>/status text, in bytes."""
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            value, unit = line.split()[1:3]
-            return int(value) * {"kB": 1024, "mB": 1 << 20}.get(unit, 1024)
-    return None
-
-
-def peak_rss_bytes() -> int:
-    try:
-        found = vmhwm_bytes(Path("/proc/self/status").read_text())
-        if found:
-            return found
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if platform.system() == "Darwin" else peak * 1024)
+from edge_common.peak_rss import peak_rss_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,7 +192,7 @@ def _protect_stdout() -> int:
 
 
 def main() -> int:
-    from .peak import peak_rss_bytes
+    from edge_common.peak_rss import peak_rss_bytes
 
     out = _protect_stdout()
     t0 = time.perf_counter()

@@ -8,7 +8,6 @@ re-exported for the runtime's modules.
 from __future__ import annotations
 
 import logging
-import platform
 
 import llama_cpp
 
@@ -21,7 +20,7 @@ from edge_llama.params import resolve_mmap, resolve_ubatch
 log = logging.getLogger("edge_runtime")
 
 __all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_available", "kv_type",
-           "parse_cpuinfo_cores", "peak_rss_bytes", "physical_cores", "projector_free_bytes", "projector_on_gpu",
+           "parse_cpuinfo_cores", "physical_cores", "projector_free_bytes", "projector_on_gpu",
            "resolve_flash_attn", "resolve_gpu_layers",
            "resolve_mmap", "resolve_ubatch", "take_errors"]
 
@@ -79,12 +78,3 @@ def resolve_flash_attn(flash_attn: bool | str, v_type: KVType) -> int:
         return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     return choice
 
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if platform.system() == "Darwin" else peak * 1024)

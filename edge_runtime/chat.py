@@ -14,7 +14,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .backend import gpu_offload_available, peak_rss_bytes
+from edge_common.peak_rss import peak_rss_bytes
+
+from .backend import gpu_offload_available
 from .detokenize import PieceTable
 from .engine import DecodeOutcome, PrefillResult
 from .generation import AnswerStep

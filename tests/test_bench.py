@@ -20,7 +20,6 @@ from edge_bench.machine import backend_name, cpu_model_from_cpuinfo
 from edge_bench.models import BenchSetupError, prepare_dir
 from edge_bench.options import (CHAT_HANDLER, RAW, RUNTIME, TRANSFORMERS, BenchOptions, Config, Measure,
                                         Resolution)
-from edge_bench.peak import vmhwm_bytes
 from edge_bench.report import RATIOS, fmt_ratio, fmt_summary, to_markdown
 from edge_bench.roofline import kv_bytes_read, weight_bytes_read
 from edge_bench.summary import ratio, summarize
@@ -294,7 +293,6 @@ def test_machine_probes():
     assert cpu_model_from_cpuinfo("Hardware\t: BCM2835\nModel\t: Raspberry Pi 5 Model B\n") == "Raspberry Pi 5 Model B"
     assert backend_name("CPU : AVX2 = 1 | CUDA : ARCHS = 890", True) == "CUDA"
     assert backend_name("CPU : AVX2 = 1", False) == "CPU"
-    assert vmhwm_bytes("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t 1024 kB\n") == 2048 * 1024
 
 
 def test_worker_output_parsing():
