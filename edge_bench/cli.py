@@ -48,7 +48,7 @@ def parse_quants(text: str | None, option: str, projector: bool = False) -> tupl
 
 
 def parse_kv(text: str) -> tuple[str, ...]:
-    from edge_runtime.backend import kv_type
+    from edge_llama import kv_type
 
     names = split_list(text)
     try:
@@ -146,7 +146,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
     chat handler and (optionally) transformers, in one run."""
-    from edge_runtime.backend import physical_cores, resolve_gpu_layers
+    from edge_llama import physical_cores
+    from edge_llama.offload import resolve_gpu_layers
     from .models import BenchSetupError
 
     if model_dir and synthetic:

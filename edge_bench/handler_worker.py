@@ -42,7 +42,7 @@ def open_llama(spec: WorkerSpec):
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from edge_runtime.backend import kv_type
+    from edge_llama import kv_type
 
     refuse_faulting_amx(str(spec.text_path))
     m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type

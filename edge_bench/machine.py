@@ -97,7 +97,8 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def detect() -> MachineInfo:
     import llama_cpp
 
-    from edge_runtime.backend import ensure_backend, gpu_offload_available, physical_cores
+    from edge_llama import ensure_backend, physical_cores
+    from edge_llama.offload import gpu_offload_available
 
     ensure_backend()
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(" |")

@@ -86,7 +86,7 @@ class Measure:
 
     def load_settings(self, config: "Config | None" = None) -> tuple[bool, int]:
         """(mmap, n_ubatch) resolved as VisionChat resolves them, so every party loads the same way."""
-        from edge_runtime.backend import resolve_mmap, resolve_ubatch
+        from edge_llama import resolve_mmap, resolve_ubatch
 
         repack = self.repack if config is None else config.repack(self)
         return (resolve_mmap(self.mmap, self.n_gpu_layers, repack),

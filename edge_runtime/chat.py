@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_common.peak_rss import peak_rss_bytes
 
-from .backend import gpu_offload_available
+from edge_llama.offload import gpu_offload_available
 from .detokenize import PieceTable
 from .engine import DecodeOutcome, PrefillResult
 from .generation import AnswerStep

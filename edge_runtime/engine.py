@@ -27,23 +27,14 @@ import llama_cpp.mtmd_cpp as mtmd
 
 from edge_common.preflight import projector_problems
 from edge_llama import (Batch, Closeable, Context, ContextOptions, LlamaLoadError, LoadOptions, Model, Projector,
-                        ProjectorOptions, log_suffix, model_meta)
+                        ProjectorOptions, ensure_backend, kv_type, log_suffix, model_meta, physical_cores, take_errors)
 from edge_llama.graph_watch import GraphWatch
+from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_flash_attn, resolve_gpu_layers
 from edge_llama.params import resolve_mmap, resolve_ubatch
 from edge_llama.placement import Placement, place
 from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
 from edge_models import chat_format
 
-from .backend import (
-    ensure_backend,
-    kv_type,
-    physical_cores,
-    projector_free_bytes,
-    projector_on_gpu,
-    resolve_flash_attn,
-    resolve_gpu_layers,
-    take_errors,
-)
 from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
 from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,

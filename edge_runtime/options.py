@@ -5,10 +5,8 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
+from edge_llama import LoadOptions, kv_type
 from edge_llama.rpc import parse_endpoint
-from edge_llama import LoadOptions
-
-from .backend import kv_type
 
 
 @dataclass(frozen=True)

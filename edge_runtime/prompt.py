@@ -15,7 +15,8 @@ import numpy as np
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
-from .backend import take_errors
+from edge_llama import take_errors
+
 from .errors import DecodeError, EmptyPromptError
 from .kv_state import Unit, image_unit, text_units
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
+from edge_llama import physical_cores
 from edge_llama.ggml_devices import DEVICE_ACCEL, DEVICE_CPU, DEVICE_TYPE_NAMES, Device, device_by_name, local_devices
 from edge_llama.rpc import DEFAULT_PORT, Endpoint, RpcError, require_rpc, serve
 
-from .backend import physical_cores
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SECURITY_WARNING = (

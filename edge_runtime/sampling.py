@@ -7,7 +7,8 @@ from typing import Any, Iterator, Mapping
 import llama_cpp
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from .backend import take_errors
+from edge_llama import take_errors
+
 from .options import GenerationOptions
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape
-from edge_runtime.backend import CPU_UBATCH
+from edge_llama import CPU_UBATCH
 from edge_runtime.detokenize import PieceTable
 from edge_runtime.engine import DecodeOutcome, Engine
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError

@@ -14,7 +14,7 @@ import pytest
 from edge_llama import CPU_UBATCH, kv_type, physical_cores, resolve_mmap, resolve_ubatch
 from edge_llama.backend import return_freed_memory
 from edge_llama.hardware import parse_cpuinfo_cores
-from edge_runtime.backend import resolve_flash_attn, resolve_gpu_layers
+from edge_llama.offload import resolve_flash_attn, resolve_gpu_layers
 from edge_llama.ggml_devices import lib_dir
 from edge_runtime.detokenize import StopMatcher, Utf8Stream
 from edge_runtime.encoder_cache import EncoderCache

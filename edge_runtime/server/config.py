@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backend import kv_type
+from edge_llama import kv_type
+
 from ..open_model import MiB, engine_options
 from ..options import EngineOptions
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..backend import ensure_backend
+from edge_llama import ensure_backend
+
 from .config import ServerOptions
 from .jobs import Event, Failed, Finished, Job
 from .metrics import Metrics

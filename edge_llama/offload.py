@@ -11,11 +11,9 @@ import logging
 
 import llama_cpp
 
-from edge_llama.ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, has_local_gpu, local_devices
-from edge_llama import CPU_UBATCH, KV_TYPES, KVType, ensure_backend, kv_type, physical_cores, take_errors
-from edge_llama.errors import LoadOptionError
-from edge_llama.hardware import parse_cpuinfo_cores
-from edge_llama.params import resolve_mmap, resolve_ubatch
+from .errors import LoadOptionError
+from .ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, has_local_gpu, local_devices
+from .kv import KVType
 
 log = logging.getLogger("edge_runtime")
 
