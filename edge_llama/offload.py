@@ -1,9 +1,8 @@
-"""Runtime hardware choices (GPU offload, flash attention) over the edge_llama access layer.
+"""Where the work runs: GPU layers, the projector's device and its free memory, flash attention.
 
 Which backend exists (CPU, CUDA, Metal) is fixed by how llama-cpp-python was
-compiled; this module only asks llama.cpp what it has and picks settings.
-Loading, logs, KV types and threads live in `edge_llama`; the names below are
-re-exported for the runtime's modules.
+compiled; this module only asks llama.cpp and ggml's devices what they have and
+picks the settings a load needs.
 """
 from __future__ import annotations
 
@@ -15,12 +14,7 @@ from .errors import LoadOptionError
 from .ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, has_local_gpu, local_devices
 from .kv import KVType
 
-log = logging.getLogger("edge_runtime")
-
-__all__ = ["CPU_UBATCH", "KV_TYPES", "KVType", "ensure_backend", "gpu_offload_available", "kv_type",
-           "parse_cpuinfo_cores", "physical_cores", "projector_free_bytes", "projector_on_gpu",
-           "resolve_flash_attn", "resolve_gpu_layers",
-           "resolve_mmap", "resolve_ubatch", "take_errors"]
+log = logging.getLogger("edge_llama")
 
 
 def gpu_offload_available() -> bool:
