@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bufts
+from .amx_setting import AMX_ENV
 from .crash import describe_exit
 from .hardware import cpu_identity
-from .params import AMX_ENV
 
 log = logging.getLogger("edge_llama")
 

@@ -8,7 +8,6 @@ work (see `amx.py`).
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import llama_cpp
 
+from . import amx
+from .amx_setting import amx_word, resolve_amx
 from .errors import LoadOptionError
 
 # On a CPU, prompt evaluation is compute-bound: 64 tokens per forward pass
@@ -23,9 +24,6 @@ from .errors import LoadOptionError
 # 512), while the compute buffer grows with it (logits are n_ubatch x n_vocab).
 CPU_UBATCH = 64
 
-AMX_ENV = "EDGE_AMX"
-_AMX_WORDS = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off", "1": "on", "0": "off",
-              "true": "on", "false": "off", "yes": "on", "no": "off"}
 
 
 def resolve_mmap(mmap: bool | str, n_gpu_layers: int, repack: bool) -> bool:
@@ -50,20 +48,6 @@ def resolve_ubatch(n_ubatch: int | None, n_batch: int, n_gpu_layers: int) -> int
     return n_batch if n_gpu_layers != 0 else min(n_batch, CPU_UBATCH)
 
 
-def resolve_amx(amx: bool | str) -> str:
-    """"auto", "on" or "off": an explicit option wins, "auto" defers to $EDGE_AMX (itself auto by default)."""
-    key = amx.strip().lower() if isinstance(amx, str) else amx
-    if key not in _AMX_WORDS:
-        raise LoadOptionError(f"amx must be 'auto', True or False, got {amx!r}")
-    choice = _AMX_WORDS[key]
-    if choice != "auto":
-        return choice
-    env = os.environ.get(AMX_ENV, "auto").strip().lower()
-    if env not in _AMX_WORDS or isinstance(_AMX_WORDS.get(env), bool):
-        raise LoadOptionError(f"${AMX_ENV}={os.environ[AMX_ENV]!r}: use auto, on or off")
-    return _AMX_WORDS[env]
-
-
 @dataclass(frozen=True)
 class LoadOptions:
     """How one model file is loaded (fixed for the life of the model)."""
@@ -78,9 +62,7 @@ class LoadOptions:
         if isinstance(self.n_gpu_layers, bool) or not isinstance(self.n_gpu_layers, int):
             raise LoadOptionError(f"n_gpu_layers must be an int, got {self.n_gpu_layers!r}")
         resolve_mmap(self.mmap, self.n_gpu_layers, self.repack)
-        key = self.amx.strip().lower() if isinstance(self.amx, str) else self.amx
-        if key not in _AMX_WORDS:
-            raise LoadOptionError(f"amx must be 'auto', True or False, got {self.amx!r}")
+        amx_word(self.amx)
 
 
 # ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type, its x86 branches: type -> rows must be a
@@ -123,8 +105,6 @@ class ModelParams:
 
 def build_model_params(path: str | Path, options: LoadOptions = LoadOptions(), *, plan: Any = None) -> ModelParams:
     """llama_model_params for loading `path`; `plan` (an amx.ExtraBufts) skips the AMX decision."""
-    from . import amx
-
     mmap = resolve_mmap(options.mmap, options.n_gpu_layers, options.repack)
     if plan is None:
         plan = amx.extra_bufts_plan(options.repack, resolve_amx(options.amx))

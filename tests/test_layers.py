@@ -128,3 +128,54 @@ def test_runtime_imports_without_torch_convert_or_quant(modules):
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def module_imports(files: dict[str, str]) -> dict[str, set[str]]:
+    """{module: modules of ours it imports} among {relative path: source}; `from . import x` names x only."""
+    names = {rel[:-3].replace("/", ".").removesuffix(".__init__"): rel for rel in files}
+    graph = {}
+    for module, rel in names.items():
+        package = module if rel.endswith("__init__.py") else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(files[rel])):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                subs = {f"{base}.{a.name}" for a in node.names} & names.keys()
+                found |= subs | ({base} if len(subs) < len(node.names) else set())
+        graph[module] = (found & names.keys()) - {module}
+    return graph
+
+
+def import_cycles(files: dict[str, str]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a circle (lazy imports count)."""
+    graph = module_imports(files)
+    reach = {m: set() for m in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in reach[start]:
+                reach[start].add(m)
+                todo += graph[m]
+    groups = {frozenset(m for m in graph if m in reach[start] and start in reach[m]) | {start}
+              for start in graph if start in reach[start]}
+    return sorted(sorted(g) for g in groups)
+
+
+def test_no_module_imports_itself_around_a_circle():
+    """A circle (edge_llama.amx <-> params once) only works while one side imports lazily; none is left."""
+    planted = {
+        "edge_llama/__init__.py": "from .a import A\n",
+        "edge_llama/a.py": "def f():\n    from . import b\n",
+        "edge_llama/b.py": "from .a import f\nfrom edge_llama import A\n",
+        "edge_llama/c.py": "from . import a\n",
+    }
+    assert import_cycles(planted) == [["edge_llama", "edge_llama.a", "edge_llama.b"]]
+    sources = our_sources(*OURS)
+    assert len(module_imports(sources)) == len(sources) > 100
+    assert import_cycles(sources) == []
