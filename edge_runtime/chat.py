@@ -14,15 +14,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from edge_common.manifest import resolve_model_paths
 from edge_common.peak_rss import peak_rss_bytes
-
 from edge_llama.offload import gpu_offload_available
+
 from .detokenize import PieceTable
 from .engine import DecodeOutcome, PrefillResult
 from .generation import AnswerStep
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
-from .manifest_paths import resolve_model_paths
 from .image_budget import ImagePlan, check_detail
 from .messages import check_text, image_input, media_in, split_messages, user_message, videos_in
 from .open_model import engine_options, open_engine

@@ -16,12 +16,12 @@ import click
 from edge_common import cli_options as flags
 from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
+from edge_common.manifest import resolve_model_paths
 
 from .chat import VisionChat
 from .images import ImageError
 from .options import EngineOptions, GenerationOptions
 from .disk_cache import user_cache_dir
-from .manifest_paths import resolve_model_paths
 from .video import VideoError, VideoOptions
 
 HELP = """commands:

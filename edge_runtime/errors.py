@@ -5,16 +5,15 @@ back to their state before the failed call.
 """
 from __future__ import annotations
 
-from edge_common.errors import EdgeError
-from edge_common.errors import ModelFileError as _MissingModelFile
+from edge_common.errors import EdgeError, ModelFileError
+
+__all__ = ["ContextOverflowError", "DecodeError", "EdgeRuntimeError", "EmptyPromptError", "EngineClosedError",
+           "ModelFileError", "ModelLoadError", "ProjectorMismatchError", "PromptEncodingError",
+           "SavedConversationError", "VisionUnsupportedError"]  # ModelFileError: edge_common's, the one for every layer
 
 
 class EdgeRuntimeError(EdgeError):
     """Base class of the engine's errors (images, templates and grounding have their own EdgeError classes)."""
-
-
-class ModelFileError(EdgeRuntimeError, _MissingModelFile):
-    """A GGUF file, output directory or manifest entry does not exist."""
 
 
 class ModelLoadError(EdgeRuntimeError):

@@ -15,10 +15,10 @@ import click
 from edge_common import cli_options as flags
 from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
+from edge_common.manifest import resolve_model_paths
 from edge_llama.rpc import RpcError, parse_endpoints, probe
 
 from ..disk_cache import user_cache_dir
-from ..manifest_paths import resolve_model_paths
 from .config import ServerOptions
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

@@ -23,10 +23,11 @@ from typing import Any, Callable
 
 import llama_cpp
 
+from edge_common.manifest import resolve_model_paths
+
 from ..detokenize import PieceTable
 from ..engine import Engine
 from ..generation import END_OF_TURN, LENGTH, AnswerStep
-from ..manifest_paths import resolve_model_paths
 from ..sampling import Sampler
 from ..stats import image_report
 from ..open_model import open_engine
