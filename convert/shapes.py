@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as G
 
 from edge_common.floats import FLOAT_TYPES
 from edge_common.gguf_plan import ModelShapes, TensorSize, natural_key
-from edge_models import REFERENCE, family_module
+from edge_models import family_for_hf
 from edge_models.spec import ArchSpec
 
 from .checkpoint import Checkpoint
@@ -48,7 +48,7 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
     spec = spec_for(config)
     if hf is None:
         try:
-            hf = family_module(REFERENCE, spec.name).tensor_shapes(config)
+            hf = family_for_hf(config).module("reference").tensor_shapes(config)
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ConvertError(f"estimating from config.json alone needs torch and transformers ({e}).") from e
     ftypes = {"intermediate": G[intermediate.upper()], **FLOAT_TYPES}
@@ -73,7 +73,8 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
         return tuple(sorted(ts, key=lambda t: natural_key(t.name)))
 
     return ModelShapes({r: ordered(ts["intermediate"]) for r, ts in out.items()}, meta, str(model_dir or "config"),
-                       {r: {k: ordered(v) for k, v in ts.items() if k != "intermediate"} for r, ts in out.items()})
+                       {r: {k: ordered(v) for k, v in ts.items() if k != "intermediate"} for r, ts in out.items()},
+                       architecture=next((o.gguf_arch for o in spec.outputs if o.role == "text"), None))
 
 
 def measure_metadata(model_dir: Path, spec: ArchSpec) -> dict[str, int] | None:

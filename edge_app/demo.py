@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from convert import convert_checkpoint
-from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
+from edge_models import family_for_gguf
 
 DEMO_DIR = Path(".cache/demo")
 
@@ -18,7 +18,8 @@ def main() -> None:
     ckpt = DEMO_DIR / "qwen3-vl-tiny"
     if not (ckpt / "config.json").is_file():
         print(f"building a tiny synthetic Qwen3-VL checkpoint in {ckpt} ...", file=sys.stderr)
-        build_checkpoint(ckpt, SyntheticSpec())
+        synthetic = family_for_gguf().module("synthetic")  # the default family: Qwen3-VL
+        synthetic.build_checkpoint(ckpt, synthetic.SyntheticSpec())
     out = DEMO_DIR / "gguf"
     manifest = convert_checkpoint(ckpt, out, "f16", overwrite=True)
     print(f"converted {ckpt} -> {out}")

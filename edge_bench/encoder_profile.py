@@ -1,7 +1,7 @@
 """One image encode, timed per stage and per operation (`edge-bench --images`).
 
 The stages (patch embedding, attention, MLP, deepstack, merger) come from the model
-family's table of projector weight names (edge_models.qwen3vl.vision.ENCODER_STAGES);
+family's table of projector weight names (VisionFacts.encoder_stages in edge_models);
 the times from ggml's scheduler, node by node (edge_llama.graph_watch). Preprocessing
 (JPEG decode, resize, mtmd's normalisation) is timed around the tokenizer.
 """
@@ -15,9 +15,11 @@ from typing import Sequence
 import numpy as np
 
 from edge_llama.graph_watch import NodeTime
-from edge_models.qwen3vl.vision import ENCODER_STAGES
+from edge_models import family_for_gguf
 
 OTHER = "other"
+# The default family's stages; profile_encode uses those of the projector it profiles.
+ENCODER_STAGES = family_for_gguf().vision.encoder_stages
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def profile_encode(chat, image, detail: str | None = None, *, keep_embeddings: b
         engine.encode_image(loaded)
     profiled_s = time.perf_counter() - t0
     return EncoderProfile(tokens=int(embd.shape[0]), preprocess_s=preprocess_s, encode_s=encode_s,
-                          profiled_s=profiled_s, rows=op_rows(nodes), embeddings=embd if keep_embeddings else None)
+                          profiled_s=profiled_s, rows=op_rows(nodes, engine.vision.facts.encoder_stages), embeddings=embd if keep_embeddings else None)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

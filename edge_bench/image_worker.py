@@ -90,14 +90,15 @@ def run_transformers(case: dict) -> dict:
     import torch
     from PIL import Image
 
-    from edge_models.qwen3vl.reference import Reference
     from edge_common.peak_rss import peak_rss_bytes
+    from edge_models import family_for_checkpoint
 
     from .transformers_worker import _pad_token_id, generate_inputs
 
+    reference = family_for_checkpoint(case["hf_dir"]).module("reference")  # imported before the clock starts
     torch.set_num_threads(case["threads"])
     t0 = time.perf_counter()
-    ref = Reference.load(case["hf_dir"], dtype="bfloat16")
+    ref = reference.Reference.load(case["hf_dir"], dtype="bfloat16")
     load_s = time.perf_counter() - t0
     pad = _pad_token_id(ref)
     ttfts, n_image = [], 0

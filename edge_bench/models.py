@@ -128,12 +128,14 @@ def ensure_synthetic(size: str, cache_dir: str | Path, *, progress: bool = True,
     ckpt, gguf_dir = synthetic_paths(size, cache_dir)
     try:
         from convert import convert_checkpoint
-        from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
+        from edge_models import family_for_gguf
+
+        synthetic = family_for_gguf().module("synthetic")  # the default family: Qwen3-VL's shapes
     except ImportError as exc:
         raise BenchSetupError(f"--synthetic needs the convert extra (pip install 'qwen3-vl-edge[convert]'): {exc}")
     if not (ckpt / "config.json").is_file():  # config.json is written last: its presence marks completion
         log(f"edge-bench: building the {size} synthetic checkpoint in {ckpt} (once)")
-        build_checkpoint(ckpt, SyntheticSpec(size=size))
+        synthetic.build_checkpoint(ckpt, synthetic.SyntheticSpec(size=size))
     if not (gguf_dir / manifest.MANIFEST).is_file():
         log(f"edge-bench: converting it to f16 in {gguf_dir} (once)")
         convert_checkpoint(ckpt, gguf_dir, "f16", progress=progress, overwrite=True)

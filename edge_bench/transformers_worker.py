@@ -64,14 +64,15 @@ def _pad_token_id(ref) -> int:
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
     import torch
 
-    from edge_models.qwen3vl.reference import Reference
+    from edge_models import family_for_checkpoint
 
     m, res = spec.measure, spec.config.resolution
     if not spec.hf_dir:
         raise ValueError("the transformers baseline needs the Hugging Face checkpoint directory")
+    reference = family_for_checkpoint(spec.hf_dir).module("reference")  # imported before the clock starts
     torch.set_num_threads(m.threads)
     t0 = time.perf_counter()
-    ref = Reference.load(spec.hf_dir, dtype="bfloat16")
+    ref = reference.Reference.load(spec.hf_dir, dtype="bfloat16")
     rec.sample("load_s", time.perf_counter() - t0)
     inputs, n_image = generate_inputs(ref, bench_image(res.width, res.height))
     rec.value("image_tokens", n_image)

@@ -1,51 +1,73 @@
 """Model families: every fact about one family in its own package; generic code looks them up here.
 
-A new family (Qwen3-VL MoE, a future Qwen) is one new package plus one line in
-each table below. Importing this module loads no torch or transformers.
+A family is a FamilySpec (edge_models/<family>/family.py) and one entry in
+FAMILIES; generic code finds it by the architecture it holds (a Hugging Face
+config.json, a text GGUF's general.architecture, a projector's clip.projector_type)
+and never imports a family's package itself (tests/test_layers.py checks).
+Importing this module loads no torch or transformers.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .chat_format import ChatFormat
 from .errors import ModelConfigError
-from .qwen3vl import arch as qwen3vl_arch
-from .qwen3vl.chat_format import CHAT_FORMAT as QWEN3VL_CHAT_FORMAT
-from .spec import ArchSpec
+from .qwen3vl.family import FAMILY as QWEN3VL
+from .spec import ArchSpec, FamilySpec, VisionFacts
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (qwen3vl_arch.SPEC,)
-# GGUF general.architecture -> chat markup; None: a GGUF that does not say.
-CHAT_FORMATS: dict[str | None, ChatFormat] = {"qwen3vl": QWEN3VL_CHAT_FORMAT, None: QWEN3VL_CHAT_FORMAT}
-# The converter's ArchSpec name -> the family's calibration input builder module.
-CALIBRATION = {"qwen3vl": "edge_models.qwen3vl.calibration"}
-# ... and its transformers reference module (tensor_shapes: names and shapes from config.json alone).
-REFERENCE = {"qwen3vl": "edge_models.qwen3vl.reference"}
+__all__ = ["FAMILIES", "ArchSpec", "ChatFormat", "FamilySpec", "ModelConfigError", "VisionFacts", "chat_format",
+           "family_for_checkpoint", "family_for_gguf", "family_for_hf", "family_for_projector", "lookup"]
+
+# One entry per family. The first is the default: what a GGUF naming no family we know gets
+# (llama.cpp may still run it; our runtime then uses these processor defaults and markup).
+FAMILIES: tuple[FamilySpec, ...] = (
+    QWEN3VL,
+)
 
 
-def lookup(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:
-    """The ArchSpec for a Hugging Face config.json; ModelConfigError lists the supported ones."""
+def family_for_hf(config: dict[str, Any], config_path: str = "config.json") -> FamilySpec:
+    """The family of a Hugging Face config.json; ModelConfigError lists the supported architectures."""
     names = config.get("architectures") or []
-    for spec in ARCHITECTURES:
-        if any(n in spec.hf_architectures for n in names):
-            return spec
-    supported = ", ".join(a for s in ARCHITECTURES for a in s.hf_architectures)
-    for spec in ARCHITECTURES:
+    for family in FAMILIES:
+        if any(n in family.arch.hf_architectures for n in names):
+            return family
+    supported = ", ".join(a for f in FAMILIES for a in f.arch.hf_architectures)
+    for family in FAMILIES:
         for n in names:
-            if n in spec.unsupported_relatives:
-                raise ModelConfigError(f"{config_path}: {n}: {spec.unsupported_relatives[n]} Supported: {supported}.")
+            if n in family.arch.unsupported_relatives:
+                raise ModelConfigError(f"{config_path}: {n}: {family.arch.unsupported_relatives[n]} "
+                                       f"Supported: {supported}.")
     found = ", ".join(map(str, names)) or f"none (model_type {config.get('model_type')!r})"
     raise ModelConfigError(f"{config_path}: architecture {found} is not supported. Supported: {supported}.")
 
 
+def family_for_checkpoint(model_dir: str | Path) -> FamilySpec:
+    """The family of a Hugging Face checkpoint folder, by its config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelConfigError(f"{path}: unreadable ({exc}); give a Hugging Face checkpoint folder") from None
+    return family_for_hf(config, str(path))
+
+
+def lookup(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:
+    """The converter's ArchSpec for a Hugging Face config.json."""
+    return family_for_hf(config, config_path).arch
+
+
+def family_for_gguf(gguf_arch: str | None = None) -> FamilySpec:
+    """The family of a text GGUF's general.architecture (the default family for None or an unknown one)."""
+    return next((f for f in FAMILIES if gguf_arch in f.gguf_architectures), FAMILIES[0])
+
+
+def family_for_projector(projector_type: str | None = None) -> FamilySpec:
+    """The family of a projector GGUF's clip.projector_type (the default family for None or an unknown one)."""
+    return next((f for f in FAMILIES if projector_type in f.projector_types), FAMILIES[0])
+
+
 def chat_format(gguf_arch: str | None = None) -> ChatFormat:
     """The chat markup of a GGUF text model's architecture (the default family's for unknown ones)."""
-    return CHAT_FORMATS.get(gguf_arch, CHAT_FORMATS[None])
-
-
-def family_module(table: dict[str, str], arch_name: str):
-    """The family module a table names for an ArchSpec name (imported on demand: it may need torch)."""
-    import importlib
-
-    if arch_name not in table:
-        raise ModelConfigError(f"no model package provides this for architecture {arch_name!r}.")
-    return importlib.import_module(table[arch_name])
+    return family_for_gguf(gguf_arch).chat_format

@@ -1,17 +1,24 @@
-"""The shape of an architecture description, as the generic converter and estimator consume it.
+"""The shapes of a model family's description, as generic code consumes them.
 
-A model package (edge_models/<family>/arch.py) fills these in declaratively:
-which Hugging Face architectures it takes, which GGUF files come out, how source
-tensor names map to GGUF names (with any reshaping), and which metadata goes in.
+A model package (edge_models/<family>/) fills these in declaratively: its ArchSpec
+(arch.py: which Hugging Face architectures it takes, which GGUF files come out,
+how source tensor names map to GGUF names, which metadata goes in), its
+VisionFacts (vision.py: processor defaults no GGUF carries) and its FamilySpec
+(family.py: all of it, under the architecture names generic code looks it up by).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 from gguf import GGUFWriter
+
+from .chat_format import ChatFormat
+from .errors import ModelConfigError
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -68,3 +75,68 @@ class ArchSpec:
     outputs: tuple[OutputFile, ...]
     validate: Callable[[Checkpoint], None] = lambda ckpt: None
     unsupported_relatives: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VisionFacts:
+    """A family's image and video processor facts: what the runtime falls back on when a projector
+    GGUF lacks a key, and what no GGUF carries (video sampling, the grounding minimum, the encoder's
+    stages, the projector's compute buffer)."""
+
+    patch_size: int
+    merge_size: int
+    min_tokens: int  # the image processor's bounds, in merged tokens
+    max_tokens: int
+    grounding_min_tokens: int  # detail=high's floor: the family's advice for grounding and OCR
+    temporal_patch_size: int  # video frames per temporal group
+    video_fps: float  # the video processor's sampling defaults
+    video_min_frames: int
+    video_max_frames: int
+    warmup_patches: int  # the image (in patches) mtmd reserves the projector's compute buffer with
+    projector_compute_bytes: Callable[[int, int, int], int]  # (patches, n_embd, n_ff) -> bytes
+    encoder_stages: tuple[tuple[str, str], ...] = ()  # (projector weight-name regex, stage name)
+
+    @property
+    def factor(self) -> int:
+        """Pixels per side of one merged vision token."""
+        return self.patch_size * self.merge_size
+
+
+TOOLS = ("reference", "calibration", "synthetic")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family as generic code sees it; edge_models.FAMILIES lists them.
+
+    Looked up by the Hugging Face architecture of a checkpoint (the converter), the
+    general.architecture of a text GGUF or the clip.projector_type of a projector GGUF
+    (the runtime). A sibling (a MoE variant, a next version) is one more FamilySpec,
+    often its parent's with `dataclasses.replace` of what differs, and one entry in
+    FAMILIES.
+    """
+
+    arch: ArchSpec
+    gguf_architectures: tuple[str, ...]  # general.architecture of its text GGUF
+    projector_types: tuple[str, ...]  # clip.projector_type of its projector GGUF
+    chat_format: ChatFormat
+    vision: VisionFacts
+    # Modules imported only on demand (they need torch/transformers): the transformers reference
+    # (Reference, tensor_shapes), imatrix calibration inputs (model_inputs), random-weight
+    # checkpoints (SyntheticSpec, build_checkpoint).
+    reference: str = ""
+    calibration: str = ""
+    synthetic: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.arch.name
+
+    def module(self, tool: str) -> ModuleType:
+        """The family's `tool` module (one of TOOLS), imported now; ModelConfigError if it has none."""
+        if tool not in TOOLS:
+            raise ValueError(f"tool must be one of {', '.join(TOOLS)}, got {tool!r}")
+        path = getattr(self, tool)
+        if not path:
+            raise ModelConfigError(f"the {self.name} model package provides no {tool} module.")
+        return importlib.import_module(path)

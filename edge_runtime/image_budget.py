@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edge_models.qwen3vl import vision as qwen
 from .resize import PixelBudget, target_size
 from .vision_spec import VisionSpec
 
@@ -127,7 +126,7 @@ def plan_image(
     if detail == "low":
         lo, hi, why = spec.min_tokens, LOW_MAX_TOKENS, f"detail=low: at most {LOW_MAX_TOKENS} tokens"
     elif detail == "high":
-        lo = qwen.GROUNDING_MIN_TOKENS
+        lo = spec.facts.grounding_min_tokens
         hi = max(lo, min(HIGH_MAX_TOKENS, spec.max_tokens))
         why = f"detail=high: {lo}..{hi} tokens (grounding / OCR)"
     else:

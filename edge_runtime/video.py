@@ -23,8 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edge_models import chat_format
-from edge_models.qwen3vl import vision as qwen
+from edge_models import chat_format, family_for_gguf
 
 from .images import ImageError, ImageLimits, data_uri_bytes, load_image, to_rgb_array
 from .prompt import ImageInput
@@ -41,12 +40,14 @@ __all__ = [
     "timestamp_text",
 ]
 
-# The family's video processor defaults and patch geometry (edge_models/qwen3vl/vision.py).
-DEFAULT_FPS = qwen.VIDEO_FPS
-MIN_FRAMES = qwen.VIDEO_MIN_FRAMES
-MAX_FRAMES = qwen.VIDEO_MAX_FRAMES
-TEMPORAL_PATCH = qwen.TEMPORAL_PATCH_SIZE
-FACTOR = qwen.FACTOR
+# The default family's video processor defaults and patch geometry (no GGUF carries them),
+# as its chat markup below.
+_VISION = family_for_gguf().vision
+DEFAULT_FPS = _VISION.video_fps
+MIN_FRAMES = _VISION.video_min_frames
+MAX_FRAMES = _VISION.video_max_frames
+TEMPORAL_PATCH = _VISION.temporal_patch_size
+FACTOR = _VISION.factor
 # mtmd's own bounds on one image's tokens for Qwen-VL projectors: a frame outside them
 # would be resized again by llama.cpp and no longer match transformers.
 MTMD_MIN_TOKENS, MTMD_MAX_TOKENS = 8, 4096

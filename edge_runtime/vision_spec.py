@@ -2,19 +2,22 @@
 
 The image grid (patch x merge), the processor's pixel bounds and the encoder's
 shape (for its cost) come from the `clip.vision.*` keys, so nothing here is
-specific to one model; missing keys fall back to Qwen3-VL's values.
+specific to one model; missing keys fall back to the values of the projector's
+family (edge_models' registry, by clip.projector_type), which also gives what no
+GGUF carries (the grounding minimum, the compute-buffer formula).
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from gguf import GGUFReader, Keys
 
-from edge_models.qwen3vl import vision as qwen
+from edge_models import VisionFacts, family_for_gguf, family_for_hf, family_for_projector
+
 from .resize import PixelBudget
 
 __all__ = ["VisionSpec", "block_weight_type", "hf_vision_spec", "read_vision_spec"]
@@ -32,6 +35,7 @@ class VisionSpec:
     out_dim: int = 0
     deepstack: int = 0  # layers whose features are merged into extra outputs
     weight_type: str = ""  # ggml type of most encoder block weights ("" unknown): sets the encoder's speed
+    facts: VisionFacts = field(default_factory=lambda: family_for_gguf().vision, repr=False)  # the family's
 
     @property
     def signature(self) -> str:
@@ -51,7 +55,7 @@ class VisionSpec:
         """The projector's compute buffer for one image of `tokens` merged tokens (0: shape unknown)."""
         if not (self.hidden and self.ff):
             return 0
-        return qwen.projector_compute_bytes(tokens * self.merge_size ** 2, self.hidden, self.ff)
+        return self.facts.projector_compute_bytes(tokens * self.merge_size ** 2, self.hidden, self.ff)
 
     def encoder_flops(self, tokens: int) -> float:
         """Multiply-adds x 2 of one encode of `tokens` merged tokens (linear layers + attention + mergers)."""
@@ -82,22 +86,24 @@ def read_vision_spec(path: str | Path) -> VisionSpec:
         return default if field is None else field.contents()
 
     v = Keys.ClipVision
-    patch = int(value(v.PATCH_SIZE, qwen.PATCH_SIZE))
-    merge = int(value(v.SPATIAL_MERGE_SIZE, qwen.MERGE_SIZE))
+    facts = family_for_projector(value(Keys.Clip.PROJECTOR_TYPE)).vision
+    patch = int(value(v.PATCH_SIZE, facts.patch_size))
+    merge = int(value(v.SPATIAL_MERGE_SIZE, facts.merge_size))
     area = (patch * merge) ** 2
     min_px, max_px = value(v.IMAGE_MIN_PIXELS), value(v.IMAGE_MAX_PIXELS)
     deep = value(v.IS_DEEPSTACK_LAYERS) or []
     return VisionSpec(
         patch_size=patch,
         merge_size=merge,
-        min_tokens=max(1, int(min_px) // area) if min_px else qwen.PROCESSOR_MIN_TOKENS,
-        max_tokens=max(1, int(max_px) // area) if max_px else qwen.PROCESSOR_MAX_TOKENS,
+        min_tokens=max(1, int(min_px) // area) if min_px else facts.min_tokens,
+        max_tokens=max(1, int(max_px) // area) if max_px else facts.max_tokens,
         hidden=int(value(v.EMBEDDING_LENGTH, 0)),
         ff=int(value(v.FEED_FORWARD_LENGTH, 0)),
         depth=int(value(v.BLOCK_COUNT, 0)),
         out_dim=int(value(Keys.ClipVision.PROJECTION_DIM, 0)),
         deepstack=sum(bool(x) for x in deep),
         weight_type=block_weight_type((t.name, t.tensor_type.name, int(t.n_elements)) for t in reader.tensors),
+        facts=facts,
     )
 
 
@@ -112,9 +118,11 @@ def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: unreadable ({exc}); restore the checkpoint's {name}") from exc
 
-    vc, pre = load("config.json").get("vision_config") or {}, load("preprocessor_config.json")
-    patch = int(vc.get("patch_size") or pre.get("patch_size") or qwen.PATCH_SIZE)
-    merge = int(vc.get("spatial_merge_size") or pre.get("merge_size") or qwen.MERGE_SIZE)
+    config, pre = load("config.json"), load("preprocessor_config.json")
+    facts = family_for_hf(config, str(Path(model_dir) / "config.json")).vision
+    vc = config.get("vision_config") or {}
+    patch = int(vc.get("patch_size") or pre.get("patch_size") or facts.patch_size)
+    merge = int(vc.get("spatial_merge_size") or pre.get("merge_size") or facts.merge_size)
     area = (patch * merge) ** 2
     size = pre.get("size") or {}
     min_px = size.get("shortest_edge", pre.get("min_pixels"))
@@ -122,11 +130,12 @@ def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
     return VisionSpec(
         patch_size=patch,
         merge_size=merge,
-        min_tokens=max(1, int(min_px) // area) if min_px else qwen.PROCESSOR_MIN_TOKENS,
-        max_tokens=max(1, int(max_px) // area) if max_px else qwen.PROCESSOR_MAX_TOKENS,
+        min_tokens=max(1, int(min_px) // area) if min_px else facts.min_tokens,
+        max_tokens=max(1, int(max_px) // area) if max_px else facts.max_tokens,
         hidden=int(vc.get("hidden_size") or 0),
         ff=int(vc.get("intermediate_size") or 0),
         depth=int(vc.get("depth") or 0),
         out_dim=int(vc.get("out_hidden_size") or 0),
         deepstack=len(vc.get("deepstack_visual_indexes") or ()),
+        facts=facts,
     )

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from edge_common.gguf_plan import ModelShapes, TensorSize, natural_key
+from edge_models import family_for_gguf
 
 from . import catalog, kv
 from .errors import QuantError
@@ -102,7 +103,7 @@ def estimate(shapes: ModelShapes, quant: str = "q4_k_m", mmproj_quant: str | Non
     d = TextDims.of(text_ts)
     kvb = kv.kv_bytes_for_rows(d.n_layer, d.k_row, d.v_row, n_ctx, kv_type, kv_type_v)
     return Estimate(qt.name, mq.name, n_ctx, kv.kv_type(kv_type).name, text, mm, kvb, compute_bytes(d, n_ctx),
-                    vision_compute_bytes(mm.tensors) if mm else 0)
+                    vision_compute_bytes(mm.tensors, family_for_gguf(shapes.architecture).vision) if mm else 0)
 
 
 def plan_table(shapes: ModelShapes, n_ctx: int = 4096, kv_type: str = "f16",

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edge_models import CALIBRATION, family_module, lookup
+from edge_models import family_for_hf, lookup
 
 from .calibration import CalibrationSample, builtin_calibration, load_calibration
 from .errors import QuantError
@@ -117,7 +117,7 @@ def compute_imatrix(model_dir: str | Path, calibration: str | Path | Sequence[Ca
         samples = samples[: options.max_samples]
     if options.threads:
         torch.set_num_threads(options.threads)
-    family = family_module(CALIBRATION, lookup(config).name)
+    family = family_for_hf(config).module("calibration")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = family.image_processor(model_dir)
     AutoConfig.from_pretrained(model_dir)  # fail early with transformers' message on a bad config

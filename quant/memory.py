@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from edge_common.gguf_plan import TensorSize
-from edge_models.qwen3vl.vision import projector_compute_bytes
+from edge_models import VisionFacts
 
 from . import kv
 from .errors import QuantError
@@ -54,15 +54,10 @@ def compute_bytes(d: TextDims, n_ctx: int, n_ubatch: int = 512) -> int:
     return 4 * u * (d.n_vocab + 2 * d.n_ff + d.n_embd) + 4 * d.n_vocab
 
 
-# mtmd reserves the projector's compute buffer at warmup with a 1472x1472 image
-# for Qwen-VL-style projectors (92 x 92 patches of 16).
-WARMUP_PATCHES = 92 * 92
-
-
-def vision_compute_bytes(mmproj: Iterable[TensorSize], image_patches: int = WARMUP_PATCHES) -> int:
-    """Projector compute buffer (edge_models.qwen3vl.vision.projector_compute_bytes)."""
+def vision_compute_bytes(mmproj: Iterable[TensorSize], vision: VisionFacts, image_patches: int | None = None) -> int:
+    """Projector compute buffer by the family's formula, for the image mtmd warms up with unless told."""
     ups = [t.shape for t in mmproj if t.name.endswith("ffn_up.weight")]
     if not ups:
         return 0
     d, ff = ups[0][0], ups[0][1]
-    return projector_compute_bytes(image_patches, d, ff)
+    return vision.projector_compute_bytes(vision.warmup_patches if image_patches is None else image_patches, d, ff)

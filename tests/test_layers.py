@@ -179,3 +179,45 @@ def test_no_module_imports_itself_around_a_circle():
     sources = our_sources(*OURS)
     assert len(module_imports(sources)) == len(sources) > 100
     assert import_cycles(sources) == []
+
+
+FAMILY_PACKAGES = tuple(sorted(p.parent.name for p in (ROOT / "edge_models").glob("*/__init__.py")))
+SCRIPTS = ("benchmarks", "examples")
+
+
+def family_imports(files: dict[str, str], families: tuple[str, ...] = FAMILY_PACKAGES) -> list[str]:
+    """'path imports edge_models.<family>' for code outside edge_models that reaches a family's package
+    (absolute imports, `from edge_models import <family>`, lazy ones included)."""
+    out = []
+    for rel, source in sorted(files.items()):
+        if rel.startswith("edge_models/"):
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        hit = sorted({".".join(n.split(".")[:2]) for n in names
+                      if n.split(".")[0] == "edge_models" and n.count(".") and n.split(".")[1] in families})
+        out += [f"{rel} imports {h}" for h in hit]
+    return out
+
+
+def test_generic_code_reaches_model_families_through_the_registry():
+    """Outside edge_models (tests aside) a family's facts come from edge_models' FamilySpec registry, looked up
+    by architecture; importing edge_models.qwen3vl would make a second family an edit of generic code."""
+    planted = {
+        "edge_runtime/a.py": "from edge_models.qwen3vl import vision as qwen\n",
+        "quant/b.py": "def f():\n    import edge_models.qwen3vl.vision\n",
+        "edge_bench/c.py": "from edge_models import qwen3vl, family_for_gguf\n",
+        "edge_app/d.py": "from edge_models import family_for_hf\nfrom edge_models.spec import FamilySpec\n",
+        "edge_models/e.py": "from .qwen3vl.family import FAMILY\nfrom edge_models.qwen3vl import arch\n",
+    }
+    assert family_imports(planted, ("qwen3vl",)) == [
+        "edge_bench/c.py imports edge_models.qwen3vl", "edge_runtime/a.py imports edge_models.qwen3vl",
+        "quant/b.py imports edge_models.qwen3vl"]
+    assert "qwen3vl" in FAMILY_PACKAGES
+    sources = {rel: src for rel, src in our_sources(*OURS, *SCRIPTS).items() if not rel.startswith("edge_models/")}
+    assert {rel.split("/")[0] for rel in sources} == set(OURS + SCRIPTS) - {"edge_models"}  # all scanned
+    assert family_imports(sources) == []

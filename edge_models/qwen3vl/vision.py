@@ -3,6 +3,8 @@ projector GGUF lacks them (projectors converted before `clip.vision.image_min/ma
 written), and the video processor's sampling defaults (no GGUF carries those)."""
 from __future__ import annotations
 
+from ..spec import VisionFacts
+
 # Qwen3-VL's preprocessor_config.json: size.shortest_edge = 65536 pixels and
 # size.longest_edge = 16777216 pixels, i.e. 64 .. 16384 merged 32x32 tokens.
 PROCESSOR_MIN_TOKENS = 64
@@ -33,6 +35,11 @@ def projector_compute_bytes(patches: int, n_embd: int, n_ff: int) -> int:
     return 4 * patches * 2 * (n_embd + n_ff)
 
 
+# mtmd reserves the projector's compute buffer at warm-up with a 1472x1472 image for
+# Qwen-VL-style projectors: 92 x 92 patches of 16.
+WARMUP_PATCHES = 92 * 92
+
+
 # Qwen3VLVideoProcessor's defaults (video_preprocessor_config.json; transformers 4.57 / 5).
 VIDEO_FPS = 2.0
 VIDEO_MIN_FRAMES = 4
@@ -41,3 +48,18 @@ VIDEO_MAX_FRAMES = 768
 TEMPORAL_PATCH_SIZE = 2
 # One merged vision token per FACTOR x FACTOR pixels (patch 16 x spatial merge 2).
 FACTOR = PATCH_SIZE * MERGE_SIZE
+
+FACTS = VisionFacts(
+    patch_size=PATCH_SIZE,
+    merge_size=MERGE_SIZE,
+    min_tokens=PROCESSOR_MIN_TOKENS,
+    max_tokens=PROCESSOR_MAX_TOKENS,
+    grounding_min_tokens=GROUNDING_MIN_TOKENS,
+    temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    video_fps=VIDEO_FPS,
+    video_min_frames=VIDEO_MIN_FRAMES,
+    video_max_frames=VIDEO_MAX_FRAMES,
+    warmup_patches=WARMUP_PATCHES,
+    projector_compute_bytes=projector_compute_bytes,
+    encoder_stages=ENCODER_STAGES,
+)
