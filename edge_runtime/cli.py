@@ -22,7 +22,7 @@ from .chat import VisionChat
 from .images import ImageError
 from .options import EngineOptions, GenerationOptions
 from .disk_cache import user_cache_dir
-from .video import VideoError, VideoOptions
+from .video import DEFAULT_FPS, VideoError, VideoOptions
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
@@ -44,7 +44,8 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
 @flags.mmproj()
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image for the (first) question; repeatable.")
 @click.option("--video", "videos", multiple=True, type=click.Path(path_type=Path), help="Video for the (first) question; repeatable (needs the [video] extra).")
-@click.option("--video-fps", default=2.0, show_default=True, type=float, help="Frames sampled per second of video (Qwen's rate).")
+@click.option("--video-fps", default=DEFAULT_FPS, show_default=True, type=float,
+              help="Frames sampled per second of video (the model family's rate).")
 @click.option("--video-max-frames", default=None, type=int, help="Most frames per video (default: what the token budget affords).")
 @click.option("--video-max-tokens", default=None, type=int, help="Vision tokens for one whole video (default: 512 on a CPU, 2048 on a GPU).")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
