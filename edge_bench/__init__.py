@@ -11,7 +11,7 @@ package loads no model library.
 """
 from __future__ import annotations
 
-from edge_runtime.lazy_exports import lazy_getattr
+from edge_common.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "BenchOptions": "options",

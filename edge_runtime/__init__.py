@@ -8,7 +8,7 @@ Names are imported lazily, so `import edge_runtime.images` does not load llama.c
 """
 from __future__ import annotations
 
-from .lazy_exports import lazy_getattr
+from edge_common.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "VisionChat": "chat",

@@ -35,7 +35,8 @@ class VisionSpec:
     out_dim: int = 0
     deepstack: int = 0  # layers whose features are merged into extra outputs
     weight_type: str = ""  # ggml type of most encoder block weights ("" unknown): sets the encoder's speed
-    facts: VisionFacts = field(default_factory=lambda: family_for_gguf().vision, repr=False)  # the family's
+    # what its family knows that no GGUF key says (grounding minimum, compute-buffer formula)
+    facts: VisionFacts = field(default_factory=lambda: family_for_gguf().vision, repr=False)
 
     @property
     def signature(self) -> str:
