@@ -83,7 +83,7 @@ def test_encoder_cache_is_lru_and_bounded_in_bytes():
     arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abcd")}  # 400 bytes each
     for k in "abc":
         cache.put(k, arrays[k])
-    assert cache.get("a") is not None  # a is now most recent
+    assert np.array_equal(cache.get("a"), arrays["a"])  # the stored values; a is now most recent
     cache.put("d", arrays["d"])
     assert "b" not in cache and all(k in cache for k in "acd")
     assert cache.nbytes == 1200 and len(cache) == 3
