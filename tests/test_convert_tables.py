@@ -1,9 +1,9 @@
 """The converter's Qwen3-VL rules on fake tensors of a few floats, without torch or transformers.
 
-In the style of Ollama's convert/convert_qwen3vl_test.go: a hand-made checkpoint
-(numpy arrays written with safetensors' numpy API, a config.json, a two-merge BPE
-tokenizer) goes through `convert_checkpoint`, and the GGUF files it writes are read
-back with gguf-py's reader and compared with fixed tables. The tables are written
+In the style of Ollama's convert/convert_qwen3vl_test.go: a hand-made checkpoint (numpy
+arrays in a safetensors file, a config.json, a two-merge BPE tokenizer) goes through
+`convert_checkpoint`, and the GGUF files it writes are read back with gguf-py's reader and
+compared with fixed tables. The tables are written
 out by hand from llama.cpp as vendored in the llama-cpp-python 0.3.36 sdist
 (vendor/llama.cpp): `conversion/qwen3vl.py` (Qwen3VLVisionModel: the Conv3D split,
 merger fc1/fc2 -> mm.0/mm.2, deepstack list index -> absolute block, image_size =
@@ -14,11 +14,13 @@ GGUF names and key strings). Nothing here asks the code under test what to expec
 The transformers parity tests (test_parity.py) stay the proof on real weights.
 
 These tests import no torch: `test_this_module_runs_with_torch_and_transformers_blocked`
-runs them again in a fresh interpreter where importing either raises.
+runs them again in a fresh interpreter where importing torch, transformers or safetensors
+raises (what a runtime-only install, the arm64 lane, has).
 """
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -156,15 +158,28 @@ def fake_values(shape: tuple[int, ...], start: int) -> np.ndarray:
     return np.arange(start, start + int(np.prod(shape)), dtype=np.float32).reshape(shape)
 
 
-def write_checkpoint(root: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import save_file  # the format's own writer, not our reader's mirror image
+def save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """float32 tensors in the safetensors layout (huggingface/safetensors README: an 8-byte
+    little-endian header size, a JSON header of dtype/shape/data_offsets, then the bytes),
+    written here so the test needs no package beyond numpy (a runtime-only install has none)."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        blob = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
+
+def write_checkpoint(root: Path) -> dict[str, np.ndarray]:
     root.mkdir(parents=True, exist_ok=True)
     tensors, start = {}, 0
     for name, shape in HF_SHAPES.items():
         tensors[name] = fake_values(shape, start)
         start += tensors[name].size
-    save_file(tensors, str(root / "model.safetensors"))
+    save_safetensors(tensors, root / "model.safetensors")
     for name, data in (("config.json", CONFIG), ("preprocessor_config.json", PREPROCESSOR),
                        ("tokenizer.json", TOKENIZER), ("tokenizer_config.json", TOKENIZER_CONFIG)):
         (root / name).write_text(json.dumps(data))
@@ -308,7 +323,7 @@ def test_real_2b_config_gives_the_keys_llama_cpp_writes(tmp_path):
 def test_this_module_runs_with_torch_and_transformers_blocked():
     """A Pi-like interpreter: `import torch` / `import transformers` raise; this file's other tests
     still pass (no conftest: the shared fixtures build checkpoints with torch)."""
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; import pytest; "
+    code = ("import sys; sys.modules.update(dict.fromkeys(('torch', 'transformers', 'safetensors'))); import pytest; "
             f"sys.exit(pytest.main(['-q', '--noconftest', '-p', 'no:cacheprovider', {str(HERE)!r}, "
             "'-k', 'not blocked']))")
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE.parents[1], capture_output=True, text=True,
