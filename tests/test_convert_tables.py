@@ -210,22 +210,24 @@ def converted(tmp_path_factory):
     return source, text, mmproj
 
 
+def assert_copied(names: dict[str, str], written: dict, source: dict[str, np.ndarray]) -> None:
+    """Each HF tensor is in the GGUF under its llama.cpp name with its shape and every value, as f32."""
+    for hf, gguf_name in names.items():
+        shape, ttype, data = written[gguf_name]
+        assert shape == HF_SHAPES[hf] and ttype == T.F32, gguf_name
+        assert np.array_equal(data, source[hf]), gguf_name
+
+
 def test_text_tensors_keep_their_values_under_llama_cpp_names(converted):
     source, (_, text), _ = converted
     assert sorted(text) == sorted(TEXT_NAMES.values())
-    for hf, gguf_name in TEXT_NAMES.items():
-        shape, ttype, data = text[gguf_name]
-        assert shape == HF_SHAPES[hf] and ttype == T.F32, gguf_name
-        assert np.array_equal(data, source[hf]), gguf_name
+    assert_copied(TEXT_NAMES, text, source)
 
 
 def test_projector_tensors_keep_their_values_under_llama_cpp_names(converted):
     source, _, (_, mmproj) = converted
     assert sorted(mmproj) == sorted([*VISION_NAMES.values(), "v.patch_embd.weight", "v.patch_embd.weight.1"])
-    for hf, gguf_name in VISION_NAMES.items():
-        shape, ttype, data = mmproj[gguf_name]
-        assert shape == HF_SHAPES[hf] and ttype == T.F32, gguf_name
-        assert np.array_equal(data, source[hf]), gguf_name
+    assert_copied(VISION_NAMES, mmproj, source)
 
 
 def test_conv3d_patch_embedding_splits_into_two_frames(converted):

@@ -55,14 +55,19 @@ def qwen_vl_smart_resize(height: int, width: int, factor: int, min_pixels: int, 
     return h_bar, w_bar
 
 
+def sizes_and_budgets(seed: int, n: int = 500):
+    """(height, width, min_tokens, max_tokens) drawn at random, aspect ratios up to 150."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        h, w = (int(x) for x in rng.integers(8, 5000, size=2))
+        if max(h, w) / min(h, w) <= 150:
+            lo, hi = sorted(int(x) for x in rng.integers(1, 5000, size=2))
+            yield h, w, lo, hi
+
+
 def test_target_size_equals_the_formula_on_many_sizes():
     """Without transformers too: the runtime's resize against the formula restated in this file."""
-    rng = np.random.default_rng(1)
-    for _ in range(500):
-        w, h = (int(x) for x in rng.integers(8, 5000, size=2))
-        if max(h, w) / min(h, w) > 150:
-            continue
-        lo, hi = sorted(int(x) for x in rng.integers(1, 5000, size=2))
+    for h, w, lo, hi in sizes_and_budgets(1):
         budget = PixelBudget.from_tokens(factor=FACTOR, min_tokens=lo, max_tokens=hi)
         h_bar, w_bar = qwen_vl_smart_resize(h, w, FACTOR, lo * FACTOR ** 2, hi * FACTOR ** 2)
         assert target_size((w, h), budget) == (w_bar, h_bar), (w, h, lo, hi)
@@ -71,12 +76,7 @@ def test_target_size_equals_the_formula_on_many_sizes():
 def test_smart_resize_equals_transformers_on_many_sizes():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        h, w = (int(x) for x in rng.integers(8, 5000, size=2))
-        if max(h, w) / min(h, w) > 150:
-            continue
-        lo, hi = sorted(int(x) for x in rng.integers(1, 5000, size=2))
+    for h, w, lo, hi in sizes_and_budgets(0):
         kw = dict(factor=FACTOR, min_pixels=lo * FACTOR ** 2, max_pixels=hi * FACTOR ** 2)
         assert smart_resize(h, w, **kw) == hf_smart_resize(h, w, **kw)
 
