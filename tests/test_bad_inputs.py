@@ -38,11 +38,15 @@ def test_nan_temperature_refused_by_visionchat_and_edge_chat(chat, tiny_f16_dir)
 
 
 def test_lone_surrogate_is_refused_naming_its_position(chat):
+    before = list(chat.history)
     with pytest.raises(PromptEncodingError, match=r"the prompt .* \(U\+D800\) at character 4"):
         chat.ask("abc \ud800 def", max_tokens=2)
     with pytest.raises(PromptEncodingError, match=r"messages\[0\]\.content .* at character 0"):
         chat.generate([{"role": "user", "content": "\udfff"}], max_tokens=2)
-    assert chat.ask("abc def", max_tokens=2, temperature=0) is not None  # the chat is still usable
+    assert chat.history == before  # the refused calls left the conversation as it was
+    answer = chat.ask("abc def", max_tokens=2, temperature=0)  # and the chat is still usable
+    assert isinstance(answer, str) and chat.last_stats.prompt_tokens > 0
+    assert len(chat.history) == len(before) + 2 and chat.history[-1] == {"role": "assistant", "content": answer}
 
 
 @pytest.mark.parametrize("cli, args, message", [

@@ -5,6 +5,7 @@ import ctypes
 import json
 import os
 from pathlib import Path
+import subprocess
 import sys
 
 import llama_cpp
@@ -82,7 +83,7 @@ def test_encoder_cache_is_lru_and_bounded_in_bytes():
     arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abcd")}  # 400 bytes each
     for k in "abc":
         cache.put(k, arrays[k])
-    assert cache.get("a") is not None  # a is now most recent
+    assert np.array_equal(cache.get("a"), arrays["a"])  # the stored values; a is now most recent
     cache.put("d", arrays["d"])
     assert "b" not in cache and all(k in cache for k in "acd")
     assert cache.nbytes == 1200 and len(cache) == 3
@@ -172,10 +173,34 @@ def test_ubatch_is_small_on_the_cpu_and_whole_on_a_gpu():
         EngineOptions(mmap="never")
 
 
-def test_freed_buffers_go_back_to_the_os_unless_malloc_is_tuned(monkeypatch):
-    import platform
+# In a fresh interpreter: free a 1 MiB block, allocate the same size again, and say whether the
+# second one came from the brk heap (it then stays resident after free) -- read from /proc/self/maps.
+_REUSE_PROBE = r"""
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "fixed":
+    from edge_llama.backend import return_freed_memory
+    print(return_freed_memory())
+libc.free(libc.malloc(1 << 20))
+again = libc.malloc(1 << 20)
+heap = [[int(x, 16) for x in line.split()[0].split("-")] for line in open("/proc/self/maps") if "[heap]" in line]
+print(any(lo <= again < hi for lo, hi in heap))
+"""
 
-    assert return_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads glibc's behaviour through /proc/self/maps")
+def test_freed_buffers_go_back_to_the_os_unless_malloc_is_tuned(monkeypatch):
+    """glibc alone raises its mmap threshold after a large free, so the next buffer of that size lands
+    on the heap; after return_freed_memory() it is mapped again (and unmapped when freed)."""
+    def probe(mode: str) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], cwd=Path(__file__).parents[1], env=env,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    assert probe("default") == ["True"]  # the probe sees glibc's own behaviour: the buffer is on the heap
+    assert probe("fixed") == ["True", "False"]  # set, and the same buffer is now a mapping of its own
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     assert return_freed_memory() is False  # the user's setting wins
 

@@ -6,6 +6,7 @@ checkpoint) and from fixed tables; nothing is computed by the code under test.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -34,17 +35,48 @@ FACTOR = 32
 def test_target_size_follows_hf_smart_resize_rules(size, tokens, expected):
     budget = PixelBudget.from_tokens(factor=FACTOR, min_tokens=tokens[0], max_tokens=tokens[1])
     assert target_size(size, budget) == expected
+    # the hand-computed row agrees with the published formula, restated below
+    h, w = qwen_vl_smart_resize(size[1], size[0], FACTOR, tokens[0] * FACTOR ** 2, tokens[1] * FACTOR ** 2)
+    assert (w, h) == expected
+
+
+def qwen_vl_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's smart_resize (qwen-vl-utils, reused by Qwen3-VL's processor), restated here from
+    its definition: round each side to the nearest multiple of `factor` (Python's round: half to
+    even), then scale both sides down (floor) or up (ceil) by one factor to meet the pixel bounds."""
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def sizes_and_budgets(seed: int, n: int = 500):
+    """(height, width, min_tokens, max_tokens) drawn at random, aspect ratios up to 150."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        h, w = (int(x) for x in rng.integers(8, 5000, size=2))
+        if max(h, w) / min(h, w) <= 150:
+            lo, hi = sorted(int(x) for x in rng.integers(1, 5000, size=2))
+            yield h, w, lo, hi
+
+
+def test_target_size_equals_the_formula_on_many_sizes():
+    """Without transformers too: the runtime's resize against the formula restated in this file."""
+    for h, w, lo, hi in sizes_and_budgets(1):
+        budget = PixelBudget.from_tokens(factor=FACTOR, min_tokens=lo, max_tokens=hi)
+        h_bar, w_bar = qwen_vl_smart_resize(h, w, FACTOR, lo * FACTOR ** 2, hi * FACTOR ** 2)
+        assert target_size((w, h), budget) == (w_bar, h_bar), (w, h, lo, hi)
 
 
 def test_smart_resize_equals_transformers_on_many_sizes():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        h, w = (int(x) for x in rng.integers(8, 5000, size=2))
-        if max(h, w) / min(h, w) > 150:
-            continue
-        lo, hi = sorted(int(x) for x in rng.integers(1, 5000, size=2))
+    for h, w, lo, hi in sizes_and_budgets(0):
         kw = dict(factor=FACTOR, min_pixels=lo * FACTOR ** 2, max_pixels=hi * FACTOR ** 2)
         assert smart_resize(h, w, **kw) == hf_smart_resize(h, w, **kw)
 
@@ -100,7 +132,9 @@ def reference(tiny_model_dir):
     return Reference.load(tiny_model_dir)
 
 
-def hf_embeddings(ref: Reference, model_dir, image: Image.Image, min_tokens: int, max_tokens: int) -> np.ndarray:
+def hf_embeddings(ref: Reference, model_dir, image: Image.Image, min_tokens: int,
+                  max_tokens: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """transformers' embeddings of `image` and the token grid (columns, rows) its processor chose."""
     import torch
 
     processor = image_processor(model_dir)
@@ -113,7 +147,9 @@ def hf_embeddings(ref: Reference, model_dir, image: Image.Image, min_tokens: int
     deep = getattr(res, "deepstack_features", None)
     if main is None:
         main, deep = res
-    return torch.cat([main, *deep], dim=-1).float().numpy()
+    _, rows, cols = (int(v) for v in out["image_grid_thw"][0])  # in patches; a token merges 2 x 2
+    merge = processor.merge_size
+    return torch.cat([main, *deep], dim=-1).float().numpy(), (cols // merge, rows // merge)
 
 
 def assert_close(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -136,11 +172,9 @@ def test_image_embeddings_match_transformers_at_any_size_and_budget(
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, image_min_tokens=min_tokens,
                              image_max_tokens=max_tokens) as chat:
         encoded = chat.encode_image(image)
-    theirs = hf_embeddings(reference, tiny_model_dir, image, min_tokens, max_tokens)
-    h, w = smart_resize(size[1], size[0], factor=FACTOR, min_pixels=min_tokens * FACTOR ** 2,
-                        max_pixels=max_tokens * FACTOR ** 2)
-    assert encoded.grid == (w // FACTOR, h // FACTOR)
-    assert encoded.n_tokens == (w // FACTOR) * (h // FACTOR)
+    theirs, grid = hf_embeddings(reference, tiny_model_dir, image, min_tokens, max_tokens)
+    assert encoded.grid == grid  # the grid transformers' processor chose, not ours recomputed
+    assert encoded.n_tokens == grid[0] * grid[1]
     assert_close(encoded.embeddings, theirs)
 
 
@@ -149,6 +183,6 @@ def test_large_jpeg_through_draft_mode_still_matches_transformers(tiny_f32_dir, 
     photo = jpeg_bytes(make_test_image(2016, 1512, seed=8))
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=1024, image_max_tokens=64) as chat:
         encoded = chat.encode_image(photo)
-    theirs = hf_embeddings(reference, tiny_model_dir, Image.open(io.BytesIO(photo)).convert("RGB"), 8, 64)
-    assert encoded.size == (288, 192)
+    theirs, grid = hf_embeddings(reference, tiny_model_dir, Image.open(io.BytesIO(photo)).convert("RGB"), 8, 64)
+    assert encoded.size == (288, 192) and encoded.grid == grid == (9, 6)
     assert_close(encoded.embeddings, theirs)

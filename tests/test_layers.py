@@ -75,8 +75,13 @@ def markup_literals(source: str, pattern: re.Pattern = MARKUP) -> list[str]:
 
 
 def our_sources(*packages: str) -> dict[str, str]:
-    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
-            for pkg in packages for p in sorted((ROOT / pkg).rglob("*.py"))}
+    """{path relative to ROOT: source} of every module in `packages`; a package with no file fails
+    the check that asked (a moved or misspelt package would otherwise pass on nothing)."""
+    found = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8")
+             for pkg in packages for p in sorted((ROOT / pkg).rglob("*.py"))}
+    empty = [pkg for pkg in packages if not any(rel.startswith(pkg + "/") for rel in found)]
+    assert not empty, f"no Python file found in {empty} under {ROOT}: the check would pass on nothing"
+    return found
 
 
 def test_checker_sees_a_wrong_arrow():
@@ -115,6 +120,52 @@ def test_converter_and_quantizer_name_no_model_family():
              if (lits := markup_literals(src, FAMILY_NAME))}
     assert found == {}
     assert markup_literals('ARCH = "qwen3vl"\n', FAMILY_NAME) == ["qwen3vl"]  # the check can fail
+
+
+def plant_tree(root: Path, extra: dict[str, str]) -> None:
+    """A stand-in repository: an empty __init__.py per package of ours, plus `extra` files."""
+    for pkg in OURS:
+        (root / pkg).mkdir(parents=True, exist_ok=True)
+        (root / pkg / "__init__.py").write_text("")
+    for rel, source in extra.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(source)
+
+
+# each source check above -> a file that breaks its rule (and the words its report must name)
+PLANTED = {
+    test_arrows_point_one_way: ("quant/bad_arrow.py", "def f():\n    from convert.pipeline import plan_output\n",
+                                "quant/bad_arrow.py imports convert"),
+    test_generic_code_spells_no_chat_markup: ("edge_runtime/eot.py", 'EOT = "<|im_end|>"\n', "<|im_end|>"),
+    test_converter_and_quantizer_name_no_model_family: ("convert/family.py", 'ARCH = "qwen3vl"\n', "qwen3vl"),
+}
+
+
+@pytest.mark.parametrize("check", list(PLANTED), ids=lambda f: f.__name__)
+def test_each_source_check_fails_on_a_planted_file_and_on_no_files(check, tmp_path, monkeypatch):
+    """The checks above, run as they are on a temporary tree: clean, it passes; with one violating
+    file, it fails naming it; with a package folder empty, it fails rather than pass on nothing."""
+    rel, source, named = PLANTED[check]
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "clean")
+    plant_tree(tmp_path / "clean", {})
+    check()
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "planted")
+    plant_tree(tmp_path / "planted", {rel: source})
+    with pytest.raises(AssertionError) as caught:
+        check()
+    assert named in str(caught.value)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AssertionError, match="no Python file found"):
+        check()
+
+
+def test_the_torch_free_import_check_fails_on_a_module_that_loads_torch_or_convert():
+    """The subprocess check below reports what the imports drag in (here loaded on purpose)."""
+    with pytest.raises(AssertionError, match="torch"):
+        test_runtime_imports_without_torch_convert_or_quant("edge_models, torch")
+    with pytest.raises(AssertionError, match="convert"):
+        test_runtime_imports_without_torch_convert_or_quant("edge_models, convert")
 
 
 @pytest.mark.parametrize("modules", [

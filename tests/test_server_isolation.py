@@ -2,6 +2,7 @@
 never the server; the engine comes back and the next request is answered."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import threading
@@ -41,6 +42,19 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def stop_next_engine(server_pid: int, old: list[int], timeout_s: float = 120.0) -> int:
+    """SIGSTOP the engine process the server starts next, as soon as it appears (before it can load
+    the model: the restart backoff alone is 1 s), and return its pid."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        new = [pid for pid in child_pids(server_pid) if pid not in old]
+        if new:
+            os.kill(new[0], signal.SIGSTOP)
+            return new[0]
+        time.sleep(0.005)
+    raise AssertionError("the server started no new engine process")
+
+
 def long_body(stream: bool) -> dict:
     return {"model": "any", "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 1500,
             "temperature": 0, "stream": stream, "ignore_eos": True}
@@ -67,6 +81,7 @@ def test_sigkill_mid_stream_gives_an_error_event_and_the_engine_comes_back(serve
     while parse_metrics(httpx.get(server.url("/metrics")).text)["edge_slots_busy"] < 2:  # both are in the engine
         assert time.monotonic() < deadline, "the non-streaming request never reached the engine"
         time.sleep(0.02)
+    hold = concurrent.futures.ThreadPoolExecutor(1).submit(stop_next_engine, server.pid, engines)
     os.kill(engines[0], signal.SIGKILL)
     with pytest.raises(openai.APIError) as caught:
         for _ in pieces:
@@ -79,16 +94,25 @@ def test_sigkill_mid_stream_gives_an_error_event_and_the_engine_comes_back(serve
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "engine_crashed" and "SIGKILL" in resp.json()["error"]["message"]
 
-    seen = []
+    # The restart window (1 s backoff + the new process loading the model) is held open by stopping
+    # the new engine process as soon as it exists: /health is read while it certainly is not ready,
+    # whatever the machine's load (a first poll after the window would see "ok": the old race).
+    held = hold.result(timeout=120)
+    try:
+        health = httpx.get(server.url("/health"), timeout=10)
+        assert health.status_code == 503, (health.status_code, health.text)
+        body = health.json()
+        assert body["status"] == "restarting" and body["restarts"] == 1 and "SIGKILL" in body["last_exit"], body
+        refused = httpx.post(server.url("/v1/chat/completions"), json=long_body(False), timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_restarting", refused.text
+        assert "Retry-After" in refused.headers
+    finally:
+        os.kill(held, signal.SIGCONT)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        health = httpx.get(server.url("/health"), timeout=5)
-        seen.append(health.json()["status"])
-        if health.status_code == 200:
-            break
+    while httpx.get(server.url("/health"), timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the restarted engine never became ready"
         time.sleep(0.1)
-    assert seen[0] == "restarting" and seen[-1] == "ok", seen
-    assert child_pids(server.pid) != engines
+    assert child_pids(server.pid) == [held]
 
     answer = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hello there"}],
                                             max_tokens=8, temperature=0)

@@ -137,10 +137,14 @@ def test_many_images_fit_until_the_context_then_a_clear_error(chat, test_image):
     chat.reset()
     chat.ask("Compare.", images=[test_image] * 6, max_tokens=2)  # 6 x 48 image tokens
     assert chat.last_stats.images == 6
+    before = list(chat.history)
     with pytest.raises(ContextOverflowError, match=r"needs \d+ tokens.*n_ctx=1024"):
         # detail low keeps each at its natural 48 tokens (auto would split the half context among the 30)
         chat.ask("More.", images=[test_image] * 30, detail="low", max_tokens=2)
-    assert chat.ask("Still there?", max_tokens=2) is not None
+    assert chat.history == before  # the refused turn left the conversation as it was
+    answer = chat.ask("Still there?", max_tokens=2)
+    assert len(chat.history) == len(before) + 2 and chat.history[-1] == {"role": "assistant", "content": answer}
+    assert chat.last_stats.images == 6  # the six images of the kept turn are still in the prompt
     chat.reset()
 
 
