@@ -196,6 +196,11 @@ class VisionChat:
         return ToolAnswer(content, calls)
 
     def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, **gen: Any) -> Iterator[str]:
+        """`generate` as text pieces while they are decoded (edge-serve's streams, a UI that types).
+
+        Like `generate`, it leaves the chat history alone; `last_stats` is filled when the
+        iterator ends.
+        """
         t_start = time.perf_counter()
         template_messages, images = split_messages(
             messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share),
@@ -320,6 +325,7 @@ class VisionChat:
         return chat
 
     def close(self) -> None:
+        """Free the model, context and projector now (they hold GBs) instead of at garbage collection."""
         self._drop_attached()  # its thread uses the engine
         self.engine.close()
 
@@ -331,6 +337,7 @@ class VisionChat:
 
     @property
     def has_vision(self) -> bool:
+        """Whether a projector is loaded: without one, images and videos are refused."""
         return self.engine.has_vision
 
     # ------------------------------------------------------------ internals
