@@ -6,8 +6,9 @@ without a word. This hook walks what each `::: identifier` block renders, with t
 rule (public means no leading underscore, members defined in the object itself, plain
 attributes and dataclass fields excepted: the class docstring speaks for them) and logs a
 warning per object without a docstring; `mkdocs build --strict` turns it into a failure.
-It also warns when a name of a package's `__all__` (the packages in COMPLETE) appears in
-no `:::` block, so a new export cannot be left out of the reference.
+It also warns when a name of a package's `__all__` (the packages listed under
+`extra: api_complete:` in mkdocs.yml) appears in no `:::` block, so a new export cannot be
+left out of the reference.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import griffe
 
 log = logging.getLogger("mkdocs.hooks.api_docstrings")
 BLOCK = re.compile(r"^::: *([A-Za-z_][\w.]*) *$", re.MULTILINE)
-COMPLETE = ("edge_runtime",)  # packages whose whole __all__ the reference must show
-
 _loader: griffe.GriffeLoader | None = None
 _shown: set[str] = set()
 
@@ -78,8 +77,8 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_post_build(config):
-    """Warn for every export of a COMPLETE package that no page shows."""
-    for package in COMPLETE:
+    """Warn for every export of an `api_complete` package that no page shows."""
+    for package in config.extra.get("api_complete", []):
         exported = getattr(importlib.import_module(package), "__all__", [])
         shown = {i.rsplit(".", 1)[-1] for i in _shown if i.split(".")[0] == package}
         for name in sorted(set(exported) - shown):
