@@ -43,9 +43,10 @@ from .tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_te
 class VisionChat:
     """Chat with a Qwen3-VL GGUF pair about images, keeping the conversation in the KV cache.
 
-    >>> with VisionChat.from_dir("out/") as chat:
-    ...     chat.ask("What is in this picture?", images=["photo.jpg"])
-    ...     chat.ask("And what colour is it?")  # no re-encoding, no re-prefill
+    Examples:
+        >>> with VisionChat.from_dir("out/") as chat:
+        ...     chat.ask("What is in this picture?", images=["photo.jpg"])
+        ...     chat.ask("And what colour is it?")  # no re-encoding, no re-prefill
     """
 
     def __init__(
