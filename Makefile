@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS  := -DGGML_RPC=on $(CMAKE_ARGS)
 WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
 WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
 
-.PHONY: setup llama-wheel browser demo test bench clean
+.PHONY: setup llama-wheel browser demo test docs bench clean
 
 setup: $(STAMP)
 
@@ -61,8 +61,15 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# The site (docs/, mkdocs.yml) into site/. --strict: a broken link or anchor, an API entry that
+# cannot be found or shows an object without a docstring (docs/hooks/) fails the build.
+docs: $(STAMP)
+	@$(BIN)/python -c 'import mkdocs, material, mkdocstrings_handlers.python' 2>/dev/null || \
+		$(BIN)/python -m pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python -m edge_bench --synthetic 2b
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build site *.egg-info

@@ -33,6 +33,12 @@ ROW_BLOCK_BYTES = 64 << 20  # float32 working set per write step
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """What `convert_checkpoint` was asked for, in one frozen value the pipeline passes down.
+
+    The converter writes float types only (`quant` and `mmproj_quant`: f32, f16 or bf16);
+    quantized types go through `edge_app.pipeline.convert_quantized`.
+    """
+
     quant: str = "f16"
     mmproj_quant: str | None = None  # default: the text model's float type
     overwrite: bool = False

@@ -40,6 +40,12 @@ INTERMEDIATE = "f16"
 
 @dataclass(frozen=True)
 class QuantizeOptions:
+    """Everything `edge-convert --quant` decides, fixed before a byte is written.
+
+    Frozen so that the free-space plan, the intermediate, the quantizers and the manifest all
+    see the same choices; the CLI fills it from its flags.
+    """
+
     quant: str = "q4_k_m"
     mmproj_quant: str | None = None  # default: catalog.default_projector_type(quant)
     imatrix: str | Path | None = None  # None, "auto" or an imatrix file
@@ -55,6 +61,7 @@ class QuantizeOptions:
 
     @property
     def auto_imatrix(self) -> bool:
+        """True when the importance matrix is computed here ("auto") rather than read from a file."""
         return self.imatrix is not None and str(self.imatrix).lower() == "auto"
 
 

@@ -45,9 +45,10 @@ from .tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_te
 class VisionChat:
     """Chat with a Qwen3-VL GGUF pair about images, keeping the conversation in the KV cache.
 
-    >>> with VisionChat.from_dir("out/") as chat:
-    ...     chat.ask("What is in this picture?", images=["photo.jpg"])
-    ...     chat.ask("And what colour is it?")  # no re-encoding, no re-prefill
+    Examples:
+        >>> with VisionChat.from_dir("out/") as chat:
+        ...     chat.ask("What is in this picture?", images=["photo.jpg"])
+        ...     chat.ask("And what colour is it?")  # no re-encoding, no re-prefill
     """
 
     def __init__(
@@ -198,6 +199,11 @@ class VisionChat:
         return ToolAnswer(content, calls)
 
     def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, **gen: Any) -> Iterator[str]:
+        """`generate` as text pieces while they are decoded (edge-serve's streams, a UI that types).
+
+        Like `generate`, it leaves the chat history alone; `last_stats` is filled when the
+        iterator ends.
+        """
         t_start = time.perf_counter()
         template_messages, images = split_messages(
             messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share),
@@ -322,6 +328,7 @@ class VisionChat:
         return chat
 
     def close(self) -> None:
+        """Free the model, context and projector now (they hold GBs) instead of at garbage collection."""
         self._drop_attached()  # its thread uses the engine
         self.engine.close()
 
@@ -333,6 +340,7 @@ class VisionChat:
 
     @property
     def has_vision(self) -> bool:
+        """Whether a projector is loaded: without one, images and videos are refused."""
         return self.engine.has_vision
 
     # ------------------------------------------------------------ internals

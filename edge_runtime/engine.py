@@ -90,6 +90,13 @@ def _check_file(path: str | Path, what: str) -> Path:
 
 
 class Engine(Closeable):
+    """A text GGUF and its projector loaded once, serving any number of prompts on its sequences.
+
+    `VisionChat` and edge-serve build on it; use it directly only for what they do not offer.
+    It remembers what each KV-cache sequence holds, so a prompt sharing a prefix with the last
+    one evaluates only what is new.
+    """
+
     def __init__(
         self, model_path: str | Path, mmproj_path: str | Path | None = None, options: EngineOptions | None = None
     ) -> None:
@@ -291,6 +298,7 @@ class Engine(Closeable):
 
     @property
     def chat_template(self) -> str | None:
+        """The GGUF's Jinja chat template (None when the file has none): prompts must be rendered with it."""
         raw = llama_cpp.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8") if raw else None
 
@@ -305,18 +313,22 @@ class Engine(Closeable):
 
     @property
     def has_vision(self) -> bool:
+        """Whether a projector is loaded: without one, image prompts are refused."""
         return self._mctx is not None
 
     @property
     def model(self) -> Any:
+        """The raw llama_model handle, for edge_llama calls the engine does not wrap; owned by the engine."""
         return self._model
 
     @property
     def ctx(self) -> Any:
+        """The raw llama_context handle; owned by the engine, not thread-safe: one user at a time."""
         return self._ctx
 
     @property
     def vocab(self) -> Any:
+        """The raw llama_vocab handle (tokenizing, special tokens); valid while the engine is open."""
         return self._vocab
 
     @property
@@ -335,6 +347,7 @@ class Engine(Closeable):
 
     @staticmethod
     def take_log_errors() -> list[str]:
+        """llama.cpp's recent error lines, consumed, so a failure can say what llama.cpp said."""
         return take_errors()
 
     @staticmethod
@@ -343,6 +356,7 @@ class Engine(Closeable):
         return _log_suffix()
 
     def is_end_of_turn(self, token: int) -> bool:
+        """Whether generation should stop here: any end-of-generation token, or the template's end of turn."""
         return token in self._eot or bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # ------------------------------------------------------------ KV accounting
@@ -353,10 +367,12 @@ class Engine(Closeable):
         return self._kv_token_bytes * self.n_ctx
 
     def kv_used_bytes(self, seq_id: int | None = None) -> int:
+        """KV bytes holding one sequence (all of them with None): what a conversation costs in memory."""
         seqs = self._seqs.values() if seq_id is None else [self._seq(seq_id)]
         return self._kv_token_bytes * sum(s.n_tokens for s in seqs)
 
     def seq_state(self, seq_id: int = 0) -> SeqState:
+        """What sequence `seq_id` holds (tokens and images), which decides what a new prompt reuses."""
         return self._seq(seq_id)
 
     def _seq(self, seq_id: int) -> SeqState:
@@ -459,6 +475,7 @@ class Engine(Closeable):
         return np.array(embd, dtype=np.float32).reshape(chunk.n_tokens, self.n_embd_inp), nx, ny
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a prompt that cannot finish in the context before anything is evaluated."""
         if prompt_tokens + max_tokens > self.n_ctx_seq:
             raise ContextOverflowError(
                 f"the prompt needs {prompt_tokens} tokens and max_tokens={max_tokens} more: "

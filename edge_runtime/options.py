@@ -151,6 +151,7 @@ class GenerationOptions:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0 means argmax: no sampler randomness, so answers repeat exactly."""
         return self.temperature <= 0.0
 
     def updated(self, overrides: Mapping[str, Any]) -> "GenerationOptions":

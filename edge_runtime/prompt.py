@@ -42,6 +42,8 @@ class ImageInput:
     @classmethod
     def from_array(cls, pixels: np.ndarray, digest: str, plan: Any = None,
                    source_size: tuple[int, int] | None = None, mergeable: bool = False) -> "ImageInput":
+        """Wrap pixels already resized for the projector; `digest` keys the encoder caches, so it
+        must change whenever the pixels do."""
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 array, got {pixels.shape} {pixels.dtype}")
         pixels = np.ascontiguousarray(pixels)

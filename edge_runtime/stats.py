@@ -7,6 +7,11 @@ from typing import Any
 
 @dataclass
 class GenerationStats:
+    """The numbers of one answer, so a caller can see what reuse and caches saved and where time went.
+
+    Filled by `VisionChat` (read it as `chat.last_stats`); `summary()` is one line for a log.
+    """
+
     prompt_tokens: int = 0  # whole prompt, text + image tokens
     image_tokens: int = 0
     images: int = 0
@@ -29,6 +34,7 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
+        """Prompt tokens evaluated per second, the encoder excluded (0 when nothing was evaluated)."""
         return self.evaluated_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
@@ -37,12 +43,14 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, float | int | str]:
+        """The fields plus the derived rates, ready for JSON (benchmarks, logs)."""
         data: dict[str, float | int | str] = asdict(self)
         data["prefill_tok_s"] = self.prefill_tok_s
         data["decode_tok_s"] = self.decode_tok_s
         return data
 
     def summary(self) -> str:
+        """One human-readable line (edge-chat's /stats, the demo)."""
         mib = 1 << 20
         return (
             f"prompt {self.prompt_tokens} tok ({self.image_tokens} image, {self.reused_tokens} reused) | "

@@ -104,6 +104,7 @@ class VideoOptions:
                 raise VideoError(f"video {name}={value!r} must be a positive integer")
 
     def budget(self, on_gpu: bool = False) -> int:
+        """Image tokens for the whole clip: `max_tokens`, or a default sized for the device's speed."""
         return self.max_tokens if self.max_tokens is not None else default_video_tokens(on_gpu)
 
     def frame_cap(self, on_gpu: bool = False) -> int:
@@ -129,14 +130,17 @@ class VideoInput:
 
     @property
     def n_groups(self) -> int:
+        """Temporal groups (frame pairs): mtmd encodes each pair as one image."""
         return len(self.timestamps)
 
     @property
     def tokens_per_group(self) -> int:
+        """Image tokens of one group, the same for every group since the clip has one size."""
         return (self.width // FACTOR) * (self.height // FACTOR)
 
     @property
     def n_tokens(self) -> int:
+        """Image tokens of the whole clip, what it takes from the context."""
         return self.n_groups * self.tokens_per_group
 
     def prompt_text(self, marker: str) -> str:

@@ -1,0 +1,85 @@
+"""MkDocs hook: the API reference may not show an object without a docstring, nor miss an export.
+
+mkdocstrings leaves an object without a docstring out of the page (`show_if_no_docstring`
+is false), so a forgotten docstring would make a public function vanish from the reference
+without a word. This hook walks what each `::: identifier` block renders, with the same
+rule (public means no leading underscore, members defined in the object itself, plain
+attributes and dataclass fields excepted: the class docstring speaks for them) and logs a
+warning per object without a docstring; `mkdocs build --strict` turns it into a failure.
+It also warns when a name of a package's `__all__` (the packages listed under
+`extra: api_complete:` in mkdocs.yml) appears in no `:::` block, so a new export cannot be
+left out of the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+from pathlib import Path
+
+import griffe
+
+log = logging.getLogger("mkdocs.hooks.api_docstrings")
+BLOCK = re.compile(r"^::: *([A-Za-z_][\w.]*) *$", re.MULTILINE)
+_loader: griffe.GriffeLoader | None = None
+_shown: set[str] = set()
+
+
+def on_config(config):
+    """A fresh loader per build (mkdocs serve rebuilds), reading the sources in the repository."""
+    global _loader
+    root = str(Path(config.config_file_path).resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # __all__ of this checkout, not of an installed copy
+    _loader = griffe.GriffeLoader(search_paths=[root])
+    _shown.clear()
+    return config
+
+
+def _lookup(identifier: str) -> griffe.Object:
+    package = identifier.split(".")[0]
+    if package not in _loader.modules_collection.members:
+        _loader.load(package)
+    obj = _loader.modules_collection.get_member(identifier)
+    return obj.final_target if obj.is_alias else obj
+
+
+def _shown_members(obj: griffe.Object):
+    """The object and the public members mkdocstrings renders with it, recursively."""
+    yield obj
+    if not (obj.is_class or obj.is_module):
+        return
+    for name, member in obj.members.items():
+        if name.startswith("_") or member.is_alias:
+            continue
+        if member.is_attribute and "property" not in member.labels:
+            continue
+        yield from _shown_members(member)
+
+
+def on_page_markdown(markdown, page, config, files):
+    """Warn for every object a `:::` block of this page would show without a docstring."""
+    for identifier in BLOCK.findall(markdown):
+        _shown.add(identifier)
+        try:
+            obj = _lookup(identifier)
+        except (KeyError, ImportError, griffe.AliasResolutionError) as exc:
+            log.warning("%s: cannot find %s for the API reference (%s); fix the ::: line",
+                        page.file.src_path, identifier, exc)
+            continue
+        for item in _shown_members(obj):
+            if not (item.docstring and item.docstring.value.strip()):
+                where = f"{item.relative_filepath}:{item.lineno}" if item.lineno else str(item.relative_filepath)
+                log.warning("%s shows %s (%s) without a docstring: write one (why, not what)",
+                            page.file.src_path, item.path, where)
+    return markdown
+
+
+def on_post_build(config):
+    """Warn for every export of an `api_complete` package that no page shows."""
+    for package in config.extra.get("api_complete", []):
+        exported = getattr(importlib.import_module(package), "__all__", [])
+        shown = {i.rsplit(".", 1)[-1] for i in _shown if i.split(".")[0] == package}
+        for name in sorted(set(exported) - shown):
+            log.warning("%s.%s is exported (__all__) but no API page shows it: add a ::: line", package, name)
