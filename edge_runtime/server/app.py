@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..manifest_paths import resolve_model_paths
 from ..options import GenerationOptions
 from ..tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
@@ -46,7 +47,6 @@ from .responses import (
 )
 from .engine_host import RESTARTING, EngineHost
 from .fingerprint import system_fingerprint
-from ..manifest_paths import resolve_model_paths
 from .scheduler import LOADING, READY, Scheduler
 from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages, tool_plan
 from .security import AuthMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, ImagePolicy
@@ -168,9 +168,9 @@ def create_app(options: ServerOptions) -> FastAPI:
             if error.status < 500:
                 metrics.request("invalid")
             raise error from None
+        meta = ResponseMeta(scheduler.model_id, await fingerprint if fingerprint is not None else None)
         job = make_job(req, gen, rendered, deadline=arrived + options.timeout_s)
         scheduler.submit(job)
-        meta = ResponseMeta(scheduler.model_id, await fingerprint if fingerprint is not None else None)
         watch = DisconnectWatch(request)
         try:
             first = await next_event(job, watch, scheduler)  # errors before any token keep their HTTP status
