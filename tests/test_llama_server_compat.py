@@ -584,6 +584,20 @@ def test_local_media_file(request, media_dir, which, image_url, success):
 # ---------------------------------------------------------------- llama-server's fields, as edge-serve answers them
 
 
+def test_openai_client_sends_llama_server_fields(server):
+    """The official client's extra_body: a grammar constrains the answer, streamed too; an unknown
+    llama.cpp field is refused by name."""
+    client = openai.OpenAI(api_key="dummy", base_url=server.url("/v1"), max_retries=0)
+    grammar = {"grammar": 'root ::= ("yes" | "no") "!"'}
+    res = client.chat.completions.create(model="any", messages=BOOK, max_tokens=8, extra_body=grammar)
+    assert res.choices[0].message.content in ("yes!", "no!") and res.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="any", messages=BOOK, max_tokens=8, stream=True, extra_body=grammar)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("yes!", "no!")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="any", messages=BOOK, max_tokens=8, extra_body={"typical_p": 0.9})
+    assert info.value.body["param"] == "typical_p" and "llama-server" in info.value.body["message"]
+
+
 def test_n_predict_is_max_tokens(server):
     for fields, expected in (({"n_predict": 3}, 3), ({"n_predict": 5, "max_tokens": 2}, 5)):
         res = send(server, "POST", "/chat/completions", {"messages": BOOK, "ignore_eos": True, **fields})
