@@ -40,6 +40,10 @@ class ContextOverflowError(EdgeRuntimeError, ValueError):
     """The prompt plus the requested `max_tokens` do not fit in `n_ctx`."""
 
 
+class GrammarError(EdgeRuntimeError, ValueError):
+    """llama.cpp could not parse a GBNF grammar; the message carries its parser's complaint."""
+
+
 class DecodeError(EdgeRuntimeError):
     """llama.cpp failed while evaluating a batch or encoding an image."""
 

@@ -8,7 +8,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from edge_llama import take_errors
-
+from .errors import GrammarError
 from .options import GenerationOptions
 
 
@@ -72,7 +72,7 @@ def _samplers(options: GenerationOptions, vocab: Any, seed: int) -> Iterator[Any
         sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
             detail = "; ".join(take_errors()) or "llama.cpp could not parse it"
-            raise ValueError(f"invalid grammar: {detail}")
+            raise GrammarError(f"invalid grammar: {detail}")
         yield sampler
     if (
         options.repeat_penalty != 1.0

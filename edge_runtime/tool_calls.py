@@ -195,9 +195,11 @@ def call_grammar(tools: Sequence[Tool], parallel: bool = False) -> str:
     return converter.format_grammar()
 
 
-def parse_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_calls(text: str, cut: bool = False) -> tuple[str, list[ToolCall]]:
     """Whole generated text -> (content outside the calls, calls). Blocks that are not valid
-    calls stay in the content, so nothing the model wrote is lost."""
+    calls stay in the content, so nothing the model wrote is lost. With `cut` (the length
+    limit ended the answer) an unclosed last block is the call it was writing: its name and
+    the arguments so far (see `cut_call`), not markup in the content."""
     calls: list[ToolCall] = []
     content: list[str] = []
     pos = 0
@@ -209,11 +211,38 @@ def parse_calls(text: str) -> tuple[str, list[ToolCall]]:
         pos = match.end()
     rest = text[pos:]
     start = rest.find(CALL_OPEN)
-    if start >= 0 and (call := _call_from(rest[start + len(CALL_OPEN):])) is not None:
-        calls.append(call)  # an unclosed last block (the length limit) that still parses
+    if start >= 0 and (call := _unclosed_call(rest[start + len(CALL_OPEN):], cut)) is not None:
+        calls.append(call)  # an unclosed last block (the length limit) that still parses, or was cut
         rest = rest[:start]
     content.append(rest)
     return "".join(content).strip() if calls else "".join(content), calls
+
+
+def _unclosed_call(body: str, cut: bool) -> ToolCall | None:
+    body = body[: len(body) - _partial_suffix(body, CALL_CLOSE)]  # "</tool_" the limit cut
+    call = _call_from(body)
+    return call if call is not None or not cut else cut_call(body)
+
+
+# The head of a call block as the family writes it: {"name": "...", "arguments": ...
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)(?:"\s*(?P<args>,\s*"(?:arguments|parameters)"\s*:\s*)?)?',
+                   re.DOTALL)
+
+
+def cut_call(body: str) -> ToolCall | None:
+    """The call a length limit cut inside its block: the name as far as it got and the arguments'
+    JSON text so far ("" before they start), as OpenAI reports a call cut by max_tokens
+    (finish_reason "length"). None when the block does not start like a call."""
+    head = _HEAD.match(body)
+    if head is None:
+        squeezed = re.sub(r"\s+", "", body)
+        return ToolCall("", "") if '{"name":"'.startswith(squeezed) else None
+    name = head.group("name")
+    try:
+        name = json.loads(f'"{name}"')
+    except ValueError:  # cut inside an escape sequence
+        name = json.loads(f'"{name[:name.rfind(chr(92))]}"')
+    return ToolCall(name, body[head.end():].rstrip() if head.group("args") else "")
 
 
 def _call_from(body: str) -> ToolCall | None:
@@ -266,13 +295,14 @@ class ToolCallStream:
                 self._buf = self._buf[len(self._buf) - keep:]
             return out
 
-    def finish(self) -> list[str | ToolCall]:
-        """The end of the stream: an unclosed block is a call if its JSON parses, else text."""
+    def finish(self, cut: bool = False) -> list[str | ToolCall]:
+        """The end of the stream: an unclosed block is a call if its JSON parses (or, with `cut`,
+        the call the length limit cut: `cut_call`), else text."""
         rest, self._buf = self._buf, ""
         if not self._inside:
             return [rest] if rest else []
         self._inside = False
-        call = _call_from(rest)
+        call = _unclosed_call(rest, cut)
         self.calls += call is not None
         return [call] if call is not None else [CALL_OPEN + rest]
 

@@ -93,6 +93,46 @@ def test_required_calls_one_of_the_tools_and_results_are_fed_back(client):
     assert answer.usage.prompt_tokens > resp.usage.prompt_tokens + 10
 
 
+def streamed_call(stream) -> tuple[dict, str | None, str]:
+    """The first call of a streamed answer (accumulated as OpenAI's SDK helpers do), the finish reason
+    and the content."""
+    call = {"name": "", "arguments": ""}
+    finish, content = None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or []:
+            if part.index == 0 and part.function is not None:
+                call["name"] += part.function.name or ""
+                call["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return call, finish, content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_call_cut_by_max_tokens_is_a_tool_call_with_the_arguments_so_far(client, stream):
+    """Issue 25: the length limit inside <tool_call> gives tool_calls (name, arguments so far) and
+    finish_reason "length", not markup in the content. The expected text is the uncut answer's."""
+    ask = dict(model="any", messages=MESSAGES, tools=TOOLS, temperature=0, seed=5,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = client.chat.completions.create(max_tokens=160, **ask)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    full_args = json.dumps(json.loads(whole.choices[0].message.tool_calls[0].function.arguments),
+                           separators=(",", ":"))
+    cut = whole.usage.completion_tokens - 6  # "}}", "\n", "</tool_call>", end of turn: inside the arguments
+    if stream:
+        call, finish, content = streamed_call(client.chat.completions.create(max_tokens=cut, stream=True, **ask))
+    else:
+        resp = client.chat.completions.create(max_tokens=cut, **ask)
+        finish, content = resp.choices[0].finish_reason, resp.choices[0].message.content
+        (made,) = resp.choices[0].message.tool_calls
+        call = {"name": made.function.name, "arguments": made.function.arguments}
+    assert finish == "length" and not content
+    assert call["name"] == "get_weather"
+    so_far = "".join(call["arguments"].split())  # the model's spacing; the full text is compact JSON
+    assert so_far and full_args.startswith(so_far) and so_far != full_args
+
+
 @pytest.mark.parametrize("tools, choice, param", [
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                      "properties": {"a": {"type": "nonsense"}}}}}],

@@ -57,6 +57,11 @@ def test_developer_role_and_parts_reach_the_template_shape():
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}', "top_logprobs", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "id_slot": 1}', "id_slot", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n_predict": 0}', "n_predict", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "mirostat": 2}', "mirostat", "unknown_parameter"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "foo": NaN}', "foo", "unknown_parameter"),
 ])
 def test_bad_requests_name_the_field(body, param, code):
     with pytest.raises(ApiError) as info:
@@ -64,6 +69,28 @@ def test_bad_requests_name_the_field(body, param, code):
     err = info.value.body()["error"]
     assert info.value.status == 400 and err["param"] == param and err["code"] == code
     assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_llama_server_token_limits():
+    """llama-server's precedence (server-schema.cpp: n_predict, aliases max_completion_tokens, max_tokens)."""
+    assert generation_options(_request(n_predict=4, max_tokens=9)).max_tokens == 4
+    assert generation_options(_request(max_completion_tokens=5, max_tokens=9)).max_tokens == 5
+    assert generation_options(_request(n_predict=-1, max_tokens=9)).max_tokens is None  # no limit: the slot's room
+    assert _request(mirostat=None, logprobs=None).n == 1  # null fields count as not sent
+
+
+def test_system_fingerprint_follows_the_file_contents(tmp_path):
+    from edge_runtime.server.fingerprint import system_fingerprint
+
+    model, copy, projector = tmp_path / "m.gguf", tmp_path / "copy.gguf", tmp_path / "p.gguf"
+    model.write_bytes(b"weights" * 1000)
+    copy.write_bytes(model.read_bytes())
+    projector.write_bytes(b"projector")
+    first = system_fingerprint(model, projector)
+    assert first.startswith("b") and first == system_fingerprint(copy, projector)  # contents, not paths
+    assert system_fingerprint(model, None) != first
+    model.write_bytes(b"weights" * 1001)  # (another size: the hash cache keys on size and mtime)
+    assert system_fingerprint(model, projector) != first
 
 
 def test_unusable_json_schema_is_a_400():

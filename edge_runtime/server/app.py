@@ -3,6 +3,10 @@
 Handlers stay on the asyncio loop and never call llama.cpp: images are decoded
 and prompts rendered in worker threads, generation happens in the scheduler
 thread, and its events come back through each job's channel.
+
+The API routes live in one router mounted under each of `API_PREFIXES`: "/v1"
+(OpenAI's base URL) and "" (llama-server also answers /chat/completions, /models,
+/health, so a client moved from it with a base URL without /v1 keeps working).
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..manifest_paths import resolve_model_paths
 from ..options import GenerationOptions
 from ..tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
@@ -34,12 +39,14 @@ from .responses import (
     ResponseMeta,
     chunk_body,
     completion_body,
+    finish_with_calls,
     model_body,
     sse,
     tool_call_deltas,
     usage_chunk_body,
 )
 from .engine_host import RESTARTING, EngineHost
+from .fingerprint import system_fingerprint
 from .scheduler import LOADING, READY, Scheduler
 from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages, tool_plan
 from .security import AuthMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, ImagePolicy
@@ -47,6 +54,7 @@ from .security import AuthMiddleware, BodyLimitMiddleware, BrowserGuardMiddlewar
 log = logging.getLogger("edge_runtime.server")
 
 DISCONNECT_POLL_S = 0.5
+API_PREFIXES = ("/v1", "")  # OpenAI's base URL, and llama-server's routes without it
 
 
 class EventStreamResponse(StreamingResponse):
@@ -72,10 +80,13 @@ def create_app(options: ServerOptions) -> FastAPI:
     policy = ImagePolicy(options.max_image_bytes, options.allow_remote_images, options.allow_local_dir,
                          options.remote_fetch_timeout_s, scheduler.plan_image, options.detail)
     started = int(time.time())
+    fingerprint: asyncio.Future[str | None] | None = None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal fingerprint
         scheduler.start()  # loads the model in its thread: /health says "loading" meanwhile
+        fingerprint = asyncio.ensure_future(run_in_threadpool(fingerprint_of, options))  # reads the files meanwhile
         yield
         await run_in_threadpool(scheduler.stop)
 
@@ -110,7 +121,13 @@ def create_app(options: ServerOptions) -> FastAPI:
         """The chat page: static files talking to the public API below."""
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
-    @app.get("/health")
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(scheduler.gauges()), media_type="text/plain; version=0.0.4")
+
+    api = APIRouter()  # mounted under each of API_PREFIXES below
+
+    @api.get("/health")
     async def health() -> JSONResponse:
         if scheduler.state == READY:
             g = scheduler.gauges()
@@ -124,22 +141,18 @@ def create_app(options: ServerOptions) -> FastAPI:
                                 status_code=503, headers={"Retry-After": "2"})
         return JSONResponse({"status": "error", "message": scheduler.error or scheduler.state}, status_code=503)
 
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(scheduler.gauges()), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
+    @api.get("/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_body(scheduler.model_id, started)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @api.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != scheduler.model_id:
             raise ApiError(404, f"model {model_id!r} does not exist; this server has {scheduler.model_id!r}",
                            "not_found_error", "model", "model_not_found")
         return model_body(scheduler.model_id, started)
 
-    @app.post("/v1/chat/completions")
+    @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
         scheduler.require_ready()
@@ -155,9 +168,9 @@ def create_app(options: ServerOptions) -> FastAPI:
             if error.status < 500:
                 metrics.request("invalid")
             raise error from None
+        meta = ResponseMeta(scheduler.model_id, await fingerprint if fingerprint is not None else None)
         job = make_job(req, gen, rendered, deadline=arrived + options.timeout_s)
         scheduler.submit(job)
-        meta = ResponseMeta(scheduler.model_id)
         watch = DisconnectWatch(request)
         try:
             first = await next_event(job, watch, scheduler)  # errors before any token keep their HTTP status
@@ -171,8 +184,20 @@ def create_app(options: ServerOptions) -> FastAPI:
             scheduler.cancel(job)
             raise
 
-    add_conversation_routes(app, scheduler, options, policy)
+    add_conversation_routes(api, scheduler, options, policy)
+    for prefix in API_PREFIXES:
+        app.include_router(api, prefix=prefix)
     return app
+
+
+def fingerprint_of(options: ServerOptions) -> str | None:
+    """The server's system_fingerprint, or None (logged) when the files cannot be read: the model
+    load then reports the real problem."""
+    try:
+        return system_fingerprint(*resolve_model_paths(options.model_dir, options.mmproj))
+    except Exception as exc:
+        log.warning("no system_fingerprint: %s", exc)
+        return None
 
 
 def make_job(req: ChatRequest, gen: GenerationOptions, rendered: RenderedPrompt, deadline: float) -> Job:
@@ -187,6 +212,7 @@ def make_job(req: ChatRequest, gen: GenerationOptions, rendered: RenderedPrompt,
         starts_inside_think=rendered.starts_inside_think,
         logit_bias=req.token_bias,
         ignore_eos=req.ignore_eos,
+        cache_prompt=req.cache_prompt,
     )
 
 
@@ -231,7 +257,8 @@ async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: 
         if isinstance(event, TextDelta):
             parts.append(event.text)
         elif isinstance(event, Finished):
-            text, calls = parse_calls("".join(parts)) if tools else ("".join(parts), [])
+            text, calls = (parse_calls("".join(parts), cut=event.finish_reason == "length") if tools
+                           else ("".join(parts), []))
             return completion_body(meta, text, event.finish_reason, event.usage, calls)
         elif isinstance(event, Failed):
             raise event.error
@@ -250,9 +277,9 @@ async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage:
         elif isinstance(event, Finished):
             reason = event.finish_reason
             if calls is not None:
-                for delta in _deltas(calls, calls.finish()):
+                for delta in _deltas(calls, calls.finish(cut=reason == "length")):
                     yield sse(chunk_body(meta, delta))
-                reason = "tool_calls" if calls.calls else reason
+                reason = finish_with_calls(reason, calls.calls)
             yield sse(chunk_body(meta, {}, reason))
             if include_usage:
                 yield sse(usage_chunk_body(meta, event.usage))

@@ -5,6 +5,8 @@
     GET    /v1/conversations               the saved ids
     DELETE /v1/conversations/{id}
 
+(also without the /v1 prefix, as every API route: app.API_PREFIXES).
+
 The file format is `VisionChat.save`'s, so either side can open the other's files.
 After a restore, a chat completion that repeats the returned messages starts
 where the saved conversation ended (its usage shows them as cached tokens).
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Engine
@@ -165,11 +167,11 @@ def _slots_busy() -> ApiError:
 # ---------------------------------------------------------------- routes
 
 
-def add_conversation_routes(app: FastAPI, scheduler: Any, options: ServerOptions, policy: ImagePolicy) -> None:
+def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOptions, policy: ImagePolicy) -> None:
     async def call(fn: Any) -> Any:
         return await asyncio.wrap_future(scheduler.run_exclusive(fn))
 
-    @app.get("/v1/conversations")
+    @router.get("/conversations")
     async def list_conversations(request: Request) -> dict[str, Any]:
         require_admin(request, options)
         root = conversation_path(options, "x").parent
@@ -177,7 +179,7 @@ def add_conversation_routes(app: FastAPI, scheduler: Any, options: ServerOptions
                 for p in sorted(root.glob(f"*{SUFFIX}")) if _ID.match(p.name[: -len(SUFFIX)])]
         return {"object": "list", "data": data}
 
-    @app.put("/v1/conversations/{conv_id}")
+    @router.put("/conversations/{conv_id}")
     async def save(conv_id: str, request: Request) -> dict[str, Any]:
         require_admin(request, options)
         path = conversation_path(options, conv_id)
@@ -199,7 +201,7 @@ def add_conversation_routes(app: FastAPI, scheduler: Any, options: ServerOptions
         return {"id": conv_id, "object": "conversation", "bytes": size, "tokens": conv.n_tokens,
                 "cached_tokens": snap.reused_tokens}
 
-    @app.post("/v1/conversations/{conv_id}/restore")
+    @router.post("/conversations/{conv_id}/restore")
     async def restore(conv_id: str, request: Request) -> dict[str, Any]:
         require_admin(request, options)
         path = conversation_path(options, conv_id)
@@ -217,7 +219,7 @@ def add_conversation_routes(app: FastAPI, scheduler: Any, options: ServerOptions
         return {"id": conv_id, "object": "conversation", "tokens": conv.n_tokens,
                 "messages": client_messages(conv.messages)}
 
-    @app.delete("/v1/conversations/{conv_id}")
+    @router.delete("/conversations/{conv_id}")
     async def delete(conv_id: str, request: Request) -> dict[str, Any]:
         require_admin(request, options)
         path = conversation_path(options, conv_id)

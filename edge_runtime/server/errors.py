@@ -11,7 +11,8 @@ from typing import Any
 
 from edge_common.errors import EdgeError
 
-from ..errors import ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, ModelLoadError
+from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, GrammarError,
+                      ModelLoadError)
 from ..images import ImageError
 from ..template import TemplateError
 
@@ -71,6 +72,8 @@ def from_exception(exc: BaseException) -> ApiError:
     """What a runtime exception means to the client: its fault (400) or ours (500)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, GrammarError):
+        return bad_request(str(exc), "grammar", "invalid_grammar")
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
     if isinstance(exc, (DecodeError, ModelLoadError, EngineClosedError)):

@@ -85,6 +85,7 @@ class Job:
     starts_inside_think: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
+    cache_prompt: bool = True  # False: the prompt is evaluated whole, none of the slot's cache reused
     number: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -18,8 +18,14 @@ class ResponseMeta:
     """What every chunk of one completion repeats."""
 
     model: str
+    system_fingerprint: str | None = None  # fingerprint.system_fingerprint, computed once at load
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def head(self, obj: str) -> dict[str, Any]:
+        """The fields every body and chunk of this completion starts with."""
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint}
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
@@ -45,17 +51,20 @@ def tool_call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
             {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
 
 
+def finish_with_calls(finish_reason: str, calls: int) -> str:
+    """OpenAI's reason: "tool_calls" when the model ended its turn with calls; a length limit stays
+    "length" (a call it cut is reported with the arguments so far)."""
+    return "tool_calls" if calls and finish_reason != "length" else finish_reason
+
+
 def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Usage,
                     calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if calls:
         message = {"role": "assistant", "content": text or None, "tool_calls": [tool_call_body(c) for c in calls]}
-        finish_reason = "tool_calls"
+        finish_reason = finish_with_calls(finish_reason, len(calls))
     return {
-        "id": meta.id,
-        "object": "chat.completion",
-        "created": meta.created,
-        "model": meta.model,
+        **meta.head("chat.completion"),
         "choices": [{
             "index": 0,
             "message": message,
@@ -68,10 +77,7 @@ def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Us
 
 def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
     return {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
+        **meta.head("chat.completion.chunk"),
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
 
@@ -79,10 +85,7 @@ def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | N
 def usage_chunk_body(meta: ResponseMeta, usage: Usage) -> dict[str, Any]:
     """stream_options.include_usage: a last chunk with no choices and the totals."""
     return {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
+        **meta.head("chat.completion.chunk"),
         "choices": [],
         "usage": usage_body(usage),
     }

@@ -328,7 +328,7 @@ class Scheduler(EngineFront):
             candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
                           for s in self._free_slots()]
             seq_id, _ = choose_slot(candidates, prompt.units)
-            keep = plan_reuse(engine.seq_state(seq_id), prompt.units)
+            keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
             engine.truncate(seq_id, keep)
             work = PrefillWork(job, prompt, seq_id, keep)
             work.skip_cached()

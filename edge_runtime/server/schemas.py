@@ -2,7 +2,10 @@
 
 A request is parsed from raw bytes so that malformed JSON and wrong types both
 become OpenAI-shaped 400s naming the offending field, instead of FastAPI's 422.
-Fields the runtime cannot honour (n > 1, logprobs) are refused, not ignored.
+llama-server's own request fields are honoured where the runtime can (grammar,
+json_schema, n_predict, cache_prompt); every other top-level field, and values
+the runtime cannot honour (n > 1, logprobs), are refused with a 400 naming them,
+never ignored: a client that relies on a field must not get an answer without it.
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ class JsonSchemaFormat(_Model):
 class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server: json_object + schema
 
 
 class StreamOptions(_Model):
@@ -102,6 +106,8 @@ class StreamOptions(_Model):
 
 
 class ChatRequest(_Model):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # parse_chat_request names the field first
+
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -122,9 +128,22 @@ class ChatRequest(_Model):
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
     n: int = Field(default=1, ge=1, le=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # llama-server's extensions (tools/server/server-schema.cpp, server-common.cpp)
+    n_predict: int | None = Field(default=None, ge=-1)  # max_tokens under its llama.cpp name; -1: no limit
+    grammar: str | None = None  # GBNF constraining the answer
+    json_schema: dict[str, Any] | None = None  # a JSON schema constraining the answer
+    repeat_last_n: int | None = Field(default=None, ge=0)
+    cache_prompt: bool = True  # false: evaluate the whole prompt again instead of reusing the slot's cache
+    id_slot: int = -1  # -1: the server chooses; pinning a slot is refused
+    # Who is asking, not what to answer: accepted and not used (docs/server-compat.md).
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the slot with the longest shared prefix is reused anyway
 
     @field_validator("stop")
     @classmethod
@@ -147,16 +166,57 @@ class ChatRequest(_Model):
     def token_bias(self) -> dict[int, float]:
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "top_logprobs")
     @classmethod
     def _no_logprobs(cls, value: Any) -> Any:
         if value:
-            raise ValueError("logprobs are not supported by this server")
+            raise ValueError("logprobs are not supported by this server yet")
         return value
+
+    @field_validator("n_predict")
+    @classmethod
+    def _n_predict(cls, value: Any) -> Any:
+        if value == 0:
+            raise ValueError("n_predict must be -1 (no limit) or at least 1; "
+                             "evaluating a prompt without an answer is not supported")
+        return value
+
+    @field_validator("id_slot")
+    @classmethod
+    def _any_slot(cls, value: Any) -> Any:
+        if value != -1:
+            raise ValueError("edge-serve chooses the slot itself (the one holding the longest shared prefix); "
+                             "send -1 or leave id_slot out")
+        return value
+
+    @property
+    def max_answer_tokens(self) -> int | None:
+        """llama-server's precedence: n_predict, then max_completion_tokens, then max_tokens (-1: no limit)."""
+        for value in (self.n_predict, self.max_completion_tokens, self.max_tokens):
+            if value is not None:
+                return None if value == -1 else value
+        return None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# llama-server's request fields that edge-serve does not implement: each gets a 400 that says so.
+# From tools/server/server-schema.cpp (make_llama_cmpl_schema) and server-common.cpp
+# (oaicompat_chat_params_parse) of the llama.cpp vendored in llama-cpp-python 0.3.36.
+LLAMA_SERVER_ONLY = frozenset({
+    "verbose", "timings_per_token", "return_tokens", "return_progress", "sse_ping_interval", "n_indent", "n_keep",
+    "n_discard", "n_cmpl", "n_cache_reuse", "t_max_predict_ms", "t_max_prompt_ms", "response_fields",
+    "top_n_sigma", "xtc_probability", "xtc_threshold", "typical_p", "dynatemp_range", "dynatemp_exponent",
+    "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "mirostat",
+    "mirostat_tau", "mirostat_eta", "adaptive_target", "adaptive_decay", "n_probs", "min_keep", "backend_sampling",
+    "post_sampling_probs", "lora", "grammar_lazy", "grammar_triggers", "grammar_type", "preserved_tokens",
+    "chat_format", "reasoning_format", "generation_prompt", "parse_tool_calls", "chat_parser",
+    "continue_final_message", "add_generation_prompt", "echo", "reasoning_control", "reasoning_budget_tokens",
+    "thinking_budget_tokens", "reasoning_budget_start_tag", "reasoning_budget_end_tags", "reasoning_budget_end_tag",
+    "reasoning_budget_message", "samplers", "chat_template_kwargs",
+})
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -165,9 +225,24 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
     try:
-        return ChatRequest.model_validate(data)
+        return ChatRequest.model_validate(known_fields(data))
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def known_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The body without unknown fields set to null (clients send unset options so), or a 400
+    naming the first unknown field that has a value."""
+    known = set(ChatRequest.model_fields) | {f.alias for f in ChatRequest.model_fields.values() if f.alias}
+    for name, value in data.items():
+        if name in known or value is None:
+            continue
+        why = ("a llama-server extension edge-serve does not implement" if name in LLAMA_SERVER_ONLY
+               else "not a field edge-serve knows")
+        raise bad_request(f"Unrecognized request argument supplied: {name} ({why}; edge-serve refuses what it "
+                          "would otherwise ignore: leave it out, see docs/server-compat.md)",
+                          name, "unknown_parameter")
+    return {name: value for name, value in data.items() if name in known or value is not None}
 
 
 MAX_JSON_DEPTH = 64  # tool schemas nest; nothing legitimate nests deeper
@@ -235,9 +310,9 @@ def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> Genera
     max_tokens stays None when not given: the scheduler then fills what the slot has room for,
     up to the server's default.
     """
-    values: dict[str, Any] = {"max_tokens": req.max_completion_tokens or req.max_tokens}
+    values: dict[str, Any] = {"max_tokens": req.max_answer_tokens}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                 "repeat_penalty", "seed"):
+                 "repeat_penalty", "repeat_last_n", "seed"):
         value = getattr(req, name)
         if value is not None:
             values[name] = value
@@ -245,33 +320,58 @@ def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> Genera
         values["top_p"], values["temperature"] = 1.0, 0.0
     if req.stop is not None:
         values["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-    grammar = response_grammar(req.response_format)
+    grammar = answer_grammar(req)
     call_rules = plan.grammar() if plan is not None else None
     if call_rules is not None:
         if grammar is not None:
-            raise bad_request("response_format cannot be combined with a forced tool call (tool_choice "
-                              "'required' or a named function)", "response_format")
-        grammar = call_rules
+            raise bad_request(f"{grammar[0]} cannot be combined with a forced tool call (tool_choice "
+                              "'required' or a named function)", grammar[0])
+        grammar = ("tools", call_rules)
+    if req.grammar and plan is not None and plan.active:  # llama-server refuses this too
+        raise bad_request("grammar cannot be combined with tools: the tool-call markup needs the answer free "
+                          "(use tool_choice 'none' or leave grammar out)", "grammar")
     if grammar is not None:
-        values["grammar"] = grammar
+        values["grammar"] = grammar[1]
     try:
         return GenerationOptions(**values)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
 
-def response_grammar(fmt: ResponseFormat | None) -> str | None:
-    """GBNF for response_format: any JSON object, or one matching a JSON schema."""
-    if fmt is None or fmt.type == "text":
+def answer_grammar(req: ChatRequest) -> tuple[str, str] | None:
+    """(field, GBNF) for the one constraint the request asks for: `grammar` (GBNF as given),
+    `json_schema` or `response_format` (any JSON object, or one matching a JSON schema).
+
+    As llama-server (server-common.cpp): an empty grammar is none, an empty schema is any
+    object, and two constraints at once are refused.
+    """
+    fmt = req.response_format
+    asked = [name for name, given in (("grammar", bool(req.grammar)), ("json_schema", req.json_schema is not None),
+                                      ("response_format", fmt is not None and fmt.type != "text")) if given]
+    if len(asked) > 1:
+        raise bad_request(f"give one of grammar, json_schema and response_format, not {asked[0]} and {asked[1]}",
+                          asked[1])
+    if not asked:
         return None
+    if asked[0] == "grammar":  # llama.cpp parses it when the sampler is built: a GrammarError names `grammar`
+        return "grammar", str(req.grammar)
+    if asked[0] == "json_schema":
+        return "json_schema", _schema_grammar(req.json_schema, "json_schema")
+    assert fmt is not None
     if fmt.type == "json_object":
-        return JSON_GBNF
+        if fmt.schema_ is None:
+            return "response_format", JSON_GBNF
+        return "response_format", _schema_grammar(fmt.schema_, "response_format.schema")
     if fmt.json_schema is None or not fmt.json_schema.schema_:
         raise bad_request("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+    return "response_format", _schema_grammar(fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def _schema_grammar(schema: dict[str, Any] | None, where: str) -> str:
     try:
-        return schema_to_grammar(fmt.json_schema.schema_)
+        return schema_to_grammar(schema or {"type": "object"})
     except ValueError as exc:
-        raise bad_request(str(exc), "response_format.json_schema.schema", "invalid_json_schema") from None
+        raise bad_request(str(exc), where, "invalid_json_schema") from None
 
 
 def template_messages(req: ChatRequest) -> list[dict]:

@@ -47,12 +47,12 @@ async def send_error(send: Send, error: ApiError) -> None:
 class AuthMiddleware:
     """Bearer API key on every route except the open ones, compared in constant time.
 
-    Open: /health, and the chat page (`/`, `/static/...`: files without data; the page
+    Open: /health (and /v1/health), and the chat page (`/`, `/static/...`: files without data; the page
     asks for the key). The admin key, a superset of the API key, is accepted too.
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None = None,
-                 open_paths: frozenset[str] = frozenset({"/health", "/"}), open_prefix: str = "/static/") -> None:
+                 open_paths: frozenset[str] = frozenset({"/health", "/v1/health", "/"}), open_prefix: str = "/static/") -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.admin = admin_key.encode() if admin_key else None
