@@ -3,7 +3,6 @@ always comes back as a tool_calls entry whose arguments satisfy the tool's JSON 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -151,55 +150,30 @@ def test_invalid_tools_are_400(server, tools, choice, param):
 
 # ---------------------------------------------------------------- the format, without a model
 
-# The real chat template of Qwen3-VL Instruct checkpoints (chat_template.json of Qwen/Qwen3-VL-2B-Instruct;
-# the same text ships with the 4B/8B Instruct ones), rendered by transformers' own renderer: the prompt
-# the model was trained on. Nothing of the expected text is written here or taken from our code.
-REAL_TEMPLATE = (Path(__file__).parent / "data" / "qwen3-vl-instruct.chat_template.jinja").read_text()
-CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
-CONVERSATIONS = {
-    "call and result": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-                        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
-    "system, text before two calls, two results": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "both"}]},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [
-            CALL, {"id": "c2", "type": "function", "function": {"name": "g", "arguments": {"city": "Oslo"}}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-        {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "cold"}]},
-        {"role": "assistant", "content": "Sunny and cold."}, {"role": "user", "content": "thanks"}],
-}
-TOOLS_F_G = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
-             {"type": "function", "function": {"name": "g", "description": "Météo", "parameters": {
-                 "type": "object", "properties": {"city": {"type": "string"}}}}}]
-# What a GGUF may carry: the real template, or one without tool support (then the family's is used).
-GGUF_TEMPLATES = {
-    "real": REAL_TEMPLATE,
-    "no tool support": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
-}
+# Qwen3-VL's chat template (tokenizer_config.json of Qwen/Qwen3-VL-2B-Instruct) renders exactly this.
+EXPECTED_PROMPT = (
+    "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}\n</tools>\n\n'
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call><|im_end|>\n"
+    "<|im_start|>user\nhi<|im_end|>\n"
+    '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
-def transformers_prompt(messages: list[dict], tools: list[dict]) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=REAL_TEMPLATE,
-                                        add_generation_prompt=True)
-    return rendered[0]
-
-
-@pytest.mark.parametrize("gguf_template", list(GGUF_TEMPLATES))
-@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
-def test_tools_render_as_the_real_qwen3_vl_template_does(gguf_template, conversation):
-    messages = CONVERSATIONS[conversation]
-    fmt = PromptFormat(ChatTemplate(GGUF_TEMPLATES[gguf_template]), "<__media__>", False, "tiny")
-    ours = render_prompt(fmt, messages, lambda *_: None, lambda *_: None, TOOLS_F_G).text
-    assert ours == transformers_prompt(messages, TOOLS_F_G)
-
-
-def test_the_reference_rendering_has_qwens_tool_format():
-    """The reference itself, read once: the tool list, a call and a result as Qwen writes them."""
-    text = transformers_prompt(CONVERSATIONS["call and result"], TOOLS_F_G[:1])
-    assert text.startswith("<|im_start|>system\n# Tools\n") and text.endswith("<|im_start|>assistant\n")
-    assert '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>' in text
-    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
+def test_tools_render_in_qwen_format_when_the_gguf_template_has_none():
+    minimal = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    fmt = PromptFormat(minimal, "<__media__>", False, "tiny")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert render_prompt(fmt, messages, lambda *_: None, lambda *_: None, tools).text == EXPECTED_PROMPT
 
 
 @pytest.mark.parametrize("text, content, calls", [
