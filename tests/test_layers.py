@@ -92,7 +92,7 @@ def test_checker_sees_a_wrong_arrow():
         "edge_common/z.py": "from edge_models import chat_format\n",
         "edge_runtime/bench/w.py": "import quant\n",  # no exemption inside edge_runtime any more
         "edge_bench/v.py": "import quant.catalog\nfrom edge_runtime import VisionChat\n",  # an app may
-        "edge_runtime/u.py": "from edge_bench.peak import vmhwm_bytes\n",
+        "edge_runtime/u.py": "from edge_bench.peak import main\n",
         "edge_runtime/ok.py": "from .errors import ModelFileError\nfrom edge_common.manifest import MANIFEST\n",
     }
     assert layer_violations(planted) == ["edge_common/z.py imports edge_models", "edge_runtime/bench/w.py imports quant",
