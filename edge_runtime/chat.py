@@ -26,7 +26,7 @@ from .messages import check_text, image_input, media_in, split_messages, user_me
 from .open_model import engine_options, open_engine
 from .options import GenerationOptions
 from .prompt import ImageInput, Prompt
-from .sampling import Sampler
+from .sampling import build_sampler
 from .saved_conversation import (
     SavedConversation,
     messages_from_json,
@@ -122,7 +122,7 @@ class VisionChat:
         self.seq_id = seq_id
         self.history: list[dict] = []
         self.last_stats: GenerationStats | None = None
-        self._pieces = PieceTable(self.engine.vocab)
+        self._pieces = PieceTable(self.engine.text_model)
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._attached: tuple[list[ImageInput], threading.Thread] | None = None
@@ -450,7 +450,7 @@ class VisionChat:
                                            zip(images, (c for c in prompt.chunks if c.kind == "image"))]
                 _fill_prefill(stats, pre)
                 seed = options.seed if options.seed is not None else self.seed
-                with Sampler(options, self.engine.vocab, seed) as sampler:
+                with build_sampler(options, self.engine.text_model, seed) as sampler:
                     tokens = self.engine.decode_tokens(sampler, self.seq_id, max_tokens, outcome)
                     t_first = None
                     answer = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)

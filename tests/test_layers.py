@@ -123,3 +123,42 @@ def test_runtime_imports_without_torch_convert_or_quant(modules):
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- one door to llama.cpp
+
+# Where `llama_cpp` may be imported: the access layer, and test helpers that say why they need it.
+LLAMA_DOOR = ("edge_llama/", "tests/support/")
+SKIP_DIRS = {".venv", "venv", "build", "dist", ".git", "node_modules", "site"}
+
+
+def llama_cpp_importers(root: Path) -> tuple[list[str], int]:
+    """('path:line imports llama_cpp' for every .py under `root` outside LLAMA_DOOR, files scanned)."""
+    found, scanned = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if SKIP_DIRS & set(rel.split("/")[:-1]) or rel.startswith(LLAMA_DOOR):
+            continue
+        scanned += 1
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), rel)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.split(".")[0] == "llama_cpp" for n in names):
+                found.append(f"{rel}:{node.lineno} imports llama_cpp")
+    return found, scanned
+
+
+def test_only_edge_llama_imports_llama_cpp(tmp_path):
+    """edge_llama is the one door to llama.cpp: every tokenize, encode, decode, batch and sampler is
+    wrapped there once, so nothing else may import llama_cpp (lazily inside a function included)."""
+    planted = tmp_path / "edge_runtime" / "sneaky.py"
+    planted.parent.mkdir()
+    planted.write_text("import os\n\ndef f():\n    from llama_cpp import mtmd_cpp\n    import llama_cpp.llama_grammar\n")
+    (tmp_path / "edge_llama").mkdir()
+    (tmp_path / "edge_llama" / "door.py").write_text("import llama_cpp\n")
+    (tmp_path / "edge_runtime" / "clean.py").write_text("import edge_llama\nllama_cpp = 1\n")
+    assert llama_cpp_importers(tmp_path) == (["edge_runtime/sneaky.py:4 imports llama_cpp",
+                                               "edge_runtime/sneaky.py:5 imports llama_cpp"], 2)
+    offenders, scanned = llama_cpp_importers(ROOT)
+    assert scanned > 100  # the runtime, quant, convert, bench, examples and tests were all read
+    assert offenders == [], "go through edge_llama instead:\n" + "\n".join(offenders)

@@ -12,6 +12,7 @@ import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
+from edge_runtime.disk_cache import SUFFIX
 from edge_runtime.server.metrics import parse_metrics
 from edge_runtime.server.process import ServerProcess
 
@@ -135,3 +136,28 @@ def test_the_images_of_one_message_share_auto_budget_in_the_server(server, test_
     (one,), two = images_of(1), images_of(2)
     assert len(two) == 2 and two[0]["max_tokens"] == two[1]["max_tokens"] < one["max_tokens"]
     assert "shared by the 2 images of the message" in two[0]["reason"] and "shared" not in one["reason"]
+
+
+def test_edge_serve_fills_the_disk_encoder_cache_and_another_server_reads_it(model_dir, test_image, tmp_path):
+    """One encode path: the server writes what it encodes to the disk cache (as VisionChat does), so a
+    second server process (empty memory cache) answers the same image without running the encoder."""
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                      {"type": "text", "text": "What is this?"}]}],
+            "max_tokens": 6, "temperature": 0}
+    cache = tmp_path / "encoder"
+    args = ["--parallel", "1", "--ctx-size", "2048", "--threads", "1", "--encoder-cache-dir", str(cache)]
+    answers, counts = [], []
+    for _ in range(2):
+        with ServerProcess(model_dir, args) as proc:
+            resp = httpx.post(proc.url("/v1/chat/completions"), json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            answers.append(resp.json()["choices"][0]["message"]["content"])
+            m = metrics(proc)
+            counts.append((m["edge_images_encoded_total"], m["edge_encoder_disk_hits_total"]))
+        if len(counts) == 1:
+            assert len(list(cache.glob(f"*/*{SUFFIX}"))) == 1  # the image's encoder output, under the projector's dir
+    assert counts == [(1, 0), (0, 1)]
+    assert answers[0] == answers[1]

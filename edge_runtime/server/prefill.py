@@ -13,13 +13,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-
-import llama_cpp.mtmd_cpp as mtmd
 
 from ..engine import Engine
 from ..errors import DecodeError
@@ -119,20 +116,6 @@ class PrefillWork:
             self.prompt.close()
 
 
-def image_positions(chunk: Chunk, n_past: int, mrope: bool) -> np.ndarray:
-    """Decoder positions of an image's tokens, (sections, n_tokens) as llama.cpp reads them:
-    M-RoPE (t, y, x, z) per token from mtmd, or one running position otherwise."""
-    n = chunk.n_tokens
-    if not mrope:
-        return (n_past + np.arange(n, dtype=np.int32))[None, :]
-    tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)
-    out = np.empty((4, n), dtype=np.int32)
-    for i in range(n):
-        p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, n_past, i)
-        out[0, i], out[1, i], out[2, i], out[3, i] = p.t, p.y, p.x, p.z
-    return out
-
-
 Task = tuple[int, int, Callable[[], None]]  # (priority, order, work)
 
 
@@ -211,27 +194,14 @@ class VisionWorker:
         self._put(self.ENCODE, work)
 
     def _encode(self, chunk: Chunk, gone: Callable[[], bool]) -> np.ndarray | None:
-        """The chunk's embeddings; None when the request went away mid-encode (the graph was stopped)."""
-        engine = self._engine
-        t0 = time.perf_counter()
-        with engine.mtmd_lock:  # a conversation save may tokenize/encode on the scheduler thread
-            engine.take_log_errors()
-            with engine.encoder_watch.stopping(gone) as watch:
-                rc = mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle)
-            seconds = time.perf_counter() - t0
-            self.encode_seconds += seconds
-            if watch.stopped:
-                self.stopped_encodes += 1
-                return None  # half-computed: neither used nor cached
-            if rc != 0:
-                raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
-            engine.measured("encoder", chunk.n_tokens, seconds)  # the device cost model `auto` plans with
-            out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
-            embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
-        embd = embd.reshape(chunk.n_tokens, engine.n_embd_inp)
-        if chunk.digest:
-            engine.encoder_cache.put(chunk.digest, embd)
-        return embd
+        """The chunk's embeddings through the engine's one encode path (memory and disk caches, cost
+        model); None when the request went away mid-encode (the graph was stopped)."""
+        embd, seconds = self._engine.encode_chunk(chunk, keep=True, stop=gone)
+        self.encode_seconds += seconds
+        if embd is None:
+            self.stopped_encodes += 1
+            return None
+        return embd.reshape(chunk.n_tokens, self._engine.n_embd_inp)
 
     def stop(self) -> None:
         self._stopped = True

@@ -21,25 +21,24 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-import llama_cpp
+from edge_llama import Batch, EmbeddingBatch, image_positions
 
 from ..detokenize import PieceTable
 from ..engine import Engine
 from ..generation import END_OF_TURN, LENGTH, AnswerStep
 from ..manifest_paths import resolve_model_paths
-from ..sampling import Sampler
+from ..sampling import build_sampler
 from ..stats import image_report
 from ..open_model import open_engine
 from ..errors import DecodeError
 from ..kv_state import plan_reuse, text_units
 from ..prompt import Prompt, tokenize_text
-from .batching import Entry, TokenBatch, decode_embeddings
 from .config import ServerOptions
 from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
 from .jobs import Failed, Finished, Job, TextDelta, Usage
-from .logit_bias import apply_bias, build_bias, end_of_generation_tokens
+from .logit_bias import build_bias, end_of_generation_tokens
 from .metrics import Gauges, Metrics
-from .prefill import Piece, PrefillWork, VisionWorker, image_positions, missing_images
+from .prefill import Piece, PrefillWork, VisionWorker, missing_images
 from .prompting import PromptFormat
 from .slots import Candidate, Slot, choose_slot
 
@@ -87,7 +86,8 @@ class Scheduler(EngineFront):
         self._stopping = False
         self._engine: Engine | None = None
         self._format: PromptFormat | None = None
-        self._batch: TokenBatch | None = None
+        self._batch: Batch | None = None  # the next token of every generating slot plus a prompt chunk
+        self._embd_batch: EmbeddingBatch | None = None  # a slice of an image's embeddings
         self._pieces: PieceTable | None = None
         self._eog_tokens: list[int] = []
         self._n_vocab = 0
@@ -194,11 +194,12 @@ class Scheduler(EngineFront):
         self._engine = engine
         self._format = PromptFormat(template, engine.marker, engine.has_vision, engine.model_path.name)
         self._chunk = opts.prefill_chunk or engine.n_ubatch
-        self._batch = TokenBatch(opts.parallel + engine.n_batch)
+        self._batch = Batch(opts.parallel + engine.n_batch)
+        self._embd_batch = EmbeddingBatch(engine.n_batch)
         self._vision = VisionWorker(engine, self._notify) if engine.has_vision else None
-        self._pieces = PieceTable(engine.vocab)
+        self._pieces = PieceTable(engine.text_model)
         self._eog_tokens = end_of_generation_tokens(engine)
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(engine.vocab))
+        self._n_vocab = engine.text_model.n_vocab
         self.state = READY
         log.info("model ready in %.1f s: %s, %d slot(s) x %d tokens", time.perf_counter() - t0,
                  self.model_id, opts.parallel, engine.n_ctx_seq)
@@ -292,7 +293,7 @@ class Scheduler(EngineFront):
             self._vision.tokenize(job, self._on_tokenized)
             return
         try:
-            prompt = tokenize_text(engine.vocab, job.prompt_text)
+            prompt = tokenize_text(engine.text_model, job.prompt_text)
         except BaseException as exc:
             self._on_tokenized(job, None, exc)
             return
@@ -323,7 +324,7 @@ class Scheduler(EngineFront):
             limit = job.options.max_tokens or min(self.options.default_max_tokens, room)
             engine.check_fits(prompt.n_tokens, max(limit, 1))
             bias = build_bias(job.logit_bias, self._n_vocab, job.ignore_eos, self._eog_tokens)
-            sampler = Sampler(job.options, engine.vocab, job.seed)
+            sampler = build_sampler(job.options, engine.text_model, job.seed)
             candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
                           for s in self._free_slots()]
             seq_id, _ = choose_slot(candidates, prompt.units)
@@ -356,6 +357,9 @@ class Scheduler(EngineFront):
         self.metrics.add("prompt_tokens", prompt.n_tokens)
         self.metrics.add("prompt_tokens_cached", slot.cached_tokens)
         self.metrics.add("images", prompt.n_images)
+        self.metrics.add("images_encoded", len(encode))
+        self.metrics.add("encoder_disk_hits", sum(engine.take_disk_hit(c.digest or "") for c in prompt.chunks
+                                                  if c.kind == "image" and c.digest in work.embeddings))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         error = from_exception(exc)
@@ -369,19 +373,20 @@ class Scheduler(EngineFront):
         engine = self._engine
         assert engine is not None and self._batch is not None
         generating = self._generating()
-        entries = [Entry(s.seq_id, s.pending, engine.seq_state(s.seq_id).n_pos, True)  # type: ignore[arg-type]
-                   for s in generating]
+        # (seq, token, pos, logits): the logits of entry i are batch output i
+        entries = [(s.seq_id, s.pending, engine.seq_state(s.seq_id).n_pos, True) for s in generating]
         budget = min(self._chunk if generating else engine.n_batch, engine.n_batch - len(entries))
         filling, piece = self._next_piece(budget) if budget > 0 else (None, None)
         if piece is not None and piece.kind == "text":
             assert filling is not None and filling.prefill is not None
             n_pos = engine.seq_state(filling.seq_id).n_pos
-            entries += [Entry(filling.seq_id, t, n_pos + j, piece.final and j == len(piece.tokens) - 1)
+            entries += [(filling.seq_id, t, n_pos + j, piece.final and j == len(piece.tokens) - 1)
                         for j, t in enumerate(piece.tokens)]
         t0 = time.perf_counter()
         if entries:
             try:
-                self._batch.decode(engine, entries)
+                self._batch.put(entries)  # text tokens carry one position: llama.cpp spreads it over M-RoPE
+                engine.decode(self._batch)
             except Exception as exc:
                 log.error("decode step failed: %s", exc)
                 for slot in generating + ([filling] if filling is not None and piece is not None else []):
@@ -433,14 +438,16 @@ class Scheduler(EngineFront):
         return None, None
 
     def _decode_image_piece(self, slot: Slot, piece: Piece) -> None:
-        engine, work = self._engine, slot.prefill
-        assert engine is not None and work is not None and work.current is not None
+        engine, work, batch = self._engine, slot.prefill, self._embd_batch
+        assert engine is not None and work is not None and work.current is not None and batch is not None
         chunk = work.current
         if work.positions is None:
-            work.positions = image_positions(chunk, engine.seq_state(slot.seq_id).n_pos, engine.uses_mrope)
+            work.positions = image_positions(chunk.handle, engine.seq_state(slot.seq_id).n_pos, engine.uses_mrope)
         embd = work.embedding(chunk)
         assert embd is not None
-        decode_embeddings(engine, embd, work.positions, piece.start, piece.n, slot.seq_id)
+        end = piece.start + piece.n
+        batch.set(embd[piece.start:end], work.positions[:, piece.start:end], slot.seq_id)
+        engine.decode(batch)
         work.advance(engine, piece)
         if work.done:  # an image cannot end a prompt (checked at admission); kept for safety
             raise DecodeError("a prompt must end with text (the generation prompt)")
@@ -455,10 +462,7 @@ class Scheduler(EngineFront):
 
     def _sample(self, slot: Slot, index: int) -> int:
         assert self._engine is not None and slot.sampler is not None
-        with self._engine.guarded():  # reading logits waits for RPC workers
-            if slot.bias:
-                apply_bias(self._engine.ctx, index, slot.bias)
-            return slot.sampler.sample(self._engine.ctx, index)
+        return self._engine.sample(slot.sampler, index, slot.bias)
 
     def _accept(self, slot: Slot, token: int) -> None:
         """The shared per-token step (`AnswerStep`, as in `VisionChat`) for one slot."""
@@ -533,8 +537,9 @@ class Scheduler(EngineFront):
             self._end(job, "error", Failed(shutting_down()))
         if self._vision is not None:
             self._vision.stop()
-        if self._batch is not None:
-            self._batch.close()
+        for batch in (self._batch, self._embd_batch):
+            if batch is not None:
+                batch.close()
         if self._engine is not None:
             self._engine.close()
         if self.state == READY:
