@@ -15,14 +15,15 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edge_common.preflight import projector_problems
-from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, LlamaError,
+from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
+                        LlamaError,
                         LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, Sampler, default_marker,
                         image_grid, log_suffix)
 from edge_llama.graph_watch import GraphWatch
@@ -59,31 +60,10 @@ from .kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
 from .options import EngineOptions
 from .prompt import Chunk, ImageInput, Prompt, tokenize_multimodal, tokenize_text
 from .saved_conversation import StateFingerprint, file_sha256
+from .stats import GenerationStats
 from .vision_spec import read_vision_spec
 
 log = logging.getLogger("edge_runtime")
-
-
-@dataclass
-class PrefillResult:
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    images: int = 0
-    reused_tokens: int = 0
-    evaluated_tokens: int = 0
-    images_encoded: int = 0
-    encoder_cache_hits: int = 0
-    image_encode_s: float = 0.0
-    prefill_s: float = 0.0
-    disk_cache_hits: int = 0
-
-
-@dataclass
-class DecodeOutcome:
-    """Filled in by `Engine.decode_tokens` as it runs."""
-
-    generated: int = 0
-    stop_reason: str = ""
 
 
 def _check_file(path: str | Path, what: str) -> Path:
@@ -463,8 +443,9 @@ class Engine(Closeable):
 
     # ------------------------------------------------------------ evaluation
 
-    def prefill(self, prompt: Prompt, seq_id: int = 0, reserve: int = 0) -> PrefillResult:
-        """Bring the KV cache of `seq_id` to `prompt`, evaluating only the new suffix.
+    def prefill(self, prompt: Prompt, seq_id: int = 0, reserve: int = 0) -> GenerationStats:
+        """Bring the KV cache of `seq_id` to `prompt`, evaluating only the new suffix; the answer's
+        stats with the prompt's part filled in.
 
         `reserve` is the number of tokens generation will need after the prompt.
         On error the sequence keeps what it held before the call minus at most
@@ -478,7 +459,7 @@ class Engine(Closeable):
         self.check_fits(prompt.n_tokens, reserve)
         state = self._seq(seq_id)
         keep = plan_reuse(state, prompt.units)
-        result = PrefillResult(
+        result = GenerationStats(
             prompt_tokens=prompt.n_tokens,
             image_tokens=prompt.n_image_tokens,
             images=prompt.n_images,
@@ -526,14 +507,50 @@ class Engine(Closeable):
             state.clear()
 
     def _decode_text(self, tokens: Sequence[int], seq_id: int, state: SeqState, logits_last: bool) -> None:
-        batch = self._lbatch
-        assert batch is not None
+        assert self._lbatch is not None
         for begin in range(0, len(tokens), self.n_batch):
             part = tokens[begin : begin + self.n_batch]
             final = logits_last and begin + len(part) == len(tokens)
-            batch.fill(part, state.n_pos, seq_id, logits="last" if final else "none")
+            self.eval_tokens(self._lbatch, [(seq_id, t, final and j == len(part) - 1) for j, t in enumerate(part)])
+
+    def eval_tokens(self, batch: Batch, entries: Sequence[tuple[int, int, bool]]) -> None:
+        """Evaluate (seq_id, token, logits) entries of one or many sequences in one llama_decode, each token
+        at the next position of its sequence, and record them in the bookkeeping; the logits of entry i
+        (when asked for) are batch output i. On failure every touched sequence drops its half-written cells."""
+        self._require_open()
+        next_pos: dict[int, int] = {}
+        rows = []
+        for seq_id, token, logits in entries:
+            pos = next_pos.get(seq_id)
+            if pos is None:
+                pos = self._seq(seq_id).n_pos
+            rows.append((seq_id, token, pos, logits))
+            next_pos[seq_id] = pos + 1
+        batch.put(rows)  # text tokens carry one position: llama.cpp spreads it over the M-RoPE sections
+        try:
             self.decode(batch)
-            state.extend(text_units(part))
+        except BaseException:
+            for seq_id in next_pos:
+                self.truncate(seq_id, len(self._seq(seq_id)))
+            raise
+        for seq_id, token, _ in entries:
+            self._seq(seq_id).append(text_units((token,))[0])
+
+    def eval_image_slice(self, batch: EmbeddingBatch, seq_id: int, chunk: Chunk, embd: np.ndarray,
+                         positions: np.ndarray, start: int, n: int) -> None:
+        """Evaluate image tokens [start, start+n) of `chunk` for `seq_id` (`embd`: n_tokens x n_embd rows,
+        `positions`: the chunk's decoder positions from edge_llama.image_positions). The image joins the
+        sequence's bookkeeping once its last slice is in; a failed slice drops the half-written cells."""
+        self._require_open()
+        batch.set(embd[start:start + n], positions[:, start:start + n], seq_id)
+        state = self._seq(seq_id)
+        try:
+            self.decode(batch)
+        except BaseException:
+            self.truncate(seq_id, len(state))
+            raise
+        if start + n == chunk.n_tokens:
+            state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
 
     def guarded(self) -> Any:
         """Bounds a wait on RPC workers (a no-op without them): wrap llama_decode and sampling.
@@ -593,12 +610,12 @@ class Engine(Closeable):
             self.disk_cache.put(digest, embd)
         return embd, seconds
 
-    def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: PrefillResult) -> None:
+    def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: GenerationStats) -> None:
         with self.mtmd_lock:  # an uncopied encoder output lives in mtmd's buffer until decoded
             self._decode_image_locked(chunk, prompt, seq_id, state, result)
 
     def _decode_image_locked(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState,
-                             result: PrefillResult) -> None:
+                             result: GenerationStats) -> None:
         digest = chunk.digest or ""
         embd = prompt.embeddings.get(digest)
         if embd is None and not chunk.placeholder:
@@ -621,43 +638,6 @@ class Engine(Closeable):
         state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
         if new_n_past != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
             raise DecodeError(f"position mismatch after image: mtmd {new_n_past}, engine {state.n_pos}")
-
-    # ------------------------------------------------------------ generation
-
-    def decode_tokens(
-        self, sampler: Sampler, seq_id: int = 0, max_tokens: int | None = None, outcome: DecodeOutcome | None = None
-    ) -> Iterator[int]:
-        """Sample tokens after a `prefill`; yields each token before evaluating it.
-
-        Closing the generator early (a stop string) leaves the KV cache holding
-        exactly the tokens already evaluated. End-of-turn tokens are not yielded.
-        """
-        self._require_open()
-        state = self._seq(seq_id)
-        outcome = outcome if outcome is not None else DecodeOutcome()
-        limit = self.n_ctx_seq - state.n_tokens
-        if max_tokens is not None:
-            limit = min(limit, max_tokens)
-        batch = self._lbatch
-        assert batch is not None
-        while True:
-            token = self.sample(sampler, -1)
-            if self.is_end_of_turn(token):
-                outcome.stop_reason = "eog"
-                return
-            outcome.generated += 1
-            outcome.stop_reason = "cancelled"
-            yield token
-            if outcome.generated >= limit:
-                outcome.stop_reason = "length"
-                return
-            batch.fill((token,), state.n_pos, seq_id)
-            try:
-                self.decode(batch)
-            except BaseException:
-                self._truncate(seq_id, state, len(state))
-                raise
-            state.append(text_units((token,))[0])
 
     # ------------------------------------------------------------ lifetime
 

@@ -17,7 +17,9 @@ from edge_llama import FLASH_ATTN_ON
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape
 from edge_runtime.backend import CPU_UBATCH
 from edge_runtime.detokenize import PieceTable
-from edge_runtime.engine import DecodeOutcome, Engine
+from edge_runtime.core import Answer, Core
+from edge_runtime.engine import Engine
+from edge_runtime.generation import AnswerStep, StopReason
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
 from edge_runtime.images import image_digest, to_rgb_array
 from edge_runtime.options import EngineOptions, GenerationOptions
@@ -43,8 +45,17 @@ def last_logits(engine: Engine) -> np.ndarray:
 
 
 def answer(engine: Engine, seq_id: int = 0, n: int = 6) -> list[int]:
-    with build_sampler(GREEDY, engine.text_model, 0) as sampler:
-        return list(engine.decode_tokens(sampler, seq_id, n))
+    """Up to `n` greedy tokens after a prefill, through the batched core's step (one sequence)."""
+    with Core(engine, 1) as core:
+        ans = Answer(seq_id, build_sampler(GREEDY, engine.text_model, 0),
+                     AnswerStep(PieceTable(engine.text_model), GREEDY, n, False, engine.is_end_of_turn))
+        try:
+            core.start(ans)
+            while not ans.done:
+                core.step([ans])
+        finally:
+            ans.close()
+        return ans.tokens
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +223,16 @@ def test_decode_outcome_and_early_close_keep_kv_consistent(fresh):
     e = fresh
     prefill_text(e, turn("", "Say something."), [], reserve=20)
     n_before = e.seq_state(0).n_tokens
-    outcome = DecodeOutcome()
-    with build_sampler(GREEDY, e.text_model, 0) as sampler:
-        gen = e.decode_tokens(sampler, 0, 20, outcome)
-        taken = [next(gen) for _ in range(3)]
-        gen.close()
-    assert outcome.generated == 3 and len(taken) == 3
+    with Core(e, 1) as core:
+        ans = Answer(0, build_sampler(GREEDY, e.text_model, 0),
+                     AnswerStep(PieceTable(e.text_model), GREEDY, 20, False, e.is_end_of_turn))
+        core.start(ans)
+        core.step([ans])
+        core.step([ans])
+        ans.cancel()  # the caller stops reading
+        ans.close()
+    assert len(ans.tokens) == 3 and ans.stats.generated_tokens == 3 and ans.pending is None
+    assert ans.stats.stop_reason == StopReason.CANCELLED
     # the third token was sampled but never evaluated
     assert e.seq_state(0).n_tokens == n_before + 2
     pos_max = e.context.seq_pos_range(0)[1]

@@ -161,3 +161,36 @@ def test_edge_serve_fills_the_disk_encoder_cache_and_another_server_reads_it(mod
             assert len(list(cache.glob(f"*/*{SUFFIX}"))) == 1  # the image's encoder output, under the projector's dir
     assert counts == [(1, 0), (0, 1)]
     assert answers[0] == answers[1]
+
+
+TOOLS = [{"type": "function", "function": {"name": "zoom_in", "description": "Crop the image", "parameters": {
+    "type": "object", "properties": {"box": {"type": "array", "items": {"type": "integer"}, "minItems": 4,
+                                             "maxItems": 4}, "label": {"type": "string", "enum": ["cat", "dog"]}},
+    "required": ["box", "label"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", {"type": "function", "function": {"name": "zoom_in"}}])
+def test_the_server_and_visionchat_give_the_same_answer_with_image_video_and_tools(server, model_dir, test_image,
+                                                                                   tmp_path, tool_choice):
+    """The same batched core behind both: greedy, the same GGUF, an image, a video and tools in one prompt
+    (the server evaluates it in chunks of 16 between other steps, VisionChat in one go): identical text."""
+    from test_video import write_video
+
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    image_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    video_uri = "data:video/mp4;base64," + base64.b64encode(write_video(tmp_path / "v.mp4").read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri}},
+                                             {"type": "video_url", "video_url": {"url": video_uri}},
+                                             {"type": "text", "text": "What happens, and where is the cat?"}]}]
+    resp = httpx.post(server.url("/v1/chat/completions"), timeout=120, json={
+        "messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 160, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    served = resp.json()["choices"][0]["message"]
+    with VisionChat.from_dir(model_dir, n_ctx=4096, threads=1) as chat:
+        local = chat.generate(messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=160, temperature=0)
+    assert (served["content"] or "") == local.content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in served.get("tool_calls") or []] == \
+        [(c.name, c.arguments) for c in local.tool_calls]
+    if tool_choice != "auto":
+        assert len(local.tool_calls) == 1  # the forced call: the grammar path of both

@@ -232,7 +232,7 @@ async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: 
             parts.append(event.text)
         elif isinstance(event, Finished):
             text, calls = parse_calls("".join(parts)) if tools else ("".join(parts), [])
-            return completion_body(meta, text, event.finish_reason, event.usage, calls)
+            return completion_body(meta, text, event.finish_reason, event.stats, calls)
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
@@ -255,7 +255,7 @@ async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage:
                 reason = "tool_calls" if calls.calls else reason
             yield sse(chunk_body(meta, {}, reason))
             if include_usage:
-                yield sse(usage_chunk_body(meta, event.usage))
+                yield sse(usage_chunk_body(meta, event.stats))
             yield SSE_DONE
             return
         elif isinstance(event, Failed):

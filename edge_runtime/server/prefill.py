@@ -20,7 +20,6 @@ import numpy as np
 
 from ..engine import Engine
 from ..errors import DecodeError
-from ..kv_state import image_unit, text_units
 from ..prompt import Chunk, Prompt
 from .jobs import Job
 
@@ -87,18 +86,11 @@ class PrefillWork:
         with self.lock:
             return self.embeddings.get(chunk.digest or "")
 
-    def advance(self, engine: Engine, piece: Piece) -> None:
-        """Record an evaluated piece in the sequence's bookkeeping."""
+    def advance(self, piece: Piece) -> None:
+        """Move past an evaluated piece (the engine recorded it in the sequence's bookkeeping)."""
         chunk = self.current
         assert chunk is not None
-        state = engine.seq_state(self.seq_id)
-        if piece.kind == "text":
-            state.extend(text_units(piece.tokens))
-            self.offset += len(piece.tokens)
-        else:
-            self.offset += piece.n
-            if self.offset == chunk.n_tokens:  # the image unit counts once it is whole
-                state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
+        self.offset += len(piece.tokens) if piece.kind == "text" else piece.n
         if self.offset >= chunk.n_tokens:
             self.chunk, self.offset, self.positions = self.chunk + 1, 0, None
 
