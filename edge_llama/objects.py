@@ -22,7 +22,7 @@ from .batch import Batch
 from .backend import capture, ensure_backend, log_suffix, take_errors
 from .errors import LlamaError, LlamaLoadError
 from .hardware import physical_cores
-from .owned import Closeable, Owned
+from .owned import Owned
 from .params import LoadOptions, build_model_params
 
 log = logging.getLogger("edge_llama")
@@ -69,6 +69,10 @@ class Model(Owned):
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd(self.ptr)
         self.n_embd_inp = L.llama_model_n_embd_inp(self.ptr)  # n_embd x (1 + deepstack layers)
+        self.n_params = int(L.llama_model_n_params(self.ptr))
+        self.n_layer = int(L.llama_model_n_layer(self.ptr))
+        self.n_head = int(L.llama_model_n_head(self.ptr))
+        self.n_head_kv = int(L.llama_model_n_head_kv(self.ptr))
 
     def _free(self) -> None:
         L.llama_model_free(self.ptr)
@@ -113,23 +117,6 @@ class Model(Owned):
         raw = L.llama_model_chat_template(self.ptr, None)
         return raw.decode("utf-8") if raw else None
 
-    @property
-    def n_params(self) -> int:
-        return int(L.llama_model_n_params(self.ptr))
-
-    @property
-    def n_layer(self) -> int:
-        return int(L.llama_model_n_layer(self.ptr))
-
-    @property
-    def n_head(self) -> int:
-        return int(L.llama_model_n_head(self.ptr))
-
-    @property
-    def n_head_kv(self) -> int:
-        return int(L.llama_model_n_head_kv(self.ptr))
-
-
 @dataclass(frozen=True)
 class ContextOptions:
     n_ctx: int = 4096
@@ -166,29 +153,15 @@ class Context(Owned):
             raise LlamaLoadError(f"{model.path}: llama.cpp could not create a context (n_ctx={options.n_ctx})"
                                  + (": " + " | ".join(errors[-3:]) if errors else "; try a smaller n_ctx"), errors)
         self.memory = L.llama_get_memory(self.ptr)
+        self.n_ctx = int(L.llama_n_ctx(self.ptr))
+        self.n_ctx_seq = int(L.llama_n_ctx_seq(self.ptr))  # cells one sequence may use
+        self.n_batch, self.n_ubatch = int(L.llama_n_batch(self.ptr)), int(L.llama_n_ubatch(self.ptr))
         self._batch: Any = None  # Context.decode's own batch, made on first use
 
     def _free(self) -> None:
         if self._batch is not None:
             self._batch.close()
         L.llama_free(self.ptr)
-
-    @property
-    def n_ctx(self) -> int:
-        return int(L.llama_n_ctx(self.ptr))
-
-    @property
-    def n_ctx_seq(self) -> int:
-        """Cells one sequence may use (n_ctx / n_seq_max with a unified-off cache)."""
-        return int(L.llama_n_ctx_seq(self.ptr))
-
-    @property
-    def n_batch(self) -> int:
-        return int(L.llama_n_batch(self.ptr))
-
-    @property
-    def n_ubatch(self) -> int:
-        return int(L.llama_n_ubatch(self.ptr))
 
     def decode_batch(self, batch: Any) -> None:
         """The one llama_decode of the project: a token `Batch` or an `EmbeddingBatch`."""

@@ -175,18 +175,12 @@ class Projector(Owned):
             raise LlamaLoadError(f"llama.cpp could not load the projector {self.path} for {model.path.name}"
                                  + (": " + " | ".join(errors[-3:]) if errors else ""), errors)
         self.marker = default_marker()
+        self.supports_vision = bool(M.mtmd_support_vision(self.ptr))
+        # image tokens take M-RoPE positions (t, y, x, z) rather than one running position
+        self.uses_mrope = bool(M.mtmd_decode_use_mrope(self.ptr))
 
     def _free(self) -> None:
         M.mtmd_free(self.ptr)
-
-    @property
-    def supports_vision(self) -> bool:
-        return bool(M.mtmd_support_vision(self.ptr))
-
-    @property
-    def uses_mrope(self) -> bool:
-        """Image tokens take M-RoPE positions (t, y, x, z) rather than one running position."""
-        return bool(M.mtmd_decode_use_mrope(self.ptr))
 
     def tokenize(self, text: str, images: Sequence[np.ndarray | Bitmap] = (), ids: Sequence[str | None] = ()) -> Chunks:
         """`text` with one marker per image -> chunks. Arrays become bitmaps here; every bitmap

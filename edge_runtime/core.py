@@ -10,8 +10,11 @@ end of turn, a stop string, the token limit are checked there, once. As vLLM's
 `step` with many answers, `VisionChat` with one, and both read the answer's
 numbers from the same `GenerationStats`.
 
-The engine keeps each sequence's bookkeeping (`Engine.eval_tokens`): a token
-is recorded once evaluated, and a failed step leaves no half-written cells.
+The engine keeps each sequence's bookkeeping (`Engine.eval_tokens`,
+`eval_image_piece`): a token is recorded once evaluated, and a failed step
+leaves no half-written cells. Prompts are walked in pieces by a
+`prompt.PromptCursor`: `Engine.prefill` takes them one after the other for
+VisionChat, the server one per step beside the answers.
 """
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
-"""The engine: a text GGUF + projector on llama.cpp's low-level API, with KV reuse.
+"""The engine: a text GGUF + projector through edge_llama, with KV reuse.
 
 One `Engine` owns a llama model, one llama context (its KV cache holds up to
 `n_seq_max` sequences) and, for vision models, an mtmd context. For each
 sequence it remembers which units (text tokens, images by content hash) are in
 the KV cache, so `prefill` evaluates only what follows the longest common
-prefix. Encoder outputs are kept in a byte-bounded LRU cache so another
-conversation about the same image skips the vision encoder.
+prefix. Encoder outputs are kept in a byte-bounded LRU cache (and on disk) so
+another conversation about the same image skips the vision encoder.
+
+Each operation exists once and both clients use it: `eval_tokens` (tokens of
+one or many sequences in one decode), `eval_image_piece` (a slice of an image's
+embeddings), `encode_chunk` (the vision encoder, feeding both caches), `sample`;
+the bookkeeping of every sequence is kept by them alone. `prefill` takes a
+prompt's pieces one after the other (VisionChat); the server's scheduler takes
+one a step between the other slots' tokens, through `core.Core`.
 
 The engine is not thread-safe; callers serialise access (VisionChat holds a lock).
 """
@@ -25,7 +32,7 @@ from edge_common.preflight import projector_problems
 from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
                         LlamaError,
                         LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, Sampler, default_marker,
-                        image_grid, log_suffix)
+                        image_grid, image_positions, log_suffix)
 from edge_llama.graph_watch import GraphWatch
 from edge_llama.params import resolve_mmap, resolve_ubatch
 from edge_llama.placement import Placement, place
@@ -58,7 +65,7 @@ from .errors import (
 )
 from .kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
 from .options import EngineOptions
-from .prompt import Chunk, ImageInput, Prompt, tokenize_multimodal, tokenize_text
+from .prompt import Chunk, ImageInput, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
 from .saved_conversation import StateFingerprint, file_sha256
 from .stats import GenerationStats
 from .vision_spec import read_vision_spec
@@ -95,6 +102,7 @@ class Engine(Closeable):
         self._lctx: Context | None = None
         self._lproj: Projector | None = None
         self._lbatch: Batch | None = None
+        self._lembd: EmbeddingBatch | None = None
         try:
             self._load()
         except BaseException:
@@ -149,7 +157,8 @@ class Engine(Closeable):
         self.n_ctx_seq = self._lctx.n_ctx_seq
         self.n_batch = self._lctx.n_batch
         self.n_ubatch = self._lctx.n_ubatch
-        self._lbatch = Batch(self.n_batch)
+        self._lbatch = Batch(self.n_batch)  # prefill's text pieces
+        self._lembd = EmbeddingBatch(self.n_batch)  # prefill's image slices
         self.n_embd_inp = self._lmodel.n_embd_inp
         self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
 
@@ -467,22 +476,29 @@ class Engine(Closeable):
         )
         if keep < len(state):
             self._truncate(seq_id, state, keep)
+        cursor = PromptCursor(prompt, seq_id, keep)
         t0 = time.perf_counter()
         try:
-            unit = 0
-            last = len(prompt.chunks) - 1
-            for i, chunk in enumerate(prompt.chunks):
-                n_units = len(chunk.tokens) if chunk.kind == "text" else 1
-                start, unit = unit, unit + n_units
-                if unit <= keep:
-                    continue
+            while not cursor.done:
+                chunk = cursor.current
+                assert chunk is not None and self._lbatch is not None and self._lembd is not None
                 if chunk.kind == "text":
-                    tokens = chunk.tokens[max(0, keep - start) :]
-                    self._decode_text(tokens, seq_id, state, logits_last=i == last)
-                    result.evaluated_tokens += len(tokens)
+                    piece = cursor.next_piece(self.n_batch)
+                    assert piece is not None
+                    n = len(piece.tokens)
+                    self.eval_tokens(self._lbatch, [(seq_id, t, piece.final and j == n - 1)
+                                                    for j, t in enumerate(piece.tokens)])
+                    cursor.advance(piece)
                 else:
-                    self._decode_image(chunk, prompt, seq_id, state, result)
-                    result.evaluated_tokens += chunk.n_tokens
+                    if cursor.embedding(chunk) is None:
+                        cursor.embeddings[chunk.digest or ""] = self._image_embedding(chunk, prompt, result)
+                    elif cursor.offset == 0:  # the same image (a repeated frame pair) earlier in this prompt
+                        result.encoder_cache_hits += 1
+                    piece = cursor.next_piece(self.n_ubatch)  # one ubatch a slice, as mtmd's helper decodes it
+                    assert piece is not None
+                    n = piece.n
+                    self.eval_image_piece(self._lembd, cursor, piece)
+                result.evaluated_tokens += n
         except BaseException:
             self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
             raise
@@ -505,13 +521,6 @@ class Engine(Closeable):
             # only partial removal can fail (recurrent memory): drop the whole sequence
             self._lctx.seq_rm(seq_id, -1, -1)
             state.clear()
-
-    def _decode_text(self, tokens: Sequence[int], seq_id: int, state: SeqState, logits_last: bool) -> None:
-        assert self._lbatch is not None
-        for begin in range(0, len(tokens), self.n_batch):
-            part = tokens[begin : begin + self.n_batch]
-            final = logits_last and begin + len(part) == len(tokens)
-            self.eval_tokens(self._lbatch, [(seq_id, t, final and j == len(part) - 1) for j, t in enumerate(part)])
 
     def eval_tokens(self, batch: Batch, entries: Sequence[tuple[int, int, bool]]) -> None:
         """Evaluate (seq_id, token, logits) entries of one or many sequences in one llama_decode, each token
@@ -610,34 +619,40 @@ class Engine(Closeable):
             self.disk_cache.put(digest, embd)
         return embd, seconds
 
-    def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: GenerationStats) -> None:
-        with self.mtmd_lock:  # an uncopied encoder output lives in mtmd's buffer until decoded
-            self._decode_image_locked(chunk, prompt, seq_id, state, result)
-
-    def _decode_image_locked(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState,
-                             result: GenerationStats) -> None:
+    def known_embedding(self, chunk: Chunk, prompt: Prompt) -> np.ndarray | None:
+        """An image chunk's encoder output without encoding (n_tokens x n_embd): pinned when the prompt was
+        tokenized, else from the memory cache; None: the encoder must run."""
         digest = chunk.digest or ""
         embd = prompt.embeddings.get(digest)
-        if embd is None and not chunk.placeholder:
-            embd = self.encoder_cache.get(digest) if digest else None
-        if embd is None:
-            if chunk.placeholder:
-                raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
-            embd, seconds = self.encode_chunk(chunk)
-            result.image_encode_s += seconds
-            result.images_encoded += 1
-        else:
-            result.encoder_cache_hits += 1
-            result.disk_cache_hits += self.take_disk_hit(digest)
-        try:
-            with self.guarded():
-                new_n_past = self._lproj.decode_image(self._lctx, chunk.handle, embd, state.n_pos, seq_id,
-                                                      self.n_ubatch)  # n x n_embd_inp floats: one ubatch is enough
-        except LlamaError as exc:
-            raise DecodeError(str(exc)) from exc
-        state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
-        if new_n_past != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
-            raise DecodeError(f"position mismatch after image: mtmd {new_n_past}, engine {state.n_pos}")
+        if embd is None and digest:
+            embd = self.encoder_cache.get(digest)
+        if embd is None and chunk.placeholder:
+            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+        return None if embd is None else np.asarray(embd).reshape(chunk.n_tokens, -1)
+
+    def _image_embedding(self, chunk: Chunk, prompt: Prompt, stats: GenerationStats) -> np.ndarray:
+        """An image chunk's encoder output from a cache or the encoder, counted in `stats`."""
+        embd = self.known_embedding(chunk, prompt)
+        if embd is not None:
+            stats.encoder_cache_hits += 1
+            stats.disk_cache_hits += self.take_disk_hit(chunk.digest or "")
+            return embd
+        encoded, seconds = self.encode_chunk(chunk, keep=True)
+        assert encoded is not None
+        stats.image_encode_s += seconds
+        stats.images_encoded += 1
+        return encoded.reshape(chunk.n_tokens, -1)
+
+    def eval_image_piece(self, batch: EmbeddingBatch, cursor: PromptCursor, piece: Piece) -> None:
+        """Evaluate a slice of the image `cursor` stands at (its embeddings are in the cursor), then move on."""
+        chunk = cursor.current
+        embd = cursor.embedding(chunk) if chunk is not None else None
+        if chunk is None or embd is None:
+            raise DecodeError("no image embeddings to evaluate")
+        if cursor.positions is None:
+            cursor.positions = image_positions(chunk.handle, self._seq(cursor.seq_id).n_pos, self.uses_mrope)
+        self.eval_image_slice(batch, cursor.seq_id, chunk, embd, cursor.positions, piece.start, piece.n)
+        cursor.advance(piece)
 
     # ------------------------------------------------------------ lifetime
 
@@ -650,7 +665,7 @@ class Engine(Closeable):
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
-        for name in ("_lproj", "_lbatch", "_lctx", "_lmodel"):
+        for name in ("_lproj", "_lembd", "_lbatch", "_lctx", "_lmodel"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()

@@ -133,3 +133,74 @@ def _read_chunks(chunks: Chunks, placeholders: set[str]) -> list[Chunk]:
         else:
             raise DecodeError("audio chunks are not supported")
     return out
+
+
+@dataclass
+class Piece:
+    """The next part of a prompt to evaluate: a run of text tokens, or a slice of one image's tokens."""
+
+    kind: str  # "text" | "image"
+    tokens: tuple[int, ...] = ()
+    start: int = 0  # image: first token of the slice
+    n: int = 0  # image: tokens in the slice
+    final: bool = False  # the prompt's last token: its logits give the first sample
+
+
+@dataclass
+class PromptCursor:
+    """How far a sequence's prompt has been evaluated, in pieces: VisionChat's prefill takes them one
+    after the other, the server's scheduler one per step between the other slots' tokens."""
+
+    prompt: Prompt
+    seq_id: int
+    keep: int  # leading units already in the KV cache
+    chunk: int = 0  # index into prompt.chunks
+    offset: int = 0  # tokens of that chunk already evaluated
+    positions: np.ndarray | None = None  # decoder positions of the current image chunk
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # digest -> (n_tokens, n_embd)
+
+    def __post_init__(self) -> None:
+        self.skip_cached()
+
+    def skip_cached(self) -> None:
+        """Move past the chunks whose units the KV cache already holds."""
+        unit = 0
+        for i, chunk in enumerate(self.prompt.chunks):
+            n_units = len(chunk.tokens) if chunk.kind == "text" else 1
+            if unit + n_units > self.keep:
+                self.chunk, self.offset = i, max(0, self.keep - unit)
+                return
+            unit += n_units
+        self.chunk, self.offset = len(self.prompt.chunks), 0
+
+    @property
+    def current(self) -> Chunk | None:
+        return self.prompt.chunks[self.chunk] if self.chunk < len(self.prompt.chunks) else None
+
+    @property
+    def done(self) -> bool:
+        return self.chunk >= len(self.prompt.chunks)
+
+    def embedding(self, chunk: Chunk) -> np.ndarray | None:
+        return self.embeddings.get(chunk.digest or "")
+
+    def next_piece(self, budget: int) -> Piece | None:
+        """Up to `budget` tokens of what comes next; None while its image has no embeddings yet."""
+        chunk = self.current
+        if chunk is None:
+            raise DecodeError("the prompt is already evaluated")
+        last = self.chunk == len(self.prompt.chunks) - 1
+        if chunk.kind == "text":
+            tokens = chunk.tokens[self.offset:self.offset + budget]
+            return Piece("text", tokens, final=last and self.offset + len(tokens) == len(chunk.tokens))
+        if self.embedding(chunk) is None:
+            return None
+        return Piece("image", start=self.offset, n=min(budget, chunk.n_tokens - self.offset))
+
+    def advance(self, piece: Piece) -> None:
+        """Move past an evaluated piece (the engine recorded it in the sequence's bookkeeping)."""
+        chunk = self.current
+        assert chunk is not None
+        self.offset += len(piece.tokens) if piece.kind == "text" else piece.n
+        if self.offset >= chunk.n_tokens:
+            self.chunk, self.offset, self.positions = self.chunk + 1, 0, None

@@ -14,89 +14,31 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from ..engine import Engine
-from ..errors import DecodeError
-from ..prompt import Chunk, Prompt
+from ..prompt import Chunk, Prompt, PromptCursor
 from .jobs import Job
 
 log = logging.getLogger("edge_runtime.server")
 
 
 @dataclass
-class Piece:
-    """The next part of a prompt to evaluate."""
+class PrefillWork(PromptCursor):
+    """A slot's prompt cursor shared with the vision thread, which fills `embeddings` as it encodes;
+    owned by the scheduler thread."""
 
-    kind: str  # "text" | "image"
-    tokens: tuple[int, ...] = ()
-    start: int = 0  # image: first token of the slice
-    n: int = 0
-    final: bool = False  # the prompt's last token: its logits give the first sample
-
-
-@dataclass
-class PrefillWork:
-    """How far a slot's prompt has been evaluated; owned by the scheduler thread."""
-
-    job: Job
-    prompt: Prompt
-    seq_id: int
-    keep: int  # leading units already in the KV cache
-    chunk: int = 0  # index into prompt.chunks
-    offset: int = 0  # tokens of that chunk already evaluated
-    positions: np.ndarray | None = None  # of the current image chunk
-    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # digest -> (n_tokens, n_embd)
+    job: Job | None = None
     failed: BaseException | None = None  # the vision thread's error
     encoding: bool = False  # the vision thread still holds this prompt's chunks
     abandoned: bool = False  # the scheduler is done with it: the last holder closes the prompt
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def skip_cached(self) -> None:
-        """Move past the chunks whose units the KV cache already holds."""
-        unit = 0
-        for i, chunk in enumerate(self.prompt.chunks):
-            n_units = len(chunk.tokens) if chunk.kind == "text" else 1
-            if unit + n_units > self.keep:
-                self.chunk, self.offset = i, max(0, self.keep - unit)
-                return
-            unit += n_units
-        self.chunk, self.offset = len(self.prompt.chunks), 0
-
-    @property
-    def current(self) -> Chunk | None:
-        return self.prompt.chunks[self.chunk] if self.chunk < len(self.prompt.chunks) else None
-
-    def next_piece(self, budget: int) -> Piece | None:
-        """Up to `budget` tokens of what comes next; None while its image is not encoded yet."""
-        chunk = self.current
-        if chunk is None:
-            raise DecodeError("the prompt is already evaluated")
-        last = self.chunk == len(self.prompt.chunks) - 1
-        if chunk.kind == "text":
-            tokens = chunk.tokens[self.offset:self.offset + budget]
-            return Piece("text", tokens, final=last and self.offset + len(tokens) == len(chunk.tokens))
-        if self.embedding(chunk) is None:
-            return None
-        return Piece("image", start=self.offset, n=min(budget, chunk.n_tokens - self.offset))
-
     def embedding(self, chunk: Chunk) -> np.ndarray | None:
         with self.lock:
             return self.embeddings.get(chunk.digest or "")
-
-    def advance(self, piece: Piece) -> None:
-        """Move past an evaluated piece (the engine recorded it in the sequence's bookkeeping)."""
-        chunk = self.current
-        assert chunk is not None
-        self.offset += len(piece.tokens) if piece.kind == "text" else piece.n
-        if self.offset >= chunk.n_tokens:
-            self.chunk, self.offset, self.positions = self.chunk + 1, 0, None
-
-    @property
-    def done(self) -> bool:
-        return self.chunk >= len(self.prompt.chunks)
 
     def release(self) -> None:
         """The scheduler is done (finished, cancelled or failed); close the prompt unless the vision
@@ -159,7 +101,7 @@ class VisionWorker:
             prefill.encoding = True
 
         def gone() -> bool:
-            return prefill.job.cancelled or prefill.abandoned
+            return prefill.abandoned or (prefill.job is not None and prefill.job.cancelled)
 
         def work() -> None:
             try:
@@ -211,20 +153,15 @@ class VisionWorker:
             self._notify()
 
 
-def missing_images(prefill: PrefillWork, cache_get: Callable[[str], Any]) -> list[Chunk]:
+def missing_images(prefill: PrefillWork, engine: Engine) -> list[Chunk]:
     """Image chunks still to evaluate whose embeddings are neither pinned nor cached (to encode)."""
     out = []
     for chunk in prefill.prompt.chunks[prefill.chunk:]:
         if chunk.kind != "image":
             continue
-        digest = chunk.digest or ""
-        embd = prefill.prompt.embeddings.get(digest)
-        if embd is None:
-            embd = cache_get(digest) if digest else None
+        embd = engine.known_embedding(chunk, prefill.prompt)
         if embd is not None:
-            prefill.embeddings[digest] = np.asarray(embd).reshape(chunk.n_tokens, -1)
-        elif chunk.placeholder:
-            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+            prefill.embeddings[chunk.digest or ""] = embd
         else:
             out.append(chunk)
     return out

@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from edge_llama import EmbeddingBatch, image_positions
+from edge_llama import EmbeddingBatch
 
 from ..core import Answer, Core
 from ..detokenize import PieceTable
@@ -33,13 +33,13 @@ from ..stats import image_report
 from ..open_model import open_engine
 from ..errors import DecodeError
 from ..kv_state import plan_reuse
-from ..prompt import Prompt, tokenize_text
+from ..prompt import Piece, Prompt, tokenize_text
 from .config import ServerOptions
 from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
 from .jobs import Failed, Finished, Job, TextDelta
 from .logit_bias import build_bias, end_of_generation_tokens
 from .metrics import Gauges, Metrics
-from .prefill import Piece, PrefillWork, VisionWorker, missing_images
+from .prefill import PrefillWork, VisionWorker, missing_images
 from .prompting import PromptFormat
 from .slots import Candidate, Slot, choose_slot
 
@@ -334,9 +334,8 @@ class Scheduler(EngineFront):
             sampler = None
             keep = plan_reuse(engine.seq_state(seq_id), prompt.units)
             engine.truncate(seq_id, keep)
-            work = PrefillWork(job, prompt, seq_id, keep)
-            work.skip_cached()
-            encode = missing_images(work, engine.encoder_cache.get)
+            work = PrefillWork(prompt, seq_id, keep, job=job)
+            encode = missing_images(work, engine)
         except Exception as exc:
             for owner in (sampler, answer):
                 if owner is not None:
@@ -433,14 +432,8 @@ class Scheduler(EngineFront):
 
     def _decode_image_piece(self, slot: Slot, piece: Piece) -> None:
         engine, work, batch = self._engine, slot.prefill, self._embd_batch
-        assert engine is not None and work is not None and work.current is not None and batch is not None
-        chunk = work.current
-        if work.positions is None:
-            work.positions = image_positions(chunk.handle, engine.seq_state(slot.seq_id).n_pos, engine.uses_mrope)
-        embd = work.embedding(chunk)
-        assert embd is not None
-        engine.eval_image_slice(batch, slot.seq_id, chunk, embd, work.positions, piece.start, piece.n)
-        work.advance(piece)
+        assert engine is not None and work is not None and batch is not None
+        engine.eval_image_piece(batch, work, piece)
         if work.done:  # an image cannot end a prompt (checked at admission); kept for safety
             raise DecodeError("a prompt must end with text (the generation prompt)")
 
