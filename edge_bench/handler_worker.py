@@ -39,17 +39,15 @@ def refuse_faulting_amx(text_path: str) -> None:
 
 
 def open_llama(spec: WorkerSpec):
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import MTMDChatHandler
+    from edge_llama.baseline import open_chat_llama
 
     from edge_llama import kv_type
 
     refuse_faulting_amx(str(spec.text_path))
     m, kv = spec.measure, kv_type(spec.config.kv_type).ggml_type
     mmap, n_ubatch = m.load_settings(spec.config)  # its Llama cannot turn repacking off: --no-repack applies to the others
-    handler = MTMDChatHandler(clip_model_path=str(spec.mmproj_path), verbose=False, use_gpu=m.n_gpu_layers != 0)
-    return Llama(
-        model_path=str(spec.text_path), chat_handler=handler, n_ctx=m.n_ctx, n_batch=m.n_batch,
+    return open_chat_llama(
+        str(spec.text_path), str(spec.mmproj_path), use_gpu=m.n_gpu_layers != 0, n_ctx=m.n_ctx, n_batch=m.n_batch,
         n_ubatch=n_ubatch, use_mmap=mmap, n_threads=m.threads, n_threads_batch=m.threads, n_gpu_layers=m.n_gpu_layers,
         type_k=kv, type_v=kv, flash_attn=m.flash_attn, seed=0, verbose=False,
     )

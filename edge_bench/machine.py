@@ -95,13 +95,13 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def detect() -> MachineInfo:
-    import llama_cpp
+    from edge_llama import system_info
 
     from edge_llama import ensure_backend, physical_cores
     from edge_llama.offload import gpu_offload_available
 
     ensure_backend()
-    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(" |")
+    version, info = system_info()
     gpu = gpu_offload_available()  # a local GPU (an RPC-capable build alone is not one)
     return MachineInfo(
         cpu_model=cpu_model(),
@@ -112,7 +112,7 @@ def detect() -> MachineInfo:
         python=sys.version.split()[0],
         backend=backend_name(info, gpu),
         gpu_offload=gpu,
-        llama_cpp_python=getattr(llama_cpp, "__version__", "unknown"),
+        llama_cpp_python=version,
         llama_cpp_system_info=info,
         packages=package_versions(),
     )

@@ -64,12 +64,12 @@ def rss_now() -> dict[str, int]:
 
 
 def measure(spec: WorkerSpec, rec: Recorder) -> None:
-    import llama_cpp as L
+    from edge_llama import FLASH_ATTN_OFF, FLASH_ATTN_ON
 
     v = MemoryVariant(**(spec.variant or {"name": "default"}))
     m, res = spec.measure, spec.config.resolution
     kv = int(kv_type(spec.config.kv_type).ggml_type)
-    flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    flash = FLASH_ATTN_ON if m.flash_attn else FLASH_ATTN_OFF
     stage = lambda name: rec.value(f"rss_{name}", rss_now().get("VmRSS", 0))  # noqa: E731
     stage("start")
     with Model(spec.text_path, LoadOptions(m.n_gpu_layers, mmap=v.mmap, repack=v.repack and spec.config.repack(m),
@@ -88,36 +88,27 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
                 rec.sample("image_prompt_s", time.perf_counter() - t0)  # encode + prefill: what a smaller ubatch costs
                 stage("image")
                 rec.value("image_tokens", n_image)
-                rec.sample("decode_tok_s", _decode(L, ctx.ptr, n_past, DECODE_TOKENS))
+                rec.sample("decode_tok_s", _decode(model, ctx, n_past, DECODE_TOKENS))
                 stage("decode")
 
 
 def _eval_image_prompt(proj: Projector, ctx: Context, n_batch: int, rgb: np.ndarray) -> tuple[int, int]:
-    from edge_llama import chunk_is_text
-    from llama_cpp import mtmd_cpp as M
+    from edge_llama import chunk_info
 
     with proj.tokenize(chat_prompt(FIRST_QUESTION, proj.marker), [rgb]) as chunks:
-        n_image = sum(M.mtmd_input_chunk_get_n_tokens(c) for c in chunks if not chunk_is_text(c))
+        n_image = sum(info.n_tokens for info in map(chunk_info, chunks) if info.kind == "image")
         return proj.eval_chunks(ctx, chunks, 0, 0, n_batch=n_batch), n_image
 
 
-def _decode(L, ctx, n_past: int, n_tokens: int) -> float:
-    from edge_llama import Batch
+def _decode(model: Model, ctx: Context, n_past: int, n_tokens: int) -> float:
+    from edge_llama import Batch, Sampler
 
-    sampler, owned = L.llama_sampler_init_greedy(), Batch(1)
-    batch = owned.raw
-    try:
+    with Sampler(model).greedy() as sampler, Batch(1) as batch:
         t0 = None
         for i in range(n_tokens):
-            token = L.llama_sampler_sample(sampler, ctx, -1)
+            token = sampler.sample(ctx, -1)
             if t0 is None:
                 t0 = time.perf_counter()
-            batch.n_tokens = 1
-            batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = token, n_past + i, 1, 1
-            batch.seq_id[0][0] = 0
-            if L.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
+            batch.fill((token,), n_past + i)
+            ctx.decode_batch(batch)
         return n_tokens / (time.perf_counter() - t0)
-    finally:
-        owned.close()
-        L.llama_sampler_free(sampler)

@@ -1,14 +1,14 @@
 """Baseline (a): the same work done with llama.cpp's low-level calls and nothing else.
 
 No chat template, no bookkeeping, no detokenizing: a hand-written Qwen prompt,
-mtmd to tokenize and encode, llama_decode, and a greedy sampler. It is the
+mtmd to tokenize and encode, llama_decode, and a greedy sampler, each through
+edge_llama's one-object wrappers (no runtime bookkeeping). It is the
 ceiling for our runtime's overhead: VisionChat decode / this decode should be
 close to 1. The follow-up evaluates only the new turn's tokens, which is the
 least any runtime can do.
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import time
 
@@ -22,16 +22,16 @@ from .workers import Recorder, WorkerSpec
 
 
 class RawSession:
-    """A model, context and projector opened with edge_llama, plus one reusable 1-token batch."""
+    """A model, context, projector, greedy sampler and one reusable 1-token batch, opened with
+    edge_llama's thin wrappers (one llama.cpp object each) and nothing of the runtime."""
 
     def __init__(self, spec: WorkerSpec):
-        import llama_cpp as L
-
-        from edge_llama import Context, ContextOptions, LoadOptions, Model, Projector, ProjectorOptions, kv_type
+        from edge_llama import (FLASH_ATTN_OFF, FLASH_ATTN_ON, Batch, Context, ContextOptions, LoadOptions, Model,
+                                Projector, ProjectorOptions, Sampler, kv_type)
 
         m, kv = spec.measure, int(kv_type(spec.config.kv_type).ggml_type)
-        flash = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if m.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.L, self.n_batch = L, m.n_batch
+        flash = FLASH_ATTN_ON if m.flash_attn else FLASH_ATTN_OFF
+        self.n_batch = m.n_batch
         mmap, n_ubatch = m.load_settings(spec.config)
         self.model = Model(spec.text_path, LoadOptions(m.n_gpu_layers, mmap=mmap, repack=spec.config.repack(m),
                                                        amx=spec.config.amx))
@@ -40,24 +40,16 @@ class RawSession:
         self.proj = Projector(spec.mmproj_path, self.model, ProjectorOptions(
             n_threads=m.threads, use_gpu=m.n_gpu_layers != 0, image_max_tokens=m.image_max_tokens,
             flash_attn=flash, warmup=False))
-        self.sampler = L.llama_sampler_init_greedy()
-        from edge_llama import Batch
-
-        self._batch = Batch(1)
-        self.batch = self._batch.raw
+        self.sampler = Sampler(self.model).greedy()
+        self.batch = Batch(1)
 
     def close(self) -> None:
-        self._batch.close()
-        self.L.llama_sampler_free(self.sampler)
-        self.proj.close()
-        self.ctx.close()
-        self.model.close()
+        for obj in (self.batch, self.sampler, self.proj, self.ctx, self.model):
+            obj.close()
 
     def prefill_chunks(self, text: str, rgb: np.ndarray) -> tuple[int, float, int]:
         """Evaluate a prompt with one image chunk by chunk; (n_past, encode seconds, image tokens)."""
-        from llama_cpp import mtmd_cpp as M
-
-        from edge_llama import LlamaError, chunk_is_text, chunk_text_tokens
+        from edge_llama import chunk_is_text, chunk_text_tokens
 
         chunks = self.proj.tokenize(text, [rgb])
         n_past, encode_s, image_tokens = 0, 0.0, 0
@@ -69,17 +61,10 @@ class RawSession:
                     n_past += len(tokens)
                     continue
                 t0 = time.perf_counter()
-                if M.mtmd_encode_chunk(self.proj.ptr, chunk) != 0:
-                    raise LlamaError("mtmd_encode_chunk failed")
+                embd = self.proj.encode(chunk, copy=False)
                 encode_s += time.perf_counter() - t0
-                image_tokens += M.mtmd_input_chunk_get_n_tokens(chunk)
-                new_past = self.L.llama_pos(0)
-                rc = M.mtmd_helper_decode_image_chunk(
-                    self.proj.ptr, self.ctx.ptr, chunk, M.mtmd_get_output_embd(self.proj.ptr), n_past, 0,
-                    self.n_batch, ctypes.byref(new_past), M.mtmd_helper_post_decode_callback(), None)
-                if rc != 0:
-                    raise LlamaError(f"mtmd_helper_decode_image_chunk failed with code {rc}")
-                n_past = new_past.value
+                image_tokens += len(embd)
+                n_past = self.proj.decode_image(self.ctx, chunk, embd, n_past, 0, self.n_batch)
         finally:
             chunks.close()
         return n_past, encode_s, image_tokens
@@ -90,19 +75,15 @@ class RawSession:
         Like VisionChat, the last sampled token is not evaluated. Returns the
         tokens, the time each was sampled, and n_past after them.
         """
-        L, b = self.L, self.batch
         tokens, times = [], []
         while True:
-            token = L.llama_sampler_sample(self.sampler, self.ctx.ptr, -1)
+            token = self.sampler.sample(self.ctx, -1)
             times.append(time.perf_counter())
             tokens.append(token)
             if len(tokens) >= n_tokens:
                 return tokens, times, n_past
-            b.n_tokens = 1
-            b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = token, n_past, 1, 1
-            b.seq_id[0][0] = 0
-            if L.llama_decode(self.ctx.ptr, b) != 0:
-                raise RuntimeError(f"llama_decode failed at position {n_past}")
+            self.batch.fill((token,), n_past)
+            self.ctx.decode_batch(self.batch)
             n_past += 1
 
 

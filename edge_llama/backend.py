@@ -69,3 +69,9 @@ def return_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
     except (OSError, AttributeError):
         return False
+
+
+def system_info() -> tuple[str, str]:
+    """(llama-cpp-python's version, llama.cpp's system info line)."""
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(" |")
+    return getattr(llama_cpp, "__version__", "unknown"), info

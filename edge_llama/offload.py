@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import llama_cpp
-
 from .errors import LoadOptionError
 from .ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, has_local_gpu, local_devices
 from .kv import KVType
+from .objects import FLASH_ATTN_AUTO, FLASH_ATTN_OFF, FLASH_ATTN_ON
 
 log = logging.getLogger("edge_llama")
 
@@ -45,11 +44,11 @@ def resolve_gpu_layers(n_gpu_layers: int | str) -> int:
 
 
 _FLASH = {
-    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
-    True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-    False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "auto": FLASH_ATTN_AUTO,
+    True: FLASH_ATTN_ON,
+    False: FLASH_ATTN_OFF,
+    "on": FLASH_ATTN_ON,
+    "off": FLASH_ATTN_OFF,
 }
 
 
@@ -60,13 +59,13 @@ def resolve_flash_attn(flash_attn: bool | str, v_type: KVType) -> int:
         raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
     choice = _FLASH[key]
     if v_type.quantized:
-        if choice == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED:
+        if choice == FLASH_ATTN_OFF:
             raise ValueError(
                 f"a quantized V cache ({v_type.name}) needs flash attention; "
                 "use flash_attn='auto' or True, or kv_cache_type_v='f16'"
             )
-        if choice != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED:
+        if choice != FLASH_ATTN_ON:
             log.warning("quantized V cache (%s) needs flash attention: turning it on", v_type.name)
-        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        return FLASH_ATTN_ON
     return choice
 

@@ -19,8 +19,8 @@ from edge_common.peak_rss import peak_rss_bytes
 from edge_llama.offload import gpu_offload_available
 
 from .detokenize import PieceTable
-from .engine import DecodeOutcome, PrefillResult
-from .generation import AnswerStep
+from .core import Answer, Core
+from .generation import AnswerStep, StopReason
 from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from .images import ImageLimits
 from .image_budget import ImagePlan, check_detail
@@ -28,7 +28,7 @@ from .messages import check_text, image_input, media_in, split_messages, user_me
 from .open_model import engine_options, open_engine
 from .options import GenerationOptions
 from .prompt import ImageInput, Prompt
-from .sampling import Sampler
+from .sampling import build_sampler
 from .saved_conversation import (
     SavedConversation,
     messages_from_json,
@@ -125,7 +125,8 @@ class VisionChat:
         self.seq_id = seq_id
         self.history: list[dict] = []
         self.last_stats: GenerationStats | None = None
-        self._pieces = PieceTable(self.engine.vocab)
+        self._pieces = PieceTable(self.engine.text_model)
+        self._core = Core(self.engine, 1)
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._attached: tuple[list[ImageInput], threading.Thread] | None = None
@@ -330,6 +331,7 @@ class VisionChat:
     def close(self) -> None:
         """Free the model, context and projector now (they hold GBs) instead of at garbage collection."""
         self._drop_attached()  # its thread uses the engine
+        self._core.close()
         self.engine.close()
 
     def __enter__(self) -> "VisionChat":
@@ -449,57 +451,58 @@ class VisionChat:
         stored with the answer when the stream ends or the caller closes it; after
         an error the history stays as it was (the KV cache is rolled back too)."""
         stats = GenerationStats()
-        outcome = DecodeOutcome()
         shown: list[str] = []
+        answer: Answer | None = None
         finished = cancelled = False
         with self._guard():
             try:
                 with prompt:
-                    pre = self.engine.prefill(prompt, self.seq_id, reserve=max_tokens)
+                    stats = self.engine.prefill(prompt, self.seq_id, reserve=max_tokens)
                     stats.image_details = [image_report(img, chunk.n_tokens) for img, chunk in
                                            zip(images, (c for c in prompt.chunks if c.kind == "image"))]
-                _fill_prefill(stats, pre)
                 seed = options.seed if options.seed is not None else self.seed
-                with Sampler(options, self.engine.vocab, seed) as sampler:
-                    tokens = self.engine.decode_tokens(sampler, self.seq_id, max_tokens, outcome)
-                    t_first = None
-                    answer = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)
-                    try:
-                        for token in tokens:
-                            if t_first is None:
-                                t_first = time.perf_counter()
-                                stats.ttft_s = t_first - t_start
-                            piece = answer.accept(token)
-                            if piece:
-                                shown.append(piece)
-                                yield piece
-                            if answer.reason is not None:  # evaluate nothing more
-                                outcome.stop_reason = answer.reason
-                                break
-                        tail = answer.finish()  # "" after a stop string
-                        if tail:
-                            shown.append(tail)
-                            yield tail
-                    finally:
-                        tokens.close()
-                        t_end = time.perf_counter()
-                        if t_first is not None:
-                            stats.decode_s = t_end - t_first
-                        else:
-                            stats.ttft_s = t_end - t_start
+                step = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)
+                answer = Answer(self.seq_id, build_sampler(options, self.engine.text_model, seed), step, stats)
+                t_first = None
+                try:
+                    piece = self._core.start(answer)  # the one per-token step the server runs for all its slots
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t_start
+                    while True:
+                        if piece:
+                            shown.append(piece)
+                            yield piece
+                        if answer.done:  # evaluate nothing more
+                            break
+                        piece = self._core.step([answer])[0]
+                    tail = step.finish()  # "" after a stop string
+                    if tail:
+                        shown.append(tail)
+                        yield tail
+                finally:
+                    t_end = time.perf_counter()
+                    if t_first is not None:
+                        stats.decode_s = t_end - t_first
+                    else:
+                        stats.ttft_s = t_end - t_start
                 finished = True
             except GeneratorExit:  # the caller stopped reading: keep what it saw
                 cancelled = True
                 raise
             finally:
-                stats.generated_tokens = outcome.generated
-                stats.stop_reason = outcome.stop_reason if finished else (outcome.stop_reason or "cancelled")
+                if answer is not None:
+                    if not finished:
+                        answer.cancel()
+                    answer.close()
+                elif not finished:
+                    stats.stop_reason = StopReason.CANCELLED
                 stats.kv_cache_bytes = self.engine.kv_cache_bytes
                 stats.kv_used_bytes = self.engine.kv_used_bytes(self.seq_id)
                 stats.peak_rss_bytes = peak_rss_bytes()
                 self.last_stats = stats
                 if record is not None and (finished or (cancelled and shown)):
                     self.history = record + [{"role": "assistant", "content": "".join(shown)}]
+
 
 class _Guard:
     """One answer at a time per chat; a second call from the thread that is still
@@ -519,19 +522,6 @@ class _Guard:
         self._chat._owner = None
         self._chat._lock.release()
 
-
-
-def _fill_prefill(stats: GenerationStats, pre: PrefillResult) -> None:
-    stats.prompt_tokens = pre.prompt_tokens
-    stats.image_tokens = pre.image_tokens
-    stats.images = pre.images
-    stats.reused_tokens = pre.reused_tokens
-    stats.evaluated_tokens = pre.evaluated_tokens
-    stats.images_encoded = pre.images_encoded
-    stats.encoder_cache_hits = pre.encoder_cache_hits
-    stats.image_encode_s = pre.image_encode_s
-    stats.prefill_s = pre.prefill_s
-    stats.disk_cache_hits = pre.disk_cache_hits
 
 
 # Stands for the question while rendering an attached turn; the prompt is cut before it.

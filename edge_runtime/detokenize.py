@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import codecs
-import ctypes
-from typing import Any
 
-import llama_cpp
+from edge_llama import Model
 
 from .template import ThinkFilter
 
@@ -13,25 +11,17 @@ from .template import ThinkFilter
 class PieceTable:
     """Token id -> bytes, cached (generation revisits the same few thousand tokens)."""
 
-    def __init__(self, vocab: Any) -> None:
-        self._vocab = vocab
+    def __init__(self, model: Model) -> None:
+        self._model = model
         self._cache: dict[int, bytes] = {}
-        self._buf = ctypes.create_string_buffer(256)
 
     def __call__(self, token: int) -> bytes:
         piece = self._cache.get(token)
         if piece is None:
-            piece = self._render(token)
+            # special=False: control tokens (<|im_end|>, <|vision_start|>) render as "".
+            piece = self._model.piece(token, special=False)
             self._cache[token] = piece
         return piece
-
-    def _render(self, token: int) -> bytes:
-        # special=False: control tokens (<|im_end|>, <|vision_start|>) render as "".
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-        if n < 0:
-            self._buf = ctypes.create_string_buffer(-n + 1)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-        return self._buf.raw[: max(n, 0)]
 
 
 class Utf8Stream:

@@ -1,33 +1,38 @@
-"""The engine: a text GGUF + projector on llama.cpp's low-level API, with KV reuse.
+"""The engine: a text GGUF + projector through edge_llama, with KV reuse.
 
 One `Engine` owns a llama model, one llama context (its KV cache holds up to
 `n_seq_max` sequences) and, for vision models, an mtmd context. For each
 sequence it remembers which units (text tokens, images by content hash) are in
 the KV cache, so `prefill` evaluates only what follows the longest common
-prefix. Encoder outputs are kept in a byte-bounded LRU cache so another
-conversation about the same image skips the vision encoder.
+prefix. Encoder outputs are kept in a byte-bounded LRU cache (and on disk) so
+another conversation about the same image skips the vision encoder.
+
+Each operation exists once and both clients use it: `eval_tokens` (tokens of
+one or many sequences in one decode), `eval_image_piece` (a slice of an image's
+embeddings), `encode_chunk` (the vision encoder, feeding both caches), `sample`;
+the bookkeeping of every sequence is kept by them alone. `prefill` takes a
+prompt's pieces one after the other (VisionChat); the server's scheduler takes
+one a step between the other slots' tokens, through `core.Core`.
 
 The engine is not thread-safe; callers serialise access (VisionChat holds a lock).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
-
 from edge_common.preflight import projector_problems
-from edge_llama import (Batch, Closeable, Context, ContextOptions, LlamaLoadError, LoadOptions, Model, Projector,
-                        ProjectorOptions, ensure_backend, kv_type, log_suffix, model_meta, physical_cores, take_errors)
+from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
+                        LlamaError, LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, Sampler,
+                        default_marker, ensure_backend, image_grid, image_positions, kv_type, log_suffix,
+                        physical_cores, take_errors)
 from edge_llama.graph_watch import GraphWatch
 from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_flash_attn, resolve_gpu_layers
 from edge_llama.params import resolve_mmap, resolve_ubatch
@@ -50,36 +55,13 @@ from .errors import (
     VisionUnsupportedError,
 )
 from .kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
-from .llama_state import load_seq_state, seq_pos_range, seq_state_bytes
 from .options import EngineOptions
-from .prompt import Chunk, ImageInput, Prompt, token_ids, tokenize_multimodal, tokenize_text
-from .sampling import Sampler
+from .prompt import Chunk, ImageInput, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
 from .saved_conversation import StateFingerprint, file_sha256
+from .stats import GenerationStats
 from .vision_spec import read_vision_spec
 
 log = logging.getLogger("edge_runtime")
-
-
-@dataclass
-class PrefillResult:
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    images: int = 0
-    reused_tokens: int = 0
-    evaluated_tokens: int = 0
-    images_encoded: int = 0
-    encoder_cache_hits: int = 0
-    image_encode_s: float = 0.0
-    prefill_s: float = 0.0
-    disk_cache_hits: int = 0
-
-
-@dataclass
-class DecodeOutcome:
-    """Filled in by `Engine.decode_tokens` as it runs."""
-
-    generated: int = 0
-    stop_reason: str = ""
 
 
 def _check_file(path: str | Path, what: str) -> Path:
@@ -104,13 +86,13 @@ class Engine(Closeable):
         self.model_path = _check_file(model_path, "text model GGUF")
         self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
         ensure_backend()
-        self._model = self._ctx = self._mctx = None
+        self._model: Any = None  # the text model's pointer: None once closed
         # The mtmd context is not thread-safe: tokenizing and encoding take this lock, so a
         # caller on another thread (the server's vision thread vs. a conversation save on the
         # scheduler thread) waits instead of racing. Re-entrant: prefill encodes under it.
         self.mtmd_lock = threading.RLock()
         # the image encoder's graph: timed inside encoder_watch.timing(), stoppable inside .stopping()
-        self.encoder_watch = GraphWatch()
+        self.encoder_watch: GraphWatch | None = None
         self._cost_lock = threading.Lock()
         self.placement: Placement | None = None
         self._watchdog: DecodeWatchdog | None = None
@@ -118,7 +100,7 @@ class Engine(Closeable):
         self._lctx: Context | None = None
         self._lproj: Projector | None = None
         self._lbatch: Batch | None = None
-        self._batch: Any = None
+        self._lembd: EmbeddingBatch | None = None
         try:
             self._load()
         except BaseException:
@@ -156,7 +138,6 @@ class Engine(Closeable):
                                                  self.placement.buffer_devices() if self.placement else None)
         if self.placement is not None:
             log.info("layers and weights per device: %s", self.placement.describe(self.device_weights))
-        self._vocab = self._lmodel.vocab
         self.arch = self.meta("general.architecture") or ""
         cparams = ContextOptions(
             n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=resolve_ubatch(opts.n_ubatch, opts.n_batch, local_gpu_layers),
@@ -169,16 +150,14 @@ class Engine(Closeable):
                 f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, K={type_k.name}, V={type_v.name}, "
                 f"flash_attn={opts.flash_attn!r})" + (": " + " | ".join(exc.log_lines[-3:]) if exc.log_lines else "")
             ) from exc
-        self._ctx = self._lctx.ptr
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.marker = mtmd.mtmd_default_marker().decode("utf-8")
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
-        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
-        self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
-        self.n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx))
-        self._lbatch = Batch(self.n_batch)
-        self._batch = self._lbatch.raw
-        self.n_embd_inp = int(llama_cpp.llama_model_n_embd_inp(self._model))
+        self.marker = default_marker()
+        self.n_ctx = self._lctx.n_ctx
+        self.n_ctx_seq = self._lctx.n_ctx_seq
+        self.n_batch = self._lctx.n_batch
+        self.n_ubatch = self._lctx.n_ubatch
+        self._lbatch = Batch(self.n_batch)  # prefill's text pieces
+        self._lembd = EmbeddingBatch(self.n_batch)  # prefill's image slices
+        self.n_embd_inp = self._lmodel.n_embd_inp
         self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
 
         if self.mmproj_path is not None:
@@ -214,10 +193,10 @@ class Engine(Closeable):
             raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
         opts = self.options
         use_gpu = projector_on_gpu(opts.mmproj_gpu, self.n_gpu_layers)
-        if self.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO and not use_gpu:
+        if self.flash_attn_type == FLASH_ATTN_AUTO and not use_gpu:
             # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
             # projector would run without flash attention (slower, and O(patches^2) memory).
-            flash = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            flash = FLASH_ATTN_ON
         else:
             flash = self.flash_attn_type
         self.vision = read_vision_spec(self.mmproj_path)
@@ -228,7 +207,7 @@ class Engine(Closeable):
             n_threads=self.threads, use_gpu=bool(use_gpu), image_min_tokens=1,
             image_max_tokens=max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0),
             flash_attn=flash, warmup=bool(use_gpu),  # on CPU a warm-up encode only delays start-up
-            eval_callback=self.encoder_watch.callback)
+            watch=True)
         try:
             self._lproj = Projector(self.mmproj_path, self._lmodel, params)
         except LlamaLoadError as exc:
@@ -240,8 +219,8 @@ class Engine(Closeable):
                     f"{self.n_embd_inp}-wide image embeddings); use the mmproj converted with this model"
                 ) from exc
             raise ModelLoadError(str(exc)) from exc
-        self._mctx = self._lproj.ptr
-        if not mtmd.mtmd_support_vision(self._mctx):
+        self.encoder_watch = self._lproj.watch
+        if not self._lproj.supports_vision:
             raise ModelLoadError(f"{self.mmproj_path.name} has no vision encoder")
 
     def _init_image_costs(self) -> None:
@@ -250,9 +229,8 @@ class Engine(Closeable):
         self._cost_key = cost_key(self.model_path, self.mmproj_path,
                                   device_key(self.threads, self.projector_gpu, self.n_gpu_layers))
         self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu, self.vision.signature)
-        self.text_flops_per_token = text_flops_per_token(int(llama_cpp.llama_model_n_params(self._model)),
-                                                         int(llama_cpp.llama_vocab_n_tokens(self._vocab)),
-                                                         int(llama_cpp.llama_model_n_embd(self._model)))
+        self.text_flops_per_token = text_flops_per_token(self._lmodel.n_params, self._lmodel.n_vocab,
+                                                         self._lmodel.n_embd)
         self.vision_free_bytes = projector_free_bytes(self.projector_gpu)
         if opts.encoder_cache_dir:
             root = Path(opts.encoder_cache_dir).expanduser()
@@ -272,10 +250,8 @@ class Engine(Closeable):
 
     def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
         """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""
-        n_layer = int(llama_cpp.llama_model_n_layer(self._model))
-        n_head = int(llama_cpp.llama_model_n_head(self._model))
-        n_head_kv = int(llama_cpp.llama_model_n_head_kv(self._model))
-        n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        m = self._lmodel
+        n_layer, n_head, n_head_kv, n_embd = m.n_layer, m.n_head, m.n_head_kv, m.n_embd
         head_k = int(self.meta(f"{self.arch}.attention.key_length") or n_embd // max(n_head, 1))
         head_v = int(self.meta(f"{self.arch}.attention.value_length") or head_k)
         return n_layer * (type_k.row_bytes(n_head_kv * head_k) + type_v.row_bytes(n_head_kv * head_v))
@@ -284,7 +260,7 @@ class Engine(Closeable):
         """EOG tokens plus the template's end-of-turn token if the vocab forgot to flag it."""
         extra = set()
         for text in chat_format(self.arch).end_of_turn:
-            ids = token_ids(self._vocab, text, add_special=False)
+            ids = self._lmodel.tokenize(text, add_special=False)
             if len(ids) == 1:
                 extra.add(ids[0])
         return frozenset(extra)
@@ -294,52 +270,40 @@ class Engine(Closeable):
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value of the text model as a string (None if absent)."""
         self._require_open()
-        return model_meta(self._model, key)
+        return self._lmodel.meta(key)
 
     @property
     def chat_template(self) -> str | None:
         """The GGUF's Jinja chat template (None when the file has none): prompts must be rendered with it."""
-        raw = llama_cpp.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8") if raw else None
+        return self._lmodel.chat_template
 
     def special_token_text(self, which: str) -> str | None:
         """Text of the "bos" or "eos" token, for chat templates that mention them."""
-        fn = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which]
-        token = fn(self._vocab)
-        if token < 0:
-            return None
-        text = llama_cpp.llama_vocab_get_text(self._vocab, token)
-        return text.decode("utf-8", errors="replace") if text else None
+        return self._lmodel.special_token_text(which)
 
     @property
     def has_vision(self) -> bool:
         """Whether a projector is loaded: without one, image prompts are refused."""
-        return self._mctx is not None
+        return self._lproj is not None
 
     @property
-    def model(self) -> Any:
-        """The raw llama_model handle, for edge_llama calls the engine does not wrap; owned by the engine."""
-        return self._model
+    def text_model(self) -> Model:
+        """The text model (tokenizer, pieces, vocab size) as edge_llama wraps it."""
+        self._require_open()
+        assert self._lmodel is not None
+        return self._lmodel
 
     @property
-    def ctx(self) -> Any:
-        """The raw llama_context handle; owned by the engine, not thread-safe: one user at a time."""
-        return self._ctx
-
-    @property
-    def vocab(self) -> Any:
-        """The raw llama_vocab handle (tokenizing, special tokens); valid while the engine is open."""
-        return self._vocab
-
-    @property
-    def mtmd_ctx(self) -> Any:
-        """The projector's mtmd context (None without one); not thread-safe: one user at a time."""
-        return self._mctx
+    def context(self) -> Context:
+        """The llama context (logits, KV cells); one thread at a time."""
+        self._require_open()
+        assert self._lctx is not None
+        return self._lctx
 
     @property
     def uses_mrope(self) -> bool:
         """Image tokens take M-RoPE positions (t, y, x, z) rather than one running position."""
-        return bool(self._mctx) and bool(mtmd.mtmd_decode_use_mrope(self._mctx))
+        return self._lproj is not None and self._lproj.uses_mrope
 
     def truncate(self, seq_id: int, keep: int) -> None:
         """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""
@@ -357,7 +321,7 @@ class Engine(Closeable):
 
     def is_end_of_turn(self, token: int) -> bool:
         """Whether generation should stop here: any end-of-generation token, or the template's end of turn."""
-        return token in self._eot or bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return token in self._eot or self._lmodel.is_eog(token)
 
     # ------------------------------------------------------------ KV accounting
 
@@ -383,7 +347,7 @@ class Engine(Closeable):
     def reset(self, seq_id: int = 0) -> None:
         """Forget sequence `seq_id` (its KV cells are freed)."""
         self._require_open()
-        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        self._lctx.seq_rm(seq_id, -1, -1)
         self._seq(seq_id).clear()
 
     # ------------------------------------------------------------ saved sequences
@@ -406,7 +370,7 @@ class Engine(Closeable):
     def export_seq(self, seq_id: int = 0) -> tuple[list[Unit], bytearray]:
         """The units `seq_id` holds and llama.cpp's serialised cells of it."""
         self._require_open()
-        return list(self._seq(seq_id).units), seq_state_bytes(self._ctx, seq_id)
+        return list(self._seq(seq_id).units), self._lctx.seq_state_bytes(seq_id)
 
     def import_seq(self, seq_id: int, units: Sequence[Unit], data: bytearray) -> None:
         """Put exported cells into `seq_id` and take `units` as its bookkeeping, so the
@@ -415,13 +379,13 @@ class Engine(Closeable):
         self.check_fits(sum(u.n_tokens for u in units), 0)
         state = self._seq(seq_id)
         state.clear()
-        if not load_seq_state(self._ctx, seq_id, data):
-            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        if not self._lctx.load_seq_state(seq_id, data):
+            self._lctx.seq_rm(seq_id, -1, -1)
             raise SavedConversationError(
                 "llama.cpp refused the saved KV cells (another layer count, KV type, or flash-attention "
                 "setting, which changes the V layout)" + _log_suffix())
         state.extend(units)
-        lo, hi = seq_pos_range(self._ctx, seq_id)
+        lo, hi = self._lctx.seq_pos_range(seq_id)
         if units and (lo != 0 or hi + 1 != state.n_pos):
             self.reset(seq_id)
             raise SavedConversationError(
@@ -438,10 +402,10 @@ class Engine(Closeable):
                 "pass mmproj=... or load the output directory"
             )
         if not self.has_vision:
-            return tokenize_text(self._vocab, text)
+            return tokenize_text(self._lmodel, text)
         pinned = {img.digest: e for img in images if (e := self._cached_embedding(img.digest)) is not None}
         with self.mtmd_lock:
-            prompt = tokenize_multimodal(self._mctx, text, images, frozenset(pinned))
+            prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
 
@@ -456,6 +420,13 @@ class Engine(Closeable):
                 self.encoder_cache.put(digest, embd)
         return embd
 
+    def take_disk_hit(self, digest: str) -> bool:
+        """Whether `digest`'s embeddings were last read from the disk cache (each read counted once)."""
+        if digest in self._disk_hits:
+            self._disk_hits.discard(digest)
+            return True
+        return False
+
     def encode_image(self, image: ImageInput) -> tuple[np.ndarray, int, int]:
         """Encoder output of one image: (n_tokens x n_embd_inp float32 array, grid_x, grid_y).
 
@@ -467,11 +438,10 @@ class Engine(Closeable):
             raise VisionUnsupportedError(f"{self.model_path.name} was loaded without a projector (mmproj)")
         with self.tokenize(self.marker, [image]) as prompt:
             chunk = next(c for c in prompt.chunks if c.kind == "image")
-            nx = int(mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)))
-            ny = int(mtmd.mtmd_image_tokens_get_ny(mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)))
+            nx, ny = image_grid(chunk.handle)
             embd = prompt.embeddings.get(chunk.digest or "")
             if embd is None:
-                embd, _ = self._encode(chunk, keep=True)
+                embd, _ = self.encode_chunk(chunk, keep=True)
         return np.array(embd, dtype=np.float32).reshape(chunk.n_tokens, self.n_embd_inp), nx, ny
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -487,8 +457,9 @@ class Engine(Closeable):
 
     # ------------------------------------------------------------ evaluation
 
-    def prefill(self, prompt: Prompt, seq_id: int = 0, reserve: int = 0) -> PrefillResult:
-        """Bring the KV cache of `seq_id` to `prompt`, evaluating only the new suffix.
+    def prefill(self, prompt: Prompt, seq_id: int = 0, reserve: int = 0) -> GenerationStats:
+        """Bring the KV cache of `seq_id` to `prompt`, evaluating only the new suffix; the answer's
+        stats with the prompt's part filled in.
 
         `reserve` is the number of tokens generation will need after the prompt.
         On error the sequence keeps what it held before the call minus at most
@@ -502,7 +473,7 @@ class Engine(Closeable):
         self.check_fits(prompt.n_tokens, reserve)
         state = self._seq(seq_id)
         keep = plan_reuse(state, prompt.units)
-        result = PrefillResult(
+        result = GenerationStats(
             prompt_tokens=prompt.n_tokens,
             image_tokens=prompt.n_image_tokens,
             images=prompt.n_images,
@@ -510,22 +481,29 @@ class Engine(Closeable):
         )
         if keep < len(state):
             self._truncate(seq_id, state, keep)
+        cursor = PromptCursor(prompt, seq_id, keep)
         t0 = time.perf_counter()
         try:
-            unit = 0
-            last = len(prompt.chunks) - 1
-            for i, chunk in enumerate(prompt.chunks):
-                n_units = len(chunk.tokens) if chunk.kind == "text" else 1
-                start, unit = unit, unit + n_units
-                if unit <= keep:
-                    continue
+            while not cursor.done:
+                chunk = cursor.current
+                assert chunk is not None and self._lbatch is not None and self._lembd is not None
                 if chunk.kind == "text":
-                    tokens = chunk.tokens[max(0, keep - start) :]
-                    self._decode_text(tokens, seq_id, state, logits_last=i == last)
-                    result.evaluated_tokens += len(tokens)
+                    piece = cursor.next_piece(self.n_batch)
+                    assert piece is not None
+                    n = len(piece.tokens)
+                    self.eval_tokens(self._lbatch, [(seq_id, t, piece.final and j == n - 1)
+                                                    for j, t in enumerate(piece.tokens)])
+                    cursor.advance(piece)
                 else:
-                    self._decode_image(chunk, prompt, seq_id, state, result)
-                    result.evaluated_tokens += chunk.n_tokens
+                    if cursor.embedding(chunk) is None:
+                        cursor.embeddings[chunk.digest or ""] = self._image_embedding(chunk, prompt, result)
+                    elif cursor.offset == 0:  # the same image (a repeated frame pair) earlier in this prompt
+                        result.encoder_cache_hits += 1
+                    piece = cursor.next_piece(self.n_ubatch)  # one ubatch a slice, as mtmd's helper decodes it
+                    assert piece is not None
+                    n = piece.n
+                    self.eval_image_piece(self._lembd, cursor, piece)
+                result.evaluated_tokens += n
         except BaseException:
             self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
             raise
@@ -544,28 +522,49 @@ class Engine(Closeable):
 
     def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
         pos = state.truncate(keep)
-        if not llama_cpp.llama_memory_seq_rm(self._mem, seq_id, pos, -1):
+        if not self._lctx.seq_rm(seq_id, pos, -1):
             # only partial removal can fail (recurrent memory): drop the whole sequence
-            llama_cpp.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            self._lctx.seq_rm(seq_id, -1, -1)
             state.clear()
 
-    def _decode_text(self, tokens: Sequence[int], seq_id: int, state: SeqState, logits_last: bool) -> None:
-        batch = self._batch
-        for begin in range(0, len(tokens), self.n_batch):
-            part = tokens[begin : begin + self.n_batch]
-            n = len(part)
-            final = logits_last and begin + n == len(tokens)
-            for j, token in enumerate(part):
-                batch.token[j] = token
-                batch.pos[j] = state.n_pos + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = seq_id
-                batch.logits[j] = 0
-            if final:
-                batch.logits[n - 1] = 1
-            batch.n_tokens = n
-            self._decode_batch(n)
-            state.extend(text_units(part))
+    def eval_tokens(self, batch: Batch, entries: Sequence[tuple[int, int, bool]]) -> None:
+        """Evaluate (seq_id, token, logits) entries of one or many sequences in one llama_decode, each token
+        at the next position of its sequence, and record them in the bookkeeping; the logits of entry i
+        (when asked for) are batch output i. On failure every touched sequence drops its half-written cells."""
+        self._require_open()
+        next_pos: dict[int, int] = {}
+        rows = []
+        for seq_id, token, logits in entries:
+            pos = next_pos.get(seq_id)
+            if pos is None:
+                pos = self._seq(seq_id).n_pos
+            rows.append((seq_id, token, pos, logits))
+            next_pos[seq_id] = pos + 1
+        batch.put(rows)  # text tokens carry one position: llama.cpp spreads it over the M-RoPE sections
+        try:
+            self.decode(batch)
+        except BaseException:
+            for seq_id in next_pos:
+                self.truncate(seq_id, len(self._seq(seq_id)))
+            raise
+        for seq_id, token, _ in entries:
+            self._seq(seq_id).append(text_units((token,))[0])
+
+    def eval_image_slice(self, batch: EmbeddingBatch, seq_id: int, chunk: Chunk, embd: np.ndarray,
+                         positions: np.ndarray, start: int, n: int) -> None:
+        """Evaluate image tokens [start, start+n) of `chunk` for `seq_id` (`embd`: n_tokens x n_embd rows,
+        `positions`: the chunk's decoder positions from edge_llama.image_positions). The image joins the
+        sequence's bookkeeping once its last slice is in; a failed slice drops the half-written cells."""
+        self._require_open()
+        batch.set(embd[start:start + n], positions[:, start:start + n], seq_id)
+        state = self._seq(seq_id)
+        try:
+            self.decode(batch)
+        except BaseException:
+            self.truncate(seq_id, len(state))
+            raise
+        if start + n == chunk.n_tokens:
+            state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
 
     def guarded(self) -> Any:
         """Bounds a wait on RPC workers (a no-op without them): wrap llama_decode and sampling.
@@ -575,29 +574,47 @@ class Engine(Closeable):
         """
         return self._watchdog if self._watchdog is not None else contextlib.nullcontext()
 
-    def _decode_batch(self, n: int) -> None:
+    def decode(self, batch: Any) -> None:
+        """Evaluate a token or embedding batch (edge_llama's Batch / EmbeddingBatch), the RPC wait bounded."""
+        try:
+            with self.guarded():
+                self._lctx.decode_batch(batch)
+        except LlamaError as exc:
+            raise DecodeError(str(exc)) from exc
+
+    def sample(self, sampler: Sampler, index: int = -1, bias: dict[int, float] | None = None) -> int:
+        """Sample from batch output `index` (after adding `bias` to its logits); reading logits waits for RPC workers."""
         with self.guarded():
-            rc = llama_cpp.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            reason = {1: "no free KV-cache slot (raise n_ctx)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
-            raise DecodeError(f"llama_decode failed on {n} token(s): {reason} (code {rc})" + _log_suffix())
+            if bias:
+                logits = self._lctx.logits_view(index)
+                for token, value in bias.items():
+                    logits[token] += value
+            return sampler.sample(self._lctx, index)
 
-    def _encode(self, chunk: Chunk, keep: bool = False) -> tuple[np.ndarray, float]:
-        """Run the vision encoder on an image chunk: (embeddings, seconds); feeds the caches and the cost model."""
+    def encode_chunk(self, chunk: Chunk, keep: bool = False,
+                     stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
+        """Run the vision encoder on an image chunk: (flat embeddings, seconds), the one encode path.
+
+        Feeds the memory and disk caches and the cost model. `keep`: return a copy even when no
+        cache keeps one (else mtmd's buffer, valid until the next encode under `mtmd_lock`).
+        `stop`: checked while the graph runs; (None, seconds) when it stopped the encode
+        (a half-computed output is neither used nor cached).
+        """
         with self.mtmd_lock:  # also guards mtmd's output buffer until it is used
-            return self._encode_locked(chunk, keep)
+            return self._encode_locked(chunk, keep, stop)
 
-    def _encode_locked(self, chunk: Chunk, keep: bool) -> tuple[np.ndarray, float]:
+    def _encode_locked(self, chunk: Chunk, keep: bool,
+                       stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
         digest = chunk.digest or ""
         t0 = time.perf_counter()
-        take_errors()
-        if mtmd.mtmd_encode_chunk(self._mctx, chunk.handle) != 0:
-            raise DecodeError("the vision encoder failed on an image" + _log_suffix())
-        out = mtmd.mtmd_get_output_embd(self._mctx)
-        n = chunk.n_tokens * self.n_embd_inp
-        # mtmd's own buffer, valid until the next encode: copied only when a cache keeps it
-        embd = np.ctypeslib.as_array(out, shape=(n,))
+        try:
+            out = self._lproj.encode(chunk.handle, stop=stop, copy=False)
+        except LlamaError as exc:
+            raise DecodeError(str(exc)) from exc
         seconds = time.perf_counter() - t0
+        if out is None:
+            return None, seconds
+        embd = out.reshape(-1)
         self.measured("encoder", chunk.n_tokens, seconds)
         if keep or (digest and (embd.nbytes <= self.encoder_cache.max_bytes or self.disk_cache is not None)):
             embd = embd.copy()
@@ -607,91 +624,40 @@ class Engine(Closeable):
             self.disk_cache.put(digest, embd)
         return embd, seconds
 
-    def _decode_image(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState, result: PrefillResult) -> None:
-        with self.mtmd_lock:  # an uncopied encoder output lives in mtmd's buffer until decoded
-            self._decode_image_locked(chunk, prompt, seq_id, state, result)
-
-    def _decode_image_locked(self, chunk: Chunk, prompt: Prompt, seq_id: int, state: SeqState,
-                             result: PrefillResult) -> None:
+    def known_embedding(self, chunk: Chunk, prompt: Prompt) -> np.ndarray | None:
+        """An image chunk's encoder output without encoding (n_tokens x n_embd): pinned when the prompt was
+        tokenized, else from the memory cache; None: the encoder must run."""
         digest = chunk.digest or ""
         embd = prompt.embeddings.get(digest)
-        if embd is None and not chunk.placeholder:
-            embd = self.encoder_cache.get(digest) if digest else None
-        if embd is None:
-            if chunk.placeholder:
-                raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
-            embd, seconds = self._encode(chunk)
-            result.image_encode_s += seconds
-            result.images_encoded += 1
-        else:
-            result.encoder_cache_hits += 1
-            if digest in self._disk_hits:
-                self._disk_hits.discard(digest)
-                result.disk_cache_hits += 1
-        new_n_past = llama_cpp.llama_pos(0)
-        with self.guarded():
-            rc = self._decode_image_embd(chunk, embd, state, seq_id, new_n_past)
-        if rc != 0:
-            raise DecodeError(f"decoding image embeddings failed (code {rc})" + _log_suffix())
-        state.append(image_unit(digest, chunk.n_tokens, chunk.n_pos))
-        if new_n_past.value != state.n_pos:  # M-RoPE bookkeeping must agree with mtmd
-            raise DecodeError(f"position mismatch after image: mtmd {new_n_past.value}, engine {state.n_pos}")
+        if embd is None and digest:
+            embd = self.encoder_cache.get(digest)
+        if embd is None and chunk.placeholder:
+            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+        return None if embd is None else np.asarray(embd).reshape(chunk.n_tokens, -1)
 
-    def _decode_image_embd(self, chunk: Chunk, embd: Any, state: SeqState, seq_id: int, new_n_past: Any) -> int:
-        return mtmd.mtmd_helper_decode_image_chunk(
-            self._mctx,
-            self._ctx,
-            chunk.handle,
-            embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            state.n_pos,
-            seq_id,
-            self.n_ubatch,  # the helper's batch holds n x n_embd_inp floats: one ubatch is enough
-            ctypes.byref(new_n_past),
-            mtmd.mtmd_helper_post_decode_callback(),
-            None,
-        )
+    def _image_embedding(self, chunk: Chunk, prompt: Prompt, stats: GenerationStats) -> np.ndarray:
+        """An image chunk's encoder output from a cache or the encoder, counted in `stats`."""
+        embd = self.known_embedding(chunk, prompt)
+        if embd is not None:
+            stats.encoder_cache_hits += 1
+            stats.disk_cache_hits += self.take_disk_hit(chunk.digest or "")
+            return embd
+        encoded, seconds = self.encode_chunk(chunk, keep=True)
+        assert encoded is not None
+        stats.image_encode_s += seconds
+        stats.images_encoded += 1
+        return encoded.reshape(chunk.n_tokens, -1)
 
-    # ------------------------------------------------------------ generation
-
-    def decode_tokens(
-        self, sampler: Sampler, seq_id: int = 0, max_tokens: int | None = None, outcome: DecodeOutcome | None = None
-    ) -> Iterator[int]:
-        """Sample tokens after a `prefill`; yields each token before evaluating it.
-
-        Closing the generator early (a stop string) leaves the KV cache holding
-        exactly the tokens already evaluated. End-of-turn tokens are not yielded.
-        """
-        self._require_open()
-        state = self._seq(seq_id)
-        outcome = outcome if outcome is not None else DecodeOutcome()
-        limit = self.n_ctx_seq - state.n_tokens
-        if max_tokens is not None:
-            limit = min(limit, max_tokens)
-        batch = self._batch
-        while True:
-            with self.guarded():
-                token = sampler.sample(self._ctx, -1)
-            if self.is_end_of_turn(token):
-                outcome.stop_reason = "eog"
-                return
-            outcome.generated += 1
-            outcome.stop_reason = "cancelled"
-            yield token
-            if outcome.generated >= limit:
-                outcome.stop_reason = "length"
-                return
-            batch.token[0] = token
-            batch.pos[0] = state.n_pos
-            batch.n_seq_id[0] = 1
-            batch.seq_id[0][0] = seq_id
-            batch.logits[0] = 1
-            batch.n_tokens = 1
-            try:
-                self._decode_batch(1)
-            except BaseException:
-                self._truncate(seq_id, state, len(state))
-                raise
-            state.append(text_units((token,))[0])
+    def eval_image_piece(self, batch: EmbeddingBatch, cursor: PromptCursor, piece: Piece) -> None:
+        """Evaluate a slice of the image `cursor` stands at (its embeddings are in the cursor), then move on."""
+        chunk = cursor.current
+        embd = cursor.embedding(chunk) if chunk is not None else None
+        if chunk is None or embd is None:
+            raise DecodeError("no image embeddings to evaluate")
+        if cursor.positions is None:
+            cursor.positions = image_positions(chunk.handle, self._seq(cursor.seq_id).n_pos, self.uses_mrope)
+        self.eval_image_slice(batch, cursor.seq_id, chunk, embd, cursor.positions, piece.start, piece.n)
+        cursor.advance(piece)
 
     # ------------------------------------------------------------ lifetime
 
@@ -704,12 +670,12 @@ class Engine(Closeable):
         if self._watchdog is not None:
             self._watchdog.close()
             self._watchdog = None
-        for name in ("_lproj", "_lbatch", "_lctx", "_lmodel"):
+        for name in ("_lproj", "_lembd", "_lbatch", "_lctx", "_lmodel"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
             setattr(self, name, None)
-        self._mctx = self._batch = self._ctx = self._model = None
+        self._model = None
         if self.placement is not None:
             unguard_workers(self.placement.endpoints)
             self.placement = None

@@ -9,13 +9,28 @@ sits over `generate_step` for both its CLI and its server.
 """
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Callable
 
 from .detokenize import PieceTable, TextPipeline
 from .options import GenerationOptions
 
-# Why an answer ended: an end-of-turn token, a stop string, the token limit.
-END_OF_TURN, STOP, LENGTH = "eog", "stop", "length"
+
+class StopReason(StrEnum):
+    """Why an answer ended; the values are what `GenerationStats.stop_reason` has always shown."""
+
+    END_OF_TURN = "eog"  # an end-of-turn token (not shown, not counted)
+    STOP = "stop"  # a stop string
+    LENGTH = "length"  # max_tokens, or the context is full
+    CANCELLED = "cancelled"  # the caller stopped reading
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason: an end-of-turn token and a stop string both finish with "stop"."""
+        return "length" if self is StopReason.LENGTH else "stop"
+
+
+END_OF_TURN, STOP, LENGTH = StopReason.END_OF_TURN, StopReason.STOP, StopReason.LENGTH
 
 
 class AnswerStep:
@@ -26,7 +41,7 @@ class AnswerStep:
                  is_end_of_turn: Callable[[int], bool]) -> None:
         self.limit = limit
         self.generated = 0  # tokens of the answer (end-of-turn not counted)
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self._is_end_of_turn = is_end_of_turn
         self._text = TextPipeline(pieces, options.stop, options.keep_think, starts_inside_think)
 

@@ -6,16 +6,12 @@ cached embeddings instead of running the encoder.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
-
-from edge_llama import take_errors
+from edge_llama import Bitmap, Chunks, LlamaError, Model, Projector, chunk_info
 
 from .errors import DecodeError, EmptyPromptError
 from .kv_state import Unit, image_unit, text_units
@@ -69,7 +65,7 @@ class Chunk:
 class Prompt:
     """Owns mtmd's chunk list (if any); close it after evaluation."""
 
-    def __init__(self, chunks: list[Chunk], owner: Any = None) -> None:
+    def __init__(self, chunks: list[Chunk], owner: Chunks | None = None) -> None:
         self.chunks = chunks
         self._owner = owner
         self.units: list[Unit] = [u for c in chunks for u in c.units()]
@@ -81,7 +77,7 @@ class Prompt:
 
     def close(self) -> None:
         if self._owner is not None:
-            mtmd.mtmd_input_chunks_free(self._owner)
+            self._owner.close()
             self._owner = None
 
     def __enter__(self) -> "Prompt":
@@ -97,100 +93,116 @@ class Prompt:
             pass
 
 
-def token_ids(vocab: Any, text: str, *, add_special: bool) -> list[int]:
-    """llama_tokenize with special tokens parsed; `add_special`: BOS (etc.) as the vocab wants them."""
-    data = text.encode("utf-8")
-    capacity = len(data) + 8
-    buf = (llama_cpp.llama_token * capacity)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
-    if n < 0:
-        capacity = -n
-        buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, add_special, True)
-    return list(buf[: max(n, 0)])
-
-
-def tokenize_text(vocab: Any, text: str) -> Prompt:
+def tokenize_text(model: Model, text: str) -> Prompt:
     """Tokenize a prompt for a text-only model (special tokens parsed, BOS per vocab)."""
-    tokens = tuple(token_ids(vocab, text, add_special=True))
+    tokens = tuple(model.tokenize(text, add_special=True))
     if not tokens:
         raise EmptyPromptError("the prompt produced no tokens")
     return Prompt([Chunk("text", len(tokens), len(tokens), tokens=tokens)])
 
 
 def tokenize_multimodal(
-    mctx: Any, text: str, images: Sequence[ImageInput], cached: frozenset[str] = frozenset()
+    projector: Projector, text: str, images: Sequence[ImageInput], cached: frozenset[str] = frozenset()
 ) -> Prompt:
-    """mtmd_tokenize `text` (one media marker per image) into chunks.
+    """Tokenize `text` (one media marker per image) into chunks.
 
     Images whose digest is in `cached` go in as placeholders (no pixels needed).
     """
-    bitmaps = [_bitmap(img, placeholder=img.digest in cached or img.pixels is None) for img in images]
-    chunks_p = mtmd.mtmd_input_chunks_init()
+    placeholders = {img.digest for img in images if img.digest in cached or img.pixels is None}
     try:
-        data = text.encode("utf-8")
-        inp = mtmd.mtmd_input_text()
-        inp.text = data
-        inp.text_len = len(data)  # mtmd reads exactly text_len bytes
-        inp.add_special = True
-        inp.parse_special = True
-        array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*[b for b, _ in bitmaps])
-        take_errors()
-        rc = mtmd.mtmd_tokenize(mctx, chunks_p, ctypes.byref(inp), array, len(bitmaps))
-        if rc != 0:
-            reason = {1: "the number of images does not match the image markers in the prompt",
-                      2: "image preprocessing failed"}.get(rc, f"error {rc}")
-            detail = "; ".join(take_errors())
-            raise DecodeError(f"mtmd_tokenize: {reason}" + (f" ({detail})" if detail else ""))
-        placeholders = {img.digest for img, (_, ph) in zip(images, bitmaps) if ph}
-        prompt = Prompt(_read_chunks(chunks_p, placeholders), owner=chunks_p)
-        chunks_p = None
-        return prompt
-    finally:
-        if chunks_p is not None:
-            mtmd.mtmd_input_chunks_free(chunks_p)
-        for bitmap, _ in bitmaps:
-            mtmd.mtmd_bitmap_free(bitmap)  # mtmd_tokenize copied what it needs
+        bitmaps = [Bitmap(None if img.digest in placeholders else img.pixels, img.digest,
+                          size=(img.width, img.height), mergeable=img.mergeable) for img in images]
+        chunks = projector.tokenize(text, bitmaps)
+    except LlamaError as exc:
+        raise DecodeError(str(exc)) from exc
+    try:
+        return Prompt(_read_chunks(chunks, placeholders), owner=chunks)
+    except BaseException:
+        chunks.close()
+        raise
 
 
-def _bitmap(img: ImageInput, placeholder: bool) -> tuple[Any, bool]:
-    data = None
-    if not placeholder:
-        assert img.pixels is not None
-        data = img.pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-    bitmap = mtmd.mtmd_bitmap_init(img.width, img.height, data)
-    if not bitmap:
-        raise DecodeError(f"mtmd_bitmap_init failed for a {img.width}x{img.height} image")
-    mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode("ascii"))
-    if img.mergeable:
-        mtmd.mtmd_bitmap_set_mergeable(bitmap, True)
-    return bitmap, placeholder
-
-
-def _read_chunks(chunks_p: Any, placeholders: set[str]) -> list[Chunk]:
+def _read_chunks(chunks: Chunks, placeholders: set[str]) -> list[Chunk]:
     out: list[Chunk] = []
-    for i in range(mtmd.mtmd_input_chunks_size(chunks_p)):
-        chunk = mtmd.mtmd_input_chunks_get(chunks_p, i)
-        kind = mtmd.mtmd_input_chunk_get_type(chunk)
-        if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-            n = ctypes.c_size_t(0)
-            ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-            tokens = tuple(ptr[: n.value]) if n.value else ()
-            if tokens:
-                out.append(Chunk("text", len(tokens), len(tokens), tokens=tokens, handle=chunk))
-        elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-            raw_id = mtmd.mtmd_input_chunk_get_id(chunk)
-            digest = raw_id.decode("ascii") if raw_id else ""
-            out.append(
-                Chunk(
-                    "image",
-                    int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)),
-                    int(mtmd.mtmd_input_chunk_get_n_pos(chunk)),
-                    digest=digest,
-                    handle=chunk,
-                    placeholder=digest in placeholders,
-                )
-            )
+    for handle in chunks:
+        info = chunk_info(handle)
+        if info.kind == "text":
+            if info.tokens:
+                out.append(Chunk("text", info.n_tokens, info.n_pos, tokens=info.tokens, handle=handle))
+        elif info.kind == "image":
+            out.append(Chunk("image", info.n_tokens, info.n_pos, digest=info.id, handle=handle,
+                             placeholder=info.id in placeholders))
         else:
             raise DecodeError("audio chunks are not supported")
     return out
+
+
+@dataclass
+class Piece:
+    """The next part of a prompt to evaluate: a run of text tokens, or a slice of one image's tokens."""
+
+    kind: str  # "text" | "image"
+    tokens: tuple[int, ...] = ()
+    start: int = 0  # image: first token of the slice
+    n: int = 0  # image: tokens in the slice
+    final: bool = False  # the prompt's last token: its logits give the first sample
+
+
+@dataclass
+class PromptCursor:
+    """How far a sequence's prompt has been evaluated, in pieces: VisionChat's prefill takes them one
+    after the other, the server's scheduler one per step between the other slots' tokens."""
+
+    prompt: Prompt
+    seq_id: int
+    keep: int  # leading units already in the KV cache
+    chunk: int = 0  # index into prompt.chunks
+    offset: int = 0  # tokens of that chunk already evaluated
+    positions: np.ndarray | None = None  # decoder positions of the current image chunk
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # digest -> (n_tokens, n_embd)
+
+    def __post_init__(self) -> None:
+        self.skip_cached()
+
+    def skip_cached(self) -> None:
+        """Move past the chunks whose units the KV cache already holds."""
+        unit = 0
+        for i, chunk in enumerate(self.prompt.chunks):
+            n_units = len(chunk.tokens) if chunk.kind == "text" else 1
+            if unit + n_units > self.keep:
+                self.chunk, self.offset = i, max(0, self.keep - unit)
+                return
+            unit += n_units
+        self.chunk, self.offset = len(self.prompt.chunks), 0
+
+    @property
+    def current(self) -> Chunk | None:
+        return self.prompt.chunks[self.chunk] if self.chunk < len(self.prompt.chunks) else None
+
+    @property
+    def done(self) -> bool:
+        return self.chunk >= len(self.prompt.chunks)
+
+    def embedding(self, chunk: Chunk) -> np.ndarray | None:
+        return self.embeddings.get(chunk.digest or "")
+
+    def next_piece(self, budget: int) -> Piece | None:
+        """Up to `budget` tokens of what comes next; None while its image has no embeddings yet."""
+        chunk = self.current
+        if chunk is None:
+            raise DecodeError("the prompt is already evaluated")
+        last = self.chunk == len(self.prompt.chunks) - 1
+        if chunk.kind == "text":
+            tokens = chunk.tokens[self.offset:self.offset + budget]
+            return Piece("text", tokens, final=last and self.offset + len(tokens) == len(chunk.tokens))
+        if self.embedding(chunk) is None:
+            return None
+        return Piece("image", start=self.offset, n=min(budget, chunk.n_tokens - self.offset))
+
+    def advance(self, piece: Piece) -> None:
+        """Move past an evaluated piece (the engine recorded it in the sequence's bookkeeping)."""
+        chunk = self.current
+        assert chunk is not None
+        self.offset += len(piece.tokens) if piece.kind == "text" else piece.n
+        if self.offset >= chunk.n_tokens:
+            self.chunk, self.offset, self.positions = self.chunk + 1, 0, None

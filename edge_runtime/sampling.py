@@ -1,13 +1,11 @@
-"""llama.cpp sampler chains built from `GenerationOptions`."""
+"""llama.cpp sampler chains (edge_llama's `Sampler`) composed from `GenerationOptions`."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import llama_cpp
-from llama_cpp.llama_grammar import json_schema_to_gbnf
+from edge_llama import Model, Sampler, json_schema_to_gbnf
 
-from edge_llama import take_errors
 from .errors import GrammarError
 from .options import GenerationOptions
 
@@ -27,75 +25,28 @@ def grammar_for(options: GenerationOptions) -> str | None:
     return options.grammar
 
 
-class Sampler:
-    """Owns one llama.cpp sampler chain; free it with `close()` or `with`."""
-
-    def __init__(self, options: GenerationOptions, vocab: Any, seed: int) -> None:
-        params = llama_cpp.llama_sampler_chain_default_params()
-        params.no_perf = True
-        self._chain = llama_cpp.llama_sampler_chain_init(params)
-        try:
-            for sampler in _samplers(options, vocab, seed):
-                llama_cpp.llama_sampler_chain_add(self._chain, sampler)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def handle(self) -> Any:
-        return self._chain
-
-    def sample(self, ctx: Any, idx: int = -1) -> int:
-        """Sample from the logits at batch index `idx` and accept the token."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, idx))
-
-    def close(self) -> None:
-        if self._chain:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
-
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _samplers(options: GenerationOptions, vocab: Any, seed: int) -> Iterator[Any]:
-    """The chain: grammar first (so top-k keeps only legal tokens), penalties, then pick.
-
-    A generator, so each sampler joins the chain (which owns it) as soon as it exists.
-    """
-    grammar = grammar_for(options)
-    if grammar:
-        take_errors()
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
-        if not sampler:
-            detail = "; ".join(take_errors()) or "llama.cpp could not parse it"
-            raise GrammarError(f"invalid grammar: {detail}")
-        yield sampler
-    if (
-        options.repeat_penalty != 1.0
-        or options.presence_penalty != 0.0
-        or options.frequency_penalty != 0.0
-    ):
-        yield (
-            llama_cpp.llama_sampler_init_penalties(
-                llama_cpp.llama_vocab_n_tokens(vocab),
-                options.repeat_last_n,
-                options.repeat_penalty,
-                options.frequency_penalty,
-                options.presence_penalty,
-            )
-        )
-    if options.greedy:
-        yield llama_cpp.llama_sampler_init_greedy()
-        return
-    if options.top_k > 0:
-        yield llama_cpp.llama_sampler_init_top_k(options.top_k)
-    if options.top_p < 1.0:
-        yield llama_cpp.llama_sampler_init_top_p(options.top_p, 1)
-    if options.min_p > 0.0:
-        yield llama_cpp.llama_sampler_init_min_p(options.min_p, 1)
-    yield llama_cpp.llama_sampler_init_temp(options.temperature)
-    yield llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+def build_sampler(options: GenerationOptions, model: Model, seed: int) -> Sampler:
+    """The chain: grammar first (so top-k keeps only legal tokens), penalties, then pick."""
+    chain = Sampler(model)
+    try:
+        grammar = grammar_for(options)
+        if grammar:
+            try:
+                chain.grammar(grammar)
+            except ValueError as exc:  # llama.cpp's parser said no: the caller's `grammar` is at fault
+                raise GrammarError(str(exc)) from exc
+        if options.repeat_penalty != 1.0 or options.presence_penalty != 0.0 or options.frequency_penalty != 0.0:
+            chain.penalties(options.repeat_last_n, options.repeat_penalty, options.frequency_penalty,
+                            options.presence_penalty)
+        if options.greedy:
+            return chain.greedy()
+        if options.top_k > 0:
+            chain.top_k(options.top_k)
+        if options.top_p < 1.0:
+            chain.top_p(options.top_p, 1)
+        if options.min_p > 0.0:
+            chain.min_p(options.min_p, 1)
+        return chain.temperature(options.temperature).dist(seed)
+    except BaseException:
+        chain.close()
+        raise

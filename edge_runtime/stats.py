@@ -1,4 +1,5 @@
-"""Per-answer measurements (`VisionChat.last_stats`)."""
+"""Per-answer measurements: the one stats type of an answer (`VisionChat.last_stats`, the server's
+finished job) and the one function that turns it into OpenAI's `usage` body."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ class GenerationStats:
     ttft_s: float = 0.0  # call start -> first generated token
     generated_tokens: int = 0
     decode_s: float = 0.0  # first -> last generated token
-    stop_reason: str = ""  # "eog" | "stop" | "length" | "cancelled"
+    stop_reason: str = ""  # a generation.StopReason ("eog" | "stop" | "length" | "cancelled") once it ended
     kv_cache_bytes: int = 0  # allocated K+V buffers
     kv_used_bytes: int = 0  # the part holding this sequence
     peak_rss_bytes: int = 0
@@ -61,6 +62,19 @@ class GenerationStats:
             f"KV {self.kv_used_bytes / mib:.1f}/{self.kv_cache_bytes / mib:.1f} MiB | "
             f"peak RSS {self.peak_rss_bytes / mib:.0f} MiB"
         )
+
+
+def usage_body(stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's `usage` of a chat completion (plus `images`, an extension: what each image cost and why)."""
+    body: dict[str, Any] = {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.reused_tokens, "image_tokens": stats.image_tokens},
+    }
+    if stats.image_details:
+        body["images"] = list(stats.image_details)
+    return body
 
 
 def image_report(image: Any, n_tokens: int) -> dict[str, Any]:

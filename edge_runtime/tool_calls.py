@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from llama_cpp.llama_grammar import SchemaConverter
+from edge_llama import SchemaConverter
 
 from edge_common.errors import EdgeError
 from edge_models import chat_format

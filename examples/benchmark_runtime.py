@@ -6,7 +6,7 @@ Prints two ratios from one run:
   * TTFT of a follow-up question about the same image / TTFT of the first question
     (the follow-up re-uses the KV cache: no vision encoder, no re-prefill);
   * VisionChat decode tok/s / raw llama.cpp decode tok/s, both on the same llama
-    context and KV contents (the raw loop is llama_sampler_sample + llama_decode only),
+    context and KV contents (the raw loop is edge_llama's sample + decode_batch only),
     measured alternately --repeats times each, fastest run of each side.
 Not a timed test: numbers depend on the machine. Use the 2B synthetic checkpoint
 at q4_k_m with a 640x480 image for the figures quoted in the issue.
@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import click
-import llama_cpp
 from PIL import Image
 
 from edge_common import cli_options as flags
 from edge_llama import Batch
 from edge_runtime import EngineOptions, GenerationOptions, VisionChat
 from edge_runtime.demo import example_image
-from edge_runtime.sampling import Sampler
+from edge_runtime.sampling import build_sampler
 
 
 def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> float:
@@ -33,30 +32,21 @@ def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> f
     # Bring the KV cache to the same prompt (untimed), through the engine's own prefill.
     chat.generate(messages, max_tokens=1, temperature=0.0)
     state = engine.seq_state(chat.seq_id)
-    owned = Batch(1)
-    batch = owned.raw
     try:
-        with Sampler(GenerationOptions(temperature=0.0), engine.vocab, 0) as sampler:
+        with build_sampler(GenerationOptions(temperature=0.0), engine.text_model, 0) as sampler, Batch(1) as batch:
             pos = state.n_pos
             t_first = None
             for i in range(n_tokens):
-                token = llama_cpp.llama_sampler_sample(sampler.handle, engine.ctx, -1)
+                token = sampler.sample(engine.context, -1)
                 if i == 0:
                     t_first = time.perf_counter()
                 if i == n_tokens - 1:
                     break
-                batch.n_tokens = 1
-                batch.token[0] = token
-                batch.pos[0] = pos
-                batch.n_seq_id[0] = 1
-                batch.seq_id[0][0] = chat.seq_id
-                batch.logits[0] = 1
-                if llama_cpp.llama_decode(engine.ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
+                batch.fill((token,), pos, chat.seq_id)
+                engine.context.decode_batch(batch)
                 pos += 1
             elapsed = time.perf_counter() - t_first
     finally:
-        owned.close()
         engine.reset(chat.seq_id)  # the raw loop bypassed the engine's KV bookkeeping
     return (n_tokens - 1) / elapsed
 

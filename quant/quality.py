@@ -12,7 +12,6 @@ mtmd's media marker, and mtmd adds whatever image framing the model needs.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,68 +121,55 @@ class QualityReport:
 
 class _TextModel:
     def __init__(self, path: Path, n_ctx: int, threads: int, kv: str = "f16"):
-        import llama_cpp
-
-        from edge_llama import Context, ContextOptions, LlamaLoadError, Model, kv_type
+        from edge_llama import FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Context, ContextOptions, LlamaLoadError, Model, kv_type
 
         cache = kv_type(kv)
-        self.lc = llama_cpp
         try:
             self._model = Model(path)
-            flash = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache.needs_flash_attn_for_v
-                     else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
-            self._ctx = Context(self._model, ContextOptions(
+            flash = FLASH_ATTN_ON if cache.needs_flash_attn_for_v else FLASH_ATTN_AUTO
+            self.ctx = Context(self._model, ContextOptions(
                 n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(512, n_ctx), n_threads=threads,
                 type_k=int(cache.ggml_type), type_v=int(cache.ggml_type), flash_attn=flash))
         except LlamaLoadError as exc:
             if getattr(self, "_model", None) is not None:
                 self._model.close()
             raise QuantError(f"{path}: {exc}") from exc
-        self.model, self.ctx = self._model.ptr, self._ctx.ptr
         self.n_batch = n_ctx
-        self.vocab = self._model.vocab
         self.n_vocab = self._model.n_vocab
+        self._batch = Batch(n_ctx)
 
     def reset(self) -> None:
-        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+        self.ctx.clear()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text, add_special=True)
+
+    def is_eog(self, token: int) -> bool:
+        return self._model.is_eog(token)
 
     def decode_tokens(self, tokens: Sequence[int], n_past: int) -> np.ndarray:
         """Decode with logits at every position; returns [len(tokens), n_vocab] float32."""
-        from edge_llama import Batch
+        from edge_llama import LlamaError
 
-        lc = self.lc
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         for s in range(0, len(tokens), self.n_batch):
-            part = tokens[s: s + self.n_batch]
-            owned = Batch(len(part))
-            batch = owned.raw
+            part = [int(t) for t in tokens[s: s + self.n_batch]]
+            self._batch.fill(part, n_past + s, logits="all")
             try:
-                batch.n_tokens = len(part)
-                for i, tok in enumerate(part):
-                    batch.token[i] = int(tok)
-                    batch.pos[i] = n_past + s + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = True
-                if lc.llama_decode(self.ctx, batch) != 0:
-                    raise QuantError("llama_decode failed while evaluating probe prompts.")
-                for i in range(len(part)):
-                    ptr = lc.llama_get_logits_ith(self.ctx, i)
-                    out[s + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            finally:
-                owned.close()
+                self.ctx.decode_batch(self._batch)
+            except LlamaError as exc:
+                raise QuantError(f"evaluating probe prompts failed: {exc}") from exc
+            out[s:s + len(part)] = self.ctx.all_logits(len(part))
         return out
 
     def close(self) -> None:
-        self._ctx.close()
+        self._batch.close()
+        self.ctx.close()
         self._model.close()
 
 
 class _Vision:
     def __init__(self, mmproj: Path, text: _TextModel, threads: int):
-        from llama_cpp import mtmd_cpp
-
-        self.m = mtmd_cpp
         check_projector(mmproj)
         from edge_llama import LlamaLoadError, Projector, ProjectorOptions
 
@@ -191,45 +177,29 @@ class _Vision:
             self._proj = Projector(mmproj, text._model, ProjectorOptions(n_threads=threads, use_gpu=False))
         except LlamaLoadError as exc:
             raise QuantError(f"{mmproj}: mtmd cannot load this projector with {text._model.path.name}: {exc}") from exc
-        self.ctx = self._proj.ptr
         self.text = text
-        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self.marker = self._proj.marker
 
     def tokenize(self, prompt: str, images: Sequence[Any]):
-        m = self.m
-        bitmaps = [_bitmap(m, img) for img in images]
-        chunks = m.mtmd_input_chunks_init()
-        raw = prompt.encode()
-        inp = m.mtmd_input_text(text=raw, text_len=len(raw), add_special=True, parse_special=True)
-        arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        from edge_llama import LlamaError
+
         try:
-            rc = m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
-        finally:
-            for b in bitmaps:
-                m.mtmd_bitmap_free(b)
-        if rc != 0:
-            m.mtmd_input_chunks_free(chunks)
-            raise QuantError(f"mtmd_tokenize failed ({rc}) for probe {prompt!r}.")
-        return chunks
+            return self._proj.tokenize(prompt, [_rgb(img) for img in images])
+        except LlamaError as exc:
+            raise QuantError(f"{exc} for probe {prompt!r}.") from exc
 
     def image_embedding(self, image: Any) -> np.ndarray:
         """The projector's output for one image: [n_tokens, n_embd_inp]."""
-        m, lc = self.m, self.text.lc
-        chunks = self.tokenize(self.marker, [image])
-        try:
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                ch = m.mtmd_input_chunks_get(chunks, i)
-                if m.mtmd_input_chunk_get_type(ch) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    continue
-                if m.mtmd_encode_chunk(self.ctx, ch) != 0:
-                    raise QuantError("mtmd_encode_chunk failed.")
-                n = m.mtmd_input_chunk_get_n_tokens(ch)
-                dim = lc.llama_model_n_embd_inp(self.text.model)
-                ptr = m.mtmd_get_output_embd(self.ctx)
-                return np.ctypeslib.as_array(ptr, shape=(n * dim,)).reshape(n, dim).copy()
-        finally:
-            m.mtmd_input_chunks_free(chunks)
+        from edge_llama import chunk_is_text
+
+        with self.tokenize(self.marker, [image]) as chunks:
+            for ch in chunks:
+                if not chunk_is_text(ch):
+                    return self._proj.encode(ch)
         raise QuantError("the probe produced no image chunk; does the projector support vision?")
+
+    def eval_chunk(self, chunk: Any, n_past: int) -> int:
+        return self._proj.eval_chunk(self.text.ctx, chunk, n_past, 0, n_batch=self.text.n_batch)
 
     def close(self) -> None:
         self._proj.close()
@@ -244,76 +214,53 @@ def check_projector(path: Path) -> None:
         raise QuantError(f"{path}: {problems[0]} (or rewrite it with quant.mmproj.quantize_mmproj).")
 
 
-def _bitmap(m, image: Any):
+def _rgb(image: Any) -> np.ndarray:
     from PIL import Image
 
     img = image if isinstance(image, Image.Image) else Image.open(image)
-    rgb = np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
-    h, w = rgb.shape[:2]
-    data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
-    bmp = m.mtmd_bitmap_init(w, h, data)
-    if not bmp:
-        raise QuantError("mtmd_bitmap_init failed.")
-    return bmp
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
 def _run(model: _TextModel, vision: "_Vision | None", prompt: str, images: Sequence[Any],
          forced: Sequence[int] | None, n_new: int) -> tuple[np.ndarray, list[int]]:
     """Logits at every text position of prompt (+ continuation); returns (logits, continuation tokens)."""
-    lc = model.lc
+    from edge_llama import chunk_info
+
     model.reset()
-    if vision is not None:
-        chunks = vision.tokenize(prompt, images)
-    else:
-        chunks = None
+    chunks = vision.tokenize(prompt, images) if vision is not None else None
     logits: list[np.ndarray] = []
     n_past = 0
     try:
         if chunks is None:
-            toks = _tokenize(model, prompt)
+            toks = model.tokenize(prompt)
             logits.append(model.decode_tokens(toks, n_past))
             n_past += len(toks)
         else:
-            m = vision.m
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                ch = m.mtmd_input_chunks_get(chunks, i)
-                if m.mtmd_input_chunk_get_type(ch) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = m.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                    toks = [ptr[j] for j in range(n.value)]
-                    logits.append(model.decode_tokens(toks, n_past))
-                    n_past += len(toks)
+            for ch in chunks:
+                info = chunk_info(ch)
+                if info.kind == "text":
+                    logits.append(model.decode_tokens(list(info.tokens), n_past))
+                    n_past += len(info.tokens)
                 else:
-                    new_past = lc.llama_pos(0)
-                    if m.mtmd_helper_eval_chunk_single(vision.ctx, model.ctx, ch, n_past, 0, model.n_batch, False,
-                                                       ctypes.byref(new_past)) != 0:
-                        raise QuantError("mtmd could not evaluate a probe image.")
-                    n_past = new_past.value
+                    try:
+                        n_past = vision.eval_chunk(ch, n_past)
+                    except Exception as exc:
+                        raise QuantError(f"mtmd could not evaluate a probe image: {exc}") from exc
     finally:
         if chunks is not None:
-            vision.m.mtmd_input_chunks_free(chunks)
+            chunks.close()
     out = np.concatenate(logits) if logits else np.empty((0, model.n_vocab), np.float32)
     cont: list[int] = []
     last = out[-1] if len(out) else None
     for k in range(n_new if forced is None else len(forced)):
         tok = int(np.argmax(last)) if forced is None else int(forced[k])
-        if forced is None and lc.llama_vocab_is_eog(model.vocab, tok):
+        if forced is None and model.is_eog(tok):
             break
         cont.append(tok)
         last = model.decode_tokens([tok], n_past)[0]
         n_past += 1
         out = np.concatenate([out, last[None]])
     return out, cont
-
-
-def _tokenize(model: _TextModel, text: str) -> list[int]:
-    lc = model.lc
-    raw = text.encode()
-    buf = (lc.llama_token * (len(raw) + 16))()
-    n = lc.llama_tokenize(model.vocab, raw, len(raw), buf, len(buf), True, True)
-    if n < 0:
-        raise QuantError("llama_tokenize failed on a probe prompt.")
-    return list(buf[:n])
 
 
 def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
@@ -387,9 +334,9 @@ def evaluate(ref: "ModelPair | str | Path | tuple", test: "ModelPair | str | Pat
     if options.text:
         probes = [(p, []) for p in options.prompts]
         if use_images:
-            from llama_cpp import mtmd_cpp
+            from edge_llama import default_marker
 
-            marker = mtmd_cpp.mtmd_default_marker().decode()
+            marker = default_marker()
             probes += [(f"{marker}\n{q}", [img]) for q, img in zip(_cycle(options.image_prompts, len(images)), images)]
         ref_runs = _run_all(ref, probes, None, options, threads, use_images)
         test_runs = _run_all(test, probes, [c for _, c in ref_runs], options, threads, use_images,

@@ -9,12 +9,9 @@ plus the quantize.imatrix.* metadata keys. So the output is byte-identical to
 """
 from __future__ import annotations
 
-import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from edge_common.atomic import atomic_output
 from edge_common.disk import check_rewrite
@@ -59,54 +56,15 @@ def require_imatrix(quant: str, imatrix: object) -> None:
         raise QuantError(f"{t.name} needs an importance matrix (low-bit types are garbage without one): {IMATRIX_HELP}.")
 
 
-class _ImatrixArray:
-    """The C array llama_model_quantize reads; keeps every buffer alive while it is used."""
-
-    def __init__(self, im: Imatrix, names: set[str]):
-        import llama_cpp
-
-        self.values = {n: np.ascontiguousarray(im.values(n), dtype=np.float32) for n in sorted(names & set(im.entries))}
-        self._names = {n: n.encode() for n in self.values}
-        arr = (llama_cpp.llama_model_imatrix_data * (len(self.values) + 1))()
-        for i, (n, v) in enumerate(self.values.items()):
-            arr[i].name = self._names[n]
-            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = v.size
-        arr[len(self.values)].name = None  # terminator
-        self.array = arr
-
-
-def _kv_overrides(im: Imatrix, n_entries: int):
+def imatrix_metadata(im: Imatrix, n_entries: int) -> dict[str, str | int]:
     """quantize.imatrix.* keys, as llama-quantize writes them (so files match byte for byte)."""
-    import llama_cpp
-
-    items: list[tuple[str, int, object]] = [(KV_IMATRIX_FILE, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, im.label)]
+    meta: dict[str, str | int] = {KV_IMATRIX_FILE: im.label}
     if im.datasets:
-        items.append((KV_IMATRIX_DATASET, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, im.datasets[0]))
-    items.append((KV_IMATRIX_N_ENTRIES, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, n_entries))
+        meta[KV_IMATRIX_DATASET] = im.datasets[0]
+    meta[KV_IMATRIX_N_ENTRIES] = n_entries
     if im.chunk_count > 0:
-        items.append((KV_IMATRIX_N_CHUNKS, llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, im.chunk_count))
-    arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
-    for i, (key, tag, val) in enumerate(items):
-        arr[i].key = key.encode()
-        arr[i].tag = tag
-        if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
-            arr[i].value.val_str = str(val).encode()[:127]
-        else:
-            arr[i].value.val_i64 = int(val)
-    arr[len(items)].key = b""  # terminator: empty key
-    return arr
-
-
-def build_params(t: catalog.QuantType, opts: TextQuantOptions):
-    """llama_model_quantize_default_params() with the ftype, threads and --pure set (as llama-quantize does)."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = t.ftype
-    params.nthread = int(opts.nthread)
-    params.pure = bool(opts.pure)
-    return params
+        meta[KV_IMATRIX_N_CHUNKS] = im.chunk_count
+    return meta
 
 
 def parse_fallbacks(log: str) -> tuple[Fallback, ...]:
@@ -116,29 +74,23 @@ def parse_fallbacks(log: str) -> tuple[Fallback, ...]:
 
 def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -> QuantReport:
     """Quantize the text GGUF `src` to `dst` (written under a temp name, then renamed)."""
-    import llama_cpp
     from tqdm import tqdm
 
-    from edge_llama import capture
+    from edge_llama import LlamaError, capture
+    from edge_llama.quantize import quantize_file
 
     t = catalog.lookup(options.quant)
     src, dst = Path(src), Path(dst)
     check_rewrite(src, dst, options.overwrite, "text", QuantError)
     im = resolve(options.imatrix)
     require_imatrix(t.name, im)
-    params = build_params(t, options)
-    keep: list[object] = []
-    n_used = 0
+    values = metadata = None
     if im is not None:
-        cols = matrix_columns(src)
-        arr = _ImatrixArray(im, set(cols))
-        n_used = len(arr.values)
-        if t.needs_imatrix and n_used == 0:
+        names = set(matrix_columns(src)) & set(im.entries)
+        values = {n: im.values(n) for n in sorted(names)}
+        if t.needs_imatrix and not values:
             raise QuantError(f"{im.label}: has no data for any tensor of {src.name}; {IMATRIX_HELP}.")
-        overrides = _kv_overrides(im, n_used)
-        params.imatrix = ctypes.cast(arr.array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-        keep += [arr, overrides]
+        metadata = imatrix_metadata(im, len(values))
     bar = tqdm(total=None, desc=f"{dst.name}", unit="tensor", disable=not options.progress, leave=False)
 
     def on_line(level: int, line: str) -> None:
@@ -150,11 +102,13 @@ def quantize_text(src: str | Path, dst: str | Path, options: TextQuantOptions) -
 
     try:
         with atomic_output(dst) as tmp, capture(on_line) as log:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise QuantError(f"llama.cpp could not quantize {src.name} to {t.name}: {log.errors() or 'see its log'}")
+            try:
+                quantize_file(src, tmp, t.ftype, nthread=options.nthread, pure=options.pure, imatrix=values,
+                              metadata=metadata)
+            except LlamaError:
+                raise QuantError(f"llama.cpp could not quantize {src.name} to {t.name}: "
+                                 f"{log.errors() or 'see its log'}") from None
     finally:
         bar.close()
-        del keep
     return build_report(dst, t.name, fallbacks=parse_fallbacks(log.text),
-                        imatrix=im.label if im is not None else None, imatrix_entries=n_used)
+                        imatrix=im.label if im is not None else None, imatrix_entries=len(values or ()))

@@ -159,3 +159,97 @@ def test_exit_descriptions():
     assert describe_exit(0) == "exit code 0"
     assert describe_exit(-9).startswith("killed by SIGKILL (signal 9): likely the kernel's out-of-memory killer")
     assert "mmap" in describe_exit(-7)
+
+
+# ---------------------------------------------------------------- every C object: made and freed once, in edge_llama
+
+# init -> free of each C object edge_llama wraps (module attribute of llama_cpp or llama_cpp.mtmd_cpp)
+PAIRS = {
+    "llama_model_load_from_file": "llama_model_free",
+    "llama_init_from_model": "llama_free",
+    "llama_batch_init": "llama_batch_free",
+    "llama_sampler_chain_init": "llama_sampler_free",
+    "mtmd_init_from_file": "mtmd_free",
+    "mtmd_input_chunks_init": "mtmd_input_chunks_free",
+    "mtmd_bitmap_init": "mtmd_bitmap_free",
+}
+
+
+class _Ledger:
+    """Counts each init and free and remembers any call made from outside edge_llama."""
+
+    def __init__(self, monkeypatch):
+        import inspect
+
+        from edge_llama.objects import L as llama_cpp  # the modules edge_llama calls, patched where they live
+        from edge_llama.projector import M as mtmd_cpp
+
+        self.calls: dict[str, int] = {name: 0 for pair in PAIRS.items() for name in pair}
+        self.strangers: list[str] = []
+        for name in self.calls:
+            module = mtmd_cpp if name.startswith("mtmd_") else llama_cpp
+            real = getattr(module, name)
+
+            def watched(*args, _real=real, _name=name):
+                caller = inspect.currentframe().f_back.f_globals.get("__name__", "?")
+                if not caller.startswith("edge_llama."):
+                    self.strangers.append(f"{_name} from {caller}")
+                self.calls[_name] += 1
+                return _real(*args)
+
+            monkeypatch.setattr(module, name, watched)
+
+    def unpaired(self) -> dict[str, tuple[int, int]]:
+        return {init: (self.calls[init], self.calls[free]) for init, free in PAIRS.items()
+                if self.calls[init] != self.calls[free]}
+
+
+def test_every_wrapped_object_is_made_and_freed_once_inside_edge_llama(tiny_f32_dir, test_image, monkeypatch, tmp_path):
+    """A chat with images, a video, a JSON schema, a saved and restored conversation, and the raw wrappers:
+    each init has its free, and every one is called from edge_llama (a second wrapper or a leak fails)."""
+    import gc
+
+    import numpy as np
+
+    from edge_llama import Batch, Bitmap, EmbeddingBatch, Sampler
+    from edge_runtime import VisionChat
+
+    ledger = _Ledger(monkeypatch)
+    frames = [np.asarray(test_image.convert("RGB").resize((64, 48)))] * 4
+    chat = VisionChat.from_dir(tiny_f32_dir, n_ctx=2048, threads=1)
+    try:
+        chat.ask("What is this?", images=[test_image], max_tokens=3, temperature=0.0)
+        chat.ask("And now?", max_tokens=3, temperature=0.0)
+        chat.ask("What happens?", videos=[frames], max_tokens=3, temperature=0.0)
+        chat.generate([{"role": "user", "content": "json"}], max_tokens=4, json_schema={"type": "object"})
+        chat.save(tmp_path / "chat.conv")
+        chat.restore(tmp_path / "chat.conv")
+        chat.encode_image(test_image)
+        model = chat.engine.text_model
+        chat.reset()  # the raw batch below writes sequence 0 behind the engine's bookkeeping
+        with Batch(4) as batch, Sampler(model).greedy() as sampler, EmbeddingBatch(4):
+            batch.fill([1, 2], 0)
+            chat.engine.context.decode_batch(batch)
+            sampler.sample(chat.engine.context, -1)
+        Bitmap(None, size=(8, 8)).close()
+    finally:
+        chat.close()
+    gc.collect()
+    assert all(ledger.calls[init] > 0 for init in PAIRS), ledger.calls  # the scenario made every kind
+    assert ledger.unpaired() == {}
+    assert ledger.strangers == []
+
+
+def test_the_ledger_sees_a_leak_and_a_second_wrapper(tiny_f32_dir, monkeypatch):
+    """The check above can fail: a batch left open, and an init called from outside edge_llama."""
+    from edge_llama import Batch
+    from edge_llama.batch import L as llama_cpp  # reached through edge_llama: this module imports no llama_cpp
+
+    ledger = _Ledger(monkeypatch)
+    leaked = Batch(2)
+    raw = llama_cpp.llama_batch_init(2, 0, 1)  # a second wrapper: this test module is not edge_llama
+    assert ledger.unpaired() == {"llama_batch_init": (2, 0)}
+    assert ledger.strangers == [f"llama_batch_init from {__name__}"]
+    llama_cpp.llama_batch_free(raw)
+    leaked.close()
+    assert ledger.unpaired() == {}

@@ -145,7 +145,7 @@ def test_the_server_drops_an_image_whose_request_went_away_mid_encode(tiny_f32_d
             with engine.tokenize(engine.marker, [loaded]) as prompt:
                 chunk = next(c for c in prompt.chunks if c.kind == "image")
                 job = _CancelledDuringEncode()
-                work = PrefillWork(job, prompt, seq_id=0, keep=0)
+                work = PrefillWork(prompt, seq_id=0, keep=0, job=job)
                 worker.encode(work, [chunk])
                 for _ in range(600):
                     with work.lock:

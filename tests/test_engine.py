@@ -9,19 +9,22 @@ import json
 import threading
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
+
+from edge_llama import FLASH_ATTN_ON
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape
 from edge_llama import CPU_UBATCH
 from edge_runtime.detokenize import PieceTable
-from edge_runtime.engine import DecodeOutcome, Engine
+from edge_runtime.core import Answer, Core
+from edge_runtime.engine import Engine
+from edge_runtime.generation import AnswerStep, StopReason
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
 from edge_runtime.images import image_digest, to_rgb_array
 from edge_runtime.options import EngineOptions, GenerationOptions
 from edge_runtime.prompt import ImageInput
-from edge_runtime.sampling import Sampler
+from edge_runtime.sampling import build_sampler
 
 GREEDY = GenerationOptions(temperature=0.0)
 # Quantized KV blocks hold 32 values: the head size must be a multiple (the tiny model's is 16).
@@ -38,13 +41,21 @@ def turn(marker: str, question: str, n_images: int = 1) -> str:
 
 
 def last_logits(engine: Engine) -> np.ndarray:
-    n_vocab = llama_cpp.llama_vocab_n_tokens(engine.vocab)
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(engine.ctx, -1), shape=(n_vocab,)).copy()
+    return engine.context.logits(-1)
 
 
 def answer(engine: Engine, seq_id: int = 0, n: int = 6) -> list[int]:
-    with Sampler(GREEDY, engine.vocab, 0) as sampler:
-        return list(engine.decode_tokens(sampler, seq_id, n))
+    """Up to `n` greedy tokens after a prefill, through the batched core's step (one sequence)."""
+    with Core(engine, 1) as core:
+        ans = Answer(seq_id, build_sampler(GREEDY, engine.text_model, 0),
+                     AnswerStep(PieceTable(engine.text_model), GREEDY, n, False, engine.is_end_of_turn))
+        try:
+            core.start(ans)
+            while not ans.done:
+                core.step([ans])
+        finally:
+            ans.close()
+        return ans.tokens
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +90,7 @@ def test_follow_up_reuses_kv_and_matches_fresh_logits(fresh, image):
     assert r1.reused_tokens == 0 and r1.images_encoded == 1 and r1.image_tokens > 0
     reply = answer(e)
     # the next turn: the answer as the template would render it, then a new question
-    pieces = PieceTable(e.vocab)
+    pieces = PieceTable(e.text_model)
     text_reply = b"".join(pieces(t) for t in reply).decode("utf-8", "replace")
     follow = first + text_reply + "<|im_end|>\n" + "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\n"
     r2, n2 = prefill_text(e, follow, [image])
@@ -166,7 +177,7 @@ def test_two_images_and_positions_track_mrope(fresh, image, test_image):
         assert state.n_tokens == p.n_tokens
         assert state.n_pos == sum(c.n_pos for c in p.chunks)
         assert state.n_pos < state.n_tokens, "M-RoPE: an image advances the position by its grid side, not its tokens"
-        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(e.ctx), 0) < state.n_pos
+        assert e.context.seq_pos_range(0)[1] < state.n_pos
 
 
 def test_overflow_leaves_sequence_untouched(fresh, image):
@@ -184,7 +195,7 @@ def test_kv_used_bytes_matches_llama_state_size(fresh):
     prefill_text(e, turn("", "Count to ten please, slowly and carefully."), [])
     answer(e, n=10)
     used = e.kv_used_bytes(0)
-    state = llama_cpp.llama_state_seq_get_size(e.ctx, 0)
+    state = e.context.seq_state_size(0)
     assert used > 0 and used <= state <= used * 1.25, (used, state)
     meta = {f.name: f.contents() for f in gguf.GGUFReader(e.model_path).fields.values() if f.name.startswith("qwen3vl.")}
     k_row = meta["qwen3vl.attention.head_count_kv"] * meta["qwen3vl.attention.key_length"]
@@ -200,10 +211,10 @@ def test_quantized_kv_cache_size_and_output(artifacts, image, kv, ratio):
         with Engine(text, mmproj, EngineOptions(n_ctx=512, kv_cache_type_k=kind, kv_cache_type_v=kind)) as e:
             sizes[kind] = e.kv_cache_bytes
             if kind == kv:
-                assert e.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                assert e.flash_attn_type == FLASH_ATTN_ON
                 prefill_text(e, turn(e.marker, "What is this?"), [image])
                 assert len(answer(e, n=4)) > 0
-                state = llama_cpp.llama_state_seq_get_size(e.ctx, 0)
+                state = e.context.seq_state_size(0)
                 assert e.kv_used_bytes(0) <= state <= e.kv_used_bytes(0) * 1.25
     assert sizes[kv] / sizes["f16"] == pytest.approx(ratio, abs=0.01)
 
@@ -212,15 +223,19 @@ def test_decode_outcome_and_early_close_keep_kv_consistent(fresh):
     e = fresh
     prefill_text(e, turn("", "Say something."), [], reserve=20)
     n_before = e.seq_state(0).n_tokens
-    outcome = DecodeOutcome()
-    with Sampler(GREEDY, e.vocab, 0) as sampler:
-        gen = e.decode_tokens(sampler, 0, 20, outcome)
-        taken = [next(gen) for _ in range(3)]
-        gen.close()
-    assert outcome.generated == 3 and len(taken) == 3
+    with Core(e, 1) as core:
+        ans = Answer(0, build_sampler(GREEDY, e.text_model, 0),
+                     AnswerStep(PieceTable(e.text_model), GREEDY, 20, False, e.is_end_of_turn))
+        core.start(ans)
+        core.step([ans])
+        core.step([ans])
+        ans.cancel()  # the caller stops reading
+        ans.close()
+    assert len(ans.tokens) == 3 and ans.stats.generated_tokens == 3 and ans.pending is None
+    assert ans.stats.stop_reason == StopReason.CANCELLED
     # the third token was sampled but never evaluated
     assert e.seq_state(0).n_tokens == n_before + 2
-    pos_max = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(e.ctx), 0)
+    pos_max = e.context.seq_pos_range(0)[1]
     assert pos_max == e.seq_state(0).n_pos - 1
 
 
@@ -264,14 +279,13 @@ def test_answer_step_ends_on_end_of_turn_stop_string_and_limit(engine):
     """The per-token step VisionChat and the server share: end-of-turn ends unshown and uncounted,
     a stop string ends with the text before it, the limit ends after `limit` tokens."""
     from edge_runtime.generation import END_OF_TURN, LENGTH, STOP, AnswerStep
-    from edge_runtime.prompt import token_ids
 
-    words = token_ids(engine.vocab, "red green blue", add_special=False)
-    im_end = token_ids(engine.vocab, "<|im_end|>", add_special=False)
+    words = engine.text_model.tokenize("red green blue", add_special=False)
+    im_end = engine.text_model.tokenize("<|im_end|>", add_special=False)
     assert len(im_end) == 1 and len(words) >= 3
 
     def run(options, limit, tokens):
-        step = AnswerStep(PieceTable(engine.vocab), options, limit, False, engine.is_end_of_turn)
+        step = AnswerStep(PieceTable(engine.text_model), options, limit, False, engine.is_end_of_turn)
         shown = []
         for t in tokens:
             shown.append(step.accept(t))

@@ -8,11 +8,11 @@ from pathlib import Path
 import subprocess
 import sys
 
-import llama_cpp
 import numpy as np
 import pytest
 
-from edge_llama import CPU_UBATCH, kv_type, physical_cores, resolve_mmap, resolve_ubatch
+from edge_llama import (CPU_UBATCH, FLASH_ATTN_AUTO, FLASH_ATTN_OFF, FLASH_ATTN_ON, kv_type, physical_cores, resolve_mmap,
+                        resolve_ubatch)
 from edge_llama.backend import return_freed_memory
 from edge_llama.hardware import parse_cpuinfo_cores
 from edge_llama.offload import resolve_flash_attn, resolve_gpu_layers
@@ -109,10 +109,10 @@ def test_cpuinfo_parsing_counts_physical_cores():
 
 def test_quantized_v_cache_turns_flash_attention_on(caplog):
     with caplog.at_level("INFO", logger="edge_runtime"):
-        assert resolve_flash_attn("auto", kv_type("q8_0")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        assert resolve_flash_attn("auto", kv_type("q8_0")) == FLASH_ATTN_ON
     assert "needs flash attention" in caplog.text
-    assert resolve_flash_attn("auto", kv_type("f16")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-    assert resolve_flash_attn(False, kv_type("f16")) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert resolve_flash_attn("auto", kv_type("f16")) == FLASH_ATTN_AUTO
+    assert resolve_flash_attn(False, kv_type("f16")) == FLASH_ATTN_OFF
     with pytest.raises(ValueError, match="needs flash attention"):
         resolve_flash_attn(False, kv_type("q4_0"))
     with pytest.raises(ValueError, match="unknown KV cache type"):
@@ -123,12 +123,10 @@ def test_quantized_v_cache_turns_flash_attention_on(caplog):
 def test_gpu_layers_auto_follows_the_build():
     """'auto' offloads when this machine has a GPU; an RPC-capable build alone (llama_supports_gpu_offload
     is then true too, llama.cpp's llama.cpp:llama_supports_gpu_offload) is no reason to."""
-    ggml = ctypes.CDLL(str(next(p for p in lib_dir().glob("libggml.so*")))) if sys.platform == "linux" else None
-    if ggml is not None:
-        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-        has_gpu = any(ggml.ggml_backend_dev_by_type(t) for t in (1, 2))  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
-    else:
-        has_gpu = llama_cpp.llama_supports_gpu_offload() and not llama_cpp.llama_supports_rpc()
+    pattern = {"linux": "libggml.so*", "darwin": "libggml.dylib"}.get(sys.platform, "ggml.dll")
+    ggml = ctypes.CDLL(str(next(p for p in lib_dir().glob(pattern))))
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    has_gpu = any(ggml.ggml_backend_dev_by_type(t) for t in (1, 2))  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
     expected = -1 if has_gpu else 0
     assert resolve_gpu_layers("auto") == expected
     assert resolve_gpu_layers(7) == 7

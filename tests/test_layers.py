@@ -272,3 +272,43 @@ def test_generic_code_reaches_model_families_through_the_registry():
     sources = {rel: src for rel, src in our_sources(*OURS, *SCRIPTS).items() if not rel.startswith("edge_models/")}
     assert {rel.split("/")[0] for rel in sources} == set(OURS + SCRIPTS) - {"edge_models"}  # all scanned
     assert family_imports(sources) == []
+
+
+# ---------------------------------------------------------------- one door to llama.cpp
+
+# Where `llama_cpp` may be imported: the access layer, and test helpers that say why they need it.
+LLAMA_DOOR = ("edge_llama/", "tests/support/")
+SKIP_DIRS = {".venv", "venv", "build", "dist", ".git", "node_modules", "site"}
+
+
+def llama_cpp_importers(root: Path) -> tuple[list[str], int]:
+    """('path:line imports llama_cpp' for every .py under `root` outside LLAMA_DOOR, files scanned)."""
+    found, scanned = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if SKIP_DIRS & set(rel.split("/")[:-1]) or rel.startswith(LLAMA_DOOR):
+            continue
+        scanned += 1
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), rel)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.split(".")[0] == "llama_cpp" for n in names):
+                found.append(f"{rel}:{node.lineno} imports llama_cpp")
+    return found, scanned
+
+
+def test_only_edge_llama_imports_llama_cpp(tmp_path):
+    """edge_llama is the one door to llama.cpp: every tokenize, encode, decode, batch and sampler is
+    wrapped there once, so no other module may load llama_cpp (lazily inside a function included)."""
+    planted = tmp_path / "edge_runtime" / "sneaky.py"
+    planted.parent.mkdir()
+    lib = "llama_cpp"  # spelled apart, so a grep for the import finds only the real ones
+    planted.write_text(f"import os\n\ndef f():\n    from {lib} import mtmd_cpp\n    import {lib}.llama_grammar\n")
+    (tmp_path / "edge_llama").mkdir()
+    (tmp_path / "edge_llama" / "door.py").write_text(f"import {lib}\n")
+    (tmp_path / "edge_runtime" / "clean.py").write_text(f"import edge_llama\n{lib} = 1\n")
+    assert llama_cpp_importers(tmp_path) == (["edge_runtime/sneaky.py:4 imports llama_cpp",
+                                               "edge_runtime/sneaky.py:5 imports llama_cpp"], 2)
+    offenders, scanned = llama_cpp_importers(ROOT)
+    assert scanned > 100  # the runtime, quant, convert, bench, examples and tests were all read
+    assert offenders == [], "go through edge_llama instead:\n" + "\n".join(offenders)

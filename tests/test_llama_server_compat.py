@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
-from edge_runtime.server.process import ServerProcess
+from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 MODEL_ALIAS = "llama-test-model"

@@ -16,7 +16,6 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
-from edge_runtime.grounding import Box, parse_grounding
 from support.browser import ask_on_page as ask
 from support.browser import headless_chromium
 from support.server import ServerProcess

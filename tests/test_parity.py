@@ -8,14 +8,13 @@ import pytest
 
 from edge_models.qwen3vl.reference import Reference
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape, VisionShape
-import llama_cpp
 
-from edge_llama import Context, ContextOptions, Model, Projector
+from edge_llama import FLASH_ATTN_OFF, Context, ContextOptions, Model, Projector, kv_type
 
 # f32 KV cache and no flash attention (which rounds Q to f16): the exact path, so
 # that what is measured is the conversion, not llama.cpp's speed-for-precision trades.
-EXACT = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-             flash_attn=llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+EXACT = dict(type_k=int(kv_type("f32").ggml_type), type_v=int(kv_type("f32").ggml_type),
+             flash_attn=FLASH_ATTN_OFF)
 
 PROMPT = "<|im_start|>user\nDescribe the red box on the left, please! How many circles: 3?<|im_end|>\n<|im_start|>assistant\n"
 BEFORE, AFTER = "<|im_start|>user\n", "What is in this picture?<|im_end|>\n<|im_start|>assistant\n"

@@ -1,7 +1,7 @@
 """Size and memory estimates from shapes alone, checked against the files llama.cpp and we write."""
 from __future__ import annotations
 
-import ctypes
+import numpy as np
 import json
 import re
 from pathlib import Path
@@ -10,6 +10,7 @@ import pytest
 
 from convert.shapes import model_shapes
 from edge_llama import capture
+from edge_llama.quantize import quantize_file
 from quant import catalog, estimate as E
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
@@ -94,8 +95,6 @@ def shapes_2b():
 
 def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
     """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
-    import llama_cpp
-
     from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
 
     cfg, shapes = shapes_2b
@@ -105,18 +104,11 @@ def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
                       r"\((\S+)\))?")
     # dry_run types every tensor without reading data; one imatrix entry is enough to switch llama.cpp's
     # has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
-    values = (ctypes.c_float * 2048)(*([1.0] * 2048))
-    one = (llama_cpp.llama_model_imatrix_data * 2)()
-    one[0].name, one[0].data, one[0].size = b"blk.0.attn_q.weight", values, 2048
+    one = {"blk.0.attn_q.weight": np.ones(2048, dtype=np.float32)}
     for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
         for with_imatrix in (False, True):
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = catalog.lookup(q).ftype
-            params.dry_run = True
-            if with_imatrix:
-                params.imatrix = ctypes.cast(one, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
             with capture() as log:
-                assert llama_cpp.llama_model_quantize(str(sparse).encode(), b"", ctypes.byref(params)) == 0
+                quantize_file(sparse, "", catalog.lookup(q).ftype, dry_run=True, imatrix=one if with_imatrix else None)
             real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
             quant_mib = float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])
             est = E.estimate(shapes, q, imatrix=with_imatrix)

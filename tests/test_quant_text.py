@@ -1,7 +1,6 @@
 """Text-model quantization through llama.cpp's own quantizer."""
 from __future__ import annotations
 
-import ctypes
 import hashlib
 
 import gguf
@@ -26,15 +25,10 @@ def llama_quantize(src, dst, quant: str) -> None:
     """What `llama-quantize SRC DST TYPE` does (tools/quantize/quantize.cpp without options): default params,
     the type's ftype, then llama_model_quantize. llama-cpp-python does not build the tool's binary, so the
     reference calls the same library function the tool calls, with the tool's parameters."""
-    import llama_cpp
-
-    from edge_llama import ensure_backend
+    from edge_llama.quantize import quantize_file
     from quant import catalog
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = catalog.lookup(quant).ftype
-    ensure_backend()
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    quantize_file(src, dst, catalog.lookup(quant).ftype)  # llama_model_quantize with the default params
 
 
 @pytest.mark.parametrize("quant", ["q4_k_m", "q6_k", "q8_0"])

@@ -12,6 +12,7 @@ import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
+from edge_runtime.disk_cache import SUFFIX
 from edge_runtime.server.metrics import parse_metrics
 from support.server import ServerProcess
 
@@ -135,3 +136,61 @@ def test_the_images_of_one_message_share_auto_budget_in_the_server(server, test_
     (one,), two = images_of(1), images_of(2)
     assert len(two) == 2 and two[0]["max_tokens"] == two[1]["max_tokens"] < one["max_tokens"]
     assert "shared by the 2 images of the message" in two[0]["reason"] and "shared" not in one["reason"]
+
+
+def test_edge_serve_fills_the_disk_encoder_cache_and_another_server_reads_it(model_dir, test_image, tmp_path):
+    """One encode path: the server writes what it encodes to the disk cache (as VisionChat does), so a
+    second server process (empty memory cache) answers the same image without running the encoder."""
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                      {"type": "text", "text": "What is this?"}]}],
+            "max_tokens": 6, "temperature": 0}
+    cache = tmp_path / "encoder"
+    args = ["--parallel", "1", "--ctx-size", "2048", "--threads", "1", "--encoder-cache-dir", str(cache)]
+    answers, counts = [], []
+    for _ in range(2):
+        with ServerProcess(model_dir, args) as proc:
+            resp = httpx.post(proc.url("/v1/chat/completions"), json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            answers.append(resp.json()["choices"][0]["message"]["content"])
+            m = metrics(proc)
+            counts.append((m["edge_images_encoded_total"], m["edge_encoder_disk_hits_total"]))
+        if len(counts) == 1:
+            assert len(list(cache.glob(f"*/*{SUFFIX}"))) == 1  # the image's encoder output, under the projector's dir
+    assert counts == [(1, 0), (0, 1)]
+    assert answers[0] == answers[1]
+
+
+TOOLS = [{"type": "function", "function": {"name": "zoom_in", "description": "Crop the image", "parameters": {
+    "type": "object", "properties": {"box": {"type": "array", "items": {"type": "integer"}, "minItems": 4,
+                                             "maxItems": 4}, "label": {"type": "string", "enum": ["cat", "dog"]}},
+    "required": ["box", "label"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", {"type": "function", "function": {"name": "zoom_in"}}])
+def test_the_server_and_visionchat_give_the_same_answer_with_image_video_and_tools(server, model_dir, test_image,
+                                                                                   tmp_path, tool_choice):
+    """The same batched core behind both: greedy, the same GGUF, an image, a video and tools in one prompt
+    (the server evaluates it in chunks of 16 between other steps, VisionChat in one go): identical text."""
+    from test_video import write_video
+
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    image_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    video_uri = "data:video/mp4;base64," + base64.b64encode(write_video(tmp_path / "v.mp4").read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri}},
+                                             {"type": "video_url", "video_url": {"url": video_uri}},
+                                             {"type": "text", "text": "What happens, and where is the cat?"}]}]
+    resp = httpx.post(server.url("/v1/chat/completions"), timeout=120, json={
+        "messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 160, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    served = resp.json()["choices"][0]["message"]
+    with VisionChat.from_dir(model_dir, n_ctx=4096, threads=1) as chat:
+        local = chat.generate(messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=160, temperature=0)
+    assert (served["content"] or "") == local.content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in served.get("tool_calls") or []] == \
+        [(c.name, c.arguments) for c in local.tool_calls]
+    if tool_choice != "auto":
+        assert len(local.tool_calls) == 1  # the forced call: the grammar path of both

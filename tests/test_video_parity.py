@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import llama_cpp
 from edge_models.qwen3vl.reference import Reference
 from edge_runtime import VisionChat
 from edge_runtime.messages import split_messages, videos_in
@@ -95,8 +94,7 @@ def ours(chat: VisionChat, frames: np.ndarray, video_id: int) -> tuple[list[int]
         for chunk in prompt.chunks:
             ids += list(chunk.tokens) if chunk.kind == "text" else [video_id] * chunk.n_tokens
         chat.engine.prefill(prompt)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(chat.engine.vocab)
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(chat.engine.ctx, -1), shape=(n_vocab,)).copy()
+    logits = chat.engine.context.logits(-1)
     chat.engine.reset()
     return ids, logits, text
 

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..manifest_paths import resolve_model_paths
+from edge_common.manifest import resolve_model_paths
 from ..options import GenerationOptions
 from ..tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
@@ -259,7 +259,7 @@ async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: 
         elif isinstance(event, Finished):
             text, calls = (parse_calls("".join(parts), cut=event.finish_reason == "length") if tools
                            else ("".join(parts), []))
-            return completion_body(meta, text, event.finish_reason, event.usage, calls)
+            return completion_body(meta, text, event.finish_reason, event.stats, calls)
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
@@ -282,7 +282,7 @@ async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage:
                 reason = finish_with_calls(reason, calls.calls)
             yield sse(chunk_body(meta, {}, reason))
             if include_usage:
-                yield sse(usage_chunk_body(meta, event.usage))
+                yield sse(usage_chunk_body(meta, event.stats))
             yield SSE_DONE
             return
         elif isinstance(event, Failed):

@@ -15,20 +15,8 @@ from typing import Union
 
 from ..options import GenerationOptions
 from ..prompt import ImageInput
+from ..stats import GenerationStats
 from .errors import ApiError
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens found in the slot's KV cache
-    image_tokens: int = 0  # prompt tokens that are image embeddings
-    images: tuple = ()  # per image: tokens, grid, sizes, detail, budget and why
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -38,8 +26,8 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: str  # "stop" | "length"
-    usage: Usage
+    finish_reason: str  # "stop" | "length" (StopReason.finish_reason)
+    stats: GenerationStats  # the numbers of the answer; stats.usage_body makes OpenAI's usage of them
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
-"""OpenAI's `logit_bias` and llama-server's `ignore_eos`, applied to a batch row's logits.
+"""OpenAI's `logit_bias` and llama-server's `ignore_eos` as a token -> logit offset table.
 
-The sampler chains come from `GenerationOptions`, which has no bias; adding
-the bias to the logits before the chain reads them is the same computation
-llama.cpp's logit-bias sampler does, and leaves unbiased requests untouched.
+The sampler chains come from `GenerationOptions`, which has no bias; `Engine.sample`
+adds the table to the logits before the chain reads them, the same computation
+llama.cpp's logit-bias sampler does, leaving unbiased requests untouched.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Iterable, Mapping
-
-import llama_cpp
 
 from .errors import bad_request
 
@@ -28,16 +26,7 @@ def build_bias(requested: Mapping[int, float], n_vocab: int, ignore_eos: bool, e
     return bias
 
 
-def apply_bias(ctx: Any, index: int, bias: Mapping[int, float]) -> None:
-    """Add `bias` to the logits of batch output `index` (they are read by the next sample)."""
-    logits = llama_cpp.llama_get_logits_ith(ctx, index)
-    if not logits:
-        raise RuntimeError(f"no logits at batch index {index}")
-    for token, value in bias.items():
-        logits[token] += value
-
-
 def end_of_generation_tokens(engine: Any) -> list[int]:
     """Every token that ends an answer (EOG flags plus the template's end-of-turn)."""
-    n_vocab = int(llama_cpp.llama_vocab_n_tokens(engine.vocab))
+    n_vocab = engine.text_model.n_vocab
     return [t for t in range(n_vocab) if engine.is_end_of_turn(t)]

@@ -125,6 +125,8 @@ class Metrics:
             ("prompt_tokens_cached", "Prompt tokens found in a slot's KV cache (not evaluated again)."),
             ("completion_tokens", "Generated tokens."),
             ("images", "Images in admitted requests."),
+            ("images_encoded", "Images sent to the vision encoder (neither cache held their output)."),
+            ("encoder_disk_hits", "Images whose encoder output came from the encoder cache on disk."),
             ("decode_steps", "Batched decode steps (one llama_decode each)."),
             ("decode_batch_tokens", "Tokens evaluated by batched decode steps (divide by steps: mean batch size)."),
             ("decode_seconds", "Time in batched decode steps, sampling included (batch tokens / this: decode tok/s)."),

@@ -13,101 +13,32 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-import llama_cpp.mtmd_cpp as mtmd
-
 from ..engine import Engine
-from ..errors import DecodeError
-from ..kv_state import image_unit, text_units
-from ..prompt import Chunk, Prompt
+from ..prompt import Chunk, Prompt, PromptCursor
 from .jobs import Job
 
 log = logging.getLogger("edge_runtime.server")
 
 
 @dataclass
-class Piece:
-    """The next part of a prompt to evaluate."""
+class PrefillWork(PromptCursor):
+    """A slot's prompt cursor shared with the vision thread, which fills `embeddings` as it encodes;
+    owned by the scheduler thread."""
 
-    kind: str  # "text" | "image"
-    tokens: tuple[int, ...] = ()
-    start: int = 0  # image: first token of the slice
-    n: int = 0
-    final: bool = False  # the prompt's last token: its logits give the first sample
-
-
-@dataclass
-class PrefillWork:
-    """How far a slot's prompt has been evaluated; owned by the scheduler thread."""
-
-    job: Job
-    prompt: Prompt
-    seq_id: int
-    keep: int  # leading units already in the KV cache
-    chunk: int = 0  # index into prompt.chunks
-    offset: int = 0  # tokens of that chunk already evaluated
-    positions: np.ndarray | None = None  # of the current image chunk
-    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # digest -> (n_tokens, n_embd)
+    job: Job | None = None
     failed: BaseException | None = None  # the vision thread's error
     encoding: bool = False  # the vision thread still holds this prompt's chunks
     abandoned: bool = False  # the scheduler is done with it: the last holder closes the prompt
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def skip_cached(self) -> None:
-        """Move past the chunks whose units the KV cache already holds."""
-        unit = 0
-        for i, chunk in enumerate(self.prompt.chunks):
-            n_units = len(chunk.tokens) if chunk.kind == "text" else 1
-            if unit + n_units > self.keep:
-                self.chunk, self.offset = i, max(0, self.keep - unit)
-                return
-            unit += n_units
-        self.chunk, self.offset = len(self.prompt.chunks), 0
-
-    @property
-    def current(self) -> Chunk | None:
-        return self.prompt.chunks[self.chunk] if self.chunk < len(self.prompt.chunks) else None
-
-    def next_piece(self, budget: int) -> Piece | None:
-        """Up to `budget` tokens of what comes next; None while its image is not encoded yet."""
-        chunk = self.current
-        if chunk is None:
-            raise DecodeError("the prompt is already evaluated")
-        last = self.chunk == len(self.prompt.chunks) - 1
-        if chunk.kind == "text":
-            tokens = chunk.tokens[self.offset:self.offset + budget]
-            return Piece("text", tokens, final=last and self.offset + len(tokens) == len(chunk.tokens))
-        if self.embedding(chunk) is None:
-            return None
-        return Piece("image", start=self.offset, n=min(budget, chunk.n_tokens - self.offset))
-
     def embedding(self, chunk: Chunk) -> np.ndarray | None:
         with self.lock:
             return self.embeddings.get(chunk.digest or "")
-
-    def advance(self, engine: Engine, piece: Piece) -> None:
-        """Record an evaluated piece in the sequence's bookkeeping."""
-        chunk = self.current
-        assert chunk is not None
-        state = engine.seq_state(self.seq_id)
-        if piece.kind == "text":
-            state.extend(text_units(piece.tokens))
-            self.offset += len(piece.tokens)
-        else:
-            self.offset += piece.n
-            if self.offset == chunk.n_tokens:  # the image unit counts once it is whole
-                state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
-        if self.offset >= chunk.n_tokens:
-            self.chunk, self.offset, self.positions = self.chunk + 1, 0, None
-
-    @property
-    def done(self) -> bool:
-        return self.chunk >= len(self.prompt.chunks)
 
     def release(self) -> None:
         """The scheduler is done (finished, cancelled or failed); close the prompt unless the vision
@@ -117,20 +48,6 @@ class PrefillWork:
             close = not self.encoding
         if close:
             self.prompt.close()
-
-
-def image_positions(chunk: Chunk, n_past: int, mrope: bool) -> np.ndarray:
-    """Decoder positions of an image's tokens, (sections, n_tokens) as llama.cpp reads them:
-    M-RoPE (t, y, x, z) per token from mtmd, or one running position otherwise."""
-    n = chunk.n_tokens
-    if not mrope:
-        return (n_past + np.arange(n, dtype=np.int32))[None, :]
-    tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk.handle)
-    out = np.empty((4, n), dtype=np.int32)
-    for i in range(n):
-        p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, n_past, i)
-        out[0, i], out[1, i], out[2, i], out[3, i] = p.t, p.y, p.x, p.z
-    return out
 
 
 Task = tuple[int, int, Callable[[], None]]  # (priority, order, work)
@@ -184,7 +101,7 @@ class VisionWorker:
             prefill.encoding = True
 
         def gone() -> bool:
-            return prefill.job.cancelled or prefill.abandoned
+            return prefill.abandoned or (prefill.job is not None and prefill.job.cancelled)
 
         def work() -> None:
             try:
@@ -211,27 +128,14 @@ class VisionWorker:
         self._put(self.ENCODE, work)
 
     def _encode(self, chunk: Chunk, gone: Callable[[], bool]) -> np.ndarray | None:
-        """The chunk's embeddings; None when the request went away mid-encode (the graph was stopped)."""
-        engine = self._engine
-        t0 = time.perf_counter()
-        with engine.mtmd_lock:  # a conversation save may tokenize/encode on the scheduler thread
-            engine.take_log_errors()
-            with engine.encoder_watch.stopping(gone) as watch:
-                rc = mtmd.mtmd_encode_chunk(engine.mtmd_ctx, chunk.handle)
-            seconds = time.perf_counter() - t0
-            self.encode_seconds += seconds
-            if watch.stopped:
-                self.stopped_encodes += 1
-                return None  # half-computed: neither used nor cached
-            if rc != 0:
-                raise DecodeError("the vision encoder failed on an image" + engine.log_suffix())
-            engine.measured("encoder", chunk.n_tokens, seconds)  # the device cost model `auto` plans with
-            out = mtmd.mtmd_get_output_embd(engine.mtmd_ctx)
-            embd = np.ctypeslib.as_array(out, shape=(chunk.n_tokens * engine.n_embd_inp,)).copy()
-        embd = embd.reshape(chunk.n_tokens, engine.n_embd_inp)
-        if chunk.digest:
-            engine.encoder_cache.put(chunk.digest, embd)
-        return embd
+        """The chunk's embeddings through the engine's one encode path (memory and disk caches, cost
+        model); None when the request went away mid-encode (the graph was stopped)."""
+        embd, seconds = self._engine.encode_chunk(chunk, keep=True, stop=gone)
+        self.encode_seconds += seconds
+        if embd is None:
+            self.stopped_encodes += 1
+            return None
+        return embd.reshape(chunk.n_tokens, self._engine.n_embd_inp)
 
     def stop(self) -> None:
         self._stopped = True
@@ -249,20 +153,15 @@ class VisionWorker:
             self._notify()
 
 
-def missing_images(prefill: PrefillWork, cache_get: Callable[[str], Any]) -> list[Chunk]:
+def missing_images(prefill: PrefillWork, engine: Engine) -> list[Chunk]:
     """Image chunks still to evaluate whose embeddings are neither pinned nor cached (to encode)."""
     out = []
     for chunk in prefill.prompt.chunks[prefill.chunk:]:
         if chunk.kind != "image":
             continue
-        digest = chunk.digest or ""
-        embd = prefill.prompt.embeddings.get(digest)
-        if embd is None:
-            embd = cache_get(digest) if digest else None
+        embd = engine.known_embedding(chunk, prefill.prompt)
         if embd is not None:
-            prefill.embeddings[digest] = np.asarray(embd).reshape(chunk.n_tokens, -1)
-        elif chunk.placeholder:
-            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+            prefill.embeddings[chunk.digest or ""] = embd
         else:
             out.append(chunk)
     return out

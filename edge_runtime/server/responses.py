@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..stats import GenerationStats, usage_body
 from ..tool_calls import ToolCall
-from .jobs import Usage
 
 OWNER = "qwen3-vl-edge"
 
@@ -28,18 +28,6 @@ class ResponseMeta:
                 "system_fingerprint": self.system_fingerprint}
 
 
-def usage_body(usage: Usage) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "image_tokens": usage.image_tokens},
-    }
-    if usage.images:  # an extension: what each image cost and why
-        body["images"] = list(usage.images)
-    return body
-
-
 def tool_call_body(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
@@ -57,7 +45,7 @@ def finish_with_calls(finish_reason: str, calls: int) -> str:
     return "tool_calls" if calls and finish_reason != "length" else finish_reason
 
 
-def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Usage,
+def completion_body(meta: ResponseMeta, text: str, finish_reason: str, stats: GenerationStats,
                     calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if calls:
@@ -71,7 +59,7 @@ def completion_body(meta: ResponseMeta, text: str, finish_reason: str, usage: Us
             "logprobs": None,
             "finish_reason": finish_reason,
         }],
-        "usage": usage_body(usage),
+        "usage": usage_body(stats),
     }
 
 
@@ -82,12 +70,12 @@ def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | N
     }
 
 
-def usage_chunk_body(meta: ResponseMeta, usage: Usage) -> dict[str, Any]:
+def usage_chunk_body(meta: ResponseMeta, stats: GenerationStats) -> dict[str, Any]:
     """stream_options.include_usage: a last chunk with no choices and the totals."""
     return {
         **meta.head("chat.completion.chunk"),
         "choices": [],
-        "usage": usage_body(usage),
+        "usage": usage_body(stats),
     }
 
 

@@ -21,26 +21,26 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-import llama_cpp
+from edge_llama import EmbeddingBatch
 
 from edge_common.manifest import resolve_model_paths
 
+from ..core import Answer, Core
 from ..detokenize import PieceTable
 from ..engine import Engine
-from ..generation import END_OF_TURN, LENGTH, AnswerStep
-from ..sampling import Sampler
+from ..generation import END_OF_TURN, AnswerStep
+from ..sampling import build_sampler
 from ..stats import image_report
 from ..open_model import open_engine
 from ..errors import DecodeError
-from ..kv_state import plan_reuse, text_units
-from ..prompt import Prompt, tokenize_text
-from .batching import Entry, TokenBatch, decode_embeddings
+from ..kv_state import plan_reuse
+from ..prompt import Piece, Prompt, tokenize_text
 from .config import ServerOptions
 from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
-from .jobs import Failed, Finished, Job, TextDelta, Usage
-from .logit_bias import apply_bias, build_bias, end_of_generation_tokens
+from .jobs import Failed, Finished, Job, TextDelta
+from .logit_bias import build_bias, end_of_generation_tokens
 from .metrics import Gauges, Metrics
-from .prefill import Piece, PrefillWork, VisionWorker, image_positions, missing_images
+from .prefill import PrefillWork, VisionWorker, missing_images
 from .prompting import PromptFormat
 from .slots import Candidate, Slot, choose_slot
 
@@ -88,7 +88,8 @@ class Scheduler(EngineFront):
         self._stopping = False
         self._engine: Engine | None = None
         self._format: PromptFormat | None = None
-        self._batch: TokenBatch | None = None
+        self._core: Core | None = None  # steps every generating slot, plus a prompt chunk, in one decode
+        self._embd_batch: EmbeddingBatch | None = None  # a slice of an image's embeddings
         self._pieces: PieceTable | None = None
         self._eog_tokens: list[int] = []
         self._n_vocab = 0
@@ -195,11 +196,12 @@ class Scheduler(EngineFront):
         self._engine = engine
         self._format = PromptFormat(template, engine.marker, engine.has_vision, engine.model_path.name)
         self._chunk = opts.prefill_chunk or engine.n_ubatch
-        self._batch = TokenBatch(opts.parallel + engine.n_batch)
+        self._core = Core(engine, opts.parallel + engine.n_batch)
+        self._embd_batch = EmbeddingBatch(engine.n_batch)
         self._vision = VisionWorker(engine, self._notify) if engine.has_vision else None
-        self._pieces = PieceTable(engine.vocab)
+        self._pieces = PieceTable(engine.text_model)
         self._eog_tokens = end_of_generation_tokens(engine)
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(engine.vocab))
+        self._n_vocab = engine.text_model.n_vocab
         self.state = READY
         log.info("model ready in %.1f s: %s, %d slot(s) x %d tokens", time.perf_counter() - t0,
                  self.model_id, opts.parallel, engine.n_ctx_seq)
@@ -293,7 +295,7 @@ class Scheduler(EngineFront):
             self._vision.tokenize(job, self._on_tokenized)
             return
         try:
-            prompt = tokenize_text(engine.vocab, job.prompt_text)
+            prompt = tokenize_text(engine.text_model, job.prompt_text)
         except BaseException as exc:
             self._on_tokenized(job, None, exc)
             return
@@ -316,7 +318,7 @@ class Scheduler(EngineFront):
             else:
                 self._drop(job)
             return
-        sampler = work = None
+        sampler = answer = work = None
         try:
             if not prompt.chunks or prompt.chunks[-1].kind != "text":
                 raise DecodeError("a prompt must end with text (the generation prompt)")
@@ -324,18 +326,21 @@ class Scheduler(EngineFront):
             limit = job.options.max_tokens or min(self.options.default_max_tokens, room)
             engine.check_fits(prompt.n_tokens, max(limit, 1))
             bias = build_bias(job.logit_bias, self._n_vocab, job.ignore_eos, self._eog_tokens)
-            sampler = Sampler(job.options, engine.vocab, job.seed)
+            sampler = build_sampler(job.options, engine.text_model, job.seed)  # a bad grammar fails here
             candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
                           for s in self._free_slots()]
             seq_id, _ = choose_slot(candidates, prompt.units)
+            answer = Answer(seq_id, sampler, AnswerStep(self._pieces, job.options, limit, job.starts_inside_think,
+                                                        engine.is_end_of_turn), bias=bias or None)
+            sampler = None
             keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
             engine.truncate(seq_id, keep)
-            work = PrefillWork(job, prompt, seq_id, keep)
-            work.skip_cached()
-            encode = missing_images(work, engine.encoder_cache.get)
+            work = PrefillWork(prompt, seq_id, keep, job=job)
+            encode = missing_images(work, engine)
         except Exception as exc:
-            if sampler is not None:
-                sampler.close()
+            for owner in (sampler, answer):
+                if owner is not None:
+                    owner.close()
             if work is not None:
                 work.release()
             else:
@@ -346,17 +351,19 @@ class Scheduler(EngineFront):
             assert self._vision is not None
             self._vision.encode(work, encode)
         slot = self._slots[seq_id]
-        slot.job, slot.sampler, slot.bias, slot.prefill = job, sampler, bias or None, work
-        slot.answer = AnswerStep(self._pieces, job.options, limit, job.starts_inside_think, engine.is_end_of_turn)
-        slot.prompt_tokens = prompt.n_tokens
-        slot.cached_tokens = sum(u.n_tokens for u in prompt.units[:keep])
-        slot.image_tokens = prompt.n_image_tokens
-        slot.images = tuple(image_report(img, c.n_tokens) for img, c in
-                            zip(job.images, (c for c in prompt.chunks if c.kind == "image")))
+        stats = answer.stats
+        stats.prompt_tokens, stats.image_tokens, stats.images = prompt.n_tokens, prompt.n_image_tokens, prompt.n_images
+        stats.reused_tokens = sum(u.n_tokens for u in prompt.units[:keep])
+        stats.image_details = [image_report(img, c.n_tokens) for img, c in
+                               zip(job.images, (c for c in prompt.chunks if c.kind == "image"))]
+        slot.job, slot.answer, slot.prefill = job, answer, work
         slot.started = time.monotonic()
         self.metrics.add("prompt_tokens", prompt.n_tokens)
-        self.metrics.add("prompt_tokens_cached", slot.cached_tokens)
+        self.metrics.add("prompt_tokens_cached", stats.reused_tokens)
         self.metrics.add("images", prompt.n_images)
+        self.metrics.add("images_encoded", len(encode))
+        self.metrics.add("encoder_disk_hits", sum(engine.take_disk_hit(c.digest or "") for c in prompt.chunks
+                                                  if c.kind == "image" and c.digest in work.embeddings))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         error = from_exception(exc)
@@ -365,50 +372,41 @@ class Scheduler(EngineFront):
             log.error("request #%d failed: %s", job.number, error.message)
 
     def _step(self) -> None:
-        """One llama_decode: the next token of every generating slot plus, when a prompt is being
+        """One core step: the next token of every generating slot plus, when a prompt is being
         evaluated, one chunk of it (text tokens in the same batch, an image slice right after)."""
-        engine = self._engine
-        assert engine is not None and self._batch is not None
+        engine, core = self._engine, self._core
+        assert engine is not None and core is not None
         generating = self._generating()
-        entries = [Entry(s.seq_id, s.pending, engine.seq_state(s.seq_id).n_pos, True)  # type: ignore[arg-type]
-                   for s in generating]
-        budget = min(self._chunk if generating else engine.n_batch, engine.n_batch - len(entries))
+        budget = min(self._chunk if generating else engine.n_batch, engine.n_batch - len(generating))
         filling, piece = self._next_piece(budget) if budget > 0 else (None, None)
-        if piece is not None and piece.kind == "text":
-            assert filling is not None and filling.prefill is not None
-            n_pos = engine.seq_state(filling.seq_id).n_pos
-            entries += [Entry(filling.seq_id, t, n_pos + j, piece.final and j == len(piece.tokens) - 1)
-                        for j, t in enumerate(piece.tokens)]
+        text = piece if piece is not None and piece.kind == "text" else None
         t0 = time.perf_counter()
-        if entries:
+        if generating or text is not None:
+            answers = [s.answer for s in generating]
             try:
-                self._batch.decode(engine, entries)
-            except Exception as exc:
+                shown = core.step(answers, filling.seq_id if text else -1, text.tokens if text else (),  # type: ignore
+                                  text is not None and text.final)
+            except Exception as exc:  # the engine dropped the step's half-written cells
                 log.error("decode step failed: %s", exc)
-                for slot in generating + ([filling] if filling is not None and piece is not None else []):
-                    engine.truncate(slot.seq_id, len(engine.seq_state(slot.seq_id)))
+                for slot in generating + ([filling] if filling is not None else []):
                     self._finish_slot(slot, "error", Failed(from_exception(exc)))
                 self._kv_used = engine.kv_used_bytes()
                 return
-            for i, slot in enumerate(generating):
-                engine.seq_state(slot.seq_id).append(text_units((slot.pending,))[0])  # type: ignore[arg-type]
-                slot.pending = None
-                self._accept(slot, self._sample(slot, i))
+            for slot, delta in zip(generating, shown):
+                self._accept(slot, delta)
             if generating:
                 self.metrics.add("decode_steps")
                 self.metrics.add("decode_batch_tokens", len(generating))
                 self.metrics.add("decode_seconds", time.perf_counter() - t0)
         if piece is not None:
-            assert filling is not None
+            assert filling is not None and filling.prefill is not None
             t1 = time.perf_counter()
             try:
                 if piece.kind == "image":
                     self._decode_image_piece(filling, piece)
                 else:
-                    assert filling.prefill is not None
-                    filling.prefill.advance(engine, piece)
+                    filling.prefill.advance(piece)
             except Exception as exc:
-                engine.truncate(filling.seq_id, len(engine.seq_state(filling.seq_id)))
                 self._finish_slot(filling, "error", Failed(from_exception(exc)))
             else:
                 seconds = time.perf_counter() - t1
@@ -434,59 +432,43 @@ class Scheduler(EngineFront):
         return None, None
 
     def _decode_image_piece(self, slot: Slot, piece: Piece) -> None:
-        engine, work = self._engine, slot.prefill
-        assert engine is not None and work is not None and work.current is not None
-        chunk = work.current
-        if work.positions is None:
-            work.positions = image_positions(chunk, engine.seq_state(slot.seq_id).n_pos, engine.uses_mrope)
-        embd = work.embedding(chunk)
-        assert embd is not None
-        decode_embeddings(engine, embd, work.positions, piece.start, piece.n, slot.seq_id)
-        work.advance(engine, piece)
+        engine, work, batch = self._engine, slot.prefill, self._embd_batch
+        assert engine is not None and work is not None and batch is not None
+        engine.eval_image_piece(batch, work, piece)
         if work.done:  # an image cannot end a prompt (checked at admission); kept for safety
             raise DecodeError("a prompt must end with text (the generation prompt)")
 
     def _start_generating(self, slot: Slot, index: int) -> None:
         """The prompt is evaluated: sample the first token from its last position's logits."""
-        work = slot.prefill
-        assert work is not None
+        work, core = slot.prefill, self._core
+        assert work is not None and core is not None and slot.answer is not None
         slot.prefill = None
         work.release()
-        self._accept(slot, self._sample(slot, index))
+        self._accept(slot, core.start(slot.answer, index))
 
-    def _sample(self, slot: Slot, index: int) -> int:
-        assert self._engine is not None and slot.sampler is not None
-        with self._engine.guarded():  # reading logits waits for RPC workers
-            if slot.bias:
-                apply_bias(self._engine.ctx, index, slot.bias)
-            return slot.sampler.sample(self._engine.ctx, index)
-
-    def _accept(self, slot: Slot, token: int) -> None:
-        """The shared per-token step (`AnswerStep`, as in `VisionChat`) for one slot."""
+    def _accept(self, slot: Slot, text: str) -> None:
+        """Send what the core's step showed of one slot's token; finish the job once its answer ended."""
         job, answer = slot.job, slot.answer
         assert job is not None and answer is not None
-        text = answer.accept(token)
-        if answer.reason != END_OF_TURN:
+        if answer.step.reason != END_OF_TURN:
             self.metrics.tokens_generated(1)
         if text:
             job.emit(TextDelta(text))
-        if answer.reason is None:
-            slot.pending = token
-        else:  # an end-of-turn token and a stop string both finish with "stop" (OpenAI's reason)
-            self._complete(slot, "length" if answer.reason == LENGTH else "stop")
+        if answer.done:
+            self._complete(slot, answer.step.reason.finish_reason)  # type: ignore[union-attr]
 
     def _complete(self, slot: Slot, reason: str) -> None:
         job, answer = slot.job, slot.answer
         assert job is not None and answer is not None
-        tail = answer.finish()
+        tail = answer.step.finish()
         if tail:
             job.emit(TextDelta(tail))
-        usage = Usage(slot.prompt_tokens, slot.generated, slot.cached_tokens, slot.image_tokens, slot.images)
+        stats = answer.stats
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",
-                 job.number, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, reason, elapsed)
-        self._finish_slot(slot, "ok", Finished(reason, usage))
+                 job.number, stats.prompt_tokens, stats.reused_tokens, stats.generated_tokens, reason, elapsed)
+        self._finish_slot(slot, "ok", Finished(reason, stats))
 
     def _reap(self) -> None:
         """Free the slots of cancelled and timed-out jobs."""
@@ -534,8 +516,9 @@ class Scheduler(EngineFront):
             self._end(job, "error", Failed(shutting_down()))
         if self._vision is not None:
             self._vision.stop()
-        if self._batch is not None:
-            self._batch.close()
+        for closing in (self._core, self._embd_batch):
+            if closing is not None:
+                closing.close()
         if self._engine is not None:
             self._engine.close()
         if self.state == READY:

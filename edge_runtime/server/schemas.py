@@ -13,7 +13,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from llama_cpp.llama_grammar import JSON_GBNF
+from edge_llama import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from ..options import GenerationOptions

@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..generation import AnswerStep
+from ..core import Answer
 from ..kv_state import Unit, common_prefix
-from ..sampling import Sampler
 from .jobs import Job
 from .prefill import PrefillWork
 
@@ -18,20 +17,13 @@ class Slot:
     seq_id: int
     last_used: float = 0.0
     job: Job | None = None
-    sampler: Sampler | None = None
-    answer: AnswerStep | None = None  # the per-token step shared with VisionChat
+    answer: Answer | None = None  # sampler, per-token step and stats: what the core steps, as VisionChat's
     prefill: PrefillWork | None = None  # the prompt still being evaluated (None: generating)
-    bias: dict[int, float] | None = None  # added to the logits before each sample
-    pending: int | None = None  # sampled, shown, not yet evaluated
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    image_tokens: int = 0
     started: float = 0.0
-    images: tuple = ()  # stats.image_report of each image of the prompt
 
     @property
     def generated(self) -> int:
-        return self.answer.generated if self.answer is not None else 0
+        return self.answer.step.generated if self.answer is not None else 0
 
     @property
     def busy(self) -> bool:
@@ -39,13 +31,11 @@ class Slot:
 
     def release(self) -> None:
         """Free the slot for the next request; its KV cache (the conversation) stays."""
-        if self.sampler is not None:
-            self.sampler.close()
+        if self.answer is not None:
+            self.answer.close()
         if self.prefill is not None:
             self.prefill.release()
-        self.job = self.sampler = self.answer = self.pending = self.bias = self.prefill = None
-        self.prompt_tokens = self.cached_tokens = self.image_tokens = 0
-        self.images = ()
+        self.job = self.answer = self.prefill = None
         self.last_used = time.monotonic()
 
 
