@@ -10,7 +10,7 @@ from convert import convert_checkpoint
 from edge_common import cli_options as flags
 from edge_common.cli_options import CONTEXT, refusals
 from edge_common.floats import FLOAT_TYPES
-from edge_runtime.options import EngineOptions
+from edge_runtime.core.options import EngineOptions
 
 
 PROG = "edge-convert"
@@ -59,7 +59,7 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table
 
-            from edge_runtime.disk_cache import user_cache_dir
+            from edge_runtime.vision.disk_cache import user_cache_dir
             from .image_plan import PlanDevice, image_budget_plan
 
             shapes = model_shapes(model_dir)

@@ -27,7 +27,7 @@ def main() -> None:
         e = manifest[role]
         print(f"  {role:7s} {out / e['path']}  type={e['type']}  {e['bytes']:,} bytes  sha256={e['sha256'][:16]}...")
     print(f"  manifest {out / 'manifest.json'}")
-    from edge_runtime import demo as runtime_demo
+    from edge_runtime.cli import demo as runtime_demo
 
     runtime_demo.run(out)
 

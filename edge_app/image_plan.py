@@ -15,9 +15,9 @@ import numpy as np
 from edge_common.gguf_plan import ModelShapes
 from edge_llama import physical_cores
 from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_gpu_layers
-from edge_runtime.image_budget import (DETAILS, DeviceCost, cost_file, device_key, find_cost, memory_tokens,
+from edge_runtime.vision.image_budget import (DETAILS, DeviceCost, cost_file, device_key, find_cost, memory_tokens,
                                        plan_for_context, text_flops_per_token)
-from edge_runtime.vision_spec import block_weight_type, hf_vision_spec
+from edge_runtime.vision.vision_spec import block_weight_type, hf_vision_spec
 from quant.estimate import estimate
 
 PLAN_IMAGES = ((4032, 3024, "photo"), (640, 480, "image"))

@@ -4,24 +4,24 @@
     with VisionChat.from_dir("models/") as chat:
         print(chat.ask("What is in this picture?", images=["photo.jpg"]))
 
-Names are imported lazily, so `import edge_runtime.images` does not load llama.cpp.
+Names are imported lazily, so `import edge_runtime.vision.images` does not load llama.cpp.
 """
 from __future__ import annotations
 
 from edge_common.lazy_exports import lazy_getattr
 
 _EXPORTS = {
-    "VisionChat": "chat",
-    "Engine": "engine",
-    "EngineOptions": "options",
-    "GenerationOptions": "options",
-    "GenerationStats": "stats",
-    "ImageInput": "prompt",
-    "ImageError": "images",
-    "ImageLimits": "images",
-    "VideoError": "video",
-    "VideoInput": "video",
-    "VideoOptions": "video",
+    "VisionChat": "chat.chat",
+    "Engine": "core.engine",
+    "EngineOptions": "core.options",
+    "GenerationOptions": "core.options",
+    "GenerationStats": "core.stats",
+    "ImageInput": "core.prompt",
+    "ImageError": "vision.images",
+    "ImageLimits": "vision.images",
+    "VideoError": "vision.video",
+    "VideoInput": "vision.video",
+    "VideoOptions": "vision.video",
     "EdgeRuntimeError": "errors",
     "ModelFileError": "errors",
     "ModelLoadError": "errors",
@@ -32,7 +32,7 @@ _EXPORTS = {
     "DecodeError": "errors",
     "EngineClosedError": "errors",
     "SavedConversationError": "errors",
-    "create_qwen3_vl_2b_plugin": "plugin",
+    "create_qwen3_vl_2b_plugin": "chat.plugin",
 }
 
 __all__ = sorted(_EXPORTS)

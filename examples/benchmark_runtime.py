@@ -22,8 +22,8 @@ from PIL import Image
 from edge_common import cli_options as flags
 from edge_llama import Batch
 from edge_runtime import EngineOptions, GenerationOptions, VisionChat
-from edge_runtime.demo import example_image
-from edge_runtime.sampling import build_sampler
+from edge_runtime.cli.demo import example_image
+from edge_runtime.core.sampling import build_sampler
 
 
 def raw_decode_tok_s(chat: VisionChat, messages: list[dict], n_tokens: int) -> float:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edge_runtime import VisionChat
 from edge_runtime.errors import PromptEncodingError
-from edge_runtime.options import GenerationOptions
+from edge_runtime.core.options import GenerationOptions
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_nan_and_infinite_sampling_settings_are_refused(name):
 def test_nan_temperature_refused_by_visionchat_and_edge_chat(chat, tiny_f16_dir):
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         chat.ask("hi", temperature=math.nan, max_tokens=2)
-    from edge_runtime.cli import main
+    from edge_runtime.cli.cli import main
 
     result = CliRunner().invoke(main, [str(tiny_f16_dir), "hi", "--repeat-penalty", "nan", "--max-tokens", "2"])
     assert result.exit_code == 2 and "repeat_penalty must be a finite number" in result.output
@@ -50,7 +50,7 @@ def test_lone_surrogate_is_refused_naming_its_position(chat):
 
 
 @pytest.mark.parametrize("cli, args, message", [
-    ("edge_runtime.cli", ["--threads", "-4"], "--threads"),
+    ("edge_runtime.cli.cli", ["--threads", "-4"], "--threads"),
     ("edge_runtime.server.cli", ["--threads", "-4"], "--threads"),
     ("edge_app.cli", ["--plan", "--ctx-size", "-4096"], "--ctx-size"),
     ("edge_app.cli", ["--threads", "-4"], "--threads"),
@@ -64,7 +64,7 @@ def test_negative_numbers_are_refused_by_the_clis(cli, args, message, tmp_path):
 
 
 def test_edge_chat_drops_an_image_that_failed_to_load(tiny_f16_dir, tmp_path):
-    from edge_runtime.cli import main
+    from edge_runtime.cli.cli import main
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")

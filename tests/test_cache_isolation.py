@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tests.conftest import REAL_CACHE_ROOTS
 from edge_llama import amx
-from edge_runtime.disk_cache import user_cache_dir
+from edge_runtime.vision.disk_cache import user_cache_dir
 
-_PROBE = ("from edge_runtime.disk_cache import user_cache_dir; from edge_llama import amx; "
+_PROBE = ("from edge_runtime.vision.disk_cache import user_cache_dir; from edge_llama import amx; "
           "print(user_cache_dir()); print(amx.cache_dir())")
 
 

@@ -17,7 +17,7 @@ from edge_runtime.errors import (
     ProjectorMismatchError,
     VisionUnsupportedError,
 )
-from edge_runtime.images import ImageError
+from edge_runtime.vision.images import ImageError
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 

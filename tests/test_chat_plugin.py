@@ -5,9 +5,9 @@ import io
 
 import pytest
 
-from edge_runtime.demo import REAL_MODEL_HOWTO, run
+from edge_runtime.cli.demo import REAL_MODEL_HOWTO, run
 from edge_runtime.errors import ModelFileError
-from edge_runtime.plugin import MODEL_DIR_ENV, create_qwen3_vl_2b_plugin
+from edge_runtime.chat.plugin import MODEL_DIR_ENV, create_qwen3_vl_2b_plugin
 
 
 def test_plugin_answers_about_an_image(tiny_f32_dir, test_image, tmp_path):

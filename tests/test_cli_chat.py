@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime.cli import main
+from edge_runtime.cli.cli import main
 
 FAST = ["--max-tokens", "4", "--temperature", "0", "--ctx-size", "1024"]
 
@@ -88,7 +88,7 @@ def test_errors_are_messages_not_tracebacks(tiny_f32_dir, tmp_path):
 
 def test_module_entry_point_runs(tiny_f32_dir, image_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_runtime.cli", str(tiny_f32_dir), "--image", str(image_path), *FAST, "Hi"],
+        [sys.executable, "-m", "edge_runtime.cli.cli", str(tiny_f32_dir), "--image", str(image_path), *FAST, "Hi"],
         capture_output=True,
         text=True,
         timeout=120,

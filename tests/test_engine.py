@@ -16,15 +16,15 @@ from edge_llama import FLASH_ATTN_ON
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape
 from edge_llama import CPU_UBATCH
-from edge_runtime.detokenize import PieceTable
-from edge_runtime.core import Answer, Core
-from edge_runtime.engine import Engine
-from edge_runtime.generation import AnswerStep, StopReason
+from edge_runtime.core.detokenize import PieceTable
+from edge_runtime.core.step import Answer, Core
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.generation import AnswerStep, StopReason
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
-from edge_runtime.images import image_digest, to_rgb_array
-from edge_runtime.options import EngineOptions, GenerationOptions
-from edge_runtime.prompt import ImageInput
-from edge_runtime.sampling import build_sampler
+from edge_runtime.vision.images import image_digest, to_rgb_array
+from edge_runtime.core.options import EngineOptions, GenerationOptions
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.core.sampling import build_sampler
 
 GREEDY = GenerationOptions(temperature=0.0)
 # Quantized KV blocks hold 32 values: the head size must be a multiple (the tiny model's is 16).
@@ -278,7 +278,7 @@ def test_load_settings_change_memory_not_answers(tiny_f32_dir, fresh, image, loa
 def test_answer_step_ends_on_end_of_turn_stop_string_and_limit(engine):
     """The per-token step VisionChat and the server share: end-of-turn ends unshown and uncounted,
     a stop string ends with the text before it, the limit ends after `limit` tokens."""
-    from edge_runtime.generation import END_OF_TURN, LENGTH, STOP, AnswerStep
+    from edge_runtime.core.generation import END_OF_TURN, LENGTH, STOP, AnswerStep
 
     words = engine.text_model.tokenize("red green blue", add_special=False)
     im_end = engine.text_model.tokenize("<|im_end|>", add_special=False)

@@ -17,11 +17,11 @@ from edge_llama.backend import return_freed_memory
 from edge_llama.hardware import parse_cpuinfo_cores
 from edge_llama.offload import resolve_flash_attn, resolve_gpu_layers
 from edge_llama.ggml_devices import lib_dir
-from edge_runtime.detokenize import StopMatcher, Utf8Stream
-from edge_runtime.encoder_cache import EncoderCache
-from edge_runtime.kv_state import SeqState, common_prefix, image_unit, plan_reuse, text_units
-from edge_runtime.options import EngineOptions, GenerationOptions
-from edge_runtime.sampling import schema_to_grammar
+from edge_runtime.core.detokenize import StopMatcher, Utf8Stream
+from edge_runtime.vision.encoder_cache import EncoderCache
+from edge_runtime.core.kv_state import SeqState, common_prefix, image_unit, plan_reuse, text_units
+from edge_runtime.core.options import EngineOptions, GenerationOptions
+from edge_runtime.core.sampling import schema_to_grammar
 
 
 def test_prefix_stops_at_image_boundaries_and_tracks_positions():

@@ -16,7 +16,7 @@ import edge_models
 from edge_common.manifest import resolve_model_paths
 from edge_models import (ModelConfigError, chat_format, family_for_checkpoint, family_for_gguf, family_for_hf,
                          family_for_projector, lookup)
-from edge_runtime.vision_spec import hf_vision_spec, read_vision_spec
+from edge_runtime.vision.vision_spec import hf_vision_spec, read_vision_spec
 
 HUB_CONFIG = json.loads((Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json").read_text())
 

@@ -1,11 +1,11 @@
-"""edge_runtime.grounding: messy model output -> boxes/points in pixels, and drawing them."""
+"""edge_runtime.chat.grounding: messy model output -> boxes/points in pixels, and drawing them."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.grounding import Box, GroundingError, Point, draw_grounding, label_colors, parse_grounding
+from edge_runtime.chat.grounding import Box, GroundingError, Point, draw_grounding, label_colors, parse_grounding
 
 SQUARE = (1000, 1000)  # 1 unit = 1 pixel: results read as the model wrote them
 

@@ -12,9 +12,9 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from edge_runtime import VisionChat
-from edge_runtime.disk_cache import SUFFIX
-from edge_runtime.image_budget import plan_for_context
-from edge_runtime.vision_spec import VisionSpec
+from edge_runtime.vision.disk_cache import SUFFIX
+from edge_runtime.vision.image_budget import plan_for_context
+from edge_runtime.vision.vision_spec import VisionSpec
 from tests.conftest import make_test_image
 
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
@@ -199,7 +199,7 @@ def test_auto_respects_free_memory(free_mib, auto_max):
 def test_images_of_one_message_share_the_latency_target_and_the_half_context():
     """Two images asked about together each get what one image gets at half the target and a
     quarter of the context: the answer's wait, not each image's, is what `image_latency_s` bounds."""
-    from edge_runtime.image_budget import DeviceCost
+    from edge_runtime.vision.image_budget import DeviceCost
 
     spec = VisionSpec(16, 2, 8, 16384, hidden=1024, ff=4096, depth=24, out_dim=2048, deepstack=3)
     cost = DeviceCost(1.4e11, 2e11, measured=True, prefill_measured=True)

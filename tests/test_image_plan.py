@@ -137,7 +137,7 @@ def test_free_memory_caps_auto(tiny_model_dir, tmp_path):
 def test_a_measured_entry_from_before_signatures_gets_one_on_its_next_load(tmp_path):
     """device-cost.json entries written before projector signatures existed are filled in (and kept),
     so that --plan can match them without a re-measurement."""
-    from edge_runtime.image_budget import cost_file, load_cost
+    from edge_runtime.vision.image_budget import cost_file, load_cost
 
     key = "text.gguf:1|mmproj.gguf:2|threads=2|gpu=0|layers=0"
     cost_file(tmp_path).write_text(json.dumps({key: {"encoder_flops_s": 1.5e11, "prefill_flops_s": 2e11,

@@ -14,8 +14,8 @@ from PIL import Image
 
 from edge_models.qwen3vl.reference import Reference, image_processor
 from edge_runtime import VisionChat
-from edge_runtime.images import load_image
-from edge_runtime.resize import PixelBudget, draft_for, resize_to, smart_resize, target_size
+from edge_runtime.vision.images import load_image
+from edge_runtime.vision.resize import PixelBudget, draft_for, resize_to, smart_resize, target_size
 from tests.conftest import make_test_image
 
 FACTOR = 32

@@ -1,4 +1,4 @@
-"""edge_runtime.images: every source kind and colour mode becomes 8-bit RGB; bad input names itself."""
+"""edge_runtime.vision.images: every source kind and colour mode becomes 8-bit RGB; bad input names itself."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.images import ImageError, ImageLimits, image_digest, load_image, to_rgb_array
+from edge_runtime.vision.images import ImageError, ImageLimits, image_digest, load_image, to_rgb_array
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

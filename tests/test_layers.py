@@ -169,7 +169,7 @@ def test_the_torch_free_import_check_fails_on_a_module_that_loads_torch_or_conve
 
 
 @pytest.mark.parametrize("modules", [
-    "edge_runtime, edge_runtime.chat, edge_runtime.engine, edge_runtime.cli, edge_runtime.server.app",
+    "edge_runtime, edge_runtime.chat.chat, edge_runtime.core.engine, edge_runtime.cli.cli, edge_runtime.server.app",
     "edge_models, edge_models.qwen3vl.arch, edge_models.qwen3vl.config",
 ])
 def test_runtime_imports_without_torch_convert_or_quant(modules):

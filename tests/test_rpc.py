@@ -29,7 +29,7 @@ from edge_llama.rpc import (
     rpc_supported,
 )
 from edge_runtime import VisionChat
-from edge_runtime.rpc_worker import main as worker_main
+from edge_runtime.cli.rpc_worker import main as worker_main
 from support.rpc import Worker, child_env
 from support.server import free_port
 
@@ -254,7 +254,7 @@ def test_plan_split_fit_matches_llama_cpp_buffers(tiny_model_dir, tiny_f32_dir, 
 
 
 def test_edge_chat_rpc_answers_like_local(tiny_f32_dir, workers):
-    from edge_runtime.cli import main as chat_main
+    from edge_runtime.cli.cli import main as chat_main
 
     args = [str(tiny_f32_dir), "--max-tokens", "6", "--temperature", "0", "--ctx-size", "512", TEXT_Q]
     local = CliRunner().invoke(chat_main, args, catch_exceptions=False)
@@ -265,7 +265,7 @@ def test_edge_chat_rpc_answers_like_local(tiny_f32_dir, workers):
 
 
 def test_edge_chat_and_serve_name_a_wrong_worker(tiny_f32_dir):
-    from edge_runtime.cli import main as chat_main
+    from edge_runtime.cli.cli import main as chat_main
     from edge_runtime.server.cli import main as serve_main
 
     bad = f"127.0.0.1:{free_port()}"

@@ -9,7 +9,7 @@ import pytest
 from edge_common.errors import EdgeError
 from edge_runtime import VisionChat
 from edge_runtime.errors import SavedConversationError
-from edge_runtime.saved_conversation import read_conversation
+from edge_runtime.chat.saved_conversation import read_conversation
 
 GREEDY = {"temperature": 0.0, "max_tokens": 6}
 CTX = 1024

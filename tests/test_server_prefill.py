@@ -12,7 +12,7 @@ import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
-from edge_runtime.disk_cache import SUFFIX
+from edge_runtime.vision.disk_cache import SUFFIX
 from edge_runtime.server.metrics import parse_metrics
 from support.server import ServerProcess
 

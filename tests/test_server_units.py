@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from edge_runtime.kv_state import image_unit, text_units
+from edge_runtime.core.kv_state import image_unit, text_units
 from edge_runtime.server.cli import parse_size
 from edge_runtime.server.config import ServerOptions, is_loopback
 from edge_runtime.server.errors import ApiError

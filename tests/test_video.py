@@ -14,7 +14,7 @@ import pytest
 
 from edge_runtime import VisionChat
 from edge_runtime.errors import ContextOverflowError
-from edge_runtime.video import (
+from edge_runtime.vision.video import (
     VideoError,
     VideoOptions,
     group_timestamps,
@@ -264,7 +264,7 @@ def test_video_without_pyav_names_the_extra(tmp_path, monkeypatch):
 def test_edge_chat_answers_about_a_video_and_refuses_bad_options(tiny_f16_dir, tmp_path):
     from click.testing import CliRunner
 
-    from edge_runtime.cli import main
+    from edge_runtime.cli.cli import main
 
     path = write_video(tmp_path / "cli.mp4")
     fast = ["--max-tokens", "3", "--temperature", "0", "--ctx-size", "1024"]

@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_common.manifest import resolve_model_paths
-from ..options import GenerationOptions
-from ..tool_calls import ToolCall, ToolCallStream, parse_calls
+from edge_runtime.core.options import GenerationOptions
+from edge_runtime.chat.tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
 from .conversations import add_conversation_routes
 from .errors import ApiError, from_exception

@@ -18,7 +18,7 @@ from edge_common.errors import EdgeError
 from edge_common.manifest import resolve_model_paths
 from edge_llama.rpc import RpcError, parse_endpoints, probe
 
-from ..disk_cache import user_cache_dir
+from edge_runtime.vision.disk_cache import user_cache_dir
 from .config import ServerOptions
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

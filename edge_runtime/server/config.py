@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edge_llama import kv_type
 
-from ..open_model import MiB, engine_options
-from ..options import EngineOptions
+from edge_runtime.core.open_model import MiB, engine_options
+from edge_runtime.core.options import EngineOptions
 
 _ORIGIN = re.compile(r"^https?://[^/\s]+$", re.IGNORECASE)
 

@@ -31,10 +31,10 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..engine import Engine
-from ..kv_state import Unit
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.kv_state import Unit
 from ..errors import SavedConversationError
-from ..saved_conversation import (
+from edge_runtime.chat.saved_conversation import (
     SUFFIX,
     SavedConversation,
     StateFingerprint,

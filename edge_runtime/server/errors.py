@@ -13,8 +13,8 @@ from edge_common.errors import EdgeError
 
 from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, GrammarError,
                       ModelLoadError)
-from ..images import ImageError
-from ..template import TemplateError
+from edge_runtime.vision.images import ImageError
+from edge_runtime.chat.template import TemplateError
 
 
 @dataclass

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..options import GenerationOptions
-from ..prompt import ImageInput
-from ..stats import GenerationStats
+from edge_runtime.core.options import GenerationOptions
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.core.stats import GenerationStats
 from .errors import ApiError
 
 

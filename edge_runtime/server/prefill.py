@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import Engine
-from ..prompt import Chunk, Prompt, PromptCursor
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.prompt import Chunk, Prompt, PromptCursor
 from .jobs import Job
 
 log = logging.getLogger("edge_runtime.server")

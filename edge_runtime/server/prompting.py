@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..errors import VisionUnsupportedError
-from ..messages import ImageLoader, VideoLoader, split_messages, videos_in
-from ..prompt import ImageInput
-from ..template import THINK_OPEN, ChatTemplate, render_with_markers
-from ..tool_calls import tools_template_for, uses_tools
+from edge_runtime.chat.messages import ImageLoader, VideoLoader, split_messages, videos_in
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.chat.template import THINK_OPEN, ChatTemplate, render_with_markers
+from edge_runtime.chat.tool_calls import tools_template_for, uses_tools
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..stats import GenerationStats, usage_body
-from ..tool_calls import ToolCall
+from edge_runtime.core.stats import GenerationStats, usage_body
+from edge_runtime.chat.tool_calls import ToolCall
 
 OWNER = "qwen3-vl-edge"
 

@@ -25,16 +25,16 @@ from edge_llama import EmbeddingBatch
 
 from edge_common.manifest import resolve_model_paths
 
-from ..core import Answer, Core
-from ..detokenize import PieceTable
-from ..engine import Engine
-from ..generation import END_OF_TURN, AnswerStep
-from ..sampling import build_sampler
-from ..stats import image_report
-from ..open_model import open_engine
+from edge_runtime.core.step import Answer, Core
+from edge_runtime.core.detokenize import PieceTable
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.generation import END_OF_TURN, AnswerStep
+from edge_runtime.core.sampling import build_sampler
+from edge_runtime.core.stats import image_report
+from edge_runtime.core.open_model import open_engine
 from ..errors import DecodeError
-from ..kv_state import plan_reuse
-from ..prompt import Piece, Prompt, tokenize_text
+from edge_runtime.core.kv_state import plan_reuse
+from edge_runtime.core.prompt import Piece, Prompt, tokenize_text
 from .config import ServerOptions
 from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
 from .jobs import Failed, Finished, Job, TextDelta

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Union
 from edge_llama import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from ..options import GenerationOptions
-from ..tool_calls import ToolError, ToolPlan, plan_tools
-from ..sampling import schema_to_grammar
+from edge_runtime.core.options import GenerationOptions
+from edge_runtime.chat.tool_calls import ToolError, ToolPlan, plan_tools
+from edge_runtime.core.sampling import schema_to_grammar
 from .errors import ApiError, bad_request
 
 MAX_STOPS = 16

@@ -19,10 +19,10 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 
-from ..images import ImageError, ImageLimits
-from ..messages import image_input
-from ..prompt import ImageInput
-from ..video import VideoInput, VideoOptions, load_video
+from edge_runtime.vision.images import ImageError, ImageLimits
+from edge_runtime.chat.messages import image_input
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.video import VideoInput, VideoOptions, load_video
 from .errors import ApiError, bad_request
 
 Scope = dict[str, Any]

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..core import Answer
-from ..kv_state import Unit, common_prefix
+from edge_runtime.core.step import Answer
+from edge_runtime.core.kv_state import Unit, common_prefix
 from .jobs import Job
 from .prefill import PrefillWork
 

@@ -28,7 +28,7 @@ class Worker:
         self.port = free_port()
         self.endpoint = Endpoint("127.0.0.1", self.port)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_runtime.rpc_worker", "--port", str(self.port), "--threads", "1", *extra],
+            [sys.executable, "-m", "edge_runtime.cli.rpc_worker", "--port", str(self.port), "--threads", "1", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
         )
         deadline = time.monotonic() + 60

@@ -13,8 +13,8 @@ import numpy as np
 
 from edge_llama import Bitmap, Chunks, LlamaError, Model, Projector, chunk_info
 
-from .errors import DecodeError, EmptyPromptError
-from .kv_state import Unit, image_unit, text_units
+from edge_runtime.errors import DecodeError, EmptyPromptError
+from edge_runtime.core.kv_state import Unit, image_unit, text_units
 
 
 @dataclass(frozen=True)

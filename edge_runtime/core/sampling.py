@@ -6,8 +6,8 @@ from typing import Any, Mapping
 
 from edge_llama import Model, Sampler, json_schema_to_gbnf
 
-from .errors import GrammarError
-from .options import GenerationOptions
+from edge_runtime.errors import GrammarError
+from edge_runtime.core.options import GenerationOptions
 
 
 def schema_to_grammar(schema: Mapping[str, Any] | str) -> str:

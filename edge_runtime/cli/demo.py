@@ -10,8 +10,8 @@ from typing import TextIO
 
 from PIL import Image, ImageDraw
 
-from .chat import VisionChat
-from .stats import GenerationStats
+from edge_runtime.chat.chat import VisionChat
+from edge_runtime.core.stats import GenerationStats
 
 NOISE_NOTE = (
     "note: this model has random weights, so its words are noise. The point is the path:\n"
@@ -66,5 +66,5 @@ def run(out_dir: str | Path, *, max_tokens: int = 24, out: TextIO = sys.stdout) 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m edge_runtime.demo OUT_DIR")
+        sys.exit("usage: python -m edge_runtime.cli.demo OUT_DIR")
     run(sys.argv[1])

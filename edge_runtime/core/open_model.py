@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .engine import Engine
-from .options import EngineOptions
-from .template import ChatTemplate, template_for
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.options import EngineOptions
+from edge_runtime.chat.template import ChatTemplate, template_for
 
 MiB = 1 << 20
 

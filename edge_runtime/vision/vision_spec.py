@@ -18,7 +18,7 @@ from gguf import GGUFReader, Keys
 
 from edge_models import VisionFacts, family_for_gguf, family_for_hf, family_for_projector
 
-from .resize import PixelBudget
+from edge_runtime.vision.resize import PixelBudget
 
 __all__ = ["VisionSpec", "block_weight_type", "hf_vision_spec", "read_vision_spec"]
 

@@ -28,10 +28,10 @@ from typing import Any, Callable, Sequence
 from edge_common.atomic import atomic_output
 from edge_common.manifest import sha256_file
 
-from .errors import SavedConversationError
-from .kv_state import Unit, image_unit, text_units
-from .prompt import ImageInput
-from .video import VideoInput
+from edge_runtime.errors import SavedConversationError
+from edge_runtime.core.kv_state import Unit, image_unit, text_units
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.video import VideoInput
 
 MAGIC = b"EDGECONV"
 VERSION = 1

@@ -18,11 +18,11 @@ from edge_common.cli_options import CONTEXT, fail, load_settings
 from edge_common.errors import EdgeError
 from edge_common.manifest import resolve_model_paths
 
-from .chat import VisionChat
-from .images import ImageError
-from .options import EngineOptions, GenerationOptions
-from .disk_cache import user_cache_dir
-from .video import DEFAULT_FPS, VideoError, VideoOptions
+from edge_runtime.chat.chat import VisionChat
+from edge_runtime.vision.images import ImageError
+from edge_runtime.core.options import EngineOptions, GenerationOptions
+from edge_runtime.vision.disk_cache import user_cache_dir
+from edge_runtime.vision.video import DEFAULT_FPS, VideoError, VideoOptions
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)

@@ -18,28 +18,28 @@ from edge_common.manifest import resolve_model_paths
 from edge_common.peak_rss import peak_rss_bytes
 from edge_llama.offload import gpu_offload_available
 
-from .detokenize import PieceTable
-from .core import Answer, Core
-from .generation import AnswerStep, StopReason
-from .errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
-from .images import ImageLimits
-from .image_budget import ImagePlan, check_detail
-from .messages import check_text, image_input, media_in, split_messages, user_message, videos_in
-from .open_model import engine_options, open_engine
-from .options import GenerationOptions
-from .prompt import ImageInput, Prompt
-from .sampling import build_sampler
-from .saved_conversation import (
+from edge_runtime.core.detokenize import PieceTable
+from edge_runtime.core.step import Answer, Core
+from edge_runtime.core.generation import AnswerStep, StopReason
+from edge_runtime.errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
+from edge_runtime.vision.images import ImageLimits
+from edge_runtime.vision.image_budget import ImagePlan, check_detail
+from edge_runtime.chat.messages import check_text, image_input, media_in, split_messages, user_message, videos_in
+from edge_runtime.core.open_model import engine_options, open_engine
+from edge_runtime.core.options import GenerationOptions
+from edge_runtime.core.prompt import ImageInput, Prompt
+from edge_runtime.core.sampling import build_sampler
+from edge_runtime.chat.saved_conversation import (
     SavedConversation,
     messages_from_json,
     messages_to_json,
     read_conversation,
     write_conversation,
 )
-from .stats import GenerationStats, image_report
-from .template import THINK_OPEN, render_with_markers
-from .video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
-from .tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
+from edge_runtime.core.stats import GenerationStats, image_report
+from edge_runtime.chat.template import THINK_OPEN, render_with_markers
+from edge_runtime.vision.video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
+from edge_runtime.chat.tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
 
 
 class VisionChat:

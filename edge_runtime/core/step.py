@@ -23,9 +23,9 @@ from typing import Sequence
 
 from edge_llama import Batch, Closeable, Sampler
 
-from .engine import Engine
-from .generation import AnswerStep, StopReason
-from .stats import GenerationStats
+from edge_runtime.core.engine import Engine
+from edge_runtime.core.generation import AnswerStep, StopReason
+from edge_runtime.core.stats import GenerationStats
 
 
 @dataclass

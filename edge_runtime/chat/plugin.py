@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .chat import VisionChat
+from edge_runtime.chat.chat import VisionChat
 
 MODEL_DIR_ENV = "QWEN3_VL_MODEL_DIR"
 DEFAULT_MODEL_DIR = Path("models")  # edge-convert's default output directory

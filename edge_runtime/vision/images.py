@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from edge_common.errors import EdgeError
 
-from .resize import draft_for, resize_to
+from edge_runtime.vision.resize import draft_for, resize_to
 
 __all__ = [
     "ImageError",

@@ -12,8 +12,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Callable
 
-from .detokenize import PieceTable, TextPipeline
-from .options import GenerationOptions
+from edge_runtime.core.detokenize import PieceTable, TextPipeline
+from edge_runtime.core.options import GenerationOptions
 
 
 class StopReason(StrEnum):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from .errors import EmptyPromptError, PromptEncodingError
-from .image_budget import ImagePlan, check_detail
-from .images import ImageLimits, image_digest, load_image, to_rgb_array
-from .prompt import ImageInput
-from .video import VideoInput, load_video
+from edge_runtime.errors import EmptyPromptError, PromptEncodingError
+from edge_runtime.vision.image_budget import ImagePlan, check_detail
+from edge_runtime.vision.images import ImageLimits, image_digest, load_image, to_rgb_array
+from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.video import VideoInput, load_video
 
 # (source, name for errors, detail or None) -> ImageInput
 # (source, name, detail, share): share = the images of the message, which split `auto`'s budget

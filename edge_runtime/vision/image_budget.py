@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .resize import PixelBudget, target_size
-from .vision_spec import VisionSpec
+from edge_runtime.vision.resize import PixelBudget, target_size
+from edge_runtime.vision.vision_spec import VisionSpec
 
 log = logging.getLogger("edge_runtime")
 

@@ -40,11 +40,11 @@ from edge_llama.placement import Placement, place
 from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
 from edge_models import chat_format
 
-from .disk_cache import DiskEncoderCache, projector_sha256
-from .encoder_cache import EncoderCache
-from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
+from edge_runtime.vision.disk_cache import DiskEncoderCache, projector_sha256
+from edge_runtime.vision.encoder_cache import EncoderCache
+from edge_runtime.vision.image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
                            save_cost, text_flops_per_token)
-from .errors import (
+from edge_runtime.errors import (
     ContextOverflowError,
     DecodeError,
     EngineClosedError,
@@ -54,12 +54,12 @@ from .errors import (
     SavedConversationError,
     VisionUnsupportedError,
 )
-from .kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
-from .options import EngineOptions
-from .prompt import Chunk, ImageInput, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
-from .saved_conversation import StateFingerprint, file_sha256
-from .stats import GenerationStats
-from .vision_spec import read_vision_spec
+from edge_runtime.core.kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
+from edge_runtime.core.options import EngineOptions
+from edge_runtime.core.prompt import Chunk, ImageInput, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
+from edge_runtime.chat.saved_conversation import StateFingerprint, file_sha256
+from edge_runtime.core.stats import GenerationStats
+from edge_runtime.vision.vision_spec import read_vision_spec
 
 log = logging.getLogger("edge_runtime")
 

@@ -1,0 +1,1 @@
+"""The runtime's commands: `edge-chat`, `edge-rpc-worker` and the runtime half of `make demo`."""
