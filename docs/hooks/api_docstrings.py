@@ -42,7 +42,12 @@ def _lookup(identifier: str) -> griffe.Object:
     if package not in _loader.modules_collection.members:
         _loader.load(package)
     obj = _loader.modules_collection.get_member(identifier)
-    return obj.final_target if obj.is_alias else obj
+    if not obj.is_alias:
+        return obj
+    target = obj.target_path.split(".")[0]  # a re-export from another of our packages: load that one too
+    if target not in _loader.modules_collection.members:
+        _loader.load(target)
+    return obj.final_target
 
 
 def _shown_members(obj: griffe.Object):
