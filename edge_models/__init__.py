@@ -1,6 +1,6 @@
 """Model families: every fact about one family in its own package; generic code looks them up here.
 
-A new family (Qwen3-VL MoE, a future Qwen) is one new package plus one line in
+A new family (as Qwen3-VL MoE was, a future Qwen) is one new package plus one line in
 each table below. Importing this module loads no torch or transformers.
 """
 from __future__ import annotations
@@ -11,15 +11,17 @@ from .chat_format import ChatFormat
 from .errors import ModelConfigError
 from .qwen3vl import arch as qwen3vl_arch
 from .qwen3vl.chat_format import CHAT_FORMAT as QWEN3VL_CHAT_FORMAT
+from .qwen3vlmoe import arch as qwen3vlmoe_arch
 from .spec import ArchSpec
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (qwen3vl_arch.SPEC,)
+ARCHITECTURES: tuple[ArchSpec, ...] = (qwen3vl_arch.SPEC, qwen3vlmoe_arch.SPEC)
 # GGUF general.architecture -> chat markup; None: a GGUF that does not say.
-CHAT_FORMATS: dict[str | None, ChatFormat] = {"qwen3vl": QWEN3VL_CHAT_FORMAT, None: QWEN3VL_CHAT_FORMAT}
-# The converter's ArchSpec name -> the family's calibration input builder module.
-CALIBRATION = {"qwen3vl": "edge_models.qwen3vl.calibration"}
+CHAT_FORMATS: dict[str | None, ChatFormat] = {"qwen3vl": QWEN3VL_CHAT_FORMAT, "qwen3vlmoe": QWEN3VL_CHAT_FORMAT,
+                                              None: QWEN3VL_CHAT_FORMAT}
+# The converter's ArchSpec name -> the family's calibration input builder module (MoE: the dense one's).
+CALIBRATION = {"qwen3vl": "edge_models.qwen3vl.calibration", "qwen3vlmoe": "edge_models.qwen3vl.calibration"}
 # ... and its transformers reference module (tensor_shapes: names and shapes from config.json alone).
-REFERENCE = {"qwen3vl": "edge_models.qwen3vl.reference"}
+REFERENCE = {"qwen3vl": "edge_models.qwen3vl.reference", "qwen3vlmoe": "edge_models.qwen3vlmoe.reference"}
 
 
 def lookup(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:

@@ -18,10 +18,16 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class TensorMapping:
-    """A source tensor becomes `name`, after `transform` (a view-like reshaping) if any."""
+    """A source tensor becomes `name`, after `transform` (a view-like reshaping) if any.
+
+    `by_rows`: the transform maps each block of rows along axis 0 on its own (a per-expert
+    slice or transpose), so the converter streams the tensor in row blocks instead of loading
+    it whole: one expert at a time for a [experts, ...] tensor.
+    """
 
     name: str
     transform: Transform | None = None
+    by_rows: bool = False
 
 
 class Checkpoint(Protocol):
@@ -51,7 +57,8 @@ class OutputFile:
     gguf_arch: str
     file_name: Callable[[str, str], str]  # (model name, type name) -> file name
     claims: Callable[[str], bool]  # does this source tensor belong to this file?
-    map_tensor: Callable[[str, dict[str, Any]], list[TensorMapping]]
+    # (source name, config.json, source shape or None when unknown) -> what it becomes
+    map_tensor: Callable[..., list[TensorMapping]]
     write_metadata: Callable[[GGUFWriter, Checkpoint], None]
     skip: Callable[[str, dict[str, Any]], bool] = lambda name, config: False
     tokenizer: BpeTokenizer | None = None  # written after write_metadata's keys
