@@ -42,7 +42,7 @@ class ConvertOptions:
 
 def choose_type(name: str, shape: tuple[int, ...], ftype: GGMLQuantizationType, out: OutputFile) -> GGMLQuantizationType:
     """llama.cpp's convert rules: vectors and norms stay f32; some loaders need f16/f32."""
-    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith("_norm.weight") or name in out.keep_f32:
+    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith(("_norm.weight", *out.keep_f32)):
         return GGMLQuantizationType.F32
     if name in out.keep_f16_or_f32:
         return GGMLQuantizationType.F16 if ftype == GGMLQuantizationType.F16 else GGMLQuantizationType.F32

@@ -64,7 +64,7 @@ class OutputFile:
     tokenizer: BpeTokenizer | None = None  # written after write_metadata's keys
     # GGUF tensors kept at f16 in an f16 file and f32 otherwise (loaders need it).
     keep_f16_or_f32: tuple[str, ...] = ()
-    # GGUF tensors always f32 (ops that assert f32 inputs, e.g. ggml_interpolate).
+    # GGUF tensors always f32, by name ending (ops that assert f32 inputs, e.g. ggml_interpolate; MoE routers).
     keep_f32: tuple[str, ...] = ()
 
 

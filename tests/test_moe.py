@@ -56,12 +56,14 @@ def assert_same_files(ours: Path, theirs: Path) -> dict[str, float]:
     return worst
 
 
-@pytest.mark.parametrize("spec", [HUB, AMBIGUOUS], ids=["hub", "hub-ambiguous"])
-def test_f32_conversion_equals_llama_cpps_converter(artifacts, reference_converter, tmp_path, spec):
-    text, mmproj = pair_of(artifacts.converted(spec, "f32"))
+@pytest.mark.parametrize("spec, outtype", [(HUB, "f32"), (AMBIGUOUS, "f32"), (replace(HUB, dtype="bf16"), "f16")],
+                         ids=["hub-f32", "hub-ambiguous-f32", "hub-bf16-to-f16"])
+def test_conversion_equals_llama_cpps_converter(artifacts, reference_converter, tmp_path, spec, outtype):
+    text, mmproj = pair_of(artifacts.converted(spec, outtype))
     model_dir = artifacts.model(spec)
-    ref_text = llama_cpp_converter.convert(reference_converter, model_dir, tmp_path / "ref.gguf")
-    ref_mmproj = llama_cpp_converter.convert(reference_converter, model_dir, tmp_path / "ref-mmproj.gguf", mmproj=True)
+    ref_text = llama_cpp_converter.convert(reference_converter, model_dir, tmp_path / "ref.gguf", outtype)
+    ref_mmproj = llama_cpp_converter.convert(reference_converter, model_dir, tmp_path / "ref-mmproj.gguf", outtype,
+                                             mmproj=True)
     worst = assert_same_files(text, ref_text)
     assert {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_inp.weight"} <= set(worst)
     assert set(worst.values()) == {0.0}

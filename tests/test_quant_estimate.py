@@ -1,7 +1,6 @@
 """Size and memory estimates from shapes alone, checked against the files llama.cpp and we write."""
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 from pathlib import Path
@@ -9,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from convert.shapes import model_shapes
-from edge_llama import capture
 from quant import catalog, estimate as E
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
-from test_quant_support import WIDE_SPEC, pair_of, sparse_f16_text_gguf, wide_imatrix
+from test_quant_support import WIDE_SPEC, llama_cpp_dry_run, pair_of, sparse_f16_text_gguf, wide_imatrix
 
 CONFIG_2B = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
@@ -94,31 +92,14 @@ def shapes_2b():
 
 def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
     """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
-    import llama_cpp
-
     from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
 
     cfg, shapes = shapes_2b
     write_tokenizer(tmp_path, train_tokenizer(300))
     sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-2b-f16.gguf", shapes)
-    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB "
-                      r"\((\S+)\))?")
-    # dry_run types every tensor without reading data; one imatrix entry is enough to switch llama.cpp's
-    # has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
-    values = (ctypes.c_float * 2048)(*([1.0] * 2048))
-    one = (llama_cpp.llama_model_imatrix_data * 2)()
-    one[0].name, one[0].data, one[0].size = b"blk.0.attn_q.weight", values, 2048
     for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
         for with_imatrix in (False, True):
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = catalog.lookup(q).ftype
-            params.dry_run = True
-            if with_imatrix:
-                params.imatrix = ctypes.cast(one, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-            with capture() as log:
-                assert llama_cpp.llama_model_quantize(str(sparse).encode(), b"", ctypes.byref(params)) == 0
-            real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
-            quant_mib = float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])
+            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
             est = E.estimate(shapes, q, imatrix=with_imatrix)
             assert est.text.types() == real, (q, with_imatrix)
             assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)

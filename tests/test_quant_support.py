@@ -78,3 +78,33 @@ def wide_imatrix(artifacts) -> Path:
         im = compute_imatrix(artifacts.model(WIDE_SPEC), None, ImatrixOptions(max_samples=6, progress=False))
         save(im, path)
     return path
+
+
+def llama_cpp_dry_run(sparse: Path, quant: str, with_imatrix: bool) -> tuple[dict[str, str], float]:
+    """llama_model_quantize's own per-tensor types (name -> type) and quantized MiB, without reading data.
+
+    dry_run types every tensor from the header alone; one imatrix entry is enough to switch
+    llama.cpp's has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
+    """
+    import ctypes
+    import re
+
+    import llama_cpp
+
+    from edge_llama import capture
+    from quant import catalog
+
+    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB "
+                      r"\((\S+)\))?")
+    values = (ctypes.c_float * 2048)(*([1.0] * 2048))
+    one = (llama_cpp.llama_model_imatrix_data * 2)()
+    one[0].name, one[0].data, one[0].size = b"blk.0.attn_q.weight", values, 2048
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = catalog.lookup(quant).ftype
+    params.dry_run = True
+    if with_imatrix:
+        params.imatrix = ctypes.cast(one, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    with capture() as log:
+        assert llama_cpp.llama_model_quantize(str(sparse).encode(), b"", ctypes.byref(params)) == 0
+    real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
+    return real, float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])

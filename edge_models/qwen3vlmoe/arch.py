@@ -139,7 +139,9 @@ SPEC = ArchSpec(
     hf_architectures=("Qwen3VLMoeForConditionalGeneration",),
     outputs=(
         replace(_DENSE_TEXT, gguf_arch=gguf.MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3VLMOE], map_tensor=map_text_tensor,
-                write_metadata=write_text_metadata),
+                write_metadata=write_text_metadata,
+                # llama.cpp's converter keeps the router f32 in f16/bf16 files (and llama-quantize never touches it)
+                keep_f32=("ffn_gate_inp.weight",)),
         MMPROJ,  # the vision tower and projector are the dense family's
     ),
     validate=validate,

@@ -1,0 +1,75 @@
+"""Quantizing Qwen3-VL MoE: llama-quantize's own mix (experts, router, attention) and our prediction of it.
+
+The quantizer is llama.cpp's (llama_model_quantize), so the files must be byte-identical to what the
+llama-quantize tool writes; quant.rules must predict every tensor's type, including llama.cpp's MoE rules
+(the layer read from the name, an 8-expert model's attn_v/attn_k at Q8_0, the router never quantized).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from convert.shapes import model_shapes
+from quant import catalog, estimate as E
+from quant.text import TextQuantOptions, quantize_text
+from test_quant_support import llama_cpp_dry_run, pair_of, sparse_f16_text_gguf
+from test_quant_text import llama_quantize, sha
+from edge_models.qwen3vl.synthetic import TextShape, VisionShape
+from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
+
+DATA = Path(__file__).parent / "data"
+# 256-wide rows (k-quant blocks fit), 8 experts (llama.cpp's 8-expert rules) or 6, top-2, 4 layers.
+WIDE_MOE = MoeSyntheticSpec(
+    text=TextShape(hidden=256, ff=512, layers=4, heads=4, kv_heads=1, head_dim=64, mrope_section=(8, 12, 12)),
+    vision=VisionShape(depth=2, hidden=64, ff=128, heads=4, deepstack=(0,)),
+    experts=8, experts_used=2, moe_ff=256, seed=21,
+)
+TYPES_HERE = ["q4_k_m", "q8_0", "q6_k", "q5_k_m", "q4_k_s", "q3_k_m", "q3_k_l", "q2_k", "iq4_xs", "q4_0"]
+
+
+@pytest.fixture(scope="module", params=[8, 6], ids=["8-experts", "6-experts"])
+def wide_moe(request, artifacts):
+    spec = replace(WIDE_MOE, experts=request.param)
+    return artifacts.model(spec), pair_of(artifacts.converted(spec, "f16"))[0]
+
+
+def test_q4_k_m_is_byte_identical_to_llama_quantize(wide_moe, tmp_path):
+    _, f16 = wide_moe
+    ours = quantize_text(f16, tmp_path / "ours.gguf", TextQuantOptions("q4_k_m", progress=False))
+    llama_quantize(f16, tmp_path / "ref.gguf", "q4_k_m")
+    assert sha(tmp_path / "ours.gguf") == sha(tmp_path / "ref.gguf")
+    types = ours.types()
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # the router is never quantized
+    assert {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)} == {"Q6_K", "Q4_K"}  # use_more_bits by layer
+    assert types["blk.1.ffn_up_exps.weight"] == "Q4_K"
+
+
+def test_predicted_types_match_llama_quantize(wide_moe, tmp_path):
+    model_dir, f16 = wide_moe
+    shapes = model_shapes(model_dir)
+    for q in TYPES_HERE:
+        r = quantize_text(f16, tmp_path / f"{q}.gguf", TextQuantOptions(q, progress=False))
+        est = E.estimate(shapes, q)
+        assert est.text.types() == r.types(), q
+        assert est.text.tensor_bytes == sum(x.n_bytes for x in r.tensors), q
+        (tmp_path / f"{q}.gguf").unlink()
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-30b-a3b-instruct", "qwen3-vl-235b-a22b-instruct"])
+def test_real_moe_shapes_match_llama_cpp_dry_run(name, tmp_path):
+    """The published configs' shapes (128 experts, 48 / 94 layers): llama.cpp's types for every type, both ways."""
+    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
+
+    cfg = json.loads((DATA / f"{name}.config.json").read_text())
+    shapes = model_shapes(cfg)
+    write_tokenizer(tmp_path, train_tokenizer(300))
+    sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-f16.gguf", shapes)
+    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
+        for with_imatrix in (False, True):
+            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
+            est = E.estimate(shapes, q, imatrix=with_imatrix)
+            assert est.text.types() == real, (q, with_imatrix)
+            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
