@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from convert.shapes import model_shapes
@@ -73,3 +74,53 @@ def test_real_moe_shapes_match_llama_cpp_dry_run(name, tmp_path):
             est = E.estimate(shapes, q, imatrix=with_imatrix)
             assert est.text.types() == real, (q, with_imatrix)
             assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+
+
+def test_imatrix_counts_each_expert_as_llama_imatrix_does(artifacts, tmp_path):
+    """One row of sums and one count per expert; the counts are the tokens transformers' own router sends there."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edge_models.qwen3vl import calibration as family
+    from edge_models.qwen3vlmoe.reference import Reference
+    from quant.calibration import builtin_calibration
+    from quant.imatrix import load, save
+    from quant.imatrix_compute import ImatrixOptions, compute_imatrix
+
+    model_dir, f16 = artifacts.model(WIDE_MOE), pair_of(artifacts.converted(WIDE_MOE, "f16"))[0]
+    samples = builtin_calibration((128, 96))[:2]
+    im = compute_imatrix(model_dir, samples, ImatrixOptions(progress=False))
+    n_layer, n_expert, top_k = 4, WIDE_MOE.experts, WIDE_MOE.experts_used
+
+    ref = Reference.load(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expected = np.zeros((n_layer, n_expert), dtype=np.int64)
+    n_tokens = 0
+    for s in samples:
+        kwargs = family.model_inputs(s.prompt, s.image, tokenizer, family.image_processor(model_dir), ref.config)
+        with torch.no_grad():
+            out = ref.model(**kwargs, output_router_logits=True)
+        n_tokens += int(kwargs["input_ids"].shape[-1])
+        for layer, logits in enumerate(out.router_logits):
+            chosen = torch.topk(logits.float(), top_k, dim=-1).indices.flatten().numpy()
+            expected[layer] += np.bincount(chosen, minlength=n_expert)
+    for layer in range(n_layer):
+        for kind in ("gate", "up", "down"):
+            e = im.entries[f"blk.{layer}.ffn_{kind}_exps.weight"]
+            assert e.sums.shape == (n_expert, 256) and (e.sums >= 0).all()
+            assert list(e.counts) == list(expected[layer]), (layer, kind)
+        router = im.entries[f"blk.{layer}.ffn_gate_inp.weight"]  # llama-imatrix records the router's input too
+        assert list(router.counts) == [n_tokens]
+        assert np.allclose(router.sums, im.entries[f"blk.{layer}.ffn_gate_exps.weight"].sums.sum(0) / top_k, rtol=1e-4)
+    assert expected.sum() == n_layer * n_tokens * top_k
+
+    path = save(im, tmp_path / "imatrix.gguf")  # llama.cpp's layout: in_sum2 ne [cols, experts], counts [1, experts]
+    back = load(path)
+    assert list(back.entries["blk.2.ffn_down_exps.weight"].counts) == list(expected[2])
+    # llama_model_quantize takes it (it wants ne0 * experts values per expert tensor) and it changes the result
+    a = quantize_text(f16, tmp_path / "a.gguf", TextQuantOptions("iq4_xs", progress=False))
+    b = quantize_text(f16, tmp_path / "b.gguf", TextQuantOptions("iq4_xs", imatrix=path, progress=False))
+    assert b.imatrix_entries == n_layer * 8 + 1  # attention 4, experts 3, router, per layer; the output
+    assert sha(tmp_path / "a.gguf") != sha(tmp_path / "b.gguf")
+    assert a.types() == b.types()
+    quantize_text(f16, tmp_path / "c.gguf", TextQuantOptions("iq2_xxs", imatrix=path, progress=False))
