@@ -47,7 +47,7 @@ from .backend import (
 from .disk_cache import DiskEncoderCache, projector_sha256
 from .encoder_cache import EncoderCache
 from .image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
-                           save_cost, text_flops_per_token)
+                           idle_expert_params, save_cost, text_flops_per_token)
 from .errors import (
     ContextOverflowError,
     DecodeError,
@@ -252,7 +252,8 @@ class Engine(Closeable):
         self._cost_key = cost_key(self.model_path, self.mmproj_path,
                                   device_key(self.threads, self.projector_gpu, self.n_gpu_layers))
         self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu, self.vision.signature)
-        self.text_flops_per_token = text_flops_per_token(int(llama_cpp.llama_model_n_params(self._model)),
+        self.text_flops_per_token = text_flops_per_token(int(llama_cpp.llama_model_n_params(self._model))
+                                                         - idle_expert_params(self.meta, self.arch),
                                                          int(llama_cpp.llama_vocab_n_tokens(self._vocab)),
                                                          int(llama_cpp.llama_model_n_embd(self._model)))
         self.vision_free_bytes = projector_free_bytes(self.projector_gpu)

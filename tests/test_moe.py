@@ -139,3 +139,31 @@ def test_configs_llama_cpp_cannot_run_are_refused(artifacts, tmp_path, edit, mes
     ckpt = _copy_with_config(artifacts.model(HUB), tmp_path / "ckpt", lambda c: edit(c["text_config"]))
     with pytest.raises(ConvertError, match=message):
         convert_checkpoint(ckpt, tmp_path / "out", "f16", progress=False)
+
+
+def test_vision_chat_runs_the_moe_pair_as_transformers_does(artifacts, test_image):
+    """VisionChat on the converted pair: transformers' greedy first token after an image question (its prompt
+    as VisionChat's template renders it), and the prefill cost model counting the experts a token runs
+    through, not all of them."""
+    from edge_models.qwen3vlmoe.reference import Reference
+    from edge_runtime import VisionChat
+    from edge_runtime.template import template_for
+
+    spec = replace(HUB, layout="hf5", moe_ff=32)
+    out = artifacts.converted(spec, "f32")
+    ref = Reference.load(artifacts.model(spec))
+    question = "What is in this picture?"
+    with VisionChat.from_dir(out, n_ctx=1024, image_min_tokens=8, image_max_tokens=16384) as chat:
+        assert chat.engine.arch == "qwen3vlmoe"
+        prompt = template_for(chat.engine).render(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        answer = chat.ask(question, images=[test_image], temperature=0.0, max_tokens=1)
+        assert chat.last_stats.image_tokens == 48
+        flops = chat.engine.text_flops_per_token
+    before, rest = prompt.split("<|vision_start|>")
+    expected = int(ref.image_prompt_logits(before, test_image, rest.split("<|vision_end|>")[1]).argmax())
+    assert answer == ref.tokenizer.decode([expected], skip_special_tokens=True)
+    tensors = {t.name: int(np.prod(t.shape)) for t in gguf.GGUFReader(pair_of(out)[0]).tensors}
+    experts = sum(n for name, n in tensors.items() if "_exps." in name)
+    active = sum(tensors.values()) - experts + experts * spec.experts_used // spec.experts
+    assert flops == 2.0 * (active - tensors["token_embd.weight"])
