@@ -17,7 +17,8 @@ from quant.text import TextQuantOptions, quantize_text
 from test_quant_support import pair_of
 
 DATA = Path(__file__).parent / "data"
-# size: (arch, layers, hidden, ff, heads, kv heads, tied, vision depth, vision hidden, deepstack, experts, used, expert ff)
+# size: (arch, layers, hidden, ff, heads, kv heads, tied, vision depth, vision hidden, deepstack,
+#        experts, experts used, expert ff)
 PUBLISHED = {
     "2b": ("qwen3vl", 28, 2048, 6144, 16, 8, True, 24, 1024, (5, 11, 17), 0, 0, 0),
     "4b": ("qwen3vl", 36, 2560, 9728, 32, 8, True, 24, 1024, (5, 11, 17), 0, 0, 0),
@@ -40,7 +41,8 @@ def test_published_configs_are_read_as_llama_cpp_needs(size):
     arch, layers, hidden, ff, heads, kv, tied, depth, v_hidden, deepstack, experts, used, expert_ff = PUBLISHED[size]
     assert lookup(cfg).name == arch
     hp = (MoeTextConfig if experts else TextConfig).from_dict(cfg)
-    assert (hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim) == (layers, hidden, ff, heads, kv, 128)
+    assert (hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv) == (layers, hidden, ff, heads, kv)
+    assert hp.head_dim == 128
     assert hp.rope_sections == (24, 20, 20, 0) and hp.rope_theta == 5e6 and hp.tied == tied and hp.n_vocab == 151936
     if experts:
         assert (hp.n_expert, hp.n_expert_used, hp.n_ff_exp) == (experts, used, expert_ff)

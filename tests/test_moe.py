@@ -19,6 +19,7 @@ import llama_cpp_converter
 from conftest import REAL_CACHE_ROOTS
 from convert import ConvertError, convert_checkpoint
 from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
+from test_bad_inputs import _ckpt_with
 from test_quant_support import pair_of
 
 HUB = MoeSyntheticSpec(layout="hf4", dtype="f32", experts=6, experts_used=2, seed=11)  # hidden 64, expert ff 48
@@ -97,16 +98,8 @@ def test_every_expert_layout_gives_the_same_file(artifacts, tmp_path, spec):
         assert np.array_equal(data, shapes[1][name]) and np.array_equal(data, shapes[2][name]), name
 
 
-def _copy_with_config(src: Path, dst: Path, edit) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    edit(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_ambiguous_experts_without_a_marker_are_refused(artifacts, tmp_path):
-    ckpt = _copy_with_config(artifacts.model(AMBIGUOUS), tmp_path / "ckpt", lambda c: c.pop("transformers_version"))
+    ckpt = _ckpt_with(tmp_path, artifacts.model(AMBIGUOUS), lambda c: c.pop("transformers_version"))
     with pytest.raises(ConvertError, match="fits both expert layouts.*transformers_version") as e:
         convert_checkpoint(ckpt, tmp_path / "out", "f32", progress=False)
     assert "gate_up_proj" in str(e.value)
@@ -114,7 +107,7 @@ def test_ambiguous_experts_without_a_marker_are_refused(artifacts, tmp_path):
 
 
 def test_unambiguous_experts_need_no_marker(artifacts, tmp_path):
-    ckpt = _copy_with_config(artifacts.model(HUB), tmp_path / "ckpt", lambda c: c.pop("transformers_version"))
+    ckpt = _ckpt_with(tmp_path, artifacts.model(HUB), lambda c: c.pop("transformers_version"))
     theirs = {t.name: np.array(t.data) for t in gguf.GGUFReader(pair_of(artifacts.converted(HUB, "f32"))[0]).tensors}
     ours = _converted_tensors(ckpt, tmp_path / "out")
     assert all(np.array_equal(ours[n], theirs[n]) for n in theirs)
@@ -122,7 +115,7 @@ def test_unambiguous_experts_need_no_marker(artifacts, tmp_path):
 
 def test_a_marker_the_shapes_contradict_is_refused(artifacts, tmp_path):
     """Hub weights under a transformers 5 marker: down_proj's shape says hub, the marker says otherwise."""
-    ckpt = _copy_with_config(artifacts.model(AMBIGUOUS), tmp_path / "ckpt",
+    ckpt = _ckpt_with(tmp_path, artifacts.model(AMBIGUOUS),
                              lambda c: c.update(transformers_version="5.0.0"))
     with pytest.raises(ConvertError, match="two layouts") as e:
         convert_checkpoint(ckpt, tmp_path / "out", "f32", progress=False)
@@ -136,7 +129,7 @@ def test_a_marker_the_shapes_contradict_is_refused(artifacts, tmp_path):
     (lambda tc: tc.update(moe_intermediate_size=40), r"experts\.\w+' has shape .* moe_intermediate_size imply"),
 ])
 def test_configs_llama_cpp_cannot_run_are_refused(artifacts, tmp_path, edit, message):
-    ckpt = _copy_with_config(artifacts.model(HUB), tmp_path / "ckpt", lambda c: edit(c["text_config"]))
+    ckpt = _ckpt_with(tmp_path, artifacts.model(HUB), lambda c: edit(c["text_config"]))
     with pytest.raises(ConvertError, match=message):
         convert_checkpoint(ckpt, tmp_path / "out", "f16", progress=False)
 

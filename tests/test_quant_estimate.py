@@ -12,7 +12,7 @@ from quant import catalog, estimate as E
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
-from test_quant_support import WIDE_SPEC, llama_cpp_dry_run, pair_of, sparse_f16_text_gguf, wide_imatrix
+from test_quant_support import WIDE_SPEC, assert_types_match_llama_cpp, pair_of, wide_imatrix
 
 CONFIG_2B = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
@@ -92,17 +92,8 @@ def shapes_2b():
 
 def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
     """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
-    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
-
     cfg, shapes = shapes_2b
-    write_tokenizer(tmp_path, train_tokenizer(300))
-    sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-2b-f16.gguf", shapes)
-    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
-        for with_imatrix in (False, True):
-            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
-            est = E.estimate(shapes, q, imatrix=with_imatrix)
-            assert est.text.types() == real, (q, with_imatrix)
-            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+    assert_types_match_llama_cpp(cfg, shapes, tmp_path)
     e = E.estimate(shapes, "q4_k_m", n_ctx=4096)
     assert 1.05e9 < e.text.bytes < 1.15e9  # the published Q4_K_M file of Qwen3-VL-2B-Instruct is 1.11 GB
     assert e.kv_bytes == 448 * 2**20  # llama.cpp: "KV buffer size = 448.00 MiB" at n_ctx 4096

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from convert.shapes import model_shapes
-from quant import catalog, estimate as E
+from quant import estimate as E
 from quant.text import TextQuantOptions, quantize_text
-from test_quant_support import llama_cpp_dry_run, pair_of, sparse_f16_text_gguf
+from test_quant_support import assert_types_match_llama_cpp, pair_of
 from test_quant_text import llama_quantize, sha
 from edge_models.qwen3vl.synthetic import TextShape, VisionShape
 from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
@@ -62,18 +62,8 @@ def test_predicted_types_match_llama_quantize(wide_moe, tmp_path):
 @pytest.mark.parametrize("name", ["qwen3-vl-30b-a3b-instruct", "qwen3-vl-235b-a22b-instruct"])
 def test_real_moe_shapes_match_llama_cpp_dry_run(name, tmp_path):
     """The published configs' shapes (128 experts, 48 / 94 layers): llama.cpp's types for every type, both ways."""
-    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
-
     cfg = json.loads((DATA / f"{name}.config.json").read_text())
-    shapes = model_shapes(cfg)
-    write_tokenizer(tmp_path, train_tokenizer(300))
-    sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-f16.gguf", shapes)
-    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
-        for with_imatrix in (False, True):
-            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
-            est = E.estimate(shapes, q, imatrix=with_imatrix)
-            assert est.text.types() == real, (q, with_imatrix)
-            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+    assert_types_match_llama_cpp(cfg, model_shapes(cfg), tmp_path)
 
 
 def test_imatrix_counts_each_expert_as_llama_imatrix_does(artifacts, tmp_path):

@@ -80,6 +80,22 @@ def wide_imatrix(artifacts) -> Path:
     return path
 
 
+def assert_types_match_llama_cpp(config: dict, shapes, tmp_path: Path) -> None:
+    """Every non-float type, with and without an imatrix: the estimate's per-tensor types and quantized
+    bytes equal llama.cpp's dry run on a sparse f16 file with these shapes."""
+    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
+    from quant import catalog, estimate as E
+
+    write_tokenizer(tmp_path, train_tokenizer(300))
+    sparse = sparse_f16_text_gguf(config, tmp_path, tmp_path / "sparse-f16.gguf", shapes)
+    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
+        for with_imatrix in (False, True):
+            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
+            est = E.estimate(shapes, q, imatrix=with_imatrix)
+            assert est.text.types() == real, (q, with_imatrix)
+            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+
+
 def llama_cpp_dry_run(sparse: Path, quant: str, with_imatrix: bool) -> tuple[dict[str, str], float]:
     """llama_model_quantize's own per-tensor types (name -> type) and quantized MiB, without reading data.
 
@@ -94,8 +110,8 @@ def llama_cpp_dry_run(sparse: Path, quant: str, with_imatrix: bool) -> tuple[dic
     from edge_llama import capture
     from quant import catalog
 
-    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB "
-                      r"\((\S+)\))?")
+    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),"
+                      r"(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB \((\S+)\))?")
     values = (ctypes.c_float * 2048)(*([1.0] * 2048))
     one = (llama_cpp.llama_model_imatrix_data * 2)()
     one[0].name, one[0].data, one[0].size = b"blk.0.attn_q.weight", values, 2048

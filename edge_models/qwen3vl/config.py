@@ -99,8 +99,8 @@ class MoeTextConfig(TextConfig):
         # transformers 5's save_pretrained writes num_local_experts, the hub files num_experts.
         n_expert = tc.get("num_experts", tc.get("num_local_experts"))
         if n_expert is None:
-            raise ModelConfigError("config.json: text_config has neither 'num_experts' nor 'num_local_experts'; is this "
-                                   "a complete Qwen3-VL MoE config?")
+            raise ModelConfigError("config.json: text_config has neither 'num_experts' nor 'num_local_experts'; "
+                                   "is this a complete Qwen3-VL MoE config?")
         n_used = _need(tc, "num_experts_per_tok", "text_config")
         if not 0 < n_used <= n_expert:
             raise ModelConfigError(f"config.json: text_config num_experts_per_tok {n_used} must be in 1..num_experts "
