@@ -60,6 +60,14 @@ def test_plan_from_config_alone_lands_on_the_published_files(size):
         assert "experts MB" in E.format_plan([e])
 
 
+def test_30b_a3b_memory_matches_llama_cpp():
+    """llama.cpp on the 30B-A3B shapes (a sparse f16 file, mmap, n_ctx 4096, n_ubatch 512, f16 KV) reports
+    "KV buffer size = 384.00 MiB" and "compute buffer size = 316.75 MiB"."""
+    e = E.estimate(model_shapes(config("30b-a3b")), "q4_k_m", n_ctx=4096)
+    assert e.kv_bytes == 384 * 2**20
+    assert abs(e.compute_bytes / (316.75 * 2**20) - 1) < 0.03
+
+
 def scaled_down(size: str) -> SyntheticSpec:
     """The published shape with widths / 16, heads / 4 (GQA ratio, q width != hidden and tying kept), 4 layers,
     a 4-block vision tower with 3 deepstack mergers."""

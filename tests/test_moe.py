@@ -160,3 +160,24 @@ def test_vision_chat_runs_the_moe_pair_as_transformers_does(artifacts, test_imag
     experts = sum(n for name, n in tensors.items() if "_exps." in name)
     active = sum(tensors.values()) - experts + experts * spec.experts_used // spec.experts
     assert flops == 2.0 * (active - tensors["token_embd.weight"])
+
+
+def test_experts_stream_one_expert_at_a_time(artifacts, tmp_path, monkeypatch):
+    """With row blocks of one expert the file is the same: each block is sliced and transposed on its own."""
+    import convert.pipeline as pipeline
+
+    seen = []
+    real = pipeline.row_blocks
+
+    def spy(ref, transform, by_rows=False):
+        for block in real(ref, transform, by_rows):
+            seen.append((ref.name, block.shape[0]))
+            yield block
+
+    monkeypatch.setattr(pipeline, "ROW_BLOCK_BYTES", 1)
+    monkeypatch.setattr(pipeline, "row_blocks", spy)
+    ours = _converted_tensors(artifacts.model(HUB), tmp_path / "out")
+    theirs = {t.name: np.array(t.data) for t in gguf.GGUFReader(pair_of(artifacts.converted(HUB, "f32"))[0]).tensors}
+    assert all(np.array_equal(ours[n], theirs[n]) for n in theirs)
+    gate_up = [rows for name, rows in seen if name.endswith("layers.0.mlp.experts.gate_up_proj")]
+    assert set(gate_up) == {1} and len(gate_up) >= 2 * HUB.experts  # gate and up: each expert's block alone
