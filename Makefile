@@ -16,9 +16,11 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS  := -DGGML_RPC=on $(CMAKE_ARGS)
 WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
+# The sdist too: its vendored llama.cpp converter is the reference of the converter tests (tests/support/llama_cpp_converter.py).
+SDIST_DIR  ?= $(WHEEL_ROOT)/../sdist
 WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
 
-.PHONY: setup llama-wheel browser demo test docs bench clean
+.PHONY: setup llama-wheel llama-sdist browser demo test docs bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# A pinned CPU torch first: an unpinned one would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(MAKE) llama-wheel
+	$(MAKE) llama-wheel llama-sdist
 	# --only-binary: PyPI has only the sdist, so the one candidate is the wheel built above
 	# (its own dependencies still come from the index).
 	$(BIN)/python -m pip install -q --only-binary llama-cpp-python --find-links '$(WHEEL_DIR)' llama-cpp-python==$(LLAMA_CPP_VERSION)
@@ -47,6 +49,11 @@ llama-wheel:
 		mkdir -p '$(WHEEL_DIR)' && mv '$(WHEEL_DIR).tmp'/llama_cpp_python-*.whl '$(WHEEL_DIR)'/ && \
 		rm -rf '$(WHEEL_DIR).tmp'; \
 	fi
+
+# Keeps llama-cpp-python's sdist (~75 MB) for the tests' reference converter.
+llama-sdist:
+	@test -f '$(SDIST_DIR)'/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || \
+		$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d '$(SDIST_DIR)' llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 demo: $(STAMP)
 	$(BIN)/python -m edge_app.demo

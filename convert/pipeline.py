@@ -48,7 +48,7 @@ class ConvertOptions:
 
 def choose_type(name: str, shape: tuple[int, ...], ftype: GGMLQuantizationType, out: OutputFile) -> GGMLQuantizationType:
     """llama.cpp's convert rules: vectors and norms stay f32; some loaders need f16/f32."""
-    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith("_norm.weight") or name in out.keep_f32:
+    if ftype == GGMLQuantizationType.F32 or len(shape) <= 1 or name.endswith(("_norm.weight", *out.keep_f32)):
         return GGMLQuantizationType.F32
     if name in out.keep_f16_or_f32:
         return GGMLQuantizationType.F16 if ftype == GGMLQuantizationType.F16 else GGMLQuantizationType.F32
@@ -62,8 +62,9 @@ def transformed_shape(shape: tuple[int, ...], transform: Transform | None) -> tu
     return tuple(transform(dummy).shape)
 
 
-def row_blocks(ref: TensorRef, transform: Transform | None) -> Iterator[np.ndarray]:
-    if transform is not None or not ref.shape:
+def row_blocks(ref: TensorRef, transform: Transform | None, by_rows: bool = False) -> Iterator[np.ndarray]:
+    """float32 blocks of the output tensor; whole-tensor transforms load the tensor at once."""
+    if (transform is not None and not by_rows) or not ref.shape:
         data = ref.load()
         yield transform(data) if transform is not None else data
         return
@@ -71,7 +72,8 @@ def row_blocks(ref: TensorRef, transform: Transform | None) -> Iterator[np.ndarr
     row_bytes = max(1, ref.n_elements // max(rows, 1) * 4)
     step = max(1, ROW_BLOCK_BYTES // row_bytes)
     for start in range(0, rows, step):
-        yield ref.load_rows(start, min(rows, start + step))
+        block = ref.load_rows(start, min(rows, start + step))
+        yield np.ascontiguousarray(transform(block)) if transform is not None else block
 
 
 def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) -> list[FloatTensor]:
@@ -80,13 +82,13 @@ def plan_output(ckpt: Checkpoint, out: OutputFile, ftype: GGMLQuantizationType) 
         if not out.claims(src) or out.skip(src, ckpt.config):
             continue
         ref = ckpt.tensors[src]
-        for m in out.map_tensor(src, ckpt.config):
+        for m in out.map_tensor(src, ckpt.config, tuple(ref.shape)):
             shape = transformed_shape(ref.shape, m.transform)
             if m.name in planned:
                 raise ConvertError(f"{ckpt.model_dir}: two checkpoint tensors map to {m.name!r}; the checkpoint is inconsistent.")
             planned[m.name] = FloatTensor(
                 m.name, shape, choose_type(m.name, shape, ftype, out),
-                lambda ref=ref, t=m.transform: row_blocks(ref, t),
+                lambda ref=ref, t=m.transform, b=m.by_rows: row_blocks(ref, t, b),
             )
     if not planned:
         raise ConvertError(f"{ckpt.model_dir}: no tensors found for the {out.role} file; is the checkpoint complete?")

@@ -59,7 +59,7 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
                 continue
             if o.skip(name, config):
                 break
-            for m in o.map_tensor(name, config):
+            for m in o.map_tensor(name, config, tuple(shape)):
                 s = transformed_shape(tuple(shape), m.transform)
                 for key, ftype in ftypes.items():
                     ggml_type = G(int(choose_type(m.name, s, ftype, o)))
@@ -72,9 +72,11 @@ def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16")
     def ordered(ts: list[TensorSize]) -> tuple[TensorSize, ...]:
         return tuple(sorted(ts, key=lambda t: natural_key(t.name)))
 
+    tc = config.get("text_config") or config
     return ModelShapes({r: ordered(ts["intermediate"]) for r, ts in out.items()}, meta, str(model_dir or "config"),
                        {r: {k: ordered(v) for k, v in ts.items() if k != "intermediate"} for r, ts in out.items()},
-                       architecture=next((o.gguf_arch for o in spec.outputs if o.role == "text"), None))
+                       architecture=next((o.gguf_arch for o in spec.outputs if o.role == "text"), None),
+                       experts_used=int(tc.get("num_experts_per_tok") or 0))  # the HF key llama.cpp reads too
 
 
 def measure_metadata(model_dir: Path, spec: ArchSpec) -> dict[str, int] | None:

@@ -18,7 +18,7 @@ from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_g
 from edge_runtime.vision.image_budget import (DETAILS, DeviceCost, cost_file, device_key, find_cost, memory_tokens,
                                        plan_for_context, text_flops_per_token)
 from edge_runtime.vision.vision_spec import block_weight_type, hf_vision_spec
-from quant.estimate import estimate
+from quant.estimate import EXPERT_TENSOR, estimate
 
 PLAN_IMAGES = ((4032, 3024, "photo"), (640, 480, "image"))
 
@@ -76,6 +76,10 @@ def image_budget_plan(model_dir: Path, shapes: ModelShapes, n_ctx: int, quant: s
             (t.name, t.ggml_type.name, _elements(t.shape)) for t in e.mmproj.tensors))
     embd = next(t for t in e.text.tensors if t.name == "token_embd.weight")  # ggml order: (n_embd, n_vocab)
     n_params = sum(_elements(t.shape) for t in e.text.tensors)
+    experts = [t for t in e.text.tensors if EXPERT_TENSOR in t.name]  # MoE: count the experts a token runs through
+    if experts and shapes.experts_used:
+        n_expert = experts[0].shape[2]
+        n_params -= sum(_elements(t.shape) for t in experts) * (n_expert - shapes.experts_used) // n_expert
     flops_per_token = text_flops_per_token(n_params, n_vocab=embd.shape[1], n_embd=embd.shape[0])
     found = find_cost(cache_dir, device.key, spec.signature)
     cost = found[1] if found else DeviceCost.guess(device.gpu)

@@ -35,6 +35,7 @@ class ModelShapes:
     source: str
     float_tensors: Mapping[str, Mapping[str, tuple[TensorSize, ...]]] = field(default_factory=dict)
     architecture: str | None = None  # the text file's general.architecture: its family's facts size the rest
+    experts_used: int = 0  # experts each token runs through (MoE); 0 for a dense model
 
     def as_float(self, role: str, float_name: str) -> tuple[TensorSize, ...]:
         """The role's tensors as the converter writes them for --quant f32/f16/bf16."""

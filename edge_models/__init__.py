@@ -15,6 +15,7 @@ from typing import Any
 from .chat_format import ChatFormat
 from .errors import ModelConfigError
 from .qwen3vl.family import FAMILY as QWEN3VL
+from .qwen3vlmoe.family import FAMILY as QWEN3VLMOE
 from .spec import ArchSpec, FamilySpec, VisionFacts
 
 __all__ = ["FAMILIES", "ArchSpec", "ChatFormat", "FamilySpec", "ModelConfigError", "VisionFacts", "chat_format",
@@ -24,6 +25,7 @@ __all__ = ["FAMILIES", "ArchSpec", "ChatFormat", "FamilySpec", "ModelConfigError
 # (llama.cpp may still run it; our runtime then uses these processor defaults and markup).
 FAMILIES: tuple[FamilySpec, ...] = (
     QWEN3VL,
+    QWEN3VLMOE,
 )
 
 

@@ -25,10 +25,16 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class TensorMapping:
-    """A source tensor becomes `name`, after `transform` (a view-like reshaping) if any."""
+    """A source tensor becomes `name`, after `transform` (a view-like reshaping) if any.
+
+    `by_rows`: the transform maps each block of rows along axis 0 on its own (a per-expert
+    slice or transpose), so the converter streams the tensor in row blocks instead of loading
+    it whole: one expert at a time for a [experts, ...] tensor.
+    """
 
     name: str
     transform: Transform | None = None
+    by_rows: bool = False
 
 
 class Checkpoint(Protocol):
@@ -58,13 +64,14 @@ class OutputFile:
     gguf_arch: str
     file_name: Callable[[str, str], str]  # (model name, type name) -> file name
     claims: Callable[[str], bool]  # does this source tensor belong to this file?
-    map_tensor: Callable[[str, dict[str, Any]], list[TensorMapping]]
+    # (source name, config.json, source shape or None when unknown) -> what it becomes
+    map_tensor: Callable[..., list[TensorMapping]]
     write_metadata: Callable[[GGUFWriter, Checkpoint], None]
     skip: Callable[[str, dict[str, Any]], bool] = lambda name, config: False
     tokenizer: BpeTokenizer | None = None  # written after write_metadata's keys
     # GGUF tensors kept at f16 in an f16 file and f32 otherwise (loaders need it).
     keep_f16_or_f32: tuple[str, ...] = ()
-    # GGUF tensors always f32 (ops that assert f32 inputs, e.g. ggml_interpolate).
+    # GGUF tensors always f32, by name ending (ops that assert f32 inputs, e.g. ggml_interpolate; MoE routers).
     keep_f32: tuple[str, ...] = ()
 
 

@@ -24,6 +24,8 @@ from .layout import QUANT_KEYS, gguf_file_bytes, imatrix_keys
 from .memory import TextDims, compute_bytes, vision_compute_bytes
 from .tensor_types import mmproj_types, text_types
 
+EXPERT_TENSOR = "_exps."  # llama.cpp's merged expert tensors: blk.N.ffn_{gate,up,down}_exps.weight
+
 
 @dataclass(frozen=True)
 class FileEstimate:
@@ -60,6 +62,11 @@ class Estimate:
     @property
     def weights_bytes(self) -> int:
         return self.text.tensor_bytes + (self.mmproj.tensor_bytes if self.mmproj else 0)
+
+    @property
+    def experts_bytes(self) -> int:
+        """MoE expert weights (ffn_*_exps): what `-ot exps=CPU` keeps in host RAM; 0 for a dense model."""
+        return sum(t.nbytes for t in self.text.tensors if EXPERT_TENSOR in t.name)
 
     @property
     def total_runtime_bytes(self) -> int:
@@ -100,7 +107,7 @@ def estimate(shapes: ModelShapes, quant: str = "q4_k_m", mmproj_quant: str | Non
             mm_ts = tuple(mmproj_types(shapes.tensors["mmproj"], mq.name))
             meta += QUANT_KEYS
         mm = FileEstimate("mmproj", mq.name, gguf_file_bytes(meta, mm_ts), sum(t.nbytes for t in mm_ts), mm_ts)
-    d = TextDims.of(text_ts)
+    d = TextDims.of(text_ts, shapes.experts_used)
     kvb = kv.kv_bytes_for_rows(d.n_layer, d.k_row, d.v_row, n_ctx, kv_type, kv_type_v)
     return Estimate(qt.name, mq.name, n_ctx, kv.kv_type(kv_type).name, text, mm, kvb, compute_bytes(d, n_ctx),
                     vision_compute_bytes(mm.tensors, family_for_gguf(shapes.architecture).vision) if mm else 0)
@@ -118,19 +125,26 @@ def _mb(n: int) -> str:
 
 
 def format_plan(rows: list[Estimate]) -> str:
-    """The --plan table: sizes in MB (10^6 bytes)."""
-    head = ("type", "bpw", "text MB", "mmproj", "mmproj MB", "KV MB", "compute MB", "run MB", "imatrix")
+    """The --plan table: sizes in MB (10^6 bytes); an MoE model also gets the split with experts in host RAM."""
+    moe = any(e.experts_bytes for e in rows)
+    head = ("type", "bpw", "text MB", "mmproj", "mmproj MB", "KV MB", "compute MB", "run MB") + \
+        (("experts MB", "rest MB"), ())[not moe] + ("imatrix",)
     lines = [head]
     for e in rows:
         t = catalog.lookup(e.quant)
         n = sum(int(np.prod(x.shape)) for x in e.text.tensors)
+        split = (_mb(e.experts_bytes), _mb(e.total_runtime_bytes - e.experts_bytes)) if moe else ()
         lines.append((e.quant, f"{8 * e.text.tensor_bytes / n:.2f}", _mb(e.text.bytes), e.mmproj_quant,
                       _mb(e.mmproj.bytes) if e.mmproj else "-", _mb(e.kv_bytes),
-                      _mb(e.compute_bytes + e.vision_compute_bytes), _mb(e.total_runtime_bytes),
+                      _mb(e.compute_bytes + e.vision_compute_bytes), _mb(e.total_runtime_bytes), *split,
                       "required" if t.needs_imatrix else ""))
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    out = ["  ".join(c.rjust(w) if i not in (0, 3, 8) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    left = (0, 3, len(head) - 1)
+    out = ["  ".join(c.rjust(w) if i not in left else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
            for r in lines]
     if rows:
         out.append(f"(n_ctx {rows[0].n_ctx}, KV cache {rows[0].kv_type}; run MB = weights + KV + compute buffers)")
+        if moe:
+            out.append("(experts MB: the expert weights, in host RAM with llama.cpp's -ot exps=CPU; rest MB: what "
+                       "then stays on the GPU)")
     return "\n".join(out)

@@ -25,13 +25,19 @@ class Coverage:
         return len(self.covered) / total if total else 1.0
 
 
-def matrix_columns(gguf_path: str | Path) -> dict[str, int]:
-    """name -> row length (ne0) of each weight a quantizer may touch (2-D+, '*.weight', not a norm)."""
+def matrix_shapes(gguf_path: str | Path) -> dict[str, tuple[int, int]]:
+    """name -> (row length ne0, matrices: ne2, the experts of a merged MoE tensor, else 1) of each weight a
+    quantizer may touch (2-D+, '*.weight', not a norm)."""
     import gguf
 
     r = gguf.GGUFReader(gguf_path)
-    return {t.name: int(t.shape[0]) for t in r.tensors
+    return {t.name: (int(t.shape[0]), int(t.shape[2]) if len(t.shape) > 2 else 1) for t in r.tensors
             if len(t.shape) >= 2 and t.name.endswith("weight") and "_norm." not in t.name}
+
+
+def matrix_columns(gguf_path: str | Path) -> dict[str, int]:
+    """name -> row length (ne0) of each weight a quantizer may touch."""
+    return {n: cols for n, (cols, _) in matrix_shapes(gguf_path).items()}
 
 
 def check(im: Imatrix, models: Mapping[str, str | Path], *, min_text_coverage: float = MIN_TEXT_COVERAGE,
@@ -41,8 +47,8 @@ def check(im: Imatrix, models: Mapping[str, str | Path], *, min_text_coverage: f
     Errors: it names tensors that no file has, its row lengths differ from the
     model's, or it covers less than `min_text_coverage` of the text weights.
     """
-    cols = {role: matrix_columns(p) for role, p in models.items()}
-    every: dict[str, int] = {}
+    cols = {role: matrix_shapes(p) for role, p in models.items()}
+    every: dict[str, tuple[int, int]] = {}
     for c in cols.values():
         every.update(c)
     label = im.label
@@ -53,9 +59,13 @@ def check(im: Imatrix, models: Mapping[str, str | Path], *, min_text_coverage: f
             f"(first: {unknown[0]!r}); it was computed for another model. Use --imatrix auto to compute one for it."
         )
     for n, e in im.entries.items():
-        if e.n_cols != every[n]:
-            raise QuantError(f"{label}: {n} has {e.n_cols} columns in the importance matrix but {every[n]} in the model; "
+        n_cols, n_mat = every[n]
+        if e.n_cols != n_cols:
+            raise QuantError(f"{label}: {n} has {e.n_cols} columns in the importance matrix but {n_cols} in the model; "
                              "it was computed for another model. Use --imatrix auto.")
+        if len(e.counts) != n_mat:  # llama_model_quantize takes ne0 * experts values, nothing else
+            raise QuantError(f"{label}: {n} has {len(e.counts)} expert matrices in the importance matrix but the model "
+                             f"has {n_mat} experts; it was computed for another model. Use --imatrix auto.")
     result = {role: Coverage(role, tuple(sorted(n for n in c if n in im.entries)),
                              tuple(sorted(n for n in c if n not in im.entries))) for role, c in cols.items()}
     text = result.get(text_role)

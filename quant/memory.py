@@ -27,7 +27,8 @@ class TextDims:
     q_row: int  # n_head * head_dim
 
     @classmethod
-    def of(cls, tensors: Iterable[TensorSize]) -> "TextDims":
+    def of(cls, tensors: Iterable[TensorSize], experts_used: int = 0) -> "TextDims":
+        """n_ff of an MoE model: the FFN width one token runs through (experts used x expert width)."""
         by = {t.name: t.shape for t in tensors}
 
         def first(suffix: str) -> tuple[int, ...]:
@@ -38,7 +39,11 @@ class TextDims:
 
         layers = {int(m[1]) for n in by if (m := LAYER.match(n))}
         emb = by.get("token_embd.weight") or first("token_embd.weight")
-        return cls(len(layers), emb[0], first("ffn_up.weight")[1], emb[1], first("attn_k.weight")[1],
+        if any(n.endswith("ffn_up_exps.weight") for n in by):
+            n_ff = first("ffn_up_exps.weight")[1] * max(1, experts_used)
+        else:
+            n_ff = first("ffn_up.weight")[1]
+        return cls(len(layers), emb[0], n_ff, emb[1], first("attn_k.weight")[1],
                    first("attn_v.weight")[1], first("attn_q.weight")[1])
 
 

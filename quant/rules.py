@@ -87,15 +87,92 @@ class TypeChoiceState:
     n_attention_wv: int
     has_imatrix: bool
     tied: bool
+    n_expert: int = 0  # hparams.n_expert: 0 for a dense model
     i_attention_wv: int = 0
     i_ffn_down: int = 0
     i_ffn_gate: int = 0
     i_ffn_up: int = 0
 
 
+def _layer(qs: TypeChoiceState, counter: int, name: str) -> int:
+    """layer_info: the running count for a dense model, the block number in the name for an MoE one."""
+    if qs.n_expert > 1:
+        m = LAYER.match(name)
+        if m is None:
+            raise ValueError(f"cannot tell the layer of tensor {name!r}")
+        return int(m[1])
+    return counter
+
+
+# llama_tensor_get_type_impl: the file types whose attn_output gets Q5_K in an 8-expert model.
+ATTN_OUTPUT_Q5_K_8_EXPERTS = ("q2_k", "iq3_xs", "iq3_xxs", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq3_s",
+                              "iq3_m", "iq4_xs")
+
+
+def _attn_v_type(qs: TypeChoiceState, i: int, new: G, ftype: int) -> G:
+    """The attn_v / qkv / kv_b chain of llama_tensor_get_type_impl (i: their running count)."""
+    n = qs.n_attention_wv
+    if qs.n_expert == 8:  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+        return G.Q8_0
+    if ftype == FTYPE["q2_k"]:
+        return G.Q4_K if qs.n_gqa >= 4 else G.Q3_K
+    if ftype == FTYPE["q2_k_s"] and qs.n_gqa >= 4:
+        return G.Q4_K
+    if ftype == FTYPE["iq3_xxs"]:
+        return G.Q4_K if qs.n_gqa >= 4 else (G.IQ3_S if not qs.has_imatrix else G.IQ3_XXS)
+    if ftype in (FTYPE["iq3_xs"], FTYPE["iq3_s"]) and qs.n_gqa >= 4:
+        return G.Q4_K
+    if ftype == FTYPE["iq3_m"]:
+        return G.Q4_K
+    if ftype == FTYPE["q3_k_m"]:
+        return G.Q5_K if i < 2 else G.Q4_K
+    if ftype == FTYPE["q3_k_l"]:
+        return G.Q5_K
+    if ftype in (FTYPE["iq4_nl"], FTYPE["iq4_xs"]) and qs.n_gqa >= 4:
+        return G.Q5_K
+    if ftype in (FTYPE["q4_k_m"], FTYPE["q5_k_m"]) and _use_more_bits(i, n):
+        return G.Q6_K
+    if ftype == FTYPE["q4_k_s"] and i < 4:
+        return G.Q5_K
+    return new
+
+
+def _ffn_down_type(qs: TypeChoiceState, i: int, new: G, ftype: int) -> G:
+    """The ffn_down chain (i: the layer, from layer_info)."""
+    n = qs.n_layer
+    if ftype == FTYPE["q2_k"]:
+        return G.Q3_K
+    if ftype == FTYPE["q2_k_s"]:
+        return G.Q4_K if i < n // 8 else new
+    if ftype == FTYPE["iq3_xxs"] and not qs.has_imatrix:
+        return G.Q4_K if i < n // 8 else G.Q3_K
+    if ftype == FTYPE["q3_k_m"]:
+        return G.Q5_K if i < n // 16 else G.Q4_K
+    if ftype == FTYPE["iq3_m"] and (i < n // 8 or (qs.n_expert == 8 and _use_more_bits(i, n))):
+        return G.Q4_K
+    if ftype == FTYPE["q3_k_l"]:
+        return G.Q5_K
+    if ftype == FTYPE["q4_k_m"]:
+        return G.Q6_K if _use_more_bits(i, n) else new
+    if i < n // 8 and ftype in (FTYPE["iq4_nl"], FTYPE["iq4_xs"]) and not qs.has_imatrix:
+        return G.Q5_K
+    if ftype == FTYPE["q5_k_m"] and _use_more_bits(i, n):
+        return G.Q6_K
+    if ftype == FTYPE["q4_k_s"] and i < n // 8:
+        return G.Q5_K
+    if ftype in (FTYPE["q4_0"], FTYPE["q5_0"]) and qs.has_imatrix and i < n // 8:
+        return G.Q4_1 if ftype == FTYPE["q4_0"] else G.Q5_1
+    return new
+
+
 def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int, cat: str) -> G:
-    """llama_tensor_get_type_impl for a dense, non-Falcon model (`new`: the file type's default tensor type)."""
+    """llama_tensor_get_type_impl for a non-Falcon model, dense or MoE (`new`: the file type's default type).
+
+    MoE expert tensors (ffn_*_exps) fall in the ffn_* categories by name, as in llama.cpp; the
+    router (ffn_gate_inp) is never quantized (NO_QUANTIZE).
+    """
     attn_v_like = cat in ("attn_v", "qkv", "kv_b")
+    eight_experts = qs.n_expert == 8
     if cat == "output" or (qs.tied and cat == "token_embd"):
         if ne0 % _blck(new) != 0:
             return G.Q8_0
@@ -114,41 +191,26 @@ def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int
         iq2s = ftype in (FTYPE["iq2_s"], FTYPE["iq2_m"])
         if attn_v_like:
             qs.i_attention_wv += 1
-            return G.Q4_K if qs.n_gqa >= 4 else (G.IQ3_S if iq2s else G.Q2_K)
+            return G.Q4_K if qs.n_gqa >= 4 or qs.n_expert >= 4 else (G.IQ3_S if iq2s else G.Q2_K)
+        if eight_experts and cat == "attn_k":
+            return G.Q4_K
         if cat == "ffn_down":
-            i = qs.i_ffn_down
+            i = qs.i_ffn_down  # this branch counts, even in an MoE model
             qs.i_ffn_down += 1
             return (G.IQ3_S if iq2s else G.Q2_K) if i < qs.n_layer // 8 else new
         if cat == "attn_output":
+            if eight_experts:
+                return G.Q5_K
             if ftype in (FTYPE["iq1_s"], FTYPE["iq1_m"]):
                 return G.IQ2_XXS
             if iq2s:
                 return G.IQ3_S
         return new
     if attn_v_like:
-        i, n = qs.i_attention_wv, qs.n_attention_wv
         qs.i_attention_wv += 1
-        if ftype == FTYPE["q2_k"]:
-            return G.Q4_K if qs.n_gqa >= 4 else G.Q3_K
-        if ftype == FTYPE["q2_k_s"] and qs.n_gqa >= 4:
-            return G.Q4_K
-        if ftype == FTYPE["iq3_xxs"]:
-            return G.Q4_K if qs.n_gqa >= 4 else (G.IQ3_S if not qs.has_imatrix else G.IQ3_XXS)
-        if ftype in (FTYPE["iq3_xs"], FTYPE["iq3_s"]) and qs.n_gqa >= 4:
-            return G.Q4_K
-        if ftype == FTYPE["iq3_m"]:
-            return G.Q4_K
-        if ftype == FTYPE["q3_k_m"]:
-            return G.Q5_K if i < 2 else G.Q4_K
-        if ftype == FTYPE["q3_k_l"]:
-            return G.Q5_K
-        if ftype in (FTYPE["iq4_nl"], FTYPE["iq4_xs"]) and qs.n_gqa >= 4:
-            return G.Q5_K
-        if ftype in (FTYPE["q4_k_m"], FTYPE["q5_k_m"]) and _use_more_bits(i, n):
-            return G.Q6_K
-        if ftype == FTYPE["q4_k_s"] and i < 4:
-            return G.Q5_K
-        return new
+        return _attn_v_type(qs, qs.i_attention_wv - 1, new, ftype)
+    if cat == "attn_k" and eight_experts:
+        return G.Q8_0
     if cat in ("attn_k", "attn_q"):
         if ftype == FTYPE["iq3_xs"]:
             return G.IQ3_XXS
@@ -156,40 +218,20 @@ def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int
             return G.IQ2_S
         return new
     if cat == "ffn_down":
-        i, n = qs.i_ffn_down, qs.n_layer
+        i = _layer(qs, qs.i_ffn_down, name)
         qs.i_ffn_down += 1
-        if ftype == FTYPE["q2_k"]:
-            return G.Q3_K
-        if ftype == FTYPE["q2_k_s"]:
-            return G.Q4_K if i < n // 8 else new
-        if ftype == FTYPE["iq3_xxs"] and not qs.has_imatrix:
-            return G.Q4_K if i < n // 8 else G.Q3_K
-        if ftype == FTYPE["q3_k_m"]:
-            return G.Q5_K if i < n // 16 else G.Q4_K
-        if ftype == FTYPE["iq3_m"] and i < n // 8:
-            return G.Q4_K
-        if ftype == FTYPE["q3_k_l"]:
-            return G.Q5_K
-        if ftype == FTYPE["q4_k_m"]:
-            return G.Q6_K if _use_more_bits(i, n) else new
-        if i < n // 8 and ftype in (FTYPE["iq4_nl"], FTYPE["iq4_xs"]) and not qs.has_imatrix:
-            return G.Q5_K
-        if ftype == FTYPE["q5_k_m"] and _use_more_bits(i, n):
-            return G.Q6_K
-        if ftype == FTYPE["q4_k_s"] and i < n // 8:
-            return G.Q5_K
-        if ftype in (FTYPE["q4_0"], FTYPE["q5_0"]) and qs.has_imatrix and i < n // 8:
-            return G.Q4_1 if ftype == FTYPE["q4_0"] else G.Q5_1
-        return new
+        return _ffn_down_type(qs, i, new, ftype)
     if cat == "attn_output":
+        if eight_experts:
+            return G.Q5_K if ftype in {FTYPE[q] for q in ATTN_OUTPUT_Q5_K_8_EXPERTS} else new
         return {FTYPE["q2_k"]: G.Q3_K, FTYPE["iq3_xxs"]: G.IQ3_S, FTYPE["q3_k_m"]: G.Q4_K, FTYPE["q3_k_l"]: G.Q5_K,
                 FTYPE["iq3_m"]: G.Q4_K}.get(ftype, new)
     if cat == "qkv":  # unreachable (attn_v_like above), kept for parity with llama.cpp's chain
         return new
     if cat in ("ffn_gate", "ffn_up"):
         attr = "i_ffn_gate" if cat == "ffn_gate" else "i_ffn_up"
-        i = getattr(qs, attr)
-        setattr(qs, attr, i + 1)
+        i = _layer(qs, getattr(qs, attr), name)
+        setattr(qs, attr, getattr(qs, attr) + 1)
         if ftype == FTYPE["iq3_xs"] and qs.n_layer // 8 <= i < 7 * qs.n_layer // 8:
             return G.IQ3_XXS
         return new

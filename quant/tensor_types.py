@@ -30,7 +30,8 @@ def text_types(tensors: Iterable[TensorSize], quant: str, *, imatrix: bool = Fal
     k_rows = next((x.shape[1] for x in ts if x.name.endswith("attn_k.weight")), 1)
     qs = TypeChoiceState(n_gqa=q_rows / k_rows, n_layer=len(layers),
                 n_attention_wv=sum(category(n) in ("attn_v", "qkv", "kv_b") for n in names),
-                has_imatrix=imatrix, tied="output.weight" not in names)
+                has_imatrix=imatrix, tied="output.weight" not in names,
+                n_expert=next((x.shape[1] for x in ts if x.name.endswith("ffn_gate_inp.weight")), 0))
     out = []
     for x in ts:
         if not allows_quantization(x.name, len(x.shape)):

@@ -104,9 +104,9 @@ def test_error_unsupported_architecture(ckpt, tmp_path):
     cfg["architectures"] = ["LlamaForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     expect_error(run(ckpt, "-o", tmp_path / "o"), "LlamaForCausalLM", "Supported: Qwen3VLForConditionalGeneration")
-    cfg["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
+    cfg["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]  # supported, but this config has no experts
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    expect_error(run(ckpt, "-o", tmp_path / "o"), "MoE")
+    expect_error(run(ckpt, "-o", tmp_path / "o"), "num_experts", "Qwen3-VL MoE config")
 
 
 def test_error_missing_shard_and_bad_index(artifacts, tmp_path):

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from edge_models.qwen3vl.reference import Reference
+from edge_models import family_for_hf
 from edge_models.qwen3vl.synthetic import SyntheticSpec, TextShape, VisionShape
+from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
 
 from edge_llama import FLASH_ATTN_OFF, Context, ContextOptions, Model, Projector, kv_type
 
@@ -29,6 +30,11 @@ VARIANTS = {
         text=TextShape(hidden=128, ff=320, layers=5, heads=8, kv_heads=2, head_dim=32, mrope_section=(4, 6, 6)),
         vision=VisionShape(depth=4, hidden=96, ff=192, heads=6, deepstack=(1, 2, 3)),
     ),
+    # MoE (qwen3vlmoe): 6 experts, top-2 routing, deepstack; transformers 5's expert layout with
+    # hidden == 2 * expert ff (the shape that fits both layouts: config.json's marker decides) ...
+    "moe-hf5-bf16-ambiguous": MoeSyntheticSpec(moe_ff=32, seed=5),
+    # ... and the hub's layout (transformers 4.57), 8 experts, top-3, untied, 5 layers.
+    "moe-hf4-f32-8x3": MoeSyntheticSpec(layout="hf4", dtype="f32", experts=8, experts_used=3, text_layers=5, seed=6),
 }
 TOL = {"f32": 1e-2, "f16": 5e-2}
 
@@ -41,7 +47,9 @@ def manifest_paths(out_dir):
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, artifacts):
     spec = VARIANTS[request.param]
-    return spec, Reference.load(artifacts.model(spec))
+    model_dir = artifacts.model(spec)
+    config = json.loads((model_dir / "config.json").read_text())
+    return spec, family_for_hf(config).module("reference").Reference.load(model_dir)
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])

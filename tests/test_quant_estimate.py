@@ -1,7 +1,6 @@
 """Size and memory estimates from shapes alone, checked against the files llama.cpp and we write."""
 from __future__ import annotations
 
-import numpy as np
 import json
 import re
 from pathlib import Path
@@ -9,13 +8,11 @@ from pathlib import Path
 import pytest
 
 from convert.shapes import model_shapes
-from edge_llama import capture
-from edge_llama.quantize import quantize_file
 from quant import catalog, estimate as E
 from quant.mmproj import MmprojQuantOptions, quantize_mmproj
 from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
-from test_quant_support import WIDE_SPEC, pair_of, sparse_f16_text_gguf, wide_imatrix
+from test_quant_support import WIDE_SPEC, assert_types_match_llama_cpp, pair_of, wide_imatrix
 
 CONFIG_2B = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
@@ -95,25 +92,8 @@ def shapes_2b():
 
 def test_2b_shapes_match_llama_cpp_dry_run(shapes_2b, tmp_path):
     """The real 2B shapes (k-quant blocks fit, 28 layers of use_more_bits): llama.cpp's own types and sizes."""
-    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
-
     cfg, shapes = shapes_2b
-    write_tokenizer(tmp_path, train_tokenizer(300))
-    sparse = sparse_f16_text_gguf(cfg, tmp_path, tmp_path / "sparse-2b-f16.gguf", shapes)
-    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB "
-                      r"\((\S+)\))?")
-    # dry_run types every tensor without reading data; one imatrix entry is enough to switch llama.cpp's
-    # has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
-    one = {"blk.0.attn_q.weight": np.ones(2048, dtype=np.float32)}
-    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
-        for with_imatrix in (False, True):
-            with capture() as log:
-                quantize_file(sparse, "", catalog.lookup(q).ftype, dry_run=True, imatrix=one if with_imatrix else None)
-            real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
-            quant_mib = float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])
-            est = E.estimate(shapes, q, imatrix=with_imatrix)
-            assert est.text.types() == real, (q, with_imatrix)
-            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+    assert_types_match_llama_cpp(cfg, shapes, tmp_path)
     e = E.estimate(shapes, "q4_k_m", n_ctx=4096)
     assert 1.05e9 < e.text.bytes < 1.15e9  # the published Q4_K_M file of Qwen3-VL-2B-Instruct is 1.11 GB
     assert e.kv_bytes == 448 * 2**20  # llama.cpp: "KV buffer size = 448.00 MiB" at n_ctx 4096

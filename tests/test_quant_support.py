@@ -78,3 +78,42 @@ def wide_imatrix(artifacts) -> Path:
         im = compute_imatrix(artifacts.model(WIDE_SPEC), None, ImatrixOptions(max_samples=6, progress=False))
         save(im, path)
     return path
+
+
+def assert_types_match_llama_cpp(config: dict, shapes, tmp_path: Path) -> None:
+    """Every non-float type, with and without an imatrix: the estimate's per-tensor types and quantized
+    bytes equal llama.cpp's dry run on a sparse f16 file with these shapes."""
+    from edge_models.qwen3vl.synthetic import train_tokenizer, write_tokenizer
+    from quant import catalog, estimate as E
+
+    write_tokenizer(tmp_path, train_tokenizer(300))
+    sparse = sparse_f16_text_gguf(config, tmp_path, tmp_path / "sparse-f16.gguf", shapes)
+    for q in [q for q in catalog.names() if not catalog.lookup(q).is_float]:
+        for with_imatrix in (False, True):
+            real, quant_mib = llama_cpp_dry_run(sparse, q, with_imatrix)
+            est = E.estimate(shapes, q, imatrix=with_imatrix)
+            assert est.text.types() == real, (q, with_imatrix)
+            assert abs(est.text.tensor_bytes / 2**20 - quant_mib) < 0.01, (q, with_imatrix)
+
+
+def llama_cpp_dry_run(sparse: Path, quant: str, with_imatrix: bool) -> tuple[dict[str, str], float]:
+    """llama_model_quantize's own per-tensor types (name -> type) and quantized MiB, without reading data.
+
+    dry_run types every tensor from the header alone; one imatrix entry is enough to switch
+    llama.cpp's has_imatrix branches (iq3_xxs, iq4_*, q4_0/q5_0 ffn_down) on.
+    """
+    import re
+
+    import numpy as np
+
+    from edge_llama import capture
+    from edge_llama.quantize import quantize_file
+    from quant import catalog
+
+    line = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*?\], type =\s+(\S+),"
+                      r"(?:\s+size =\s+[\d.]+ MiB ->\s+[\d.]+ MiB \((\S+)\))?")
+    one = {"blk.0.attn_q.weight": np.ones(2048, dtype=np.float32)}
+    with capture() as log:
+        quantize_file(sparse, "", catalog.lookup(quant).ftype, dry_run=True, imatrix=one if with_imatrix else None)
+    real = {m[1]: (m[3] or m[2]).upper() for m in line.finditer(log.text)}
+    return real, float(re.search(r"quant size\s+=\s+([\d.]+) MiB", log.text)[1])

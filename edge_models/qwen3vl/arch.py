@@ -64,13 +64,11 @@ def _name_map(arch: MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch, n_blocks)
 
 
-def _text_map(config: dict[str, Any]) -> gguf.TensorNameMap:
-    return _name_map(MODEL_ARCH.QWEN3VL, text_hparams(config).n_layer)
-
-
-def map_text_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
+def map_text_tensor(name: str, config: dict[str, Any], shape: tuple[int, ...] | None = None, *,
+                    model_arch: MODEL_ARCH = MODEL_ARCH.QWEN3VL) -> list[TensorMapping]:
+    """gguf-py's name table for `model_arch` (the MoE sibling passes its own)."""
     renamed = name.replace(*TEXT_RENAME, 1)
-    new = _text_map(config).get_name(renamed, try_suffixes=(".weight", ".bias"))
+    new = _name_map(model_arch, text_hparams(config).n_layer).get_name(renamed, try_suffixes=(".weight", ".bias"))
     if new is None:
         raise ModelConfigError(f"checkpoint tensor {name!r} is not part of the Qwen3-VL language model.")
     return [TensorMapping(new)]
@@ -130,7 +128,7 @@ def _patch_frame1(t):
     return t[:, :, 1]
 
 
-def map_vision_tensor(name: str, config: dict[str, Any]) -> list[TensorMapping]:
+def map_vision_tensor(name: str, config: dict[str, Any], shape: tuple[int, ...] | None = None) -> list[TensorMapping]:
     vc = vision_config(config)
     short = name.replace(*VISION_RENAME, 1)
     parts = short.split(".")
@@ -246,7 +244,6 @@ SPEC = ArchSpec(
     ),
     validate=validate,
     unsupported_relatives={
-        "Qwen3VLMoeForConditionalGeneration": "the Qwen3-VL MoE family (30B-A3B, 235B-A22B) is not supported yet.",
         "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL has a different vision tower; not supported.",
         "Qwen2VLForConditionalGeneration": "Qwen2-VL has a different vision tower; not supported.",
     },

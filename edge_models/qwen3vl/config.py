@@ -85,6 +85,38 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class MoeTextConfig(TextConfig):
+    """The MoE language model (30B-A3B, 235B-A22B): every layer's FFN is routed experts, none shared."""
+
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "MoeTextConfig":
+        dense = TextConfig.from_dict(config)
+        tc = config["text_config"]
+        # transformers 5's save_pretrained writes num_local_experts, the hub files num_experts.
+        n_expert = tc.get("num_experts", tc.get("num_local_experts"))
+        if n_expert is None:
+            raise ModelConfigError("config.json: text_config has neither 'num_experts' nor 'num_local_experts'; "
+                                   "is this a complete Qwen3-VL MoE config?")
+        n_used = _need(tc, "num_experts_per_tok", "text_config")
+        if not 0 < n_used <= n_expert:
+            raise ModelConfigError(f"config.json: text_config num_experts_per_tok {n_used} must be in 1..num_experts "
+                                   f"({n_expert}).")
+        # llama.cpp's qwen3vlmoe routes every layer; dense layers between them are a different model.
+        if tc.get("mlp_only_layers") or tc.get("decoder_sparse_step", 1) != 1:
+            raise ModelConfigError("config.json: text_config mlp_only_layers / decoder_sparse_step make some layers "
+                                   "dense; llama.cpp's qwen3vlmoe needs experts in every layer.")
+        if tc.get("norm_topk_prob", True) is False:
+            raise ModelConfigError("config.json: text_config norm_topk_prob false: llama.cpp's qwen3vlmoe always "
+                                   "renormalizes the top-k routing weights.")
+        return cls(**vars(dense), n_expert=int(n_expert), n_expert_used=int(n_used),
+                   n_ff_exp=int(_need(tc, "moe_intermediate_size", "text_config")))
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     depth: int
     hidden_size: int

@@ -23,13 +23,18 @@ def image_processor(model_dir: str | Path):
     return Processor.from_pretrained(str(model_dir))
 
 
-def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes as transformers saves them, without allocating weights."""
+MODEL_CLASS = "Qwen3VLForConditionalGeneration"  # transformers class names (the MoE sibling has its own)
+CONFIG_CLASS = "Qwen3VLConfig"
+
+
+def tensor_shapes(config: dict[str, Any], model_class: str = MODEL_CLASS,
+                  config_class: str = CONFIG_CLASS) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes as transformers (this version) saves them, without allocating weights."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
 
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config))
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
     shapes = {k: tuple(p.shape) for k, p in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         shapes.pop("lm_head.weight", None)
@@ -44,14 +49,15 @@ class Reference:
     tokenizer: Any  # tokenizers.Tokenizer
     processor: Any
     config: dict[str, Any]
+    model_class = MODEL_CLASS
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: str = "float32") -> "Reference":
         import torch
+        import transformers
         from tokenizers import Tokenizer
-        from transformers import Qwen3VLForConditionalGeneration
 
-        model = Qwen3VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+        model = getattr(transformers, cls.model_class).from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
         model.eval()
         return cls(model, Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")),
                    image_processor(model_dir), json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")))

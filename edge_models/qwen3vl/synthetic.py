@@ -114,6 +114,18 @@ class SyntheticSpec:
                             deepstack=tuple(i for i in shape.deepstack if i < self.vision_depth))
         return shape
 
+    # Override points of a sibling family's spec (edge_models.qwen3vlmoe.synthetic):
+    def make_config(self, ids: dict[str, int], n_tokens: int) -> dict[str, Any]:
+        return make_config(self, ids, n_tokens)
+
+    def weight_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes as this transformers creates them."""
+        return tensor_shapes(config)
+
+    def stored(self, name: str, tensor):
+        """A weight as the checkpoint stores it (a layout other than this transformers' own)."""
+        return tensor
+
     def validate(self) -> None:
         if self.size not in ("tiny", "2b"):
             raise ValueError(f"size must be 'tiny' or '2b', got {self.size!r}")
@@ -241,7 +253,9 @@ def random_tensor(name: str, shape: tuple[int, ...], gen):
         return x * (3.0 / math.sqrt(shape[1]))  # logits ~ +-3 whatever the width
     if "pos_embed" in name:
         return 0.5 * x
-    fan_in = math.prod(shape[1:])
+    if name.endswith("mlp.gate.weight"):  # an MoE router: clear top-k gaps, so rounding never flips a choice
+        return x * (2.0 / math.sqrt(shape[1]))
+    fan_in = shape[-1] if len(shape) == 3 and "experts" in name else math.prod(shape[1:])  # [experts, out, in]
     return x * (0.5 / math.sqrt(fan_in))
 
 
@@ -257,7 +271,7 @@ def write_weights(out: Path, shapes: dict[str, tuple[int, ...]], spec: Synthetic
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
     for fname, group in zip(files, groups):
-        tensors = {k: random_tensor(k, shapes[k], gen).to(dtype).contiguous() for k in sorted(group)}
+        tensors = {k: spec.stored(k, random_tensor(k, shapes[k], gen)).to(dtype).contiguous() for k in sorted(group)}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         tmp = out / f".{fname}.partial"
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -276,8 +290,8 @@ def build_checkpoint(out_dir: str | Path, spec: SyntheticSpec = SyntheticSpec())
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(spec.tokenizer_vocab, seed=spec.seed)
     ids = write_tokenizer(out, tok)
-    config = make_config(spec, ids, tok.get_vocab_size())
-    write_weights(out, tensor_shapes(config), spec)
+    config = spec.make_config(ids, tok.get_vocab_size())
+    write_weights(out, spec.weight_shapes(config), spec)
     write_json_atomic(out / "preprocessor_config.json", preprocessor_config(spec))
     write_json_atomic(out / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],

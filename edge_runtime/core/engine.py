@@ -43,7 +43,7 @@ from edge_models import chat_format
 from edge_runtime.vision.disk_cache import DiskEncoderCache, projector_sha256
 from edge_runtime.vision.encoder_cache import EncoderCache
 from edge_runtime.vision.image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
-                           save_cost, text_flops_per_token)
+                           idle_expert_params, save_cost, text_flops_per_token)
 from edge_runtime.errors import (
     ContextOverflowError,
     DecodeError,
@@ -229,8 +229,8 @@ class Engine(Closeable):
         self._cost_key = cost_key(self.model_path, self.mmproj_path,
                                   device_key(self.threads, self.projector_gpu, self.n_gpu_layers))
         self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu, self.vision.signature)
-        self.text_flops_per_token = text_flops_per_token(self._lmodel.n_params, self._lmodel.n_vocab,
-                                                         self._lmodel.n_embd)
+        self.text_flops_per_token = text_flops_per_token(self._lmodel.n_params - idle_expert_params(self.meta, self.arch),
+                                                         self._lmodel.n_vocab, self._lmodel.n_embd)
         self.vision_free_bytes = projector_free_bytes(self.projector_gpu)
         if opts.encoder_cache_dir:
             root = Path(opts.encoder_cache_dir).expanduser()

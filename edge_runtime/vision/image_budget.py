@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from edge_runtime.vision.resize import PixelBudget, target_size
 from edge_runtime.vision.vision_spec import VisionSpec
@@ -21,7 +22,8 @@ from edge_runtime.vision.vision_spec import VisionSpec
 log = logging.getLogger("edge_runtime")
 
 __all__ = ["DETAILS", "DeviceCost", "ImagePlan", "Planner", "check_detail", "cost_key", "device_key", "find_cost",
-           "load_cost", "memory_tokens", "plan_for_context", "plan_image", "save_cost", "text_flops_per_token"]
+           "idle_expert_params", "load_cost", "memory_tokens", "plan_for_context", "plan_image", "save_cost",
+           "text_flops_per_token"]
 
 DETAILS = ("low", "auto", "high")
 LOW_MAX_TOKENS = 256
@@ -109,8 +111,25 @@ class DeviceCost:
 
 
 def text_flops_per_token(n_params: int, n_vocab: int, n_embd: int) -> float:
-    """2 x the text model's matrix weights a prompt token passes through (the embedding table excluded)."""
+    """2 x the text model's matrix weights a prompt token passes through (the embedding table excluded).
+
+    For an MoE model pass the active parameters (n_params - idle_expert_params)."""
     return 2.0 * max(n_params - n_vocab * n_embd, n_params // 2)
+
+
+def idle_expert_params(meta: Callable[[str], str | None], arch: str) -> int:
+    """Weights of the experts one token does not run through, from an MoE GGUF's metadata (0 when dense).
+
+    Three matrices per expert (gate, up, down), as in llama.cpp's build_moe_ffn without shared experts.
+    """
+    def num(key: str) -> int:
+        value = meta(f"{arch}.{key}")
+        return int(value) if value else 0
+
+    n_expert, used = num("expert_count"), num("expert_used_count")
+    if n_expert <= 1 or not used:
+        return 0
+    return 3 * num("embedding_length") * num("expert_feed_forward_length") * num("block_count") * (n_expert - used)
 
 
 def plan_image(
