@@ -41,16 +41,25 @@ def test_family_facts_match_qwens_processor():
 
 
 def test_a_sibling_registers_with_one_entry(monkeypatch):
-    """A second family (here a MoE variant sharing the vision tower) is found by its names once it is in FAMILIES."""
+    """A further family (here a made-up next version sharing the vision tower) is found by its names once it is
+    in FAMILIES; nothing else changes."""
     dense = family_for_gguf("qwen3vl")
-    moe = replace(dense, arch=replace(dense.arch, name="qwen3vlmoe",
-                                      hf_architectures=("Qwen3VLMoeForConditionalGeneration",)),
-                  gguf_architectures=("qwen3vlmoe",))
-    assert family_for_gguf("qwen3vlmoe") is dense  # not registered yet: the default
-    monkeypatch.setattr(edge_models, "FAMILIES", edge_models.FAMILIES + (moe,))
-    assert family_for_gguf("qwen3vlmoe") is moe and family_for_gguf("qwen3vl") is dense
-    assert family_for_hf({"architectures": ["Qwen3VLMoeForConditionalGeneration"]}) is moe
+    nxt = replace(dense, arch=replace(dense.arch, name="qwen3vlnext",
+                                      hf_architectures=("Qwen3VLNextForConditionalGeneration",)),
+                  gguf_architectures=("qwen3vlnext",))
+    assert family_for_gguf("qwen3vlnext") is dense  # not registered yet: the default
+    monkeypatch.setattr(edge_models, "FAMILIES", edge_models.FAMILIES + (nxt,))
+    assert family_for_gguf("qwen3vlnext") is nxt and family_for_gguf("qwen3vl") is dense
+    assert family_for_hf({"architectures": ["Qwen3VLNextForConditionalGeneration"]}) is nxt
     assert family_for_hf(HUB_CONFIG) is dense
+
+
+def test_the_moe_family_is_registered_beside_the_dense_one():
+    """Qwen3-VL MoE: its own HF class and text GGUF architecture (llama.cpp's names), the dense projector."""
+    moe = family_for_hf({"architectures": ["Qwen3VLMoeForConditionalGeneration"]})
+    assert moe.name == "qwen3vlmoe" and family_for_gguf("qwen3vlmoe") is moe
+    assert moe.gguf_architectures == ("qwen3vlmoe",)
+    assert family_for_projector("qwen3vl_merger") is family_for_gguf("qwen3vl")  # the same projector type
 
 
 def test_tools_load_on_demand(tiny_model_dir):
