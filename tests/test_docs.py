@@ -34,7 +34,14 @@ def test_the_site_builds_strict_with_its_api_reference(tmp_path):
 
 PLANTED_PACKAGE = '''\
 """A package planted for the docs checks."""
-__all__ = ["Documented", "bare", "forgotten"]
+__all__ = ["Documented", "bare", "forgotten", "lazy"]
+
+
+def __getattr__(name):  # a lazy export (PEP 562), which griffe cannot follow by itself
+    if name == "lazy":
+        from .later import lazy
+        return lazy
+    raise AttributeError(name)
 
 
 class Documented:
@@ -89,12 +96,15 @@ A [missing page](gone.md) and a [missing anchor](#no-such-heading).
 ::: planted.Documented
 
 ::: planted.bare
+
+::: planted.lazy
 '''
 
 
 def test_strict_build_fails_on_planted_link_anchor_docstring_and_export(tmp_path):
     (tmp_path / "planted").mkdir()
     (tmp_path / "planted" / "__init__.py").write_text(PLANTED_PACKAGE)
+    (tmp_path / "planted" / "later.py").write_text("def lazy():\n    pass\n")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "index.md").write_text(PLANTED_PAGE)
     (tmp_path / "mkdocs.yml").write_text(textwrap.dedent(PLANTED_CONFIG))
@@ -102,8 +112,9 @@ def test_strict_build_fails_on_planted_link_anchor_docstring_and_export(tmp_path
     assert done.returncode == 1
     warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
     undocumented = sorted(m.group(1) for w in warnings if (m := re.search(r"shows (\S+) .* without a docstring", w)))
-    assert undocumented == ["planted.Documented.bare_method", "planted.Documented.bare_property", "planted.bare"]
+    assert undocumented == ["planted.Documented.bare_method", "planted.Documented.bare_property", "planted.bare",
+                            "planted.later.lazy"]  # found where the lazy export is defined
     assert any("'gone.md'" in w for w in warnings)
     assert any("'#no-such-heading'" in w for w in warnings)
     assert any("planted.forgotten is exported" in w for w in warnings)
-    assert len(warnings) == 6, warnings
+    assert len(warnings) == 7, warnings

@@ -9,6 +9,11 @@ warning per object without a docstring; `mkdocs build --strict` turns it into a 
 It also warns when a name of a package's `__all__` (the packages listed under
 `extra: api_complete:` in mkdocs.yml) appears in no `:::` block, so a new export cannot be
 left out of the reference.
+
+A block may name an object by its public path (`::: edge_runtime.VisionChat`) even when the
+package exports it lazily (PEP 562 `__getattr__`, which griffe cannot follow): the hook asks
+Python where the object is defined and points the block there, so the pages survive a move
+of the defining module as long as the export still works.
 """
 from __future__ import annotations
 
@@ -63,22 +68,42 @@ def _shown_members(obj: griffe.Object):
         yield from _shown_members(member)
 
 
-def on_page_markdown(markdown, page, config, files):
-    """Warn for every object a `:::` block of this page would show without a docstring."""
-    for identifier in BLOCK.findall(markdown):
-        _shown.add(identifier)
+def _defining_path(identifier: str) -> str:
+    """Where an object reached by import is defined: `edge_runtime.VisionChat` -> `edge_runtime.chat.VisionChat`."""
+    parts = identifier.split(".")
+    for i in range(len(parts) - 1, 0, -1):
         try:
-            obj = _lookup(identifier)
-        except (KeyError, ImportError, griffe.AliasResolutionError) as exc:
-            log.warning("%s: cannot find %s for the API reference (%s); fix the ::: line",
-                        page.file.src_path, identifier, exc)
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
             continue
-        for item in _shown_members(obj):
-            if not (item.docstring and item.docstring.value.strip()):
-                where = f"{item.relative_filepath}:{item.lineno}" if item.lineno else str(item.relative_filepath)
-                log.warning("%s shows %s (%s) without a docstring: write one (why, not what)",
-                            page.file.src_path, item.path, where)
-    return markdown
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return f"{obj.__module__}.{obj.__qualname__}"
+    raise ImportError(f"no module of {identifier} imports")
+
+
+def _checked(identifier: str, page: str) -> str:
+    """The identifier mkdocstrings should collect, after warning for what it would show undocumented."""
+    _shown.add(identifier)
+    try:
+        obj = _lookup(identifier)
+    except (KeyError, griffe.AliasResolutionError):
+        try:
+            identifier = _defining_path(identifier)
+            obj = _lookup(identifier)
+        except (KeyError, ImportError, AttributeError, griffe.AliasResolutionError) as exc:
+            log.warning("%s: cannot find %s for the API reference (%s); fix the ::: line", page, identifier, exc)
+            return identifier
+    for item in _shown_members(obj):
+        if not (item.docstring and item.docstring.value.strip()):
+            where = f"{item.relative_filepath}:{item.lineno}" if item.lineno else str(item.relative_filepath)
+            log.warning("%s shows %s (%s) without a docstring: write one (why, not what)", page, item.path, where)
+    return identifier
+
+
+def on_page_markdown(markdown, page, config, files):
+    """Point every `:::` block at its object's definition and check what it shows."""
+    return BLOCK.sub(lambda m: "::: " + _checked(m.group(1), page.file.src_path), markdown)
 
 
 def on_post_build(config):
