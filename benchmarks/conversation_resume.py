@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime import VisionChat  # noqa: E402
-from edge_runtime.chat.saved_conversation import file_sha256  # noqa: E402
+from edge_common.manifest import file_sha256  # noqa: E402
 
 GREEDY = {"temperature": 0.0}
 WORDS = ("river stone market window orange seven quietly engine paper garden north silver question "

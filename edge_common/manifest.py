@@ -85,3 +85,13 @@ def resolve_model_paths(target: str | Path, mmproj: str | Path | None = None) ->
     if mmproj is not None and not Path(mmproj).is_file():
         raise ModelFileError(f"projector {mmproj} not found")
     return path, Path(mmproj) if mmproj else None
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a model file, computed once per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        _sha_cache[key] = sha256_file(path)
+    return _sha_cache[key]

@@ -16,7 +16,7 @@ _EXPORTS = {
     "EngineOptions": "core.options",
     "GenerationOptions": "core.options",
     "GenerationStats": "core.stats",
-    "ImageInput": "core.prompt",
+    "ImageInput": "vision.image_input",
     "ImageError": "vision.images",
     "ImageLimits": "vision.images",
     "VideoError": "vision.video",

@@ -23,7 +23,7 @@ from edge_runtime.core.generation import AnswerStep, StopReason
 from edge_runtime.errors import ContextOverflowError, EngineClosedError, ModelFileError
 from edge_runtime.vision.images import image_digest, to_rgb_array
 from edge_runtime.core.options import EngineOptions, GenerationOptions
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.core.sampling import build_sampler
 
 GREEDY = GenerationOptions(temperature=0.0)

@@ -57,7 +57,7 @@ def test_the_walk_reports_a_planted_exception_outside_the_root(monkeypatch):
     ("edge_runtime.errors.ModelFileError", FileNotFoundError),
     ("edge_runtime.errors.ContextOverflowError", ValueError),
     ("edge_runtime.vision.images.ImageError", ValueError),
-    ("edge_runtime.chat.template.TemplateError", ValueError),
+    ("edge_runtime.core.template.TemplateError", ValueError),
     ("edge_runtime.chat.grounding.GroundingError", ValueError),
     ("edge_models.errors.ModelConfigError", ValueError),
     ("edge_common.errors.OutputError", ValueError),

@@ -312,3 +312,56 @@ def test_only_edge_llama_imports_llama_cpp(tmp_path):
     offenders, scanned = llama_cpp_importers(ROOT)
     assert scanned > 100  # the runtime, quant, convert, bench, examples and tests were all read
     assert offenders == [], "go through edge_llama instead:\n" + "\n".join(offenders)
+
+
+# ---------------------------------------------------------------- rooms inside edge_runtime
+
+# Top to bottom, as docs/architecture.md draws them: a room imports only rooms below it.
+RUNTIME_ROOMS = ("cli", "server", "chat", "core", "vision")
+
+
+def room_violations(files: dict[str, str]) -> list[str]:
+    """'path imports edge_runtime.<room>' for every import of a room above (or beside, for an unknown
+    room) the importing module's own, among {relative path: source} under edge_runtime/."""
+    out = []
+    for rel, source in sorted(files.items()):
+        parts = rel.split("/")
+        if parts[0] != "edge_runtime" or len(parts) < 3:
+            continue  # the package's own __init__ and errors are shared by every room
+        room = parts[1]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [".".join(parts[:-node.level] + ([node.module] if node.module else []))]
+                names = [n.replace("/", ".") for n in names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                bits = name.split(".")
+                if bits[0] != "edge_runtime" or len(bits) < 2 or bits[1] in (room, "errors"):
+                    continue
+                if bits[1] not in RUNTIME_ROOMS or room not in RUNTIME_ROOMS or \
+                        RUNTIME_ROOMS.index(bits[1]) < RUNTIME_ROOMS.index(room):
+                    out.append(f"{rel} imports edge_runtime.{bits[1]}")
+    return sorted(set(out))
+
+
+def test_runtime_rooms_import_downwards_only():
+    """cli -> server -> chat -> core -> vision: the engine never reaches up into conversations, the
+    vision room is usable alone (budgets, images, video) and a new room must be placed in the order."""
+    planted = {
+        "edge_runtime/core/a.py": "from edge_runtime.chat.template import ChatTemplate\n",
+        "edge_runtime/vision/b.py": "def f():\n    from ..core.prompt import Prompt\n",
+        "edge_runtime/chat/c.py": "from edge_runtime.core.engine import Engine\nfrom edge_runtime.errors import DecodeError\n",
+        "edge_runtime/extra/d.py": "from edge_runtime.vision.images import load\n",
+        "edge_runtime/server/e.py": "from edge_runtime.cli.cli import main\n",
+    }
+    assert room_violations(planted) == [
+        "edge_runtime/core/a.py imports edge_runtime.chat", "edge_runtime/extra/d.py imports edge_runtime.vision",
+        "edge_runtime/server/e.py imports edge_runtime.cli", "edge_runtime/vision/b.py imports edge_runtime.core"]
+    sources = {rel: src for rel, src in our_sources("edge_runtime").items() if rel.count("/") >= 2}
+    assert {rel.split("/")[1] for rel in sources} == set(RUNTIME_ROOMS)  # every room scanned
+    assert room_violations(sources) == []

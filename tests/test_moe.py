@@ -140,7 +140,7 @@ def test_vision_chat_runs_the_moe_pair_as_transformers_does(artifacts, test_imag
     through, not all of them."""
     from edge_models.qwen3vlmoe.reference import Reference
     from edge_runtime import VisionChat
-    from edge_runtime.chat.template import template_for
+    from edge_runtime.core.template import template_for
 
     spec = replace(HUB, layout="hf5", moe_ff=32)
     out = artifacts.converted(spec, "f32")

@@ -12,7 +12,7 @@ import pytest
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from support.server import ServerProcess
 from edge_runtime.server.prompting import PromptFormat, render_prompt
-from edge_runtime.chat.template import ChatTemplate
+from edge_runtime.core.template import ChatTemplate
 from edge_runtime.chat.tool_calls import ToolCall, ToolCallStream, parse_calls
 
 SPEC = SyntheticSpec(tied=False, seed=3)

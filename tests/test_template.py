@@ -1,11 +1,11 @@
-"""edge_runtime.chat.template: HF-compatible rendering, image placeholders, think stripping."""
+"""edge_runtime.core.template: HF-compatible rendering, image placeholders, think stripping."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from edge_runtime.chat.template import (
+from edge_runtime.core.template import (
     DEFAULT_QWEN3_VL_TEMPLATE,
     IMAGE_PLACEHOLDER,
     ChatTemplate,

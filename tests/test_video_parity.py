@@ -17,7 +17,7 @@ import pytest
 from edge_models.qwen3vl.reference import Reference
 from edge_runtime import VisionChat
 from edge_runtime.chat.messages import split_messages, videos_in
-from edge_runtime.chat.template import VIDEO_PLACEHOLDER, render_with_markers
+from edge_runtime.core.template import VIDEO_PLACEHOLDER, render_with_markers
 
 QUESTION = "What happens in this clip?"
 TOL = 1e-2

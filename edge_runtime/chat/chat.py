@@ -27,7 +27,8 @@ from edge_runtime.vision.image_budget import ImagePlan, check_detail
 from edge_runtime.chat.messages import check_text, image_input, media_in, split_messages, user_message, videos_in
 from edge_runtime.core.open_model import engine_options, open_engine
 from edge_runtime.core.options import GenerationOptions
-from edge_runtime.core.prompt import ImageInput, Prompt
+from edge_runtime.core.prompt import Prompt
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.core.sampling import build_sampler
 from edge_runtime.chat.saved_conversation import (
     SavedConversation,
@@ -37,7 +38,7 @@ from edge_runtime.chat.saved_conversation import (
     write_conversation,
 )
 from edge_runtime.core.stats import GenerationStats, image_report
-from edge_runtime.chat.template import THINK_OPEN, render_with_markers
+from edge_runtime.core.template import THINK_OPEN, render_with_markers
 from edge_runtime.vision.video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
 from edge_runtime.chat.tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
 

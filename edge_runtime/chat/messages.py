@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from edge_runtime.errors import EmptyPromptError, PromptEncodingError
 from edge_runtime.vision.image_budget import ImagePlan, check_detail
 from edge_runtime.vision.images import ImageLimits, image_digest, load_image, to_rgb_array
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.video import VideoInput, load_video
 
 # (source, name for errors, detail or None) -> ImageInput

@@ -21,16 +21,15 @@ import json
 import os
 import struct
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edge_common.atomic import atomic_output
-from edge_common.manifest import sha256_file
 
 from edge_runtime.errors import SavedConversationError
-from edge_runtime.core.kv_state import Unit, image_unit, text_units
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.core.kv_state import StateFingerprint, Unit, image_unit, text_units
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.video import VideoInput
 
 MAGIC = b"EDGECONV"
@@ -39,43 +38,6 @@ SUFFIX = ".edgeconv"
 _PREAMBLE = struct.Struct("<8sIQ")
 _DIGEST = 32
 _MAX_HEADER = 256 << 20  # messages (with a server's data: URIs) and unit lists
-
-
-@dataclass(frozen=True)
-class StateFingerprint:
-    """What KV cells depend on: the exact weights, the projector (image tokens), the cell types.
-
-    Not n_ctx: cells carry their positions, so a larger context takes them as they are.
-    VisionChat has one stream (seq_id + 1 in general); `VisionChat(..., seq_id=N - 1)` matches `--parallel N`.
-    Flash attention changes the V layout; llama.cpp itself refuses that mismatch.
-    """
-
-    model_sha256: str
-    mmproj_sha256: str | None
-    arch: str
-    kv_type_k: str
-    kv_type_v: str
-    image_min_tokens: int | None
-    image_max_tokens: int | None
-    kv_streams: int  # llama.cpp keeps one KV stream per sequence (n_seq_max): a server with --parallel N has N
-
-    @classmethod
-    def from_json(cls, data: Any) -> "StateFingerprint":
-        if not isinstance(data, dict):
-            raise SavedConversationError("the header has no 'depends_on' object")
-        try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise SavedConversationError(f"the header's 'depends_on' lacks {exc.args[0]!r}") from None
-
-    def differences(self, other: "StateFingerprint") -> list[str]:
-        """Human-readable 'name: saved X, here Y' for each field that differs."""
-        out = []
-        for f in fields(self):
-            saved, here = getattr(self, f.name), getattr(other, f.name)
-            if saved != here:
-                out.append(f"{f.name}: saved {_short(saved)}, here {_short(here)}")
-        return out
 
 
 @dataclass
@@ -113,16 +75,6 @@ class SavedConversation:
 # ---------------------------------------------------------------- file identity
 
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a model file, computed once per (path, size, mtime) in this process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        _sha_cache[key] = sha256_file(path)
-    return _sha_cache[key]
 
 
 # ---------------------------------------------------------------- messages and units as JSON
@@ -294,9 +246,3 @@ def read_conversation(path: str | Path) -> SavedConversation:
         model_files=header.get("model_files"),
         created=float(header.get("created") or 0.0),
     )
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, str) and len(value) == 64:
-        return value[:12] + "..."
-    return repr(value)

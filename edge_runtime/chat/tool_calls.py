@@ -26,7 +26,7 @@ from edge_llama import SchemaConverter
 from edge_common.errors import EdgeError
 from edge_models import chat_format
 
-from edge_runtime.chat.template import ChatTemplate
+from edge_runtime.core.template import ChatTemplate
 
 FORMAT = chat_format()  # the default family's markup (edge_models)
 CALL_OPEN, CALL_CLOSE = FORMAT.tool_call_open, FORMAT.tool_call_close

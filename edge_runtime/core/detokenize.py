@@ -5,7 +5,7 @@ import codecs
 
 from edge_llama import Model
 
-from edge_runtime.chat.template import ThinkFilter
+from edge_runtime.core.template import ThinkFilter
 
 
 class PieceTable:

@@ -56,8 +56,10 @@ from edge_runtime.errors import (
 )
 from edge_runtime.core.kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
 from edge_runtime.core.options import EngineOptions
-from edge_runtime.core.prompt import Chunk, ImageInput, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
-from edge_runtime.chat.saved_conversation import StateFingerprint, file_sha256
+from edge_runtime.core.prompt import Chunk, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
+from edge_runtime.vision.image_input import ImageInput
+from edge_common.manifest import file_sha256
+from edge_runtime.core.kv_state import StateFingerprint
 from edge_runtime.core.stats import GenerationStats
 from edge_runtime.vision.vision_spec import read_vision_spec
 

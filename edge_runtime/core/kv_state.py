@@ -7,8 +7,10 @@ M-RoPE an image of n tokens advances the position by max(grid w, grid h), not n.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Hashable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Hashable, Sequence
+
+from edge_runtime.errors import SavedConversationError
 
 
 @dataclass(frozen=True)
@@ -88,3 +90,46 @@ def plan_reuse(cached: SeqState, wanted: Sequence[Unit]) -> int:
     and llama.cpp only keeps the logits of the latest batch.
     """
     return max(0, min(common_prefix(cached.units, wanted), len(wanted) - 1))
+
+
+@dataclass(frozen=True)
+class StateFingerprint:
+    """What KV cells depend on: the exact weights, the projector (image tokens), the cell types.
+
+    Not n_ctx: cells carry their positions, so a larger context takes them as they are.
+    VisionChat has one stream (seq_id + 1 in general); `VisionChat(..., seq_id=N - 1)` matches `--parallel N`.
+    Flash attention changes the V layout; llama.cpp itself refuses that mismatch.
+    """
+
+    model_sha256: str
+    mmproj_sha256: str | None
+    arch: str
+    kv_type_k: str
+    kv_type_v: str
+    image_min_tokens: int | None
+    image_max_tokens: int | None
+    kv_streams: int  # llama.cpp keeps one KV stream per sequence (n_seq_max): a server with --parallel N has N
+
+    @classmethod
+    def from_json(cls, data: Any) -> "StateFingerprint":
+        if not isinstance(data, dict):
+            raise SavedConversationError("the header has no 'depends_on' object")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except KeyError as exc:
+            raise SavedConversationError(f"the header's 'depends_on' lacks {exc.args[0]!r}") from None
+
+    def differences(self, other: "StateFingerprint") -> list[str]:
+        """Human-readable 'name: saved X, here Y' for each field that differs."""
+        out = []
+        for f in fields(self):
+            saved, here = getattr(self, f.name), getattr(other, f.name)
+            if saved != here:
+                out.append(f"{f.name}: saved {_short(saved)}, here {_short(here)}")
+        return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12] + "..."
+    return repr(value)

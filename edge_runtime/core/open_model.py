@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from edge_runtime.core.engine import Engine
 from edge_runtime.core.options import EngineOptions
-from edge_runtime.chat.template import ChatTemplate, template_for
+from edge_runtime.core.template import ChatTemplate, template_for
 
 MiB = 1 << 20
 

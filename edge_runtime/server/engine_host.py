@@ -26,7 +26,7 @@ from pathlib import Path
 from concurrent.futures import Future
 from typing import IO, Any, Callable
 
-from edge_runtime.chat.template import ChatTemplate
+from edge_runtime.core.template import ChatTemplate
 from .config import ServerOptions
 from .engine_process import ReadyInfo, job_fields
 from .errors import ApiError, queue_full, shutting_down

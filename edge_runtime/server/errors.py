@@ -14,7 +14,7 @@ from edge_common.errors import EdgeError
 from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, GrammarError,
                       ModelLoadError)
 from edge_runtime.vision.images import ImageError
-from edge_runtime.chat.template import TemplateError
+from edge_runtime.core.template import TemplateError
 
 
 @dataclass

@@ -13,7 +13,7 @@ import hashlib
 from importlib import metadata
 from pathlib import Path
 
-from edge_runtime.chat.saved_conversation import file_sha256
+from edge_common.manifest import file_sha256
 
 PACKAGES = ("qwen3-vl-edge", "llama_cpp_python")
 

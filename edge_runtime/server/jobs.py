@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from edge_runtime.core.options import GenerationOptions
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.core.stats import GenerationStats
 from .errors import ApiError
 

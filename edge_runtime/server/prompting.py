@@ -10,8 +10,8 @@ from functools import cached_property
 
 from ..errors import VisionUnsupportedError
 from edge_runtime.chat.messages import ImageLoader, VideoLoader, split_messages, videos_in
-from edge_runtime.core.prompt import ImageInput
-from edge_runtime.chat.template import THINK_OPEN, ChatTemplate, render_with_markers
+from edge_runtime.vision.image_input import ImageInput
+from edge_runtime.core.template import THINK_OPEN, ChatTemplate, render_with_markers
 from edge_runtime.chat.tool_calls import tools_template_for, uses_tools
 
 

@@ -21,7 +21,7 @@ import httpx
 
 from edge_runtime.vision.images import ImageError, ImageLimits
 from edge_runtime.chat.messages import image_input
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.video import VideoInput, VideoOptions, load_video
 from .errors import ApiError, bad_request
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.chat.saved_conversation import file_sha256
+from edge_common.manifest import file_sha256
 
 log = logging.getLogger("edge_runtime")
 

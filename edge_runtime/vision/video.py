@@ -26,7 +26,7 @@ import numpy as np
 from edge_models import chat_format, family_for_gguf
 
 from edge_runtime.vision.images import ImageError, ImageLimits, data_uri_bytes, load_image, to_rgb_array
-from edge_runtime.core.prompt import ImageInput
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.resize import resize_rgb, smart_resize_video
 
 __all__ = [
