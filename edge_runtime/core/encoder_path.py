@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_llama import LlamaError, Projector
 
-from edge_runtime.core.options import EngineOptions
+from edge_runtime.core.options import MiB, EngineOptions
 from edge_runtime.core.prompt import Chunk, Prompt
 from edge_runtime.core.stats import GenerationStats
 from edge_runtime.errors import DecodeError
@@ -37,13 +37,14 @@ class EncoderPath:
         self._projector = projector
         self._lock = lock
         self._measured = measured
-        self.memory = EncoderCache(options.encoder_cache_bytes)
+        self.memory = EncoderCache(int(options.encoder_cache_mb * MiB))
         self.disk: DiskEncoderCache | None = None
         self._disk_hits: set[str] = set()
         if mmproj_path is not None and options.encoder_cache_dir:
             root = Path(options.encoder_cache_dir).expanduser()
             root.mkdir(parents=True, exist_ok=True)
-            self.disk = DiskEncoderCache(root, projector_sha256(mmproj_path, root), options.encoder_cache_disk_bytes)
+            self.disk = DiskEncoderCache(root, projector_sha256(mmproj_path, root),
+                                         int(options.encoder_cache_disk_mb * MiB))
 
     def cached(self, digest: str) -> np.ndarray | None:
         """Encoder output from memory, else from disk (then kept in memory too)."""
