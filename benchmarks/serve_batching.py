@@ -106,7 +106,7 @@ def main(model_dir: Path | None, url: str | None, api_key: str | None, streams: 
         sys.exit(report(url.rstrip("/"), levels, max_tokens, repeats, headers))
     if model_dir is None:
         flags.fail("serve_batching", "give MODEL_DIR or --url")
-    server_args = ["--parallel", str(max(levels)), "--ctx-size", str(n_ctx), *server_arg]
+    server_args = ["--parallel", str(max(levels)), "--ctx-size", str(n_ctx * max(levels)), *server_arg]
     if threads:
         server_args += ["--threads", str(threads)]
     with ServerProcess(model_dir, server_args, startup_timeout_s=900) as server:

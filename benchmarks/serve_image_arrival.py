@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra edge-serve argument (new code only)")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    common = ["--parallel", "3", "--ctx-size", str(args.ctx_size), "--encoder-cache-mb", "0"]
+    common = ["--parallel", "3", "--ctx-size", str(args.ctx_size * 3), "--encoder-cache-mb", "0"]
     if args.mmproj:
         common += ["--mmproj", str(args.mmproj)]
     if args.threads:

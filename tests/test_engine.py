@@ -256,7 +256,7 @@ def test_missing_files_and_closed_engine(tiny_f32_dir, tmp_path):
 @pytest.mark.parametrize("load", [
     {"mmap": True, "n_ubatch": 512},
     {"mmap": False, "n_ubatch": 8},  # an image spans many ubatches
-    {"repack": False, "encoder_cache_bytes": 0},  # embeddings used straight from mtmd's buffer
+    {"repack": False, "encoder_cache_mb": 0},  # embeddings used straight from mtmd's buffer
 ])
 def test_load_settings_change_memory_not_answers(tiny_f32_dir, fresh, image, load):
     question = turn(fresh.marker, "What is this?")
@@ -271,7 +271,7 @@ def test_load_settings_change_memory_not_answers(tiny_f32_dir, fresh, image, loa
             e.reset(0)
             r, _ = prefill_text(e, question, [image])
             np.testing.assert_allclose(last_logits(e), expected, rtol=0, atol=2e-3)
-        assert r.images_encoded == (1 if load.get("encoder_cache_bytes") == 0 else 0)
+        assert r.images_encoded == (1 if load.get("encoder_cache_mb") == 0 else 0)
         assert answer(e) == expected_answer
 
 

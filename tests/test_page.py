@@ -28,7 +28,7 @@ WAIT_S = 120
 @pytest.fixture(scope="module")
 def server(artifacts, tmp_path_factory):
     model_dir = artifacts.converted(SPEC, "f16")
-    args = ["--parallel", "2", "--ctx-size", "2048", "--threads", "1",
+    args = ["--parallel", "2", "--ctx-size", "4096", "--threads", "1",
             "--conversation-dir", str(tmp_path_factory.mktemp("saved"))]
     with ServerProcess(model_dir, args, env={"EDGE_API_KEY": API_KEY, "EDGE_ADMIN_KEY": ADMIN_KEY}) as proc:
         yield proc

@@ -25,7 +25,7 @@ from support.server import ServerProcess
 SPEC = SyntheticSpec(tied=False, seed=3)
 API_KEY = "test-key-7f3a"
 CTX = 2048
-SERVER_ARGS = ["--parallel", "4", "--ctx-size", str(CTX), "--threads", "1",
+SERVER_ARGS = ["--parallel", "4", "--ctx-size", str(4 * CTX), "--threads", "1",
                "--max-body-bytes", "1M", "--max-image-bytes", "512K"]
 PROMPTS = ["hello there", "what is the color of the sky", "count to ten", "a b c d", "tell me a story",
            "why is the grass green"]

@@ -15,7 +15,7 @@ from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 API_KEY, ADMIN_KEY = "conv-api-key", "conv-admin-key"
-ARGS = ["--parallel", "2", "--ctx-size", "1024", "--threads", "1"]
+ARGS = ["--parallel", "2", "--ctx-size", "2048", "--threads", "1"]
 GREEDY = {"temperature": 0, "max_tokens": 6}
 
 

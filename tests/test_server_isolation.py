@@ -21,7 +21,7 @@ SPEC = SyntheticSpec(tied=False, seed=3)
 
 @pytest.fixture(scope="module")
 def server(artifacts):
-    with ServerProcess(artifacts.converted(SPEC, "f16"), ["--parallel", "2", "--ctx-size", "2048", "--threads", "1"]) \
+    with ServerProcess(artifacts.converted(SPEC, "f16"), ["--parallel", "2", "--ctx-size", "4096", "--threads", "1"]) \
             as proc:
         yield proc
 

@@ -28,7 +28,7 @@ def model_dir(artifacts):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    args = ["--parallel", "2", "--ctx-size", "4096", "--threads", "1", "--prefill-chunk", str(CHUNK)]
+    args = ["--parallel", "2", "--ctx-size", "8192", "--threads", "1", "--prefill-chunk", str(CHUNK)]
     with ServerProcess(model_dir, args) as proc:
         yield proc
 

@@ -31,7 +31,7 @@ MESSAGES = [{"role": "user", "content": "what is the weather in Paris"}]
 
 @pytest.fixture(scope="module")
 def server(artifacts):
-    args = ["--parallel", "2", "--ctx-size", "2048", "--threads", "1"]
+    args = ["--parallel", "2", "--ctx-size", "4096", "--threads", "1"]
     with ServerProcess(artifacts.converted(SPEC, "f16"), args) as proc:
         yield proc
 

@@ -176,7 +176,11 @@ def test_metrics_text_is_prometheus():
 def test_options_validation(tmp_path):
     assert ServerOptions(tmp_path).host == "127.0.0.1" and is_loopback("127.0.0.1") and is_loopback("::1")
     assert not is_loopback("0.0.0.0")
-    assert ServerOptions(tmp_path, parallel=3, ctx_size=1024).engine_options().n_ctx == 3072
+    # n_ctx is the whole context, shared by the slots (llama-server's --ctx-size)
+    shared = ServerOptions(tmp_path, parallel=3, n_ctx=3072).engine_options()
+    assert (shared.n_ctx, shared.n_seq_max) == (3072, 3)
+    with pytest.raises(ValueError, match="leaves 50 tokens to each of the 4 slots"):
+        ServerOptions(tmp_path, parallel=4, n_ctx=200)
     engine = ServerOptions(tmp_path, n_ubatch=32, mmap=False, repack=False).engine_options()
     assert (engine.n_ubatch, engine.mmap, engine.repack) == (32, False, False)
     with pytest.raises(ValueError):

@@ -1,11 +1,12 @@
-"""The engine: a text GGUF + projector through edge_llama, with KV reuse.
+"""The engine: a loaded model pair serving prompts on its KV-cache sequences, with KV reuse.
 
 One `Engine` owns a llama model, one llama context (its KV cache holds up to
-`n_seq_max` sequences) and, for vision models, an mtmd context. For each
-sequence it remembers which units (text tokens, images by content hash) are in
-the KV cache, so `prefill` evaluates only what follows the longest common
-prefix. Encoder outputs are kept in a byte-bounded LRU cache (and on disk) so
-another conversation about the same image skips the vision encoder.
+`n_seq_max` sequences) and, for vision models, an mtmd context (`core/loading.py`).
+For each sequence it remembers which units (text tokens, images by content hash) are
+in the KV cache (`core/sequences.py`), so `prefill` evaluates only what follows the
+longest common prefix. Encoder outputs are kept in memory and on disk
+(`core/encoder_path.py`) so another conversation about the same image skips the vision
+encoder; each encode and prefill teaches the device cost model (`core/image_costs.py`).
 
 Each operation exists once and both clients use it: `eval_tokens` (tokens of
 one or many sequences in one decode), `eval_image_piece` (a slice of an image's
@@ -18,62 +19,28 @@ The engine is not thread-safe; callers serialise access (VisionChat holds a lock
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import threading
 import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edge_common.preflight import projector_problems
-from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
-                        LlamaError, LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, Sampler,
-                        default_marker, ensure_backend, image_grid, image_positions, kv_type, log_suffix,
-                        physical_cores, take_errors)
-from edge_llama.graph_watch import GraphWatch
-from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_flash_attn, resolve_gpu_layers
-from edge_llama.params import resolve_mmap, resolve_ubatch
-from edge_llama.placement import Placement, place
-from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
-from edge_models import chat_format
+from edge_llama import Batch, EmbeddingBatch, LlamaError, Sampler, image_grid, image_positions
 
-from edge_runtime.vision.disk_cache import DiskEncoderCache, projector_sha256
-from edge_runtime.vision.encoder_cache import EncoderCache
-from edge_runtime.vision.image_budget import (HIGH_MAX_TOKENS, DeviceCost, ImagePlan, Planner, cost_key, device_key, load_cost,
-                           idle_expert_params, save_cost, text_flops_per_token)
-from edge_runtime.errors import (
-    ContextOverflowError,
-    DecodeError,
-    EngineClosedError,
-    ModelFileError,
-    ModelLoadError,
-    ProjectorMismatchError,
-    SavedConversationError,
-    VisionUnsupportedError,
-)
-from edge_runtime.core.kv_state import SeqState, Unit, image_unit, plan_reuse, text_units
-from edge_runtime.core.options import EngineOptions
+from edge_runtime.core.encoder_path import EncoderPath
+from edge_runtime.core.image_costs import ImageCosts
+from edge_runtime.core.kv_state import SeqState, StateFingerprint, Unit, image_unit, plan_reuse, text_units
+from edge_runtime.core.loading import LoadedModel
 from edge_runtime.core.prompt import Chunk, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
-from edge_runtime.vision.image_input import ImageInput
-from edge_common.manifest import file_sha256
-from edge_runtime.core.kv_state import StateFingerprint
+from edge_runtime.core.sequences import Sequences, fingerprint
 from edge_runtime.core.stats import GenerationStats
-from edge_runtime.vision.vision_spec import read_vision_spec
-
-log = logging.getLogger("edge_runtime")
-
-
-def _check_file(path: str | Path, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelFileError(f"{what} not found: {p}")
-    return p
+from edge_runtime.errors import ContextOverflowError, DecodeError, VisionUnsupportedError
+from edge_runtime.vision.disk_cache import DiskEncoderCache
+from edge_runtime.vision.encoder_cache import EncoderCache
+from edge_runtime.vision.image_budget import DeviceCost, ImagePlan, Planner
+from edge_runtime.vision.image_input import ImageInput
 
 
-class Engine(Closeable):
+class Engine(LoadedModel):
     """A text GGUF and its projector loaded once, serving any number of prompts on its sequences.
 
     `VisionChat` and edge-serve build on it; use it directly only for what they do not offer.
@@ -81,317 +48,120 @@ class Engine(Closeable):
     one evaluates only what is new.
     """
 
-    def __init__(
-        self, model_path: str | Path, mmproj_path: str | Path | None = None, options: EngineOptions | None = None
-    ) -> None:
-        self.options = options or EngineOptions()
-        self.model_path = _check_file(model_path, "text model GGUF")
-        self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
-        ensure_backend()
-        self._model: Any = None  # the text model's pointer: None once closed
-        # The mtmd context is not thread-safe: tokenizing and encoding take this lock, so a
-        # caller on another thread (the server's vision thread vs. a conversation save on the
-        # scheduler thread) waits instead of racing. Re-entrant: prefill encodes under it.
-        self.mtmd_lock = threading.RLock()
-        # the image encoder's graph: timed inside encoder_watch.timing(), stoppable inside .stopping()
-        self.encoder_watch: GraphWatch | None = None
-        self._cost_lock = threading.Lock()
-        self.placement: Placement | None = None
-        self._watchdog: DecodeWatchdog | None = None
-        self._lmodel: Model | None = None
-        self._lctx: Context | None = None
-        self._lproj: Projector | None = None
-        self._lbatch: Batch | None = None
-        self._lembd: EmbeddingBatch | None = None
-        try:
-            self._load()
-        except BaseException:
-            self.close()
-            raise
-
-    # ------------------------------------------------------------ loading
-
     def _load(self) -> None:
-        opts = self.options
-        type_k, type_v = kv_type(opts.kv_cache_type_k), kv_type(opts.kv_cache_type_v)
-        self.flash_attn_type = resolve_flash_attn(opts.flash_attn, type_v)
-        self.n_gpu_layers = resolve_gpu_layers(opts.n_gpu_layers)
-        self.threads = opts.threads or physical_cores()
-
-        # layers on a local GPU (not on RPC workers) decide mmap and ubatch
-        local_gpu_layers = self.n_gpu_layers
-        if opts.rpc_servers:
-            self.placement = place(self.model_path, opts.rpc_servers, opts.tensor_split, opts.rpc_timeout_s,
-                                   opts.rpc_output_on_host)
-            self.n_gpu_layers = self.placement.plan.n_gpu_layers
-            local_gpu_layers = 0 if self.placement.local_cpu else -1
-            self._watchdog = DecodeWatchdog(opts.rpc_stall_s)
-        self.mmap = resolve_mmap(opts.mmap, local_gpu_layers, opts.repack)
-        load = LoadOptions(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack, amx=opts.amx,
-                           placement=self.placement)
-        try:
-            self._lmodel = Model(self.model_path, load)
-        except LlamaLoadError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        self.weights_how = self._lmodel.how
-        self._model = self._lmodel.ptr
-        # {device: (layers, weight bytes)} as llama.cpp placed them
-        self.device_weights = placement_from_log(self._lmodel.load_log,
-                                                 self.placement.buffer_devices() if self.placement else None)
-        if self.placement is not None:
-            log.info("layers and weights per device: %s", self.placement.describe(self.device_weights))
-        self.arch = self.meta("general.architecture") or ""
-        cparams = ContextOptions(
-            n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=resolve_ubatch(opts.n_ubatch, opts.n_batch, local_gpu_layers),
-            n_seq_max=opts.n_seq_max, n_threads=self.threads, type_k=type_k.ggml_type, type_v=type_v.ggml_type,
-            flash_attn=self.flash_attn_type)
-        try:
-            self._lctx = Context(self._lmodel, cparams)
-        except LlamaLoadError as exc:
-            raise ModelLoadError(
-                f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, K={type_k.name}, V={type_v.name}, "
-                f"flash_attn={opts.flash_attn!r})" + (": " + " | ".join(exc.log_lines[-3:]) if exc.log_lines else "")
-            ) from exc
-        self.marker = default_marker()
-        self.n_ctx = self._lctx.n_ctx
-        self.n_ctx_seq = self._lctx.n_ctx_seq
-        self.n_batch = self._lctx.n_batch
-        self.n_ubatch = self._lctx.n_ubatch
-        self._lbatch = Batch(self.n_batch)  # prefill's text pieces
-        self._lembd = EmbeddingBatch(self.n_batch)  # prefill's image slices
-        self.n_embd_inp = self._lmodel.n_embd_inp
-        self._kv_token_bytes = self._kv_bytes_per_token(type_k, type_v)
-
+        super()._load()
+        assert self._lmodel is not None
+        self._costs: ImageCosts | None = None
         if self.mmproj_path is not None:
-            self._load_projector()
+            self._costs = ImageCosts(self.options, self.model_path, self.mmproj_path, self.vision, self._lmodel,
+                                     self.threads, self.projector_gpu, self.n_gpu_layers)
+        self.sequences = Sequences(lambda: self.context, self.options.n_seq_max, self.n_ctx, self.kv_token_bytes)
+        self.encoder = EncoderPath(self.options, self.mmproj_path, lambda: self.projector, self.mtmd_lock,
+                                   self.measured)
 
-        self._seqs: dict[int, SeqState] = {}
-        self.encoder_cache = EncoderCache(opts.encoder_cache_bytes)
-        self.disk_cache: DiskEncoderCache | None = None
-        self._disk_hits: set[str] = set()
-        if self.mmproj_path is not None:
-            self._init_image_costs()
-        self._eot = self._end_of_turn_tokens()
-        log.info(
-            "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d, "
-            "n_batch=%d/%d, weights %s",
-            self.model_path.name,
-            self.arch,
-            f" + {self.mmproj_path.name}" if self.mmproj_path else "",
-            self.n_ctx,
-            type_k.name,
-            type_v.name,
-            {-1: "auto", 0: "off", 1: "on"}.get(self.flash_attn_type, self.flash_attn_type),
-            self.n_gpu_layers,
-            self.threads,
-            self.n_batch,
-            self.n_ubatch,
-            self.weights_how,
-        )
+    # ------------------------------------------------------------ the parts' faces callers know
 
-    def _load_projector(self) -> None:
-        problems = projector_problems(self.mmproj_path)
-        if problems:
-            raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
-        opts = self.options
-        use_gpu = projector_on_gpu(opts.mmproj_gpu, self.n_gpu_layers)
-        if self.flash_attn_type == FLASH_ATTN_AUTO and not use_gpu:
-            # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
-            # projector would run without flash attention (slower, and O(patches^2) memory).
-            flash = FLASH_ATTN_ON
-        else:
-            flash = self.flash_attn_type
-        self.vision = read_vision_spec(self.mmproj_path)
-        self.projector_gpu = bool(use_gpu)
-        # Images are resized here (HF's processor, per-image budgets) to sizes mtmd keeps as
-        # they are: its own bounds only need to admit every budget this engine may choose.
-        params = ProjectorOptions(
-            n_threads=self.threads, use_gpu=bool(use_gpu), image_min_tokens=1,
-            image_max_tokens=max(self.vision.max_tokens, HIGH_MAX_TOKENS, opts.image_max_tokens or 0),
-            flash_attn=flash, warmup=bool(use_gpu),  # on CPU a warm-up encode only delays start-up
-            watch=True)
-        try:
-            self._lproj = Projector(self.mmproj_path, self._lmodel, params)
-        except LlamaLoadError as exc:
-            mismatch = next((e for e in exc.log_lines if "mismatch between text model" in e), None)
-            if mismatch:
-                raise ProjectorMismatchError(
-                    f"projector {self.mmproj_path.name} does not fit text model {self.model_path.name}: "
-                    f"{mismatch.split(': error: ')[-1].strip()} (text model expects "
-                    f"{self.n_embd_inp}-wide image embeddings); use the mmproj converted with this model"
-                ) from exc
-            raise ModelLoadError(str(exc)) from exc
-        self.encoder_watch = self._lproj.watch
-        if not self._lproj.supports_vision:
-            raise ModelLoadError(f"{self.mmproj_path.name} has no vision encoder")
+    @property
+    def encoder_cache(self) -> EncoderCache:
+        """Encoder outputs in memory (byte-bounded LRU), by image content hash."""
+        return self.encoder.memory
 
-    def _init_image_costs(self) -> None:
-        opts = self.options
-        self._cost_dir = Path(opts.cost_cache_dir).expanduser() if opts.cost_cache_dir else None
-        self._cost_key = cost_key(self.model_path, self.mmproj_path,
-                                  device_key(self.threads, self.projector_gpu, self.n_gpu_layers))
-        self.cost: DeviceCost = load_cost(self._cost_dir, self._cost_key, self.projector_gpu, self.vision.signature)
-        self.text_flops_per_token = text_flops_per_token(self._lmodel.n_params - idle_expert_params(self.meta, self.arch),
-                                                         self._lmodel.n_vocab, self._lmodel.n_embd)
-        self.vision_free_bytes = projector_free_bytes(self.projector_gpu)
-        if opts.encoder_cache_dir:
-            root = Path(opts.encoder_cache_dir).expanduser()
-            root.mkdir(parents=True, exist_ok=True)
-            sha = projector_sha256(self.mmproj_path, root)
-            self.disk_cache = DiskEncoderCache(root, sha, opts.encoder_cache_disk_bytes)
+    @property
+    def disk_cache(self) -> DiskEncoderCache | None:
+        """Encoder outputs on disk, keyed by projector and image (None: not configured)."""
+        return self.encoder.disk
+
+    @property
+    def cost(self) -> DeviceCost:
+        """This device's measured encoder and prefill speeds (vision models only)."""
+        return self._vision_costs().cost
+
+    @property
+    def text_flops_per_token(self) -> float:
+        """FLOPs of one prompt token through the text model, as the cost model counts them."""
+        return self._vision_costs().text_flops_per_token
+
+    @property
+    def vision_free_bytes(self) -> int | None:
+        """Memory free for the encoder's activations where it runs, which bounds an image's budget."""
+        return self._vision_costs().vision_free_bytes
+
+    def _vision_costs(self) -> ImageCosts:
+        if self._costs is None:
+            raise VisionUnsupportedError(f"{self.model_path.name} was loaded without a projector (mmproj)")
+        return self._costs
 
     def planner(self) -> Planner:
         """This engine's image budgets as they stand (the cost model moves once, on the first measurement)."""
-        opts = self.options
-        return Planner(self.vision, self.n_ctx_seq, replace(self.cost), self.text_flops_per_token,
-                       opts.image_latency_s, opts.image_min_tokens, opts.image_max_tokens, self.vision_free_bytes)
+        return self._vision_costs().planner(self.n_ctx_seq)
 
     def plan_image(self, detail: str = "auto", share: int = 1) -> ImagePlan:
         """The token budget for one of `share` images of a message at `detail`."""
         return self.planner().plan(detail, share)
 
-    def _kv_bytes_per_token(self, type_k: Any, type_v: Any) -> int:
-        """K+V bytes one token occupies across all layers (matches llama.cpp's allocation)."""
-        m = self._lmodel
-        n_layer, n_head, n_head_kv, n_embd = m.n_layer, m.n_head, m.n_head_kv, m.n_embd
-        head_k = int(self.meta(f"{self.arch}.attention.key_length") or n_embd // max(n_head, 1))
-        head_v = int(self.meta(f"{self.arch}.attention.value_length") or head_k)
-        return n_layer * (type_k.row_bytes(n_head_kv * head_k) + type_v.row_bytes(n_head_kv * head_v))
-
-    def _end_of_turn_tokens(self) -> frozenset[int]:
-        """EOG tokens plus the template's end-of-turn token if the vocab forgot to flag it."""
-        extra = set()
-        for text in chat_format(self.arch).end_of_turn:
-            ids = self._lmodel.tokenize(text, add_special=False)
-            if len(ids) == 1:
-                extra.add(ids[0])
-        return frozenset(extra)
-
-    # ------------------------------------------------------------ metadata
-
-    def meta(self, key: str) -> str | None:
-        """A GGUF metadata value of the text model as a string (None if absent)."""
-        self._require_open()
-        return self._lmodel.meta(key)
-
-    @property
-    def chat_template(self) -> str | None:
-        """The GGUF's Jinja chat template (None when the file has none): prompts must be rendered with it."""
-        return self._lmodel.chat_template
-
-    def special_token_text(self, which: str) -> str | None:
-        """Text of the "bos" or "eos" token, for chat templates that mention them."""
-        return self._lmodel.special_token_text(which)
-
-    @property
-    def has_vision(self) -> bool:
-        """Whether a projector is loaded: without one, image prompts are refused."""
-        return self._lproj is not None
-
-    @property
-    def text_model(self) -> Model:
-        """The text model (tokenizer, pieces, vocab size) as edge_llama wraps it."""
-        self._require_open()
-        assert self._lmodel is not None
-        return self._lmodel
-
-    @property
-    def context(self) -> Context:
-        """The llama context (logits, KV cells); one thread at a time."""
-        self._require_open()
-        assert self._lctx is not None
-        return self._lctx
-
-    @property
-    def uses_mrope(self) -> bool:
-        """Image tokens take M-RoPE positions (t, y, x, z) rather than one running position."""
-        return self._lproj is not None and self._lproj.uses_mrope
+    def measured(self, kind: str, tokens: int, seconds: float) -> None:
+        """Feed the device cost model with one encode ("encoder") or prompt evaluation ("prefill") of
+        `tokens`; the first of each kind is stored for later processes and for `edge-convert --plan`."""
+        self._vision_costs().measured(kind, tokens, seconds)
 
     def truncate(self, seq_id: int, keep: int) -> None:
         """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""
-        self._truncate(seq_id, self._seq(seq_id), keep)
-
-    @staticmethod
-    def take_log_errors() -> list[str]:
-        """llama.cpp's recent error lines, consumed, so a failure can say what llama.cpp said."""
-        return take_errors()
-
-    @staticmethod
-    def log_suffix() -> str:
-        """': <recent llama.cpp errors>' for an exception message, or ''."""
-        return _log_suffix()
-
-    def is_end_of_turn(self, token: int) -> bool:
-        """Whether generation should stop here: any end-of-generation token, or the template's end of turn."""
-        return token in self._eot or self._lmodel.is_eog(token)
-
-    # ------------------------------------------------------------ KV accounting
+        self.sequences.truncate(seq_id, keep)
 
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes allocated for K and V (n_ctx cells)."""
-        return self._kv_token_bytes * self.n_ctx
+        return self.sequences.kv_cache_bytes
 
     def kv_used_bytes(self, seq_id: int | None = None) -> int:
         """KV bytes holding one sequence (all of them with None): what a conversation costs in memory."""
-        seqs = self._seqs.values() if seq_id is None else [self._seq(seq_id)]
-        return self._kv_token_bytes * sum(s.n_tokens for s in seqs)
+        return self.sequences.kv_used_bytes(seq_id)
 
     def seq_state(self, seq_id: int = 0) -> SeqState:
         """What sequence `seq_id` holds (tokens and images), which decides what a new prompt reuses."""
-        return self._seq(seq_id)
-
-    def _seq(self, seq_id: int) -> SeqState:
-        if not 0 <= seq_id < self.options.n_seq_max:
-            raise ValueError(f"seq_id {seq_id} outside [0, n_seq_max={self.options.n_seq_max})")
-        return self._seqs.setdefault(seq_id, SeqState())
+        return self.sequences[seq_id]
 
     def reset(self, seq_id: int = 0) -> None:
         """Forget sequence `seq_id` (its KV cells are freed)."""
         self._require_open()
-        self._lctx.seq_rm(seq_id, -1, -1)
-        self._seq(seq_id).clear()
-
-    # ------------------------------------------------------------ saved sequences
+        self.sequences.reset(seq_id)
 
     def fingerprint(self) -> StateFingerprint:
         """What this engine's KV cells depend on (the model files are hashed once per process)."""
         self._require_open()
-        opts = self.options
-        return StateFingerprint(
-            model_sha256=file_sha256(self.model_path),
-            mmproj_sha256=file_sha256(self.mmproj_path) if self.mmproj_path else None,
-            arch=self.arch,
-            kv_type_k=kv_type(opts.kv_cache_type_k).name,
-            kv_type_v=kv_type(opts.kv_cache_type_v).name,
-            image_min_tokens=opts.image_min_tokens,
-            image_max_tokens=opts.image_max_tokens,
-            kv_streams=opts.n_seq_max,
-        )
+        return fingerprint(self.options, self.model_path, self.mmproj_path, self.arch)
 
     def export_seq(self, seq_id: int = 0) -> tuple[list[Unit], bytearray]:
         """The units `seq_id` holds and llama.cpp's serialised cells of it."""
         self._require_open()
-        return list(self._seq(seq_id).units), self._lctx.seq_state_bytes(seq_id)
+        return self.sequences.export(seq_id)
 
     def import_seq(self, seq_id: int, units: Sequence[Unit], data: bytearray) -> None:
         """Put exported cells into `seq_id` and take `units` as its bookkeeping, so the
         next prefill reuses them. On refusal the sequence is left empty."""
         self._require_open()
         self.check_fits(sum(u.n_tokens for u in units), 0)
-        state = self._seq(seq_id)
-        state.clear()
-        if not self._lctx.load_seq_state(seq_id, data):
-            self._lctx.seq_rm(seq_id, -1, -1)
-            raise SavedConversationError(
-                "llama.cpp refused the saved KV cells (another layer count, KV type, or flash-attention "
-                "setting, which changes the V layout)" + _log_suffix())
-        state.extend(units)
-        lo, hi = self._lctx.seq_pos_range(seq_id)
-        if units and (lo != 0 or hi + 1 != state.n_pos):
-            self.reset(seq_id)
-            raise SavedConversationError(
-                f"the saved KV cells cover positions {lo}..{hi} but the saved units need 0..{state.n_pos - 1}")
+        self.sequences.import_(seq_id, units, data)
+
+    def take_disk_hit(self, digest: str) -> bool:
+        """Whether `digest`'s embeddings were last read from the disk cache (each read counted once)."""
+        return self.encoder.take_disk_hit(digest)
+
+    def encode_chunk(self, chunk: Chunk, keep: bool = False,
+                     stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
+        """Run the vision encoder on an image chunk: (flat embeddings, seconds), the one encode path.
+
+        Feeds the memory and disk caches and the cost model. `keep`: return a copy even when no
+        cache keeps one (else mtmd's buffer, valid until the next encode under `mtmd_lock`).
+        `stop`: checked while the graph runs; (None, seconds) when it stopped the encode
+        (a half-computed output is neither used nor cached).
+        """
+        return self.encoder.encode_chunk(chunk, keep, stop)
+
+    def known_embedding(self, chunk: Chunk, prompt: Prompt) -> np.ndarray | None:
+        """An image chunk's encoder output without encoding (n_tokens x n_embd): pinned when the prompt was
+        tokenized, else from the memory cache; None: the encoder must run."""
+        return self.encoder.known(chunk, prompt)
 
     # ------------------------------------------------------------ prompts
 
@@ -405,29 +175,11 @@ class Engine(Closeable):
             )
         if not self.has_vision:
             return tokenize_text(self._lmodel, text)
-        pinned = {img.digest: e for img in images if (e := self._cached_embedding(img.digest)) is not None}
+        pinned = {img.digest: e for img in images if (e := self.encoder.cached(img.digest)) is not None}
         with self.mtmd_lock:
             prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
-
-    def _cached_embedding(self, digest: str) -> np.ndarray | None:
-        """Encoder output from memory, else from disk (then kept in memory too)."""
-        embd = self.encoder_cache.get(digest)
-        if embd is None and self.disk_cache is not None and digest:
-            embd = self.disk_cache.get(digest)
-            if embd is not None:
-                embd = embd.reshape(-1)
-                self._disk_hits.add(digest)
-                self.encoder_cache.put(digest, embd)
-        return embd
-
-    def take_disk_hit(self, digest: str) -> bool:
-        """Whether `digest`'s embeddings were last read from the disk cache (each read counted once)."""
-        if digest in self._disk_hits:
-            self._disk_hits.discard(digest)
-            return True
-        return False
 
     def encode_image(self, image: ImageInput) -> tuple[np.ndarray, int, int]:
         """Encoder output of one image: (n_tokens x n_embd_inp float32 array, grid_x, grid_y).
@@ -473,7 +225,7 @@ class Engine(Closeable):
         if prompt.chunks[-1].kind != "text":
             raise DecodeError("a prompt must end with text (the generation prompt)")
         self.check_fits(prompt.n_tokens, reserve)
-        state = self._seq(seq_id)
+        state = self.sequences[seq_id]
         keep = plan_reuse(state, prompt.units)
         result = GenerationStats(
             prompt_tokens=prompt.n_tokens,
@@ -482,7 +234,7 @@ class Engine(Closeable):
             reused_tokens=sum(u.n_tokens for u in prompt.units[:keep]),
         )
         if keep < len(state):
-            self._truncate(seq_id, state, keep)
+            self.truncate(seq_id, keep)
         cursor = PromptCursor(prompt, seq_id, keep)
         t0 = time.perf_counter()
         try:
@@ -498,7 +250,7 @@ class Engine(Closeable):
                     cursor.advance(piece)
                 else:
                     if cursor.embedding(chunk) is None:
-                        cursor.embeddings[chunk.digest or ""] = self._image_embedding(chunk, prompt, result)
+                        cursor.embeddings[chunk.digest or ""] = self.encoder.embedding(chunk, prompt, result)
                     elif cursor.offset == 0:  # the same image (a repeated frame pair) earlier in this prompt
                         result.encoder_cache_hits += 1
                     piece = cursor.next_piece(self.n_ubatch)  # one ubatch a slice, as mtmd's helper decodes it
@@ -507,27 +259,12 @@ class Engine(Closeable):
                     self.eval_image_piece(self._lembd, cursor, piece)
                 result.evaluated_tokens += n
         except BaseException:
-            self._truncate(seq_id, state, len(state))  # drop cells of a half-done batch
+            self.truncate(seq_id, len(state))  # drop cells of a half-done batch
             raise
         result.prefill_s = time.perf_counter() - t0 - result.image_encode_s
         if self.has_vision and result.evaluated_tokens >= 32:
             self.measured("prefill", result.evaluated_tokens, result.prefill_s)
         return result
-
-    def measured(self, kind: str, tokens: int, seconds: float) -> None:
-        """Feed the device cost model with one encode ("encoder") or prompt evaluation ("prefill") of
-        `tokens`; the first of each kind is stored for later processes and for `edge-convert --plan`."""
-        flops = self.vision.encoder_flops(tokens) if kind == "encoder" else tokens * self.text_flops_per_token
-        with self._cost_lock:  # the server's vision and scheduler threads both measure
-            if self.cost.record(kind, flops, seconds):
-                save_cost(self._cost_dir, self._cost_key, self.cost)
-
-    def _truncate(self, seq_id: int, state: SeqState, keep: int) -> None:
-        pos = state.truncate(keep)
-        if not self._lctx.seq_rm(seq_id, pos, -1):
-            # only partial removal can fail (recurrent memory): drop the whole sequence
-            self._lctx.seq_rm(seq_id, -1, -1)
-            state.clear()
 
     def eval_tokens(self, batch: Batch, entries: Sequence[tuple[int, int, bool]]) -> None:
         """Evaluate (seq_id, token, logits) entries of one or many sequences in one llama_decode, each token
@@ -539,7 +276,7 @@ class Engine(Closeable):
         for seq_id, token, logits in entries:
             pos = next_pos.get(seq_id)
             if pos is None:
-                pos = self._seq(seq_id).n_pos
+                pos = self.sequences[seq_id].n_pos
             rows.append((seq_id, token, pos, logits))
             next_pos[seq_id] = pos + 1
         batch.put(rows)  # text tokens carry one position: llama.cpp spreads it over the M-RoPE sections
@@ -547,10 +284,10 @@ class Engine(Closeable):
             self.decode(batch)
         except BaseException:
             for seq_id in next_pos:
-                self.truncate(seq_id, len(self._seq(seq_id)))
+                self.truncate(seq_id, len(self.sequences[seq_id]))
             raise
         for seq_id, token, _ in entries:
-            self._seq(seq_id).append(text_units((token,))[0])
+            self.sequences[seq_id].append(text_units((token,))[0])
 
     def eval_image_slice(self, batch: EmbeddingBatch, seq_id: int, chunk: Chunk, embd: np.ndarray,
                          positions: np.ndarray, start: int, n: int) -> None:
@@ -559,7 +296,7 @@ class Engine(Closeable):
         sequence's bookkeeping once its last slice is in; a failed slice drops the half-written cells."""
         self._require_open()
         batch.set(embd[start:start + n], positions[:, start:start + n], seq_id)
-        state = self._seq(seq_id)
+        state = self.sequences[seq_id]
         try:
             self.decode(batch)
         except BaseException:
@@ -567,14 +304,6 @@ class Engine(Closeable):
             raise
         if start + n == chunk.n_tokens:
             state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
-
-    def guarded(self) -> Any:
-        """Bounds a wait on RPC workers (a no-op without them): wrap llama_decode and sampling.
-
-        llama_decode may return before the workers finish; reading the logits
-        (sampling) is where the host then waits, so both are guarded.
-        """
-        return self._watchdog if self._watchdog is not None else contextlib.nullcontext()
 
     def decode(self, batch: Any) -> None:
         """Evaluate a token or embedding batch (edge_llama's Batch / EmbeddingBatch), the RPC wait bounded."""
@@ -593,63 +322,6 @@ class Engine(Closeable):
                     logits[token] += value
             return sampler.sample(self._lctx, index)
 
-    def encode_chunk(self, chunk: Chunk, keep: bool = False,
-                     stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
-        """Run the vision encoder on an image chunk: (flat embeddings, seconds), the one encode path.
-
-        Feeds the memory and disk caches and the cost model. `keep`: return a copy even when no
-        cache keeps one (else mtmd's buffer, valid until the next encode under `mtmd_lock`).
-        `stop`: checked while the graph runs; (None, seconds) when it stopped the encode
-        (a half-computed output is neither used nor cached).
-        """
-        with self.mtmd_lock:  # also guards mtmd's output buffer until it is used
-            return self._encode_locked(chunk, keep, stop)
-
-    def _encode_locked(self, chunk: Chunk, keep: bool,
-                       stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
-        digest = chunk.digest or ""
-        t0 = time.perf_counter()
-        try:
-            out = self._lproj.encode(chunk.handle, stop=stop, copy=False)
-        except LlamaError as exc:
-            raise DecodeError(str(exc)) from exc
-        seconds = time.perf_counter() - t0
-        if out is None:
-            return None, seconds
-        embd = out.reshape(-1)
-        self.measured("encoder", chunk.n_tokens, seconds)
-        if keep or (digest and (embd.nbytes <= self.encoder_cache.max_bytes or self.disk_cache is not None)):
-            embd = embd.copy()
-        if digest and embd.nbytes <= self.encoder_cache.max_bytes:
-            self.encoder_cache.put(digest, embd)
-        if digest and self.disk_cache is not None:
-            self.disk_cache.put(digest, embd)
-        return embd, seconds
-
-    def known_embedding(self, chunk: Chunk, prompt: Prompt) -> np.ndarray | None:
-        """An image chunk's encoder output without encoding (n_tokens x n_embd): pinned when the prompt was
-        tokenized, else from the memory cache; None: the encoder must run."""
-        digest = chunk.digest or ""
-        embd = prompt.embeddings.get(digest)
-        if embd is None and digest:
-            embd = self.encoder_cache.get(digest)
-        if embd is None and chunk.placeholder:
-            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
-        return None if embd is None else np.asarray(embd).reshape(chunk.n_tokens, -1)
-
-    def _image_embedding(self, chunk: Chunk, prompt: Prompt, stats: GenerationStats) -> np.ndarray:
-        """An image chunk's encoder output from a cache or the encoder, counted in `stats`."""
-        embd = self.known_embedding(chunk, prompt)
-        if embd is not None:
-            stats.encoder_cache_hits += 1
-            stats.disk_cache_hits += self.take_disk_hit(chunk.digest or "")
-            return embd
-        encoded, seconds = self.encode_chunk(chunk, keep=True)
-        assert encoded is not None
-        stats.image_encode_s += seconds
-        stats.images_encoded += 1
-        return encoded.reshape(chunk.n_tokens, -1)
-
     def eval_image_piece(self, batch: EmbeddingBatch, cursor: PromptCursor, piece: Piece) -> None:
         """Evaluate a slice of the image `cursor` stands at (its embeddings are in the cursor), then move on."""
         chunk = cursor.current
@@ -657,34 +329,10 @@ class Engine(Closeable):
         if chunk is None or embd is None:
             raise DecodeError("no image embeddings to evaluate")
         if cursor.positions is None:
-            cursor.positions = image_positions(chunk.handle, self._seq(cursor.seq_id).n_pos, self.uses_mrope)
+            cursor.positions = image_positions(chunk.handle, self.sequences[cursor.seq_id].n_pos, self.uses_mrope)
         self.eval_image_slice(batch, cursor.seq_id, chunk, embd, cursor.positions, piece.start, piece.n)
         cursor.advance(piece)
-
-    # ------------------------------------------------------------ lifetime
-
-    def _require_open(self) -> None:
-        if self._model is None:
-            raise EngineClosedError("the engine is closed")
-
-    def close(self) -> None:
-        """Free projector, batch, context and model (in that order), then release the RPC workers; idempotent."""
-        if self._watchdog is not None:
-            self._watchdog.close()
-            self._watchdog = None
-        for name in ("_lproj", "_lembd", "_lbatch", "_lctx", "_lmodel"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-            setattr(self, name, None)
-        self._model = None
-        if self.placement is not None:
-            unguard_workers(self.placement.endpoints)
-            self.placement = None
 
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
-
-
-_log_suffix = log_suffix

@@ -1,5 +1,5 @@
 """One way to open a model for chatting, used by `VisionChat` and the server alike:
-user-facing settings (MiB, paths, any sequence) -> `EngineOptions`, then the engine
+user-facing settings (paths, any sequence) -> `EngineOptions`, then the engine
 and the chat template it answers with."""
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ from edge_runtime.core.engine import Engine
 from edge_runtime.core.options import EngineOptions
 from edge_runtime.core.template import ChatTemplate, template_for
 
-MiB = 1 << 20
-
-
 def engine_options(
     *,
-    kv_cache_type_k: str,
-    kv_cache_type_v: str,
-    encoder_cache_mb: float,
     encoder_cache_dir: str | Path | None = None,
     encoder_cache_disk_mb: float | None = None,
     cost_cache_dir: str | Path | None = None,
@@ -25,15 +19,12 @@ def engine_options(
     tensor_split: Sequence[float] | None = None,
     **rest: Any,
 ) -> EngineOptions:
-    """`EngineOptions` from the units a person sets; the other fields (`rest`) pass as they are,
-    and whatever is not given keeps EngineOptions' default."""
+    """`EngineOptions` from what a person sets (paths, any sequence); the other fields (`rest`) pass as
+    they are, and whatever is not given (or None for the disk bound) keeps EngineOptions' default."""
     extra: dict[str, Any] = {}
     if encoder_cache_disk_mb is not None:
-        extra["encoder_cache_disk_bytes"] = int(encoder_cache_disk_mb * MiB)
+        extra["encoder_cache_disk_mb"] = encoder_cache_disk_mb
     return EngineOptions(
-        kv_cache_type_k=kv_cache_type_k,
-        kv_cache_type_v=kv_cache_type_v,
-        encoder_cache_bytes=int(encoder_cache_mb * MiB),
         encoder_cache_dir=str(encoder_cache_dir) if encoder_cache_dir else None,
         cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,
         rpc_servers=rpc_servers if isinstance(rpc_servers, str) else tuple(rpc_servers),

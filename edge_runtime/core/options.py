@@ -8,6 +8,8 @@ from typing import Any, Mapping, Sequence
 from edge_llama import LoadOptions, kv_type
 from edge_llama.rpc import parse_endpoint
 
+MiB = 1 << 20
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -25,12 +27,12 @@ class EngineOptions:
     threads: int | None = None  # None: physical cores
     image_min_tokens: int | None = None  # None: the projector's default
     image_max_tokens: int | None = None
-    # Encoder outputs of recent images, so a new conversation about the same
-    # picture skips the vision encoder. A 2B model's 640x480 image is ~10 MB.
-    encoder_cache_bytes: int = 128 << 20
-    # Encoder outputs on disk for new processes (None: off). Bounded in bytes.
+    # Encoder outputs of recent images (MiB, like every size a person sets), so a new conversation
+    # about the same picture skips the vision encoder. A 2B model's 640x480 image is ~10 MiB.
+    encoder_cache_mb: float = 128
+    # Encoder outputs on disk for new processes (None: off), bounded in MiB.
     encoder_cache_dir: str | None = None
-    encoder_cache_disk_bytes: int = 1 << 30
+    encoder_cache_disk_mb: float = 1024
     # detail="auto": the largest image budget whose predicted encode + prefill fits this.
     image_latency_s: float = 8.0
     # Where the measured encoder/prefill rates of this device are kept (None: in memory only).
@@ -85,10 +87,10 @@ class EngineOptions:
             raise ValueError(f"threads must be positive, got {self.threads}")
         if self.n_seq_max < 1:
             raise ValueError(f"n_seq_max must be positive, got {self.n_seq_max}")
-        if self.encoder_cache_bytes < 0:
-            raise ValueError("encoder_cache_bytes must be >= 0")
-        if self.encoder_cache_disk_bytes < 0:
-            raise ValueError("encoder_cache_disk_bytes must be >= 0")
+        for name in ("encoder_cache_mb", "encoder_cache_disk_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
         if not self.image_latency_s > 0:
             raise ValueError(f"image_latency_s must be positive, got {self.image_latency_s}")
         for name in ("image_min_tokens", "image_max_tokens"):

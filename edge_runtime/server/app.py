@@ -47,7 +47,8 @@ from .responses import (
 )
 from .engine_host import RESTARTING, EngineHost
 from .fingerprint import system_fingerprint
-from .scheduler import LOADING, READY, Scheduler
+from .front import LOADING, READY
+from .scheduler import Scheduler
 from .schemas import ChatRequest, generation_options, parse_chat_request, template_messages, tool_plan
 from .security import AuthMiddleware, BodyLimitMiddleware, BrowserGuardMiddleware, ImagePolicy
 

@@ -55,7 +55,7 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @click.option("--host", default=DEFAULTS.host, help="Address to bind; anything but loopback exposes the model.")
 @click.option("--port", default=DEFAULTS.port, type=int)
 @flags.parallel(DEFAULTS.parallel)
-@flags.ctx_size(DEFAULTS.ctx_size, "Context tokens per slot (KV cells = ctx-size x parallel).")
+@flags.ctx_size(DEFAULTS.n_ctx, "KV cells shared by the slots: each gets ctx-size / parallel, as in llama-server.")
 @flags.batch_size(DEFAULTS.n_batch)
 @flags.engine_flags(DEFAULTS)
 @flags.image_flags
@@ -87,13 +87,12 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
               help="Run llama.cpp in a child process that is restarted when it dies.")
 @click.option("--model-id", default=None, help="Model name for /v1/models (default: the directory name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | str, n_ctx: int,
-         **settings: Any) -> None:
+def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | str, **settings: Any) -> None:
     """Serve the GGUF pair in TARGET (a converter output directory) at http://HOST:PORT/v1."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
-        options = ServerOptions(model_dir=target, mmproj=mmproj, ctx_size=n_ctx, flash_attn=flash_attn,
+        options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn=flash_attn,
                                 **load_settings(settings), **flags.image_settings(settings, user_cache_dir()),
                                 **settings)
     except (EdgeError, ValueError) as exc:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from edge_llama import kv_type
 
-from edge_runtime.core.open_model import MiB, engine_options
-from edge_runtime.core.options import EngineOptions
+from edge_runtime.core.open_model import engine_options
+from edge_runtime.core.options import MiB, EngineOptions
 
 _ORIGIN = re.compile(r"^https?://[^/\s]+$", re.IGNORECASE)
 
@@ -29,7 +29,8 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 2  # slots: requests decoded together in one batch
-    ctx_size: int = 4096  # KV cells per slot; the context holds ctx_size * parallel
+    # KV cells of the one context, shared by the slots: each gets n_ctx / parallel (llama-server's rule)
+    n_ctx: int = 8192
     n_batch: int = 512
     n_ubatch: int | None = None  # None: see EngineOptions
     mmap: bool | str = "auto"
@@ -71,7 +72,7 @@ class ServerOptions:
         kv_type(self.kv_cache_type_k)
         kv_type(self.kv_cache_type_v)
         positive = {
-            "port": self.port, "parallel": self.parallel, "ctx_size": self.ctx_size, "n_batch": self.n_batch,
+            "port": self.port, "parallel": self.parallel, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
             "max_body_bytes": self.max_body_bytes, "max_image_bytes": self.max_image_bytes,
             "queue_size": self.queue_size, "default_max_tokens": self.default_max_tokens,
         }
@@ -86,8 +87,9 @@ class ServerOptions:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.timeout_s <= 0 or self.remote_fetch_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
-        if self.ctx_size < 64:
-            raise ValueError(f"ctx_size must be at least 64 tokens, got {self.ctx_size}")
+        if self.n_ctx // self.parallel < 64:
+            raise ValueError(f"n_ctx={self.n_ctx} leaves {self.n_ctx // self.parallel} tokens to each of the "
+                             f"{self.parallel} slots; give at least 64 per slot (n_ctx >= {64 * self.parallel})")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; leave it unset to disable authentication")
         if self.admin_key is not None and not self.admin_key.strip():
@@ -110,9 +112,9 @@ class ServerOptions:
         return is_loopback(self.host)
 
     def engine_options(self) -> EngineOptions:
-        """One context, `parallel` sequences, each with `ctx_size` cells of its own."""
+        """One context of `n_ctx` cells, `parallel` sequences sharing it (llama.cpp gives each n_ctx / parallel)."""
         return engine_options(
-            n_ctx=self.ctx_size * self.parallel,
+            n_ctx=self.n_ctx,
             n_batch=self.n_batch,
             n_ubatch=self.n_ubatch,
             mmap=self.mmap,

@@ -33,7 +33,7 @@ from .errors import ApiError, queue_full, shutting_down
 from .jobs import Failed, Finished, Job
 from .metrics import Gauges, Metrics
 from .prompting import PromptFormat
-from .scheduler import FAILED, LOADING, READY, STOPPED, EngineFront
+from .front import FAILED, LOADING, READY, STOPPED, EngineFront
 
 log = logging.getLogger("edge_runtime.server")
 

@@ -30,7 +30,8 @@ from edge_llama import ensure_backend
 from .config import ServerOptions
 from .jobs import Event, Failed, Finished, Job
 from .metrics import Metrics
-from .scheduler import FAILED, LOADING, READY, Scheduler
+from .front import FAILED, LOADING, READY
+from .scheduler import Scheduler
 
 STATS_INTERVAL_S = 0.1
 LLAMA_LOGGER = "edge_llama.llama_cpp"  # where edge_llama routes llama.cpp's log

@@ -25,49 +25,26 @@ from edge_llama import EmbeddingBatch
 
 from edge_common.manifest import resolve_model_paths
 
-from edge_runtime.core.step import Answer, Core
 from edge_runtime.core.detokenize import PieceTable
 from edge_runtime.core.engine import Engine
-from edge_runtime.core.generation import END_OF_TURN, AnswerStep
-from edge_runtime.core.sampling import build_sampler
-from edge_runtime.core.stats import image_report
+from edge_runtime.core.generation import END_OF_TURN
 from edge_runtime.core.open_model import open_engine
-from ..errors import DecodeError
-from edge_runtime.core.kv_state import plan_reuse
 from edge_runtime.core.prompt import Piece, Prompt, tokenize_text
+from edge_runtime.core.step import Core
+from edge_runtime.errors import DecodeError
+
+from .admission import admit
 from .config import ServerOptions
-from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error, unavailable
+from .errors import ApiError, from_exception, queue_full, shutting_down, timeout_error
+from .front import FAILED, LOADING, READY, STOPPED, EngineFront
 from .jobs import Failed, Finished, Job, TextDelta
-from .logit_bias import build_bias, end_of_generation_tokens
+from .logit_bias import end_of_generation_tokens
 from .metrics import Gauges, Metrics
-from .prefill import PrefillWork, VisionWorker, missing_images
+from .prefill import VisionWorker
 from .prompting import PromptFormat
-from .slots import Candidate, Slot, choose_slot
+from .slots import Slot
 
 log = logging.getLogger("edge_runtime.server")
-
-LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
-
-
-class EngineFront:
-    """What the routes read of an engine, whether it runs here (`Scheduler`) or in a child
-    process (`EngineHost`): its state and, once ready, how to render prompts for it."""
-
-    state: str = LOADING
-    error: str | None = None
-    last_exit: str | None = None  # why the engine process last died, if it did
-    _format: PromptFormat | None = None
-
-    @property
-    def prompt_format(self) -> PromptFormat:
-        self.require_ready()
-        assert self._format is not None
-        return self._format
-
-    def require_ready(self) -> None:
-        error = unavailable(self.state, self.error, self.last_exit)
-        if error is not None:
-            raise error
 
 
 class Scheduler(EngineFront):
@@ -318,48 +295,21 @@ class Scheduler(EngineFront):
             else:
                 self._drop(job)
             return
-        sampler = answer = work = None
         try:
-            if not prompt.chunks or prompt.chunks[-1].kind != "text":
-                raise DecodeError("a prompt must end with text (the generation prompt)")
-            room = engine.n_ctx_seq - prompt.n_tokens
-            limit = job.options.max_tokens or min(self.options.default_max_tokens, room)
-            engine.check_fits(prompt.n_tokens, max(limit, 1))
-            bias = build_bias(job.logit_bias, self._n_vocab, job.ignore_eos, self._eog_tokens)
-            sampler = build_sampler(job.options, engine.text_model, job.seed)  # a bad grammar fails here
-            candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used)
-                          for s in self._free_slots()]
-            seq_id, _ = choose_slot(candidates, prompt.units)
-            answer = Answer(seq_id, sampler, AnswerStep(self._pieces, job.options, limit, job.starts_inside_think,
-                                                        engine.is_end_of_turn), bias=bias or None)
-            sampler = None
-            keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
-            engine.truncate(seq_id, keep)
-            work = PrefillWork(prompt, seq_id, keep, job=job)
-            encode = missing_images(work, engine)
+            admitted = admit(engine, job, prompt, self._free_slots(), self._pieces, self._n_vocab, self._eog_tokens,
+                             self.options.default_max_tokens)
         except Exception as exc:
-            for owner in (sampler, answer):
-                if owner is not None:
-                    owner.close()
-            if work is not None:
-                work.release()
-            else:
-                prompt.close()
             self._fail(job, exc)
             return
+        answer, work, encode = admitted.answer, admitted.work, admitted.encode
         if encode:
             assert self._vision is not None
             self._vision.encode(work, encode)
-        slot = self._slots[seq_id]
-        stats = answer.stats
-        stats.prompt_tokens, stats.image_tokens, stats.images = prompt.n_tokens, prompt.n_image_tokens, prompt.n_images
-        stats.reused_tokens = sum(u.n_tokens for u in prompt.units[:keep])
-        stats.image_details = [image_report(img, c.n_tokens) for img, c in
-                               zip(job.images, (c for c in prompt.chunks if c.kind == "image"))]
+        slot = self._slots[answer.seq_id]
         slot.job, slot.answer, slot.prefill = job, answer, work
         slot.started = time.monotonic()
         self.metrics.add("prompt_tokens", prompt.n_tokens)
-        self.metrics.add("prompt_tokens_cached", stats.reused_tokens)
+        self.metrics.add("prompt_tokens_cached", answer.stats.reused_tokens)
         self.metrics.add("images", prompt.n_images)
         self.metrics.add("images_encoded", len(encode))
         self.metrics.add("encoder_disk_hits", sum(engine.take_disk_hit(c.digest or "") for c in prompt.chunks
