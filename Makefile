@@ -16,7 +16,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS  := -DGGML_RPC=on $(CMAKE_ARGS)
 WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
-# The sdist too: its vendored llama.cpp converter is the reference of the converter tests (tests/support/llama_cpp_converter.py).
+# The sdist too: its vendored llama.cpp converter is the reference of the converter tests (tests/support/reference_converter.py).
 SDIST_DIR  ?= $(WHEEL_ROOT)/../sdist
 WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
 
