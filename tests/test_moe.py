@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
-from support import reference_converter
+from support import reference_converter as refconv
 from conftest import REAL_CACHE_ROOTS
 from convert import ConvertError, convert_checkpoint
 from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
@@ -32,7 +32,7 @@ OWN_KEYS = ("general.", "GGUF.", "clip.vision.image_min_pixels", "clip.vision.im
 @pytest.fixture(scope="module")
 def reference_converter(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("llama-cpp-converter")
-    return reference_converter.unpack_converter(reference_converter.find_sdist(REAL_CACHE_ROOTS, scratch), scratch)
+    return refconv.unpack_converter(refconv.find_sdist(REAL_CACHE_ROOTS, scratch), scratch)
 
 
 def read(path: Path):
@@ -62,8 +62,8 @@ def assert_same_files(ours: Path, theirs: Path) -> dict[str, float]:
 def test_conversion_equals_llama_cpps_converter(artifacts, reference_converter, tmp_path, spec, outtype):
     text, mmproj = pair_of(artifacts.converted(spec, outtype))
     model_dir = artifacts.model(spec)
-    ref_text = reference_converter.convert(reference_converter, model_dir, tmp_path / "ref.gguf", outtype)
-    ref_mmproj = reference_converter.convert(reference_converter, model_dir, tmp_path / "ref-mmproj.gguf", outtype,
+    ref_text = refconv.convert(reference_converter, model_dir, tmp_path / "ref.gguf", outtype)
+    ref_mmproj = refconv.convert(reference_converter, model_dir, tmp_path / "ref-mmproj.gguf", outtype,
                                              mmproj=True)
     worst = assert_same_files(text, ref_text)
     assert {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_inp.weight"} <= set(worst)
