@@ -43,8 +43,6 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_buft_name.restype = ctypes.c_char_p
-    lib.ggml_backend_load_all.argtypes = []
-    lib.ggml_backend_load_all.restype = None
     return lib
 
 
@@ -59,9 +57,6 @@ def cpu_extra_buffer_types() -> tuple[BufferType, ...]:
     ensure_backend()
     lib = _ggml()
     dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
-    if not dev:  # a build with dynamically loaded backends that nothing has loaded yet
-        lib.ggml_backend_load_all()
-        dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not dev:
         return ()
     reg = lib.ggml_backend_dev_backend_reg(dev)
