@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS  := -DGGML_RPC=on $(CMAKE_ARGS)
 WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
 WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
 
-.PHONY: setup llama-wheel browser demo test bench clean
+.PHONY: setup llama-wheel browser demo test test-arm64 bench clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The Raspberry Pi 5 lane (docs/devices.md): an arm64 Debian root under QEMU's Cortex-A76, the
+# runtime installed without torch, the torch-free tests and parity with x86 (root, x86-64 host).
+test-arm64: $(STAMP)
+	HOST_PYTHON=$(abspath $(BIN))/python tests/arm64/lane.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m edge_runtime.bench --synthetic 2b
