@@ -37,3 +37,21 @@ def test_big_little_keeps_the_big_cores_even_when_the_little_ones_are_listed_las
         d.mkdir(parents=True)
         (d / "cpu_capacity").write_text(f"{cap}\n")
     assert physical_cores(tmp_path) == 2
+
+
+def test_no_amx_buffer_type_means_no_amx_probe():
+    """ARM builds have no AMX buffer type (only CPU_REPACK): the AMX probe, a child process that
+    loads a model, must not run there, nor on x86 CPUs without AMX."""
+    import platform
+
+    from edge_llama import amx, bufts
+
+    names = tuple(b.name for b in bufts.cpu_extra_buffer_types())
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        assert names == (bufts.CPU_REPACK,)
+
+    def no_probe(mode):
+        raise AssertionError(f"the {mode} probe ran")
+
+    plan = amx.extra_bufts_plan(True, "auto", available=tuple(n for n in names if n != bufts.AMX), probe=no_probe)
+    assert plan.use_extra_bufts and plan.repack_overrides is None and "AMX" not in plan.how.replace("no AMX", "")

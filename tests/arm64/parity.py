@@ -21,7 +21,7 @@ import numpy as np
 
 TYPES = ("f16", "q8_0", "q4_0", "q4_k_m", "iq4_nl")
 KVS = ("f16", "q8_0")
-STEPS = 12
+STEPS = 8
 TEXT_PROMPT = "<|im_start|>user\nDescribe the weather on Mars in one sentence.<|im_end|>\n<|im_start|>assistant\n"
 IMAGE_PROMPT = "<|im_start|>user\n{marker}What is in this picture?<|im_end|>\n<|im_start|>assistant\n"
 LOGIT_TOL = 1e-2  # where two kernels part at a near tie, the logits there must agree this closely
@@ -64,8 +64,9 @@ def _greedy(ctx, pos: int) -> tuple[list[int], np.ndarray]:
     return tokens, np.stack(rows)
 
 
-def run_one(text: Path, mmproj: Path, kv: str, image: np.ndarray) -> tuple[dict, dict]:
-    import llama_cpp as L  # noqa: F401  (loaded by edge_llama anyway)
+def run_type(text: Path, mmproj: Path, image: np.ndarray) -> tuple[dict, dict]:
+    """One weight type: the image embeddings once, then greedy text and image answers per KV type."""
+    import llama_cpp as L  # the flash-attention constants
 
     from edge_llama import kv_type
     from edge_llama.objects import Context, ContextOptions, LoadOptions, Model, Projector, ProjectorOptions, chunk_is_text
@@ -76,19 +77,20 @@ def run_one(text: Path, mmproj: Path, kv: str, image: np.ndarray) -> tuple[dict,
     facts["buffers"] = [ln.strip() for ln in model.load_log if "buffer size" in ln]
     # ggml-cpu/repack.cpp logs the interleaved layout it picked for each weight ("... with q4_0_4x8")
     facts["repack"] = sorted({ln.rsplit(" with ", 1)[1].strip() for ln in model.load_log if "repack tensor" in ln})
-    t = kv_type(kv).ggml_type
-    fa = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv != "f16" else L.LLAMA_FLASH_ATTN_TYPE_AUTO
-    ctx = Context(model, ContextOptions(n_ctx=1024, type_k=int(t), type_v=int(t), flash_attn=fa))
-    toks = model.tokenize(TEXT_PROMPT, parse_special=True)
-    ctx.decode(toks, 0)
-    arrays["text_tokens"], arrays["text_logits"] = _greedy(ctx, len(toks))
-    ctx.clear()
     proj = Projector(mmproj, model, ProjectorOptions())
     chunks = proj.tokenize(IMAGE_PROMPT.format(marker=proj.marker), [image])
     arrays["image_embd"] = np.concatenate([proj.encode(c) for c in chunks if not chunk_is_text(c)])
-    n_past = proj.eval_chunks(ctx, chunks)
-    arrays["image_tokens"], arrays["image_logits"] = _greedy(ctx, n_past)
-    for obj in (chunks, proj, ctx, model):
+    toks = model.tokenize(TEXT_PROMPT, parse_special=True)
+    for kv in KVS:
+        t = int(kv_type(kv).ggml_type)
+        fa = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv != "f16" else L.LLAMA_FLASH_ATTN_TYPE_AUTO
+        with Context(model, ContextOptions(n_ctx=1024, type_k=t, type_v=t, flash_attn=fa)) as ctx:
+            ctx.decode(toks, 0)
+            arrays[f"{kv}/text_tokens"], arrays[f"{kv}/text_logits"] = _greedy(ctx, len(toks))
+            ctx.clear()
+            n_past = proj.eval_chunks(ctx, chunks)
+            arrays[f"{kv}/image_tokens"], arrays[f"{kv}/image_logits"] = _greedy(ctx, n_past)
+    for obj in (chunks, proj, model):
         obj.close()
     return facts, arrays
 
@@ -137,13 +139,11 @@ def main_run(gguf_root: Path, out: Path, label: str, record: bool) -> None:
     arrays = {}
     t0 = time.time()
     for q in TYPES:
-        text, mmproj = _pair(gguf_root / q)
-        for kv in KVS:
-            f, a = run_one(text, mmproj, kv, image)
-            facts["runs"][f"{q}/{kv}"] = f
-            arrays.update({f"{q}/{kv}/{k}": v for k, v in a.items()})
-            print(f"[{label}] {q} KV {kv}: weights {f['weights']}; repacked as {', '.join(f['repack']) or 'nothing'}; "
-                  + "; ".join(" ".join(b.split()) for b in f["buffers"]), flush=True)
+        f, a = run_type(*_pair(gguf_root / q), image)
+        facts["runs"][q] = f
+        arrays.update({f"{q}/{k}": v for k, v in a.items()})
+        print(f"[{label}] {q}: weights {f['weights']}; repacked as {', '.join(f['repack']) or 'nothing'}; "
+              + "; ".join(" ".join(b.split()) for b in f["buffers"]), flush=True)
     facts.update(chat_checks(gguf_root / "f16", out, label, frames, out / "conversation.x86.bin", record))
     facts["seconds"] = round(time.time() - t0, 1)
     np.savez(out / f"{label}.npz", **arrays)
@@ -168,7 +168,7 @@ def compare(ref: dict, ref_facts: dict, got: dict, got_facts: dict, q: str, kv: 
         at_part = float(np.abs(ref[f"{q}/{kv}/{what}_logits"][part] - got[f"{q}/{kv}/{what}_logits"][part]).max()) \
             if part is not None else None
         row[what] = {"same": same, "part": part, "max_logit_diff": diff, "logit_diff_at_part": at_part}
-    row["cos_min"] = _cos_min(ref[f"{q}/{kv}/image_embd"], got[f"{q}/{kv}/image_embd"])
+    row["cos_min"] = _cos_min(ref[f"{q}/image_embd"], got[f"{q}/image_embd"])
     return row
 
 
@@ -193,9 +193,9 @@ def table(out: Path, profiles: list[str]) -> int:
                 lines.append(f"| {q} | {kv} | {p} | {cell('text')} | {cell('image')} | {diff:.2e} | {r['cos_min']:.6f} |")
                 parted_far = any(not r[w]["same"] and r[w]["logit_diff_at_part"] > LOGIT_TOL for w in ("text", "image"))
                 bad += int(parted_far or r["cos_min"] < COS_MIN)
-        layouts = {q: ", ".join(facts["runs"][f"{q}/f16"]["repack"]) or "none" for q in TYPES}
+        layouts = {q: ", ".join(facts["runs"][q]["repack"]) or "none" for q in TYPES}
         extra.append(f"{p}: repacked layouts " + "; ".join(f"{q} -> {v}" for q, v in layouts.items())
-                     + f" (weights: {facts['runs']['q4_0/f16']['weights']})")
+                     + f" (weights: {facts['runs']['q4_0']['weights']})")
         v_ok = facts.get("video_answer") == ref_facts["video_answer"]
         c = facts.get("conversation_answer")
         conv = ("restored, same answer" if c == ref_facts["conversation_answer"] else f"restored, answer differs: {c!r}") \
