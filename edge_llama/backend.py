@@ -43,8 +43,9 @@ def load_dynamic_backends() -> None:
     then keeps the best CPU variant this CPU can run. A build with backends linked
     in already has its CPU device: nothing to do.
     """
-    from llama_cpp._ggml import libggml
+    from .ggml_devices import open_lib
 
+    libggml = open_lib("ggml")  # the copy libllama links (llama_cpp._ggml opens a second one)
     libggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     libggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     if libggml.ggml_backend_dev_by_type(0):  # GGML_BACKEND_DEVICE_TYPE_CPU

@@ -33,7 +33,11 @@ def lib_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    from llama_cpp._ggml import libggml as lib  # the libggml llama_cpp itself loaded
+    from .ggml_devices import open_lib
+
+    # the libggml libllama links: llama_cpp._ggml opens libggml.so, a second copy whose device
+    # registry a build with dynamically loaded backends leaves empty
+    lib = open_lib("ggml")
 
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p

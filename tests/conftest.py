@@ -26,6 +26,10 @@ def _importable(name: str) -> bool:
 
 
 HAS_TORCH = _importable("torch") and _importable("transformers")
+# Modules that import transformers at the top (smart_resize is their independent reference):
+# not even collected where it is missing, deselected with the `torch` tests otherwise.
+TORCH_MODULES = ("test_image_budget.py", "test_image_plan.py")
+collect_ignore = [] if HAS_TORCH else list(TORCH_MODULES)
 # Select as if torch were missing (the x86 half of the arm64 lane runs the root's selection).
 RUNTIME_ONLY = not HAS_TORCH or os.environ.get("EDGE_TEST_RUNTIME_ONLY") == "1"
 
@@ -43,7 +47,8 @@ def pytest_collection_modifyitems(config, items):
         return
     keep, drop = [], []
     for item in items:
-        needs = item.get_closest_marker("torch") or "tiny_model_dir" in getattr(item, "fixturenames", ())
+        needs = (item.get_closest_marker("torch") or "tiny_model_dir" in getattr(item, "fixturenames", ())
+                 or item.path.name in TORCH_MODULES)
         (drop if needs else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

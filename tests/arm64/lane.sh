@@ -15,7 +15,7 @@ here=$repo/tests/arm64
 host_python=${HOST_PYTHON:-$repo/.venv/bin/python}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/qwen3-vl-edge/arm64
 LLAMA_CPP_VERSION=0.3.36
-ROOT_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
+ROOT_PACKAGES=python3,python3-venv,python3-pip,ca-certificates,libgomp1  # libgomp1: ggml threads with OpenMP
 LLAMA_FLAGS="-DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
 PROFILES=(cortex-a76 "max,sve=off" max)
 root=$cache/root/bookworm_$ROOT_PACKAGES
