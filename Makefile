@@ -20,7 +20,7 @@ WHEEL_ROOT ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3-vl-edge/wheels
 SDIST_DIR  ?= $(WHEEL_ROOT)/../sdist
 WHEEL_DIR  := $(WHEEL_ROOT)/$(shell printf '%s' '$(strip $(LLAMA_CMAKE_ARGS))' | sed 's/-D//g' | tr -c 'A-Za-z0-9=._-' '_')
 
-.PHONY: setup llama-wheel llama-sdist browser demo test docs bench clean
+.PHONY: setup llama-wheel llama-sdist browser demo test test-arm64 docs bench clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,11 @@ docs: $(STAMP)
 	@$(BIN)/python -c 'import mkdocs, material, mkdocstrings_handlers.python' 2>/dev/null || \
 		$(BIN)/python -m pip install -q -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# The Raspberry Pi 5 lane (docs/devices.md): an arm64 Debian root under QEMU's Cortex-A76, the
+# runtime installed without torch, the torch-free tests and parity with x86 (root, x86-64 host).
+test-arm64: $(STAMP)
+	HOST_PYTHON=$(abspath $(BIN))/python tests/arm64/lane.sh
 
 bench: $(STAMP)
 	$(BIN)/python -m edge_bench --synthetic 2b

@@ -6,6 +6,7 @@ import os
 import platform
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import llama_cpp
@@ -27,9 +28,31 @@ def ensure_backend() -> LogBridge:
         if _bridge is None:
             _bridge = LogBridge()
             llama_cpp.llama_backend_init()
+            load_dynamic_backends()
             return_freed_memory()
         _bridge.install()
         return _bridge
+
+
+def load_dynamic_backends() -> None:
+    """Load the backend libraries of a GGML_BACKEND_DL build from llama_cpp/lib.
+
+    Such a build (one wheel for every ARM64 core: a CPU backend per feature level,
+    GGML_CPU_ALL_VARIANTS) registers no device until its backends are loaded, and
+    ggml looks for them beside the executable (python), not beside libggml; ggml
+    then keeps the best CPU variant this CPU can run. A build with backends linked
+    in already has its CPU device: nothing to do.
+    """
+    from .ggml_devices import open_lib
+
+    libggml = open_lib("ggml")  # the copy libllama links (llama_cpp._ggml opens a second one)
+    libggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    libggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    if libggml.ggml_backend_dev_by_type(0):  # GGML_BACKEND_DEVICE_TYPE_CPU
+        return
+    libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    libggml.ggml_backend_load_all_from_path.restype = None
+    libggml.ggml_backend_load_all_from_path(str(Path(llama_cpp.__file__).resolve().parent / "lib").encode())
 
 
 def take_errors() -> list[str]:

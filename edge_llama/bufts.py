@@ -33,7 +33,11 @@ def lib_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    from llama_cpp._ggml import libggml as lib  # the libggml llama_cpp itself loaded
+    from .ggml_devices import open_lib
+
+    # the libggml libllama links: llama_cpp._ggml opens libggml.so, a second copy whose device
+    # registry a build with dynamically loaded backends leaves empty
+    lib = open_lib("ggml")
 
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
@@ -43,8 +47,6 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_buft_name.restype = ctypes.c_char_p
-    lib.ggml_backend_load_all.argtypes = []
-    lib.ggml_backend_load_all.restype = None
     return lib
 
 
@@ -59,9 +61,6 @@ def cpu_extra_buffer_types() -> tuple[BufferType, ...]:
     ensure_backend()
     lib = _ggml()
     dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
-    if not dev:  # a build with dynamically loaded backends that nothing has loaded yet
-        lib.ggml_backend_load_all()
-        dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not dev:
         return ()
     reg = lib.ggml_backend_dev_backend_reg(dev)

@@ -7,30 +7,88 @@ import subprocess
 from pathlib import Path
 
 
-def parse_cpuinfo_cores(cpuinfo: str) -> int:
-    """Count distinct (physical id, core id) pairs in /proc/cpuinfo text; 0 if absent."""
-    cores: set[tuple[str, str]] = set()
-    physical = core = None
+def cpuinfo_cores(cpuinfo: str) -> dict[int, tuple[str, str]]:
+    """processor -> (physical id, core id) from /proc/cpuinfo text; empty where it has no core ids (ARM)."""
+    cores: dict[int, tuple[str, str]] = {}
+    processor = physical = core = None
     for line in cpuinfo.splitlines() + [""]:
         if not line.strip():
             if core is not None:
-                cores.add((physical or "0", core))
-            physical = core = None
+                cores[processor if processor is not None else len(cores)] = (physical or "0", core)
+            processor = physical = core = None
             continue
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            physical = value.strip()
+        key, value = key.strip(), value.strip()
+        if key == "processor" and value.isdigit():
+            processor = int(value)
+        elif key == "physical id":
+            physical = value
         elif key == "core id":
-            core = value.strip()
-    return len(cores)
+            core = value
+    return cores
 
 
-def physical_cores() -> int:
-    """Physical cores usable by this process (SMT siblings slow llama.cpp down)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def parse_cpuinfo_cores(cpuinfo: str) -> int:
+    """Count distinct (physical id, core id) pairs in /proc/cpuinfo text; 0 if absent."""
+    return len(set(cpuinfo_cores(cpuinfo).values()))
+
+
+def cpuinfo_processors(cpuinfo: str) -> list[int]:
+    """The logical CPU numbers /proc/cpuinfo lists ("processor : N" lines)."""
+    out = []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "processor" and value.strip().isdigit():
+            out.append(int(value))
+    return out
+
+
+def cpu_capacities(sys_cpu: Path) -> dict[int, int]:
+    """cpuN -> /sys/devices/system/cpu/cpuN/cpu_capacity (ARM's relative core speed, 1024 = fastest);
+    empty where the kernel has none (x86)."""
+    caps = {}
+    for f in sys_cpu.glob("cpu[0-9]*/cpu_capacity"):
+        try:
+            caps[int(f.parent.name[3:])] = int(f.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return caps
+
+
+def count_cores(cpuinfo: str, capacities: dict[int, int], allowed: set[int]) -> int:
+    """Cores llama.cpp should run a thread on, among the logical CPUs `allowed`; 0 if unknown.
+
+    x86 lists (physical id, core id) per logical CPU: SMT siblings share a core and slow
+    llama.cpp down. ARM's /proc/cpuinfo has no such lines and no SMT: one core per
+    processor. On big.LITTLE boards (RK3588: 4x A55 at capacity 414 + 4x A76 at 1024)
+    llama.cpp splits each matmul evenly over its threads, so the big cores would wait on
+    the little ones: only the cores of the highest capacity count (macOS's
+    hw.perflevel0.physicalcpu makes the same choice for Apple's performance cores).
+    """
+    if capacities and len({capacities.get(c) for c in allowed if c in capacities}) > 1:
+        top = max(capacities[c] for c in allowed if c in capacities)
+        allowed = {c for c in allowed if capacities.get(c) == top}
+    smt = cpuinfo_cores(cpuinfo)
+    if smt:
+        return len({core for cpu, core in smt.items() if not allowed or cpu in allowed})
+    processors = set(cpuinfo_processors(cpuinfo))
+    return len(processors & allowed) if allowed else len(processors)
+
+
+def physical_cores(root: Path = Path("/")) -> int:
+    """Cores usable by this process that llama.cpp should thread over (see count_cores).
+
+    `root` is the file-system root to read /proc/cpuinfo and /sys from: tests pass a folder of
+    a real board's files; for one, every CPU it lists is usable.
+    """
+    host = root == Path("/")
+    if host and hasattr(os, "sched_getaffinity"):
+        allowed = set(os.sched_getaffinity(0))
+    else:
+        allowed = set()
+    logical = len(allowed) if allowed else (os.cpu_count() or 1)
     cores = 0
-    if platform.system() == "Darwin":
+    if host and platform.system() == "Darwin":
         try:
             out = subprocess.run(
                 ["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True, check=False
@@ -42,9 +100,13 @@ def physical_cores() -> int:
             cores = 0
     else:
         try:
-            cores = parse_cpuinfo_cores(Path("/proc/cpuinfo").read_text())
+            cpuinfo = (root / "proc/cpuinfo").read_text()
         except OSError:
-            cores = 0
+            cpuinfo = ""
+        if not host:
+            allowed = set(cpuinfo_processors(cpuinfo))
+            logical = len(allowed) or 1
+        cores = count_cores(cpuinfo, cpu_capacities(root / "sys/devices/system/cpu"), allowed)
     if cores <= 0:
         cores = logical
     return max(1, min(cores, logical))

@@ -37,6 +37,7 @@ from typing import Iterable, Sequence
 import llama_cpp
 from edge_common.errors import EdgeError
 
+from .backend import ensure_backend
 from .ggml_devices import Device, describe, open_lib, registry
 
 DEFAULT_PORT = 50052
@@ -111,6 +112,7 @@ def parse_endpoints(items: Iterable[str] | str) -> list[Endpoint]:
 
 
 def rpc_supported() -> bool:
+    ensure_backend()  # a GGML_BACKEND_DL build registers RPC only once its library is loaded
     return bool(llama_cpp.llama_supports_rpc()) and open_lib("ggml-rpc") is not None
 
 

@@ -1,15 +1,58 @@
 """Shared fixtures: tiny synthetic checkpoints, converted once per session."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from convert import convert_checkpoint
-from edge_models.qwen3vl.synthetic import SyntheticSpec, build_checkpoint
+from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_bench.scenario import bench_image
+
+# A folder of converted GGUF pairs kept across runs: the x86 run of the arm64 lane writes them
+# (with torch), the run inside the arm64 root (the runtime only, no torch) reads them.
+GGUF_STORE_ENV = "EDGE_TEST_GGUF_STORE"
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+        return False
+
+
+HAS_TORCH = _importable("torch") and _importable("transformers")
+# Modules that import transformers at the top (smart_resize is their independent reference):
+# not even collected where it is missing, deselected with the `torch` tests otherwise.
+TORCH_MODULES = ("test_image_budget.py", "test_image_plan.py")
+collect_ignore = [] if HAS_TORCH else list(TORCH_MODULES)
+# Select as if torch were missing (the x86 half of the arm64 lane runs the root's selection).
+RUNTIME_ONLY = not HAS_TORCH or os.environ.get("EDGE_TEST_RUNTIME_ONLY") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "torch: needs torch/transformers when it runs (a checkpoint, a transformers reference, "
+        "conversion); deselected where they are not installed, as on a Raspberry Pi")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without torch, tests marked `torch` (or using the HF checkpoint fixture) are deselected, and
+    pytest's summary counts them: the runtime-only install runs every other test."""
+    if not RUNTIME_ONLY:
+        return
+    keep, drop = [], []
+    for item in items:
+        needs = (item.get_closest_marker("torch") or "tiny_model_dir" in getattr(item, "fixturenames", ())
+                 or item.path.name in TORCH_MODULES)
+        (drop if needs else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 # Where the code would put its caches (encoder outputs, device costs, AMX verdicts) if the
@@ -43,6 +86,8 @@ class Artifacts:
         self._converted: dict[tuple[SyntheticSpec, str], Path] = {}
 
     def model(self, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+        from edge_models.qwen3vl.synthetic import build_checkpoint
+
         if spec not in self._models:
             self._models[spec] = build_checkpoint(self.root / f"ckpt-{len(self._models)}", spec)
         return self._models[spec]
@@ -51,9 +96,31 @@ class Artifacts:
         key = (spec, quant)
         if key not in self._converted:
             out = self.root / f"gguf-{len(self._converted)}-{quant}"
-            convert_checkpoint(self.model(spec), out, quant, progress=False)
+            stored = self._stored(spec, quant)
+            if stored is not None and stored.is_dir():
+                shutil.copytree(stored, out)  # a copy: a test may write beside the files
+            elif stored is not None and not HAS_TORCH:
+                raise RuntimeError(f"{stored} is missing: {GGUF_STORE_ENV} holds no conversion of {spec} "
+                                   f"at {quant}; run the same tests where torch is installed to write it")
+            else:
+                from convert import convert_checkpoint
+
+                convert_checkpoint(self.model(spec), out, quant, progress=False)
+                if stored is not None:
+                    tmp = stored.with_name(stored.name + f".{os.getpid()}.partial")
+                    shutil.copytree(out, tmp)
+                    os.replace(tmp, stored)
             self._converted[key] = out
         return self._converted[key]
+
+    @staticmethod
+    def _stored(spec: SyntheticSpec, quant: str) -> Path | None:
+        """Where the store keeps this conversion (None without a store): named by the spec and type."""
+        store = os.environ.get(GGUF_STORE_ENV)
+        if not store:
+            return None
+        digest = hashlib.sha256(repr((spec, quant)).encode()).hexdigest()[:16]
+        return Path(store) / f"{quant}-{digest}"
 
 
 @pytest.fixture(scope="session")

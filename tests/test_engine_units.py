@@ -102,9 +102,17 @@ def test_cpuinfo_parsing_counts_physical_cores():
     two_sockets = "\n\n".join(f"processor: {i}\nphysical id: {i // 2}\ncore id: {i % 2}" for i in range(4))
     assert parse_cpuinfo_cores(two_sockets) == 4
     assert parse_cpuinfo_cores("processor: 0\nmodel name: arm\n") == 0
-    logical = len(os.sched_getaffinity(0))
-    from_cpuinfo = parse_cpuinfo_cores(Path("/proc/cpuinfo").read_text())  # this suite runs on Linux
-    assert physical_cores() == (min(from_cpuinfo, logical) if from_cpuinfo > 0 else logical)
+
+
+def test_physical_cores_matches_lscpu():
+    """util-linux's lscpu, not our parser, says which core each usable logical CPU sits on.
+    (ARM boards' big.LITTLE choice is tested on their real files in test_hardware.py.)"""
+    rows = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True, check=True).stdout
+    allowed = os.sched_getaffinity(0)  # this suite runs on Linux
+    cores = {(socket, core) for cpu, core, socket in
+             (line.split(",") for line in rows.splitlines() if line and not line.startswith("#"))
+             if int(cpu) in allowed}
+    assert physical_cores() == len(cores)
 
 
 def test_quantized_v_cache_turns_flash_attention_on(caplog):
