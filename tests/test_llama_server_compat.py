@@ -30,6 +30,7 @@ import openai
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
+from support.logprobs import assert_logprobs_match, reference_logprobs
 from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
@@ -72,8 +73,8 @@ PEER_SUITE: dict[str, tuple[str, str]] = {
     "test_chat_completion::test_invalid_chat_completion_req": (
         RUN, "the two-trailing-assistant row is accepted, as OpenAI does (llama-server's prefill rule)"),
     "test_chat_completion::test_chat_completion_with_timings_per_token": (NA, "timings_per_token: refused with 400"),
-    "test_chat_completion::test_logprobs": (PENDING, "logprobs (issue 25, after the batched core)"),
-    "test_chat_completion::test_logprobs_stream": (PENDING, "logprobs (issue 25, after the batched core)"),
+    "test_chat_completion::test_logprobs": (RUN, "top_logprobs 3; values checked against a separate decode"),
+    "test_chat_completion::test_logprobs_stream": (RUN, "top_logprobs 3; values checked against a separate decode"),
     "test_chat_completion::test_logit_bias": (NA, "needs /tokenize; logit_bias: tests/test_server.py"),
     "test_chat_completion::test_context_size_exceeded": (RUN, "error is OpenAI's context_length_exceeded"),
     "test_chat_completion::test_context_size_exceeded_stream": (RUN, "error is OpenAI's context_length_exceeded"),
@@ -430,15 +431,69 @@ def test_context_size_exceeded_stream(server):
         assert json.loads(resp.read())["error"]["code"] == "context_length_exceeded"
 
 
-@mirrors("test_chat_completion::test_logprobs", "test_chat_completion::test_logprobs_stream")
-@pytest.mark.parametrize("stream", [False, True])
-def test_logprobs_are_refused(server, stream):
-    """Until logprobs land on the batched core they are refused, never ignored."""
+def openai_logprobs(entries) -> list[dict]:
+    """The openai client's parsed ChatCompletionTokenLogprob objects, as plain dicts."""
+    return [e.model_dump(exclude_none=True) for e in entries]
+
+
+@mirrors("test_chat_completion::test_logprobs")
+def test_logprobs(server, model_dir):
+    """Upstream's checks (tokens join to the content, each with logprob <= 0, bytes and top_logprobs),
+    plus every value against a separate decode of the same GGUF; greedy text unchanged by asking."""
     client = openai.OpenAI(api_key="dummy", base_url=server.url("/v1"), max_retries=0)
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK, max_tokens=5,
-                                       logprobs=True, top_logprobs=10, stream=stream)
-    assert info.value.body["param"] == "logprobs"
+    res = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                         max_tokens=5, logprobs=True, top_logprobs=3)
+    plain = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                           max_tokens=5)
+    choice = res.choices[0]
+    assert choice.message.content == plain.choices[0].message.content
+    assert plain.choices[0].logprobs is None  # not asked: not sent
+    content = openai_logprobs(choice.logprobs.content)
+    assert len(content) == res.usage.completion_tokens == 5
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == choice.message.content
+    for entry in content:
+        assert entry["logprob"] <= 0.0 and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the likeliest token
+    assert_logprobs_match(content, reference_logprobs(model_dir, BOOK, 5, 3))
+
+
+@mirrors("test_chat_completion::test_logprobs_stream")
+def test_logprobs_stream(server, model_dir):
+    client = openai.OpenAI(api_key="dummy", base_url=server.url("/v1"), max_retries=0)
+    stream = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                            max_tokens=5, logprobs=True, top_logprobs=3, stream=True)
+    text, content = "", []
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            text += choice.delta.content
+            assert choice.logprobs is not None  # a content chunk carries its tokens' logprobs
+        if choice.logprobs is not None:
+            content += openai_logprobs(choice.logprobs.content)
+    assert len(content) == 5
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == text
+    assert_logprobs_match(content, reference_logprobs(model_dir, BOOK, 5, 3))
+
+
+def test_logprobs_see_the_logit_bias(server, model_dir):
+    """The logprobs are those of the row the sampler reads: after logit_bias (here lifting the
+    runner-up of the first token to first place), before temperature and grammar."""
+    first = reference_logprobs(model_dir, BOOK, 1, 2)[0]["top_logprobs"]
+    runner_up = first[1]["id"]
+    bias = {runner_up: 5.0}
+    res = send(server, "POST", "/v1/chat/completions", {
+        "messages": BOOK, "max_tokens": 3, "temperature": 0.0, "logprobs": True, "top_logprobs": 2,
+        "logit_bias": {str(k): v for k, v in bias.items()}})
+    assert res.status_code == 200, res.text
+    want = reference_logprobs(model_dir, BOOK, 3, 2, bias)
+    assert want[0]["bytes"] == first[1]["bytes"]  # the bias changed the answer
+    assert_logprobs_match(res.json()["choices"][0]["logprobs"]["content"], want)
+
+
+@pytest.mark.parametrize("extra,param", [({"top_logprobs": 2}, "top_logprobs"),
+                                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")])
+def test_bad_logprobs_are_refused(server, extra, param):
+    assert_refused(send(server, "POST", "/chat/completions", {"max_tokens": 2, "messages": BOOK, **extra}), param)
 
 
 @mirrors("test_chat_completion::test_chat_completions_multiple_choices")

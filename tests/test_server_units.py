@@ -56,7 +56,7 @@ def test_developer_role_and_parts_reach_the_template_shape():
     (b'{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}', "top_logprobs", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}', "top_logprobs", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "id_slot": 1}', "id_slot", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n_predict": 0}', "n_predict", "invalid_value"),

@@ -591,6 +591,12 @@ class Engine(Closeable):
                     logits[token] += value
             return sampler.sample(self._lctx, index)
 
+    def logits_row(self, index: int = -1) -> np.ndarray:
+        """Batch output `index`'s logits in place, as the last `sample` left them (its bias added:
+        llama_sampler_sample copies the row into its candidates and leaves the row itself alone)."""
+        with self.guarded():
+            return self._lctx.logits_view(index)
+
     def encode_chunk(self, chunk: Chunk, keep: bool = False,
                      stop: Callable[[], bool] | None = None) -> tuple[np.ndarray | None, float]:
         """Run the vision encoder on an image chunk: (flat embeddings, seconds), the one encode path.

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_common.manifest import resolve_model_paths
+from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.chat.tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
@@ -176,10 +177,11 @@ def create_app(options: ServerOptions) -> FastAPI:
             first = await next_event(job, watch, scheduler)  # errors before any token keep their HTTP status
             if isinstance(first, Failed):
                 raise first.error
+            logprobs = bool(req.logprobs)
             if req.stream:
-                return EventStreamResponse(stream_body(job, meta, first, req.include_usage, plan.active),
+                return EventStreamResponse(stream_body(job, meta, first, req.include_usage, plan.active, logprobs),
                                            on_close=lambda: scheduler.cancel(job))
-            return JSONResponse(await collect(job, watch, scheduler, meta, first, plan.active))
+            return JSONResponse(await collect(job, watch, scheduler, meta, first, plan.active, logprobs))
         except BaseException:
             scheduler.cancel(job)
             raise
@@ -251,36 +253,48 @@ async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> 
 
 
 async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event,
-                  tools: bool = False) -> dict:
+                  tools: bool = False, logprobs: bool = False) -> dict:
     parts: list[str] = []
+    entries: list[TokenLogprob] = []
     while True:
         if isinstance(event, TextDelta):
             parts.append(event.text)
+            entries.extend(event.logprobs)
         elif isinstance(event, Finished):
+            entries.extend(event.logprobs)
             text, calls = (parse_calls("".join(parts), cut=event.finish_reason == "length") if tools
                            else ("".join(parts), []))
-            return completion_body(meta, text, event.finish_reason, event.stats, calls)
+            return completion_body(meta, text, event.finish_reason, event.stats, calls,
+                                   entries if logprobs else None)
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
 
 
 async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool,
-                      tools: bool = False) -> AsyncIterator[bytes]:
-    """OpenAI's chunk sequence: role, content (or tool call) deltas, finish_reason, [usage], [DONE]."""
+                      tools: bool = False, logprobs: bool = False) -> AsyncIterator[bytes]:
+    """OpenAI's chunk sequence: role, content (or tool call) deltas, finish_reason, [usage], [DONE].
+
+    With `logprobs`, a token's entry rides on the first chunk its text appears in (text held back, such
+    as a tool call's markup, carries its tokens to the next chunk; a stop string's go on the last one)."""
     yield sse(chunk_body(meta, {"role": "assistant", "content": ""}))
     calls = ToolCallStream() if tools else None
+    unsent: tuple[TokenLogprob, ...] = ()
     while True:
         if isinstance(event, TextDelta):
+            unsent += event.logprobs
             for delta in _deltas(calls, calls.feed(event.text) if calls else [event.text]):
-                yield sse(chunk_body(meta, delta))
+                yield sse(chunk_body(meta, delta, None, unsent if logprobs else None))
+                unsent = ()
         elif isinstance(event, Finished):
             reason = event.finish_reason
+            unsent += event.logprobs
             if calls is not None:
                 for delta in _deltas(calls, calls.finish(cut=reason == "length")):
-                    yield sse(chunk_body(meta, delta))
+                    yield sse(chunk_body(meta, delta, None, unsent if logprobs else None))
+                    unsent = ()
                 reason = finish_with_calls(reason, calls.calls)
-            yield sse(chunk_body(meta, {}, reason))
+            yield sse(chunk_body(meta, {}, reason, unsent if logprobs and unsent else None))
             if include_usage:
                 yield sse(usage_chunk_body(meta, event.stats))
             yield SSE_DONE

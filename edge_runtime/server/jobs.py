@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Union
 
+from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.core.prompt import ImageInput
 from edge_runtime.core.stats import GenerationStats
@@ -22,12 +23,14 @@ from .errors import ApiError
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta (when the request asked)
 
 
 @dataclass(frozen=True)
 class Finished:
     finish_reason: str  # "stop" | "length" (StopReason.finish_reason)
     stats: GenerationStats  # the numbers of the answer; stats.usage_body makes OpenAI's usage of them
+    logprobs: tuple[TokenLogprob, ...] = ()  # of tokens whose text was never shown (a stop string's)
 
 
 @dataclass(frozen=True)

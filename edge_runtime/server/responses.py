@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.stats import GenerationStats, usage_body
 from edge_runtime.chat.tool_calls import ToolCall
 
@@ -45,8 +46,21 @@ def finish_with_calls(finish_reason: str, calls: int) -> str:
     return "tool_calls" if calls and finish_reason != "length" else finish_reason
 
 
+def logprobs_body(entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's `choices[].logprobs`: per token its text (undecodable bytes replaced), logprob, bytes and
+    top_logprobs; None when the request did not ask."""
+    if entries is None:
+        return None
+
+    def one(token: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
 def completion_body(meta: ResponseMeta, text: str, finish_reason: str, stats: GenerationStats,
-                    calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+                    calls: Sequence[ToolCall] = (), logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if calls:
         message = {"role": "assistant", "content": text or None, "tool_calls": [tool_call_body(c) for c in calls]}
@@ -56,17 +70,18 @@ def completion_body(meta: ResponseMeta, text: str, finish_reason: str, stats: Ge
         "choices": [{
             "index": 0,
             "message": message,
-            "logprobs": None,
+            "logprobs": logprobs_body(logprobs),
             "finish_reason": finish_reason,
         }],
         "usage": usage_body(stats),
     }
 
 
-def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
     return {
         **meta.head("chat.completion.chunk"),
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}],
     }
 
 

@@ -331,7 +331,8 @@ class Scheduler(EngineFront):
                           for s in self._free_slots()]
             seq_id, _ = choose_slot(candidates, prompt.units)
             answer = Answer(seq_id, sampler, AnswerStep(self._pieces, job.options, limit, job.starts_inside_think,
-                                                        engine.is_end_of_turn), bias=bias or None)
+                                                        engine.is_end_of_turn), bias=bias or None,
+                            top_logprobs=job.options.top_logprobs)
             sampler = None
             keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
             engine.truncate(seq_id, keep)
@@ -453,7 +454,7 @@ class Scheduler(EngineFront):
         if answer.step.reason != END_OF_TURN:
             self.metrics.tokens_generated(1)
         if text:
-            job.emit(TextDelta(text))
+            job.emit(TextDelta(text, answer.unsent_logprobs()))
         if answer.done:
             self._complete(slot, answer.step.reason.finish_reason)  # type: ignore[union-attr]
 
@@ -462,13 +463,13 @@ class Scheduler(EngineFront):
         assert job is not None and answer is not None
         tail = answer.step.finish()
         if tail:
-            job.emit(TextDelta(tail))
+            job.emit(TextDelta(tail, answer.unsent_logprobs()))
         stats = answer.stats
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",
                  job.number, stats.prompt_tokens, stats.reused_tokens, stats.generated_tokens, reason, elapsed)
-        self._finish_slot(slot, "ok", Finished(reason, stats))
+        self._finish_slot(slot, "ok", Finished(reason, stats, answer.unsent_logprobs()))
 
     def _reap(self) -> None:
         """Free the slots of cancelled and timed-out jobs."""
