@@ -79,7 +79,8 @@ PEER_SUITE: dict[str, tuple[str, str]] = {
     "test_chat_completion::test_context_size_exceeded": (RUN, "error is OpenAI's context_length_exceeded"),
     "test_chat_completion::test_context_size_exceeded_stream": (RUN, "error is OpenAI's context_length_exceeded"),
     "test_chat_completion::test_return_progress": (NA, "return_progress: refused with 400"),
-    "test_chat_completion::test_chat_completions_multiple_choices": (PENDING, "n > 1 (issue 25); id_slot 0"),
+    "test_chat_completion::test_chat_completions_multiple_choices": (
+        RUN, "on a two-slot server (n > --parallel is refused); id_slot is refused"),
     "test_chat_completion::test_chat_completions_token_count": (NA, "/chat/completions/input_tokens"),
     "test_chat_completion::test_verbose_debug": (NA, "verbose: refused with 400"),
     # test_vision_api.py
@@ -496,10 +497,77 @@ def test_bad_logprobs_are_refused(server, extra, param):
     assert_refused(send(server, "POST", "/chat/completions", {"max_tokens": 2, "messages": BOOK, **extra}), param)
 
 
+@pytest.fixture(scope="module")
+def two_slots(model_dir):
+    """A server with two slots: n=2 choices run at once."""
+    args = ["--parallel", "2", "--ctx-size", "2048", "--threads", "1", "--model-id", MODEL_ALIAS]
+    with ServerProcess(model_dir, args) as proc:
+        yield proc
+
+
 @mirrors("test_chat_completion::test_chat_completions_multiple_choices")
+def test_chat_completions_multiple_choices(two_slots, model_dir):
+    """Upstream's shape checks; greedy choices are both the greedy answer of a separate decode."""
+    res = send(two_slots, "POST", "/chat/completions", {"max_tokens": 8, "n": 2, "messages": BOOK,
+                                                        "temperature": 0.0, "ignore_eos": True})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 16  # both choices' tokens, the prompt counted once
+    greedy = send(two_slots, "POST", "/chat/completions", {"max_tokens": 8, "n": 2, "messages": BOOK,
+                                                          "temperature": 0.0}).json()
+    reference = reference_logprobs(model_dir, BOOK, 8, 0)
+    want = bytes(b for e in reference for b in e["bytes"]).decode("utf-8", "replace")
+    assert [c["message"]["content"] for c in greedy["choices"]] == [want, want]
+
+
+def test_choices_have_their_own_seed(two_slots):
+    """Choice i samples as a single request seeded seed + i: its own sampler over the shared prompt."""
+    def ask(n: int, seed: int) -> list[str]:
+        res = send(two_slots, "POST", "/chat/completions", {"max_tokens": 12, "n": n, "messages": BOOK,
+                                                            "temperature": 1.5, "top_k": 0, "top_p": 1.0,
+                                                            "seed": seed, "ignore_eos": True})
+        assert res.status_code == 200, res.text
+        return [c["message"]["content"] for c in res.json()["choices"]]
+    both = ask(2, 5)
+    assert both == ask(1, 5) + ask(1, 6)
+    assert both[0] != both[1]
+
+
+def test_choices_wait_for_their_slots(two_slots):
+    """Three n=2 requests at once on two slots: each waits until both slots are free, none is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+    body = {"max_tokens": 6, "n": 2, "messages": BOOK, "ignore_eos": True, "seed": 3}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: send(two_slots, "POST", "/chat/completions", body), range(3)))
+    for res in answers:
+        assert res.status_code == 200, res.text
+        assert [c["finish_reason"] for c in res.json()["choices"]] == ["length", "length"]
+    assert len({json.dumps([c["message"] for c in r.json()["choices"]]) for r in answers}) == 1  # seeded alike
+
+
+def test_multiple_choices_stream_with_logprobs(two_slots):
+    client = openai.OpenAI(api_key="dummy", base_url=two_slots.url("/v1"), max_retries=0)
+    stream = client.chat.completions.create(model=MODEL_ALIAS, messages=BOOK, max_tokens=4, n=2, seed=1,
+                                            logprobs=True, top_logprobs=2, stream=True,
+                                            stream_options={"include_usage": True})
+    text, tokens, finish, usage = ["", ""], [0, 0], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text[choice.index] += choice.delta.content or ""
+            tokens[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert finish[0] is not None and finish[1] is not None
+    assert usage is not None and usage.completion_tokens == sum(tokens) > 0
+
+
 @pytest.mark.parametrize("extra,param", [({"n": 2}, "n"), ({"id_slot": 0}, "id_slot")])
-def test_multiple_choices_are_refused(server, extra, param):
-    """n > 1 waits for the batched core; pinning a slot is not offered."""
+def test_more_choices_than_slots_are_refused(server, extra, param):
+    """One slot: n=2 cannot run at once, and is refused; pinning a slot is not offered."""
     assert_refused(send(server, "POST", "/chat/completions", {"max_tokens": 8, "messages": BOOK, **extra}), param)
 
 

@@ -54,7 +54,7 @@ def test_developer_role_and_parts_reach_the_template_shape():
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "messages[0].content[0].image_url.url", "invalid_value"),
     (b'{"messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "invalid_value"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}', "top_logprobs", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}', "top_logprobs", "invalid_value"),

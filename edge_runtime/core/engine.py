@@ -309,6 +309,15 @@ class Engine(Closeable):
         """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""
         self._truncate(seq_id, self._seq(seq_id), keep)
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make sequence `dst` hold what `src` holds (an evaluated prompt that several answers
+        continue): llama.cpp shares the cells, so the copy costs no compute and no KV memory until
+        the two sequences diverge."""
+        self._require_open()
+        self._lctx.seq_rm(dst, -1, -1)
+        self._lctx.seq_cp(src, dst)
+        self._seq(dst).copy_from(self._seq(src))
+
     @staticmethod
     def take_log_errors() -> list[str]:
         """llama.cpp's recent error lines, consumed, so a failure can say what llama.cpp said."""

@@ -144,7 +144,8 @@ class GenerationOptions:
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
         if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
-            raise ValueError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), got {self.top_logprobs!r}")
+            raise ValueError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), "
+                             f"got {self.top_logprobs!r}")
         if self.grammar is not None and self.json_schema is not None:
             raise ValueError("give either grammar or json_schema, not both")
         if isinstance(self.stop, str):

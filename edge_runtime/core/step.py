@@ -71,9 +71,10 @@ class Core(Closeable):
         self.engine = engine
         self.batch = Batch(capacity)
 
-    def start(self, answer: Answer, index: int = -1) -> str:
-        """The prompt is evaluated: sample the first token from batch output `index`; the text it shows."""
-        return self._sample(answer, index)
+    def start(self, answer: Answer, index: int = -1, biased: bool = False) -> str:
+        """The prompt is evaluated: sample the first token from batch output `index`; the text it shows.
+        `biased`: another answer sampled this row already (its bias, the same, is in the row)."""
+        return self._sample(answer, index, biased)
 
     def step(self, answers: Sequence[Answer], prompt_seq: int = -1, prompt_tokens: Sequence[int] = (),
              prompt_logits: bool = False) -> list[str]:
@@ -88,9 +89,9 @@ class Core(Closeable):
         self.engine.eval_tokens(self.batch, entries)
         return [self._sample(a, i) for i, a in enumerate(answers)]
 
-    def _sample(self, answer: Answer, index: int) -> str:
+    def _sample(self, answer: Answer, index: int, biased: bool = False) -> str:
         """Sample `answer`'s next token from batch output `index`; accept it (and its logprob, if asked)."""
-        token = self.engine.sample(answer.sampler, index, answer.bias)
+        token = self.engine.sample(answer.sampler, index, None if biased else answer.bias)
         text = answer.step.accept(token)
         if answer.step.reason is not StopReason.END_OF_TURN:
             answer.tokens.append(token)

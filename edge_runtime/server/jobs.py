@@ -24,6 +24,7 @@ from .errors import ApiError
 class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta (when the request asked)
+    index: int = 0  # the choice (n > 1)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Finished:
     finish_reason: str  # "stop" | "length" (StopReason.finish_reason)
     stats: GenerationStats  # the numbers of the answer; stats.usage_body makes OpenAI's usage of them
     logprobs: tuple[TokenLogprob, ...] = ()  # of tokens whose text was never shown (a stop string's)
+    index: int = 0  # the choice; the request is done when each of its n choices finished
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,12 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
     cache_prompt: bool = True  # False: the prompt is evaluated whole, none of the slot's cache reused
+    n: int = 1  # choices: sequences continuing one evaluated prompt, one slot each
     number: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: int = field(default=0, repr=False)  # choices finished
 
     def cancel(self) -> None:
         """The client is gone: the scheduler drops the job at its next step."""
@@ -99,6 +103,8 @@ class Job:
 
     # Called by the scheduler thread only.
     def emit(self, event: Event) -> None:
-        if isinstance(event, (Finished, Failed)):
+        if isinstance(event, Finished):
+            self._finished += 1
+        if isinstance(event, Failed) or self._finished == self.n:
             self._done.set()
         self.channel.put(event)

@@ -59,29 +59,41 @@ def logprobs_body(entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | No
                         for e in entries], "refusal": None}
 
 
-def completion_body(meta: ResponseMeta, text: str, finish_reason: str, stats: GenerationStats,
-                    calls: Sequence[ToolCall] = (), logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if calls:
-        message = {"role": "assistant", "content": text or None, "tool_calls": [tool_call_body(c) for c in calls]}
-        finish_reason = finish_with_calls(finish_reason, len(calls))
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One finished choice of a completion."""
+
+    text: str
+    finish_reason: str
+    calls: Sequence[ToolCall] = ()
+    logprobs: Sequence[TokenLogprob] | None = None  # None: not asked
+
+
+def choice_body(index: int, choice: ChoiceResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    finish_reason = choice.finish_reason
+    if choice.calls:
+        message = {"role": "assistant", "content": choice.text or None,
+                   "tool_calls": [tool_call_body(c) for c in choice.calls]}
+        finish_reason = finish_with_calls(finish_reason, len(choice.calls))
+    return {"index": index, "message": message, "logprobs": logprobs_body(choice.logprobs),
+            "finish_reason": finish_reason}
+
+
+def completion_body(meta: ResponseMeta, choices: Sequence[ChoiceResult], stats: GenerationStats) -> dict[str, Any]:
     return {
         **meta.head("chat.completion"),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": logprobs_body(logprobs),
-            "finish_reason": finish_reason,
-        }],
+        "choices": [choice_body(i, c) for i, c in enumerate(choices)],
         "usage": usage_body(stats),
     }
 
 
 def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+               logprobs: Sequence[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
     return {
         **meta.head("chat.completion.chunk"),
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs_body(logprobs),
+                     "finish_reason": finish_reason}],
     }
 
 

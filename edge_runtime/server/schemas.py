@@ -4,7 +4,7 @@ A request is parsed from raw bytes so that malformed JSON and wrong types both
 become OpenAI-shaped 400s naming the offending field, instead of FastAPI's 422.
 llama-server's own request fields are honoured where the runtime can (grammar,
 json_schema, n_predict, cache_prompt); every other top-level field, and values
-the runtime cannot honour (n > 1), are refused with a 400 naming them,
+the runtime cannot honour, are refused with a 400 naming them,
 never ignored: a client that relies on a field must not get an answer without it.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ class ChatRequest(_Model):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)  # choices, one slot each (more than --parallel: refused)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's bounds
     tools: list[dict[str, Any]] | None = None
