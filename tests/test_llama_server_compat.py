@@ -491,6 +491,21 @@ def test_logprobs_see_the_logit_bias(server, model_dir):
     assert_logprobs_match(res.json()["choices"][0]["logprobs"]["content"], want)
 
 
+def test_logprobs_do_not_see_temperature_or_top_k(server, model_dir):
+    """Sampling at temperature 1.5 among the top 5: the first token's logprobs are still the model's
+    (the prompt's row, untouched by the sampler chain), and the sampled token is one of those 5."""
+    want = reference_logprobs(model_dir, BOOK, 1, 5)[0]["top_logprobs"]
+    res = send(server, "POST", "/v1/chat/completions", {
+        "messages": BOOK, "max_tokens": 1, "temperature": 1.5, "top_k": 5, "seed": 11, "logprobs": True,
+        "top_logprobs": 5})
+    assert res.status_code == 200, res.text
+    first = res.json()["choices"][0]["logprobs"]["content"][0]
+    assert [t["bytes"] for t in first["top_logprobs"]] == [t["bytes"] for t in want]
+    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx([t["logprob"] for t in want], abs=2e-3)
+    sampled = next(t for t in want if t["bytes"] == first["bytes"])
+    assert first["logprob"] == pytest.approx(sampled["logprob"], abs=2e-3)
+
+
 @pytest.mark.parametrize("extra,param", [({"top_logprobs": 2}, "top_logprobs"),
                                          ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")])
 def test_bad_logprobs_are_refused(server, extra, param):
