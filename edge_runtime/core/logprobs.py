@@ -30,16 +30,15 @@ class TokenLogprob:
 
 def token_logprob(row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]) -> TokenLogprob:
     """The log-softmax of `row` at `token`, and the `top` highest entries (ties: lower token id first)."""
-    x = row.astype(np.float64)
-    peak = x.max()
-    lse = peak + np.log(np.exp(x - peak).sum())
+    peak = float(row.max())
+    lse = peak + float(np.log(np.exp(row - peak).sum(dtype=np.float64)))  # float32 exp, float64 sum
     best: tuple[tuple[bytes, float], ...] = ()
     if top > 0:
-        k = min(top, x.size)
-        ids = np.argpartition(-x, k - 1)[:k]
-        ids = ids[np.lexsort((ids, -x[ids]))]
-        best = tuple((piece(int(i)), _finite(x[i] - lse)) for i in ids)
-    return TokenLogprob(piece(token), _finite(x[token] - lse), best)
+        k = min(top, row.size)
+        ids = np.argpartition(row, row.size - k)[row.size - k:]
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        best = tuple((piece(int(i)), _finite(float(row[i]) - lse)) for i in ids)
+    return TokenLogprob(piece(token), _finite(float(row[token]) - lse), best)
 
 
 def _finite(value: float) -> float:
