@@ -198,6 +198,10 @@ class Context(Owned):
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         return bool(L.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make `dst` hold `src`'s cells in [p0, p1) too: the cells are shared, not duplicated."""
+        L.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
     def seq_pos_range(self, seq: int) -> tuple[int, int]:
         """(min, max) position held by `seq`; (-1, -1) when it is empty."""
         return int(L.llama_memory_seq_pos_min(self.memory, seq)), int(L.llama_memory_seq_pos_max(self.memory, seq))

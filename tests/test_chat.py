@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+from support.logprobs import assert_logprobs_match, reference_logprobs
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
@@ -271,3 +272,19 @@ def test_a_projector_that_would_abort_llama_cpp_is_refused(tiny_f32_dir, tmp_pat
     text, _ = pair(tiny_f32_dir)
     with pytest.raises(ModelLoadError, match="needs F32"):
         VisionChat(text, bad, n_ctx=256)
+
+
+def test_logprobs_in_stats_match_a_separate_decode(clean, tiny_f32_dir):
+    """GenerationOptions.top_logprobs: the core's per-token logprobs, the server's too, in last_stats;
+    the greedy answer does not change when they are asked."""
+    messages = [{"role": "user", "content": "What is in this picture?"}]
+    plain = clean.generate(messages, **{**GREEDY, "max_tokens": 4})
+    assert clean.last_stats.logprobs == []  # not asked: none computed
+    answer = clean.generate(messages, top_logprobs=2, **{**GREEDY, "max_tokens": 4})
+    assert answer == plain
+    got = [{"token": e.token.decode("utf-8", "replace"), "logprob": e.logprob, "bytes": list(e.token),
+            "top_logprobs": [{"bytes": list(t), "logprob": lp} for t, lp in e.top]} for e in clean.last_stats.logprobs]
+    assert 0 < len(got) == clean.last_stats.generated_tokens
+    assert_logprobs_match(got, reference_logprobs(tiny_f32_dir, messages, 4, 2))
+    assert "logprobs" not in clean.last_stats.as_dict()
+

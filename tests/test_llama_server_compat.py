@@ -30,6 +30,7 @@ import openai
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
+from support.logprobs import assert_logprobs_match, reference_logprobs
 from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
@@ -72,13 +73,14 @@ PEER_SUITE: dict[str, tuple[str, str]] = {
     "test_chat_completion::test_invalid_chat_completion_req": (
         RUN, "the two-trailing-assistant row is accepted, as OpenAI does (llama-server's prefill rule)"),
     "test_chat_completion::test_chat_completion_with_timings_per_token": (NA, "timings_per_token: refused with 400"),
-    "test_chat_completion::test_logprobs": (PENDING, "logprobs (issue 25, after the batched core)"),
-    "test_chat_completion::test_logprobs_stream": (PENDING, "logprobs (issue 25, after the batched core)"),
+    "test_chat_completion::test_logprobs": (RUN, "top_logprobs 3; values checked against a separate decode"),
+    "test_chat_completion::test_logprobs_stream": (RUN, "top_logprobs 3; values checked against a separate decode"),
     "test_chat_completion::test_logit_bias": (NA, "needs /tokenize; logit_bias: tests/test_server.py"),
     "test_chat_completion::test_context_size_exceeded": (RUN, "error is OpenAI's context_length_exceeded"),
     "test_chat_completion::test_context_size_exceeded_stream": (RUN, "error is OpenAI's context_length_exceeded"),
     "test_chat_completion::test_return_progress": (NA, "return_progress: refused with 400"),
-    "test_chat_completion::test_chat_completions_multiple_choices": (PENDING, "n > 1 (issue 25); id_slot 0"),
+    "test_chat_completion::test_chat_completions_multiple_choices": (
+        RUN, "on a two-slot server (n > --parallel is refused); id_slot is refused"),
     "test_chat_completion::test_chat_completions_token_count": (NA, "/chat/completions/input_tokens"),
     "test_chat_completion::test_verbose_debug": (NA, "verbose: refused with 400"),
     # test_vision_api.py
@@ -430,21 +432,157 @@ def test_context_size_exceeded_stream(server):
         assert json.loads(resp.read())["error"]["code"] == "context_length_exceeded"
 
 
-@mirrors("test_chat_completion::test_logprobs", "test_chat_completion::test_logprobs_stream")
-@pytest.mark.parametrize("stream", [False, True])
-def test_logprobs_are_refused(server, stream):
-    """Until logprobs land on the batched core they are refused, never ignored."""
+def openai_logprobs(entries) -> list[dict]:
+    """The openai client's parsed ChatCompletionTokenLogprob objects, as plain dicts."""
+    return [e.model_dump(exclude_none=True) for e in entries]
+
+
+@mirrors("test_chat_completion::test_logprobs")
+def test_logprobs(server, model_dir):
+    """Upstream's checks (tokens join to the content, each with logprob <= 0, bytes and top_logprobs),
+    plus every value against a separate decode of the same GGUF; greedy text unchanged by asking."""
     client = openai.OpenAI(api_key="dummy", base_url=server.url("/v1"), max_retries=0)
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK, max_tokens=5,
-                                       logprobs=True, top_logprobs=10, stream=stream)
-    assert info.value.body["param"] == "logprobs"
+    res = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                         max_tokens=5, logprobs=True, top_logprobs=3)
+    plain = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                           max_tokens=5)
+    choice = res.choices[0]
+    assert choice.message.content == plain.choices[0].message.content
+    assert plain.choices[0].logprobs is None  # not asked: not sent
+    content = openai_logprobs(choice.logprobs.content)
+    assert len(content) == res.usage.completion_tokens == 5
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == choice.message.content
+    for entry in content:
+        assert entry["logprob"] <= 0.0 and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the likeliest token
+    assert_logprobs_match(content, reference_logprobs(model_dir, BOOK, 5, 3))
+
+
+@mirrors("test_chat_completion::test_logprobs_stream")
+def test_logprobs_stream(server, model_dir):
+    client = openai.OpenAI(api_key="dummy", base_url=server.url("/v1"), max_retries=0)
+    stream = client.chat.completions.create(model="gpt-3.5-turbo-instruct", temperature=0.0, messages=BOOK,
+                                            max_tokens=5, logprobs=True, top_logprobs=3, stream=True)
+    text, content = "", []
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            text += choice.delta.content
+            assert choice.logprobs is not None  # a content chunk carries its tokens' logprobs
+        if choice.logprobs is not None:
+            content += openai_logprobs(choice.logprobs.content)
+    assert len(content) == 5
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace") == text
+    assert_logprobs_match(content, reference_logprobs(model_dir, BOOK, 5, 3))
+
+
+def test_logprobs_see_the_logit_bias(server, model_dir):
+    """The logprobs are those of the row the sampler reads: after logit_bias (here lifting the
+    runner-up of the first token to first place), before temperature and grammar."""
+    first = reference_logprobs(model_dir, BOOK, 1, 2)[0]["top_logprobs"]
+    runner_up = first[1]["id"]
+    bias = {runner_up: 5.0}
+    res = send(server, "POST", "/v1/chat/completions", {
+        "messages": BOOK, "max_tokens": 3, "temperature": 0.0, "logprobs": True, "top_logprobs": 2,
+        "logit_bias": {str(k): v for k, v in bias.items()}})
+    assert res.status_code == 200, res.text
+    want = reference_logprobs(model_dir, BOOK, 3, 2, bias)
+    assert want[0]["bytes"] == first[1]["bytes"]  # the bias changed the answer
+    assert_logprobs_match(res.json()["choices"][0]["logprobs"]["content"], want)
+
+
+def test_logprobs_do_not_see_temperature_or_top_k(server, model_dir):
+    """Sampling at temperature 1.5 among the top 5: the first token's logprobs are still the model's
+    (the prompt's row, untouched by the sampler chain), and the sampled token is one of those 5."""
+    want = reference_logprobs(model_dir, BOOK, 1, 5)[0]["top_logprobs"]
+    res = send(server, "POST", "/v1/chat/completions", {
+        "messages": BOOK, "max_tokens": 1, "temperature": 1.5, "top_k": 5, "seed": 11, "logprobs": True,
+        "top_logprobs": 5})
+    assert res.status_code == 200, res.text
+    first = res.json()["choices"][0]["logprobs"]["content"][0]
+    assert [t["bytes"] for t in first["top_logprobs"]] == [t["bytes"] for t in want]
+    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx([t["logprob"] for t in want], abs=2e-3)
+    sampled = next(t for t in want if t["bytes"] == first["bytes"])
+    assert first["logprob"] == pytest.approx(sampled["logprob"], abs=2e-3)
+
+
+@pytest.mark.parametrize("extra,param", [({"top_logprobs": 2}, "top_logprobs"),
+                                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")])
+def test_bad_logprobs_are_refused(server, extra, param):
+    assert_refused(send(server, "POST", "/chat/completions", {"max_tokens": 2, "messages": BOOK, **extra}), param)
+
+
+@pytest.fixture(scope="module")
+def two_slots(model_dir):
+    """A server with two slots: n=2 choices run at once."""
+    args = ["--parallel", "2", "--ctx-size", "2048", "--threads", "1", "--model-id", MODEL_ALIAS]
+    with ServerProcess(model_dir, args) as proc:
+        yield proc
 
 
 @mirrors("test_chat_completion::test_chat_completions_multiple_choices")
+def test_chat_completions_multiple_choices(two_slots, model_dir):
+    """Upstream's shape checks; greedy choices are both the greedy answer of a separate decode."""
+    res = send(two_slots, "POST", "/chat/completions", {"max_tokens": 8, "n": 2, "messages": BOOK,
+                                                        "temperature": 0.0, "ignore_eos": True})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 16  # both choices' tokens, the prompt counted once
+    greedy = send(two_slots, "POST", "/chat/completions", {"max_tokens": 8, "n": 2, "messages": BOOK,
+                                                          "temperature": 0.0}).json()
+    reference = reference_logprobs(model_dir, BOOK, 8, 0)
+    want = bytes(b for e in reference for b in e["bytes"]).decode("utf-8", "replace")
+    assert [c["message"]["content"] for c in greedy["choices"]] == [want, want]
+
+
+def test_choices_have_their_own_seed(two_slots):
+    """Choice i samples as a single request seeded seed + i: its own sampler over the shared prompt."""
+    def ask(n: int, seed: int) -> list[str]:
+        res = send(two_slots, "POST", "/chat/completions", {"max_tokens": 12, "n": n, "messages": BOOK,
+                                                            "temperature": 1.5, "top_k": 0, "top_p": 1.0,
+                                                            "seed": seed, "ignore_eos": True})
+        assert res.status_code == 200, res.text
+        return [c["message"]["content"] for c in res.json()["choices"]]
+    both = ask(2, 5)
+    assert both == ask(1, 5) + ask(1, 6)
+    assert both[0] != both[1]
+
+
+def test_choices_wait_for_their_slots(two_slots):
+    """Three n=2 requests at once on two slots: each waits until both slots are free, none is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+    body = {"max_tokens": 6, "n": 2, "messages": BOOK, "ignore_eos": True, "seed": 3}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: send(two_slots, "POST", "/chat/completions", body), range(3)))
+    for res in answers:
+        assert res.status_code == 200, res.text
+        assert [c["finish_reason"] for c in res.json()["choices"]] == ["length", "length"]
+    assert len({json.dumps([c["message"] for c in r.json()["choices"]]) for r in answers}) == 1  # seeded alike
+
+
+def test_multiple_choices_stream_with_logprobs(two_slots):
+    client = openai.OpenAI(api_key="dummy", base_url=two_slots.url("/v1"), max_retries=0)
+    stream = client.chat.completions.create(model=MODEL_ALIAS, messages=BOOK, max_tokens=4, n=2, seed=1,
+                                            logprobs=True, top_logprobs=2, stream=True,
+                                            stream_options={"include_usage": True})
+    text, tokens, finish, usage = ["", ""], [0, 0], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text[choice.index] += choice.delta.content or ""
+            tokens[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
+            finish[choice.index] = choice.finish_reason or finish[choice.index]
+    assert finish[0] is not None and finish[1] is not None
+    assert usage is not None and usage.completion_tokens == sum(tokens) > 0
+
+
 @pytest.mark.parametrize("extra,param", [({"n": 2}, "n"), ({"id_slot": 0}, "id_slot")])
-def test_multiple_choices_are_refused(server, extra, param):
-    """n > 1 waits for the batched core; pinning a slot is not offered."""
+def test_more_choices_than_slots_are_refused(server, extra, param):
+    """One slot: n=2 cannot run at once, and is refused; pinning a slot is not offered."""
     assert_refused(send(server, "POST", "/chat/completions", {"max_tokens": 8, "messages": BOOK, **extra}), param)
 
 

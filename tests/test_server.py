@@ -180,7 +180,7 @@ def test_client_errors_are_openai_shaped(client, server):
         client.chat.completions.create(model="any", messages=user("x"), max_tokens=CTX * 4)
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="any", messages=user("x"), n=2)
+        client.chat.completions.create(model="any", messages=user("x"), n=5)  # more choices than slots
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="any", messages=user("x", "data:image/png;base64,bm90IGFuIGltYWdl"))

@@ -463,7 +463,8 @@ class VisionChat:
                                            zip(images, (c for c in prompt.chunks if c.kind == "image"))]
                 seed = options.seed if options.seed is not None else self.seed
                 step = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)
-                answer = Answer(self.seq_id, build_sampler(options, self.engine.text_model, seed), step, stats)
+                answer = Answer(self.seq_id, build_sampler(options, self.engine.text_model, seed), step, stats,
+                                top_logprobs=options.top_logprobs)
                 t_first = None
                 try:
                     piece = self._core.start(answer)  # the one per-token step the server runs for all its slots
@@ -495,6 +496,7 @@ class VisionChat:
                     if not finished:
                         answer.cancel()
                     answer.close()
+                    stats.logprobs = answer.logprobs
                 elif not finished:
                     stats.stop_reason = StopReason.CANCELLED
                 stats.kv_cache_bytes = self.engine.kv_cache_bytes

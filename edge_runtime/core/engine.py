@@ -108,6 +108,11 @@ class Engine(LoadedModel):
         """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""
         self.sequences.truncate(seq_id, keep)
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make sequence `dst` hold what `src` holds (n > 1 answers continue one evaluated prompt)."""
+        self._require_open()
+        self.sequences.copy(src, dst)
+
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes allocated for K and V (n_ctx cells)."""
@@ -321,6 +326,12 @@ class Engine(LoadedModel):
                 for token, value in bias.items():
                     logits[token] += value
             return sampler.sample(self._lctx, index)
+
+    def logits_row(self, index: int = -1) -> np.ndarray:
+        """Batch output `index`'s logits in place, as the last `sample` left them (its bias added:
+        llama_sampler_sample copies the row into its candidates and leaves the row itself alone)."""
+        with self.guarded():
+            return self._lctx.logits_view(index)
 
     def eval_image_piece(self, batch: EmbeddingBatch, cursor: PromptCursor, piece: Piece) -> None:
         """Evaluate a slice of the image `cursor` stands at (its embeddings are in the cursor), then move on."""

@@ -40,6 +40,7 @@ class AnswerStep:
     def __init__(self, pieces: PieceTable, options: GenerationOptions, limit: int, starts_inside_think: bool,
                  is_end_of_turn: Callable[[int], bool]) -> None:
         self.limit = limit
+        self.pieces = pieces  # token -> bytes, also for the logprobs of the answer's tokens
         self.generated = 0  # tokens of the answer (end-of-turn not counted)
         self.reason: StopReason | None = None
         self._is_end_of_turn = is_end_of_turn

@@ -79,6 +79,11 @@ class SeqState:
     def clear(self) -> None:
         self.truncate(0)
 
+    def copy_from(self, other: "SeqState") -> None:
+        """Hold what `other` holds (after its cells were copied to this sequence)."""
+        self.units, self._starts = list(other.units), list(other._starts)
+        self.n_pos, self.n_tokens = other.n_pos, other.n_tokens
+
     def image_digests(self) -> set[str]:
         return {u.key[1] for u in self.units if u.is_image}  # type: ignore[index]
 

@@ -128,6 +128,7 @@ class GenerationOptions:
     grammar: str | None = None  # GBNF
     json_schema: Mapping[str, Any] | str | None = None
     keep_think: bool = False  # keep <think>...</think> of Thinking models
+    top_logprobs: int | None = None  # None: no logprobs; N (0-20): each token's logprob and the N likeliest
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -144,6 +145,9 @@ class GenerationOptions:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
+            raise ValueError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), "
+                             f"got {self.top_logprobs!r}")
         if self.grammar is not None and self.json_schema is not None:
             raise ValueError("give either grammar or json_schema, not both")
         if isinstance(self.stop, str):

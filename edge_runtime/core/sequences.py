@@ -45,6 +45,15 @@ class Sequences:
             ctx.seq_rm(seq_id, -1, -1)
             state.clear()
 
+    def copy(self, src: int, dst: int) -> None:
+        """Make `dst` hold what `src` holds (an evaluated prompt that several answers continue):
+        llama.cpp shares the cells, so the copy costs no compute and no KV memory until the two
+        sequences diverge."""
+        ctx = self._context()
+        ctx.seq_rm(dst, -1, -1)
+        ctx.seq_cp(src, dst)
+        self[dst].copy_from(self[src])
+
     def reset(self, seq_id: int) -> None:
         """Forget `seq_id` (its KV cells are freed)."""
         self._context().seq_rm(seq_id, -1, -1)

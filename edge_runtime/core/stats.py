@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_runtime.core.logprobs import TokenLogprob
+
 
 @dataclass
 class GenerationStats:
@@ -32,6 +34,9 @@ class GenerationStats:
     peak_rss_bytes: int = 0
     # One dict per image of the prompt: tokens, grid, sizes, detail, budget and why (image_report).
     image_details: list[dict[str, Any]] = field(default_factory=list)
+    # One per answer token when GenerationOptions.top_logprobs asked for them (VisionChat); not a number,
+    # so as_dict leaves it out. The server sends them with its text deltas instead.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -46,6 +51,7 @@ class GenerationStats:
     def as_dict(self) -> dict[str, float | int | str]:
         """The fields plus the derived rates, ready for JSON (benchmarks, logs)."""
         data: dict[str, float | int | str] = asdict(self)
+        del data["logprobs"]
         data["prefill_tok_s"] = self.prefill_tok_s
         data["decode_tok_s"] = self.decode_tok_s
         return data

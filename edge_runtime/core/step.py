@@ -25,6 +25,7 @@ from edge_llama import Batch, Closeable, Sampler
 
 from edge_runtime.core.engine import Engine
 from edge_runtime.core.generation import AnswerStep, StopReason
+from edge_runtime.core.logprobs import TokenLogprob, token_logprob
 from edge_runtime.core.stats import GenerationStats
 
 
@@ -39,6 +40,15 @@ class Answer:
     bias: dict[int, float] | None = None  # added to the logits before each sample (logit_bias, ignore_eos)
     pending: int | None = None  # sampled and shown, evaluated by the next step
     tokens: list[int] = field(default_factory=list)  # the answer's token ids (end of turn not included)
+    top_logprobs: int | None = None  # None: no logprobs asked; N: each token's logprob and the N likeliest
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per entry of `tokens`, when asked
+    _logprobs_sent: int = 0
+
+    def unsent_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs of the tokens since the last call (the server sends them with the text they made)."""
+        out = tuple(self.logprobs[self._logprobs_sent:])
+        self._logprobs_sent = len(self.logprobs)
+        return out
 
     @property
     def done(self) -> bool:
@@ -61,9 +71,10 @@ class Core(Closeable):
         self.engine = engine
         self.batch = Batch(capacity)
 
-    def start(self, answer: Answer, index: int = -1) -> str:
-        """The prompt is evaluated: sample the first token from batch output `index`; the text it shows."""
-        return self._accept(answer, self.engine.sample(answer.sampler, index, answer.bias))
+    def start(self, answer: Answer, index: int = -1, biased: bool = False) -> str:
+        """The prompt is evaluated: sample the first token from batch output `index`; the text it shows.
+        `biased`: another answer sampled this row already (its bias, the same, is in the row)."""
+        return self._sample(answer, index, biased)
 
     def step(self, answers: Sequence[Answer], prompt_seq: int = -1, prompt_tokens: Sequence[int] = (),
              prompt_logits: bool = False) -> list[str]:
@@ -76,12 +87,17 @@ class Core(Closeable):
         if not entries:
             return []
         self.engine.eval_tokens(self.batch, entries)
-        return [self._accept(a, self.engine.sample(a.sampler, i, a.bias)) for i, a in enumerate(answers)]
+        return [self._sample(a, i) for i, a in enumerate(answers)]
 
-    def _accept(self, answer: Answer, token: int) -> str:
+    def _sample(self, answer: Answer, index: int, biased: bool = False) -> str:
+        """Sample `answer`'s next token from batch output `index`; accept it (and its logprob, if asked)."""
+        token = self.engine.sample(answer.sampler, index, None if biased else answer.bias)
         text = answer.step.accept(token)
         if answer.step.reason is not StopReason.END_OF_TURN:
             answer.tokens.append(token)
+            if answer.top_logprobs is not None:
+                answer.logprobs.append(token_logprob(self.engine.logits_row(index), token, answer.top_logprobs,
+                                                     answer.step.pieces))
         answer.pending = token if answer.step.reason is None else None
         answer.stats.generated_tokens = answer.step.generated
         if answer.step.reason is not None:

@@ -52,7 +52,8 @@ def admit(engine: Engine, job: Job, prompt: Prompt, free: Sequence[Slot], pieces
         candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used) for s in free]
         seq_id, _ = choose_slot(candidates, prompt.units)
         answer = Answer(seq_id, sampler, AnswerStep(pieces, job.options, limit, job.starts_inside_think,
-                                                    engine.is_end_of_turn), bias=bias or None)
+                                                    engine.is_end_of_turn), bias=bias or None,
+                        top_logprobs=job.options.top_logprobs)
         sampler = None
         keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
         engine.truncate(seq_id, keep)

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -25,17 +26,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_common.manifest import resolve_model_paths
+from edge_runtime.core.logprobs import TokenLogprob
+from edge_runtime.core.stats import GenerationStats
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.chat.tool_calls import ToolCall, ToolCallStream, parse_calls
 from .config import ServerOptions
 from .conversations import add_conversation_routes
-from .errors import ApiError, from_exception
+from .errors import ApiError, bad_request, from_exception
 from .jobs import Event, EventChannel, Failed, Finished, Job, TextDelta
 from .metrics import Metrics
 from .page import PAGE_HEADERS, STATIC_DIR
 from .prompting import RenderedPrompt, render_prompt
 from .responses import (
     SSE_DONE,
+    ChoiceResult,
     ResponseMeta,
     chunk_body,
     completion_body,
@@ -159,6 +163,9 @@ def create_app(options: ServerOptions) -> FastAPI:
         scheduler.require_ready()
         try:
             req = parse_chat_request(await request.body())
+            if req.n > options.parallel:
+                raise bad_request(f"n={req.n} choices need {req.n} slots at once; this server has "
+                                  f"{options.parallel} (--parallel)", "n")
             plan = tool_plan(req)
             gen = generation_options(req, plan)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
@@ -177,10 +184,11 @@ def create_app(options: ServerOptions) -> FastAPI:
             first = await next_event(job, watch, scheduler)  # errors before any token keep their HTTP status
             if isinstance(first, Failed):
                 raise first.error
+            logprobs = bool(req.logprobs)
             if req.stream:
-                return EventStreamResponse(stream_body(job, meta, first, req.include_usage, plan.active),
+                return EventStreamResponse(stream_body(job, meta, first, req.include_usage, plan.active, logprobs),
                                            on_close=lambda: scheduler.cancel(job))
-            return JSONResponse(await collect(job, watch, scheduler, meta, first, plan.active))
+            return JSONResponse(await collect(job, watch, scheduler, meta, first, plan.active, logprobs))
         except BaseException:
             scheduler.cancel(job)
             raise
@@ -214,6 +222,7 @@ def make_job(req: ChatRequest, gen: GenerationOptions, rendered: RenderedPrompt,
         logit_bias=req.token_bias,
         ignore_eos=req.ignore_eos,
         cache_prompt=req.cache_prompt,
+        n=req.n,
     )
 
 
@@ -252,40 +261,69 @@ async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> 
 
 
 async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event,
-                  tools: bool = False) -> dict:
-    parts: list[str] = []
+                  tools: bool = False, logprobs: bool = False) -> dict:
+    parts: list[list[str]] = [[] for _ in range(job.n)]
+    entries: list[list[TokenLogprob]] = [[] for _ in range(job.n)]
+    finished: dict[int, Finished] = {}
     while True:
         if isinstance(event, TextDelta):
-            parts.append(event.text)
+            parts[event.index].append(event.text)
+            entries[event.index].extend(event.logprobs)
         elif isinstance(event, Finished):
-            text, calls = (parse_calls("".join(parts), cut=event.finish_reason == "length") if tools
-                           else ("".join(parts), []))
-            return completion_body(meta, text, event.finish_reason, event.stats, calls)
+            entries[event.index].extend(event.logprobs)
+            finished[event.index] = event
+            if len(finished) == job.n:
+                return completion_body(meta, [_choice("".join(parts[i]), finished[i], tools,
+                                                      entries[i] if logprobs else None) for i in range(job.n)],
+                                       all_choices([finished[i].stats for i in range(job.n)]))
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
 
 
+def _choice(text: str, end: Finished, tools: bool, logprobs: list[TokenLogprob] | None) -> ChoiceResult:
+    content, calls = parse_calls(text, cut=end.finish_reason == "length") if tools else (text, [])
+    return ChoiceResult(content, end.finish_reason, calls, logprobs)
+
+
+def all_choices(stats: list[GenerationStats]) -> GenerationStats:
+    """One request's numbers over its choices: the prompt once, the completion tokens of all (as OpenAI)."""
+    return replace(stats[0], generated_tokens=sum(s.generated_tokens for s in stats))
+
+
 async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool,
-                      tools: bool = False) -> AsyncIterator[bytes]:
-    """OpenAI's chunk sequence: role, content (or tool call) deltas, finish_reason, [usage], [DONE]."""
-    yield sse(chunk_body(meta, {"role": "assistant", "content": ""}))
-    calls = ToolCallStream() if tools else None
+                      tools: bool = False, logprobs: bool = False) -> AsyncIterator[bytes]:
+    """OpenAI's chunk sequence: role, content (or tool call) deltas, finish_reason per choice, [usage], [DONE].
+
+    With `logprobs`, a token's entry rides on the first chunk its text appears in (text held back, such
+    as a tool call's markup, carries its tokens to the next chunk; a stop string's go on the last one)."""
+    for index in range(job.n):
+        yield sse(chunk_body(meta, {"role": "assistant", "content": ""}, index=index))
+    calls = [ToolCallStream() if tools else None for _ in range(job.n)]
+    unsent: list[tuple[TokenLogprob, ...]] = [() for _ in range(job.n)]
+    finished: list[GenerationStats] = []
     while True:
         if isinstance(event, TextDelta):
-            for delta in _deltas(calls, calls.feed(event.text) if calls else [event.text]):
-                yield sse(chunk_body(meta, delta))
+            i, stream = event.index, calls[event.index]
+            unsent[i] += event.logprobs
+            for delta in _deltas(stream, stream.feed(event.text) if stream else [event.text]):
+                yield sse(chunk_body(meta, delta, None, unsent[i] if logprobs else None, i))
+                unsent[i] = ()
         elif isinstance(event, Finished):
-            reason = event.finish_reason
-            if calls is not None:
-                for delta in _deltas(calls, calls.finish(cut=reason == "length")):
-                    yield sse(chunk_body(meta, delta))
-                reason = finish_with_calls(reason, calls.calls)
-            yield sse(chunk_body(meta, {}, reason))
-            if include_usage:
-                yield sse(usage_chunk_body(meta, event.stats))
-            yield SSE_DONE
-            return
+            i, stream, reason = event.index, calls[event.index], event.finish_reason
+            unsent[i] += event.logprobs
+            if stream is not None:
+                for delta in _deltas(stream, stream.finish(cut=reason == "length")):
+                    yield sse(chunk_body(meta, delta, None, unsent[i] if logprobs else None, i))
+                    unsent[i] = ()
+                reason = finish_with_calls(reason, stream.calls)
+            yield sse(chunk_body(meta, {}, reason, unsent[i] if logprobs and unsent[i] else None, i))
+            finished.append(event.stats)
+            if len(finished) == job.n:
+                if include_usage:
+                    yield sse(usage_chunk_body(meta, all_choices(finished)))
+                yield SSE_DONE
+                return
         elif isinstance(event, Failed):
             yield sse(event.error.body())  # the openai client raises APIError on an "error" event
             return

@@ -30,7 +30,7 @@ from edge_runtime.core.template import ChatTemplate
 from .config import ServerOptions
 from .engine_process import ReadyInfo, job_fields
 from .errors import ApiError, queue_full, shutting_down
-from .jobs import Failed, Finished, Job
+from .jobs import Failed, Job
 from .metrics import Gauges, Metrics
 from .prompting import PromptFormat
 from .front import FAILED, LOADING, READY, STOPPED, EngineFront
@@ -206,11 +206,11 @@ class EngineHost(EngineFront):
             _, number, event = message
             with self._lock:
                 job = self._jobs.get(number)
-                if job is not None and isinstance(event, (Finished, Failed)):
-                    del self._jobs[number]
-                    self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
-            if job is not None:
-                job.emit(event)
+                if job is not None:
+                    job.emit(event)
+                    if job.done:  # its last choice finished, or it failed
+                        del self._jobs[number]
+                        self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         elif kind == "task_done":
             _, number, ok, value = message
             with self._lock:

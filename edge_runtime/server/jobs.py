@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Union
 
+from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.core.stats import GenerationStats
@@ -22,12 +23,16 @@ from .errors import ApiError
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta (when the request asked)
+    index: int = 0  # the choice (n > 1)
 
 
 @dataclass(frozen=True)
 class Finished:
     finish_reason: str  # "stop" | "length" (StopReason.finish_reason)
     stats: GenerationStats  # the numbers of the answer; stats.usage_body makes OpenAI's usage of them
+    logprobs: tuple[TokenLogprob, ...] = ()  # of tokens whose text was never shown (a stop string's)
+    index: int = 0  # the choice; the request is done when each of its n choices finished
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,12 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
     cache_prompt: bool = True  # False: the prompt is evaluated whole, none of the slot's cache reused
+    n: int = 1  # choices: sequences continuing one evaluated prompt, one slot each
     number: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: int = field(default=0, repr=False)  # choices finished
 
     def cancel(self) -> None:
         """The client is gone: the scheduler drops the job at its next step."""
@@ -96,6 +103,8 @@ class Job:
 
     # Called by the scheduler thread only.
     def emit(self, event: Event) -> None:
-        if isinstance(event, (Finished, Failed)):
+        if isinstance(event, Finished):
+            self._finished += 1
+        if isinstance(event, Failed) or self._finished == self.n:
             self._done.set()
         self.channel.put(event)

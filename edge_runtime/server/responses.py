@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.stats import GenerationStats, usage_body
 from edge_runtime.chat.tool_calls import ToolCall
 
@@ -45,28 +46,54 @@ def finish_with_calls(finish_reason: str, calls: int) -> str:
     return "tool_calls" if calls and finish_reason != "length" else finish_reason
 
 
-def completion_body(meta: ResponseMeta, text: str, finish_reason: str, stats: GenerationStats,
-                    calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if calls:
-        message = {"role": "assistant", "content": text or None, "tool_calls": [tool_call_body(c) for c in calls]}
-        finish_reason = finish_with_calls(finish_reason, len(calls))
+def logprobs_body(entries: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """OpenAI's `choices[].logprobs`: per token its text (undecodable bytes replaced), logprob, bytes and
+    top_logprobs; None when the request did not ask."""
+    if entries is None:
+        return None
+
+    def one(token: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(token)}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One finished choice of a completion."""
+
+    text: str
+    finish_reason: str
+    calls: Sequence[ToolCall] = ()
+    logprobs: Sequence[TokenLogprob] | None = None  # None: not asked
+
+
+def choice_body(index: int, choice: ChoiceResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    finish_reason = choice.finish_reason
+    if choice.calls:
+        message = {"role": "assistant", "content": choice.text or None,
+                   "tool_calls": [tool_call_body(c) for c in choice.calls]}
+        finish_reason = finish_with_calls(finish_reason, len(choice.calls))
+    return {"index": index, "message": message, "logprobs": logprobs_body(choice.logprobs),
+            "finish_reason": finish_reason}
+
+
+def completion_body(meta: ResponseMeta, choices: Sequence[ChoiceResult], stats: GenerationStats) -> dict[str, Any]:
     return {
         **meta.head("chat.completion"),
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }],
+        "choices": [choice_body(i, c) for i, c in enumerate(choices)],
         "usage": usage_body(stats),
     }
 
 
-def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+def chunk_body(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Sequence[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
     return {
         **meta.head("chat.completion.chunk"),
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs_body(logprobs),
+                     "finish_reason": finish_reason}],
     }
 
 

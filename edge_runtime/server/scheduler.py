@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, Callable
 
 from edge_llama import EmbeddingBatch
@@ -27,10 +28,11 @@ from edge_common.manifest import resolve_model_paths
 
 from edge_runtime.core.detokenize import PieceTable
 from edge_runtime.core.engine import Engine
-from edge_runtime.core.generation import END_OF_TURN
+from edge_runtime.core.generation import END_OF_TURN, AnswerStep
 from edge_runtime.core.open_model import open_engine
 from edge_runtime.core.prompt import Piece, Prompt, tokenize_text
-from edge_runtime.core.step import Core
+from edge_runtime.core.sampling import build_sampler
+from edge_runtime.core.step import Answer, Core
 from edge_runtime.errors import DecodeError
 
 from .admission import admit
@@ -58,7 +60,8 @@ class Scheduler(EngineFront):
         self._waiting: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[Engine, list[Slot]], Any], Future]] = deque()
         self._tokenized: deque[tuple[Job, Prompt | None, BaseException | None]] = deque()
-        self._preparing = 0  # jobs taken from the queue, being tokenized
+        self._preparing = 0  # slots held for jobs taken from the queue, being tokenized (n per job)
+        self._reserved = 0  # free slots held for the other choices of n > 1 jobs whose prompt is being evaluated
         self._vision: VisionWorker | None = None
         self._chunk = 64
         self._slots = [Slot(i) for i in range(options.parallel)]
@@ -194,14 +197,17 @@ class Scheduler(EngineFront):
                 self._drop_stale_waiting()
             self._run_tasks(tasks)
             with self._cond:
-                room = len(self._free_slots()) - self._preparing
-                admit = [self._waiting.popleft() for _ in range(max(0, min(len(self._waiting), room)))]
-                self._preparing += len(admit)
+                room = self._room()
+                admit = []
+                while self._waiting and self._waiting[0].n <= room:  # in order: a job waits for all its slots
+                    admit.append(self._waiting.popleft())
+                    room -= admit[-1].n
+                self._preparing += sum(job.n for job in admit)
                 tokenized, self._tokenized = list(self._tokenized), deque()
             for job in admit:
                 self._prepare(job)
             for job, prompt, error in tokenized:
-                self._preparing -= 1
+                self._preparing -= job.n
                 self._assign(job, prompt, error)
             self._reap()
             if self._runnable():
@@ -220,7 +226,7 @@ class Scheduler(EngineFront):
                 self._kv_used = self._engine.kv_used_bytes()
 
     def _has_work(self) -> bool:
-        room = len(self._free_slots()) > self._preparing
+        room = bool(self._waiting) and self._waiting[0].n <= self._room()
         return (self._stopping or bool(self._tasks) or bool(self._tokenized) or (bool(self._waiting) and room) or self._runnable()
                 or any(s.job.cancelled for s in self._busy() if s.job is not None)
                 or any(j.cancelled for j in self._waiting))
@@ -234,6 +240,10 @@ class Scheduler(EngineFront):
 
     def _free_slots(self) -> list[Slot]:
         return [s for s in self._slots if not s.busy]
+
+    def _room(self) -> int:
+        """Free slots no admitted job holds (being tokenized, or kept for the choices of an n > 1 job)."""
+        return len(self._free_slots()) - self._preparing - self._reserved
 
     def _generating(self) -> list[Slot]:
         return [s for s in self._slots if s.busy and s.prefill is None]
@@ -306,6 +316,7 @@ class Scheduler(EngineFront):
             assert self._vision is not None
             self._vision.encode(work, encode)
         slot = self._slots[answer.seq_id]
+        self._reserved += job.n - 1  # the other choices take free slots once the prompt is evaluated
         slot.job, slot.answer, slot.prefill = job, answer, work
         slot.started = time.monotonic()
         self.metrics.add("prompt_tokens", prompt.n_tokens)
@@ -389,12 +400,39 @@ class Scheduler(EngineFront):
             raise DecodeError("a prompt must end with text (the generation prompt)")
 
     def _start_generating(self, slot: Slot, index: int) -> None:
-        """The prompt is evaluated: sample the first token from its last position's logits."""
-        work, core = slot.prefill, self._core
-        assert work is not None and core is not None and slot.answer is not None
+        """The prompt is evaluated: sample the first token from its last position's logits. With n > 1,
+        the other choices continue copies of the sequence (llama.cpp shares the prompt's cells), each
+        with its own sampler, seeded seed + choice, and take their first token from the same logits."""
+        work, core, job = slot.prefill, self._core, slot.job
+        assert work is not None and core is not None and slot.answer is not None and job is not None
         slot.prefill = None
         work.release()
+        try:
+            others = self._other_choices(slot) if job.n > 1 else []
+        except Exception as exc:  # a choice's sampler or sequence copy failed: the request fails whole
+            for other in [s for s in self._slots if s.job is job]:
+                self._finish_slot(other, "error", Failed(from_exception(exc)))
+            return
         self._accept(slot, core.start(slot.answer, index))
+        for other in others:  # the row already holds the bias the first choice's sample added
+            self._accept(other, core.start(other.answer, index, biased=True))  # type: ignore[arg-type]
+
+    def _other_choices(self, first: Slot) -> list[Slot]:
+        """Give choices 1..n-1 of `first`'s job the slots kept for them, holding a copy of its prompt."""
+        engine, job, answer = self._engine, first.job, first.answer
+        assert engine is not None and job is not None and answer is not None and self._pieces is not None
+        self._reserved -= job.n - 1
+        others = sorted(self._free_slots(), key=lambda s: s.last_used)[:job.n - 1]
+        for choice, other in enumerate(others, 1):
+            step = AnswerStep(self._pieces, job.options, answer.step.limit, job.starts_inside_think,
+                              engine.is_end_of_turn)
+            stats = replace(answer.stats, image_details=list(answer.stats.image_details), logprobs=[])
+            other.job, other.choice, other.started = job, choice, first.started  # a failure below releases it
+            sampler = build_sampler(job.options, engine.text_model, (job.seed + choice) & 0xFFFFFFFF)
+            other.answer = Answer(other.seq_id, sampler, step, stats, bias=answer.bias,
+                                  top_logprobs=answer.top_logprobs)
+            engine.copy_sequence(first.seq_id, other.seq_id)
+        return others
 
     def _accept(self, slot: Slot, text: str) -> None:
         """Send what the core's step showed of one slot's token; finish the job once its answer ended."""
@@ -403,7 +441,7 @@ class Scheduler(EngineFront):
         if answer.step.reason != END_OF_TURN:
             self.metrics.tokens_generated(1)
         if text:
-            job.emit(TextDelta(text))
+            job.emit(TextDelta(text, answer.unsent_logprobs(), slot.choice))
         if answer.done:
             self._complete(slot, answer.step.reason.finish_reason)  # type: ignore[union-attr]
 
@@ -412,13 +450,13 @@ class Scheduler(EngineFront):
         assert job is not None and answer is not None
         tail = answer.step.finish()
         if tail:
-            job.emit(TextDelta(tail))
+            job.emit(TextDelta(tail, answer.unsent_logprobs(), slot.choice))
         stats = answer.stats
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",
                  job.number, stats.prompt_tokens, stats.reused_tokens, stats.generated_tokens, reason, elapsed)
-        self._finish_slot(slot, "ok", Finished(reason, stats))
+        self._finish_slot(slot, "ok", Finished(reason, stats, answer.unsent_logprobs(), slot.choice))
 
     def _reap(self) -> None:
         """Free the slots of cancelled and timed-out jobs."""
@@ -429,6 +467,8 @@ class Scheduler(EngineFront):
             if job.cancelled:
                 log.info("request #%d cancelled by the client after %d tok", job.number, slot.generated)
                 self._finish_slot(slot, "cancelled", Failed(_cancelled()))
+            elif job.done:  # another choice of the job failed: the request has its answer (an error)
+                self._finish_slot(slot, "error", None)
             elif job.expired(now):
                 self._finish_slot(slot, "timeout", Failed(timeout_error(self.options.timeout_s)))
 
@@ -436,13 +476,19 @@ class Scheduler(EngineFront):
         job = slot.job
         if slot.prefill is not None and self._engine is not None:  # a prompt half evaluated: drop its cells
             self._engine.truncate(slot.seq_id, len(self._engine.seq_state(slot.seq_id)))
+            if job is not None:
+                self._reserved -= job.n - 1  # its other choices never start
         slot.release()
-        if job is not None:
+        if job is not None and event is not None:
             self._end(job, outcome, event)
 
     def _end(self, job: Job, outcome: str, event: Finished | Failed) -> None:
-        self.metrics.request(outcome)
+        """Send `event`; the request is counted once, when its last choice finished or its first failed."""
+        if job.done:  # a choice failed before: the client has its error
+            return
         job.emit(event)
+        if job.done:
+            self.metrics.request(outcome)
 
     def _retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._mean_job_s * (len(self._waiting) + 1) / self.options.parallel)))

@@ -4,7 +4,7 @@ A request is parsed from raw bytes so that malformed JSON and wrong types both
 become OpenAI-shaped 400s naming the offending field, instead of FastAPI's 422.
 llama-server's own request fields are honoured where the runtime can (grammar,
 json_schema, n_predict, cache_prompt); every other top-level field, and values
-the runtime cannot honour (n > 1, logprobs), are refused with a 400 naming them,
+the runtime cannot honour, are refused with a 400 naming them,
 never ignored: a client that relies on a field must not get an answer without it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from typing import Annotated, Any, Literal, Union
 
 from edge_llama import JSON_GBNF
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.chat.tool_calls import ToolError, ToolPlan, plan_tools
@@ -126,9 +126,9 @@ class ChatRequest(_Model):
     response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # llama-server's extension: generate max_tokens whatever the model says
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)  # choices, one slot each (more than --parallel: refused)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's bounds
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -166,12 +166,17 @@ class ChatRequest(_Model):
     def token_bias(self) -> dict[int, float]:
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("logprobs are not supported by this server yet")
+    def _top_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @property
+    def answer_top_logprobs(self) -> int | None:
+        """GenerationOptions.top_logprobs: None when no logprobs are asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("n_predict")
     @classmethod
@@ -310,7 +315,7 @@ def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> Genera
     max_tokens stays None when not given: the scheduler then fills what the slot has room for,
     up to the server's default.
     """
-    values: dict[str, Any] = {"max_tokens": req.max_answer_tokens}
+    values: dict[str, Any] = {"max_tokens": req.max_answer_tokens, "top_logprobs": req.answer_top_logprobs}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repeat_penalty", "repeat_last_n", "seed"):
         value = getattr(req, name)

@@ -20,6 +20,7 @@ class Slot:
     answer: Answer | None = None  # sampler, per-token step and stats: what the core steps, as VisionChat's
     prefill: PrefillWork | None = None  # the prompt still being evaluated (None: generating)
     started: float = 0.0
+    choice: int = 0  # which of the job's n choices this slot answers
 
     @property
     def generated(self) -> int:
@@ -36,6 +37,7 @@ class Slot:
         if self.prefill is not None:
             self.prefill.release()
         self.job = self.answer = self.prefill = None
+        self.choice = 0
         self.last_used = time.monotonic()
 
 
