@@ -1,0 +1,43 @@
+"""Issue 22's bad inputs and faults: each is a named EdgeError that leaves the chat, the server and the files as they were."""
+from __future__ import annotations
+
+import pytest
+
+from edge_common.errors import EdgeError
+from edge_runtime import VisionChat
+from tests.conftest import make_test_image
+
+GREEDY = {"temperature": 0.0, "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_f16_dir):
+    with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0) as c:
+        yield c
+
+
+def test_attach_or_ask_while_a_stream_is_open_is_refused_at_once(chat):
+    chat.reset()
+    image = make_test_image(96, 64, seed=3)
+    stream = chat.stream("Say something", **GREEDY)
+    next(stream)  # the stream now holds the chat
+    # the same thread that iterates the stream: refused before any wait
+    with pytest.raises(EdgeError, match="a stream is still open"):
+        chat.attach([image])
+    with pytest.raises(EdgeError, match="a stream is still open"):
+        chat.ask("And now?", **GREEDY)
+    assert chat._attached is None  # nothing left pending by the refusals
+    stream.close()
+    assert len(chat.history) in (0, 2)  # the stream's own turn only
+    assert chat.ask("Again?", **GREEDY) is not None  # the chat still answers
+
+
+def test_attach_after_a_turn_with_an_image(chat):
+    chat.reset()
+    first, second = make_test_image(96, 64, seed=4), make_test_image(64, 96, seed=5)
+    chat.ask("What is this?", images=[first], **GREEDY)
+    thread = chat.attach([second])
+    thread.join(60)
+    answer = chat.ask("And this one?", **GREEDY)
+    assert isinstance(answer, str) and len(chat.history) == 4
+    assert chat.last_stats.images_encoded == 0 and chat.last_stats.reused_tokens > 0
