@@ -41,3 +41,25 @@ def test_attach_after_a_turn_with_an_image(chat):
     answer = chat.ask("And this one?", **GREEDY)
     assert isinstance(answer, str) and len(chat.history) == 4
     assert chat.last_stats.images_encoded == 0 and chat.last_stats.reused_tokens > 0
+
+
+@pytest.mark.parametrize("conv_id", ["abc\n", "abc\r\n", "\nabc"])
+def test_conversation_ids_must_match_whole(tmp_path, conv_id):
+    from edge_runtime.server.config import ServerOptions
+    from edge_runtime.server.conversations import conversation_path
+    from edge_runtime.server.errors import ApiError
+
+    options = ServerOptions(tmp_path, conversation_dir=tmp_path)
+    with pytest.raises(ApiError, match="1-64 letters"):
+        conversation_path(options, conv_id)
+    assert conversation_path(options, "abc").name == "abc.edgeconv"
+
+
+def test_tool_names_and_cors_origins_must_match_whole(tmp_path):
+    from edge_runtime.chat.tool_calls import ToolError, plan_tools
+    from edge_runtime.server.config import ServerOptions
+
+    with pytest.raises(ToolError, match="function.name"):
+        plan_tools([{"type": "function", "function": {"name": "lookup\n", "parameters": {}}}], None, True)
+    with pytest.raises(ValueError, match="--cors-origin"):
+        ServerOptions(tmp_path, cors_origins=("http://localhost:3000\n",))

@@ -49,7 +49,7 @@ from .schemas import parse_chat_request, template_messages
 from .security import ImagePolicy, bearer_token
 from .slots import Candidate, Slot, choose_slot
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would accept a trailing newline
 
 
 @dataclass
@@ -79,7 +79,7 @@ def conversation_path(options: ServerOptions, conv_id: str) -> Path:
     if options.conversation_dir is None:
         raise ApiError(404, "this server keeps no conversations; start it with --conversation-dir DIR",
                        "not_found_error", None, "conversations_disabled")
-    if not _ID.match(conv_id):
+    if not _ID.fullmatch(conv_id):
         raise bad_request(f"conversation id {conv_id[:80]!r} must be 1-64 letters, digits, '_' or '-'", "id")
     return Path(options.conversation_dir) / f"{conv_id}{SUFFIX}"
 
@@ -176,7 +176,7 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
         require_admin(request, options)
         root = conversation_path(options, "x").parent
         data = [{"id": p.name[: -len(SUFFIX)], "bytes": p.stat().st_size, "modified": int(p.stat().st_mtime)}
-                for p in sorted(root.glob(f"*{SUFFIX}")) if _ID.match(p.name[: -len(SUFFIX)])]
+                for p in sorted(root.glob(f"*{SUFFIX}")) if _ID.fullmatch(p.name[: -len(SUFFIX)])]
         return {"object": "list", "data": data}
 
     @router.put("/conversations/{conv_id}")
