@@ -63,3 +63,23 @@ def test_tool_names_and_cors_origins_must_match_whole(tmp_path):
         plan_tools([{"type": "function", "function": {"name": "lookup\n", "parameters": {}}}], None, True)
     with pytest.raises(ValueError, match="--cors-origin"):
         ServerOptions(tmp_path, cors_origins=("http://localhost:3000\n",))
+
+
+def test_save_into_a_directory_a_missing_folder_or_under_a_file_is_an_output_error(chat, tmp_path):
+    from edge_common.errors import OutputError
+
+    chat.reset()
+    chat.ask("Hello", **GREEDY)
+    history = list(chat.history)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "taken.edgeconv").mkdir()
+    cases = {tmp_path: "is a directory", tmp_path / "taken.edgeconv": "is a directory",
+             tmp_path / "missing" / "c.edgeconv": "does not exist", tmp_path / "a-file" / "c.edgeconv": "not a folder"}
+    for target, message in cases.items():
+        with pytest.raises(OutputError, match=message) as info:
+            chat.save(target)
+        assert str(target.parent if message != "is a directory" else target) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.edgeconv"]  # nothing half-written
+    assert list((tmp_path / "taken.edgeconv").iterdir()) == []
+    assert chat.history == history
+    assert chat.save(tmp_path / "ok.edgeconv") > 0  # the chat still saves
