@@ -83,3 +83,21 @@ def test_save_into_a_directory_a_missing_folder_or_under_a_file_is_an_output_err
     assert list((tmp_path / "taken.edgeconv").iterdir()) == []
     assert chat.history == history
     assert chat.save(tmp_path / "ok.edgeconv") > 0  # the chat still saves
+
+
+@pytest.mark.parametrize("bad", [{"encoder_flops_s": 0}, {"encoder_flops_s": "fast"}, {"prefill_flops_s": -1.0},
+                                 {"encoder_flops_s": float("nan")}, {"measured": "yes"}, {"encoder_flops_s": True}])
+def test_a_device_cost_file_with_a_bad_rate_is_ignored_and_remeasured(tmp_path, caplog, bad):
+    import json
+
+    from edge_runtime.vision.image_budget import GUESS_CPU, cost_file, find_cost, load_cost
+
+    entry = {"encoder_flops_s": 1.5e11, "prefill_flops_s": 2e11, "measured": True, "prefill_measured": True,
+             "projector": "sig", "measured_on": "2026-01-01", **bad}
+    cost_file(tmp_path).write_text(json.dumps({"model|proj|cpu": entry}))
+    with caplog.at_level("WARNING"):
+        cost = load_cost(tmp_path, "model|proj|cpu", gpu=False, projector="sig")
+    assert (cost.encoder_flops_s, cost.prefill_flops_s) == GUESS_CPU and not cost.measured  # measured again
+    assert cost.record("encoder", 1e12, 2.0)  # the first measurement is taken
+    assert "device cost" in caplog.text and str(cost_file(tmp_path)) in caplog.text
+    assert find_cost(tmp_path, "cpu", "sig") is None
