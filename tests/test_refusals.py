@@ -101,3 +101,28 @@ def test_a_device_cost_file_with_a_bad_rate_is_ignored_and_remeasured(tmp_path, 
     assert cost.record("encoder", 1e12, 2.0)  # the first measurement is taken
     assert "device cost" in caplog.text and str(cost_file(tmp_path)) in caplog.text
     assert find_cost(tmp_path, "cpu", "sig") is None
+
+
+def test_an_encoder_cache_entry_shorter_than_its_grid_is_a_miss(tiny_f16_dir, tmp_path):
+    import hashlib
+    import json
+
+    from edge_runtime.vision.disk_cache import _HEADER, MAGIC, SUFFIX
+
+    image = make_test_image(128, 96, seed=21)
+    opts = dict(n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=tmp_path)
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        expected = c.ask("What is this?", images=[image], **GREEDY)
+    (entry,) = tmp_path.rglob("*" + SUFFIX)
+    data = entry.read_bytes()
+    _, n = _HEADER.unpack_from(data)
+    header = json.loads(data[_HEADER.size:_HEADER.size + n])
+    payload = data[_HEADER.size + n:]
+    payload = payload[: len(payload) // 2]  # half the floats, with a checksum and shape that agree
+    header.update(shape=[len(payload) // 4], sha256=hashlib.sha256(payload).hexdigest())
+    raw = json.dumps(header).encode()
+    entry.write_bytes(_HEADER.pack(MAGIC, len(raw)) + raw + payload)
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        assert c.ask("What is this?", images=[image], **GREEDY) == expected
+        assert c.last_stats.images_encoded == 1 and c.last_stats.disk_cache_hits == 0
+    assert entry.stat().st_size == len(data)  # rewritten whole by the new encoding

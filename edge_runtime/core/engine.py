@@ -406,6 +406,19 @@ class Engine(Closeable):
         pinned = {img.digest: e for img in images if (e := self._cached_embedding(img.digest)) is not None}
         with self.mtmd_lock:
             prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
+        short = {c.digest for c in prompt.chunks if c.kind == "image" and c.digest in pinned
+                 and pinned[c.digest].size != c.n_tokens * self.n_embd_inp}
+        if short:  # an entry that does not fill its grid would be read past its end: encode again
+            log.warning("encoder cache: ignoring %d entry(ies) of the wrong length", len(short))
+            prompt.close()
+            for digest in short:
+                del pinned[digest]
+                self.encoder_cache.discard(digest)
+                self._disk_hits.discard(digest)
+                if self.disk_cache is not None:
+                    self.disk_cache.discard(digest)
+            with self.mtmd_lock:
+                prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
 
