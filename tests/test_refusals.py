@@ -126,3 +126,47 @@ def test_an_encoder_cache_entry_shorter_than_its_grid_is_a_miss(tiny_f16_dir, tm
         assert c.ask("What is this?", images=[image], **GREEDY) == expected
         assert c.last_stats.images_encoded == 1 and c.last_stats.disk_cache_hits == 0
     assert entry.stat().st_size == len(data)  # rewritten whole by the new encoding
+
+
+def _retamper(path, out, edit):
+    """A saved conversation whose header is edited, with the checksum recomputed (it passes that check)."""
+    import hashlib
+    import json
+
+    from edge_runtime.chat.saved_conversation import _DIGEST, _PREAMBLE, MAGIC, VERSION
+
+    data = path.read_bytes()
+    _, _, n = _PREAMBLE.unpack_from(data)
+    header = json.loads(data[_PREAMBLE.size:_PREAMBLE.size + n])
+    kv = data[_PREAMBLE.size + n:-_DIGEST]
+    edit(header)
+    raw = json.dumps(header).encode()
+    body = _PREAMBLE.pack(MAGIC, VERSION, len(raw)) + raw + kv
+    out.write_bytes(body + hashlib.sha256(body).digest())
+    return out
+
+
+def _negative_image_tokens(header):
+    image = next(u for u in header["units"] if isinstance(u, dict))
+    image["n_tokens"] = -image["n_tokens"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda h: h.update(n_ctx="abc"), "n_ctx"),
+    (lambda h: h.update(n_ctx=-5), "n_ctx"),
+    (_negative_image_tokens, "n_tokens"),
+    (lambda h: h.update(created="yesterday"), "created"),
+])
+def test_a_saved_header_with_bad_numbers_is_refused_naming_the_field(chat, tmp_path, edit, field):
+    from edge_runtime.errors import SavedConversationError
+
+    chat.reset()
+    chat.ask("Look", images=[make_test_image(96, 64, seed=8)], **GREEDY)
+    chat.save(tmp_path / "good.edgeconv")
+    bad = _retamper(tmp_path / "good.edgeconv", tmp_path / "bad.edgeconv", edit)
+    history = list(chat.history)
+    with pytest.raises(SavedConversationError, match=field):
+        chat.restore(bad)
+    assert chat.history == history
+    chat.ask("Still there?", **GREEDY)
+    assert chat.last_stats.reused_tokens > 0  # the KV cache was kept too
