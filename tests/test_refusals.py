@@ -170,3 +170,44 @@ def test_a_saved_header_with_bad_numbers_is_refused_naming_the_field(chat, tmp_p
     assert chat.history == history
     chat.ask("Still there?", **GREEDY)
     assert chat.last_stats.reused_tokens > 0  # the KV cache was kept too
+
+
+@pytest.mark.parametrize("detail", ["", False, 0, "LOW"])
+def test_a_bad_per_image_detail_is_refused_like_generate_refuses_it(chat, detail):
+    from edge_runtime.errors import OptionError
+
+    chat.reset()
+    image = make_test_image(96, 64, seed=9)
+    with pytest.raises(OptionError, match="detail must be one of"):
+        chat.ask("What is it?", images=[{"image": image, "detail": detail}], **GREEDY)
+    with pytest.raises(OptionError, match="detail must be one of"):
+        chat.generate([{"role": "user", "content": [
+            {"type": "image", "image": image, "detail": detail}, {"type": "text", "text": "Hi"}]}],
+            **GREEDY)
+    assert chat.history == []
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("image_min_tokens", float("nan"), "image_min_tokens must be a whole number"),
+    ("image_max_tokens", float("nan"), "image_max_tokens must be a whole number"),
+    ("image_max_tokens", 99999999999, "image_max_tokens must be at most"),
+    ("image_max_tokens", 2.5, "image_max_tokens must be a whole number"),
+    ("image_latency_s", "3", "image_latency_s must be a positive number of seconds"),
+    ("image_latency_s", float("nan"), "image_latency_s must be a positive number of seconds"),
+])
+def test_image_options_are_refused_at_load_naming_the_option(name, value, message):
+    from edge_runtime.core.options import EngineOptions
+    from edge_runtime.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        EngineOptions(**{name: value})
+
+
+@pytest.mark.parametrize("shares", ["nan", "1,inf", "-inf,1"])
+def test_tensor_split_with_nan_or_inf_is_refused_naming_the_option(tiny_f16_dir, shares):
+    from click.testing import CliRunner
+
+    from edge_runtime.cli.cli import main
+
+    result = CliRunner().invoke(main, [str(tiny_f16_dir), "hi", "--rpc", "127.0.0.1:1", "--tensor-split", shares])
+    assert result.exit_code == 2 and "--tensor-split" in result.output and "finite" in result.output

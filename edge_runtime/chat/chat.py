@@ -220,7 +220,7 @@ class VisionChat:
             src, detail = src["image"], src.get("detail", detail)
         if isinstance(src, ImageInput):
             return src
-        detail = check_detail(detail or self.detail)
+        detail = check_detail(self.detail if detail is None else detail)
         plan = self.engine.plan_image(detail, share) if self.engine.has_vision else None
         return image_input(src, name, self.image_limits, plan)
 

@@ -7,6 +7,11 @@ from typing import Any, Mapping, Sequence
 
 from edge_llama import LoadOptions, kv_type
 from edge_llama.rpc import parse_endpoint
+from edge_runtime.errors import OptionError
+
+
+# Tokens of one image at most: x 32 x 32 pixels still fits the int32 sizes mtmd computes with.
+MAX_IMAGE_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,19 @@ class EngineOptions:
             raise ValueError("encoder_cache_bytes must be >= 0")
         if self.encoder_cache_disk_bytes < 0:
             raise ValueError("encoder_cache_disk_bytes must be >= 0")
-        if not self.image_latency_s > 0:
-            raise ValueError(f"image_latency_s must be positive, got {self.image_latency_s}")
+        latency = self.image_latency_s
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency) \
+                or latency <= 0:
+            raise OptionError(f"image_latency_s must be a positive number of seconds, got {latency!r}")
         for name in ("image_min_tokens", "image_max_tokens"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} must be a whole number >= 1, got {value!r}")
+            if value > MAX_IMAGE_TOKENS:
+                raise OptionError(f"{name} must be at most {MAX_IMAGE_TOKENS} (its pixels must fit llama.cpp's "
+                                  f"32-bit sizes), got {value}")
         if (
             self.image_min_tokens is not None
             and self.image_max_tokens is not None

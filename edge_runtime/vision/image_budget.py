@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.errors import OptionError
 from edge_runtime.vision.resize import PixelBudget, target_size
 from edge_runtime.vision.vision_spec import VisionSpec
 
@@ -43,8 +44,8 @@ GUESS_GPU = (2e12, 4e12)
 
 def check_detail(detail: str | None, where: str = "detail") -> str:
     value = "auto" if detail is None else detail
-    if value not in DETAILS:
-        raise ValueError(f"{where} must be one of {', '.join(DETAILS)}, got {detail!r}")
+    if not isinstance(value, str) or value not in DETAILS:  # "" and False too: never a silent default
+        raise OptionError(f"{where} must be one of {', '.join(DETAILS)}, got {detail!r}")
     return value
 
 
