@@ -10,6 +10,7 @@ one-line message on stderr.
 """
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,8 @@ def _parse_shares(_ctx: Any, _param: Any, value: str | None) -> tuple[float, ...
         shares = tuple(float(x) for x in value.replace("/", ",").split(","))
     except ValueError:
         raise click.BadParameter(f"{value!r}: use numbers separated by commas, e.g. 1,1,2") from None
+    if not all(math.isfinite(s) for s in shares):
+        raise click.BadParameter(f"{value!r}: shares must be finite numbers (no nan or inf), e.g. 1,1,2")
     if any(s < 0 for s in shares) or sum(shares) <= 0:
         raise click.BadParameter(f"{value!r}: shares must be >= 0 with a positive sum")
     return shares

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from edge_common.errors import EdgeError, ModelFileError
 
-__all__ = ["ContextOverflowError", "DecodeError", "EdgeRuntimeError", "EmptyPromptError", "EngineClosedError",
+__all__ = ["ChatBusyError", "ContextOverflowError", "OptionError", "DecodeError", "EdgeRuntimeError", "EmptyPromptError", "EngineClosedError",
            "ModelFileError", "ModelLoadError", "ProjectorMismatchError", "PromptEncodingError",
            "SavedConversationError", "VisionUnsupportedError"]  # ModelFileError: edge_common's, the one for every layer
 
@@ -22,6 +22,10 @@ class ModelLoadError(EdgeRuntimeError):
 
 class ProjectorMismatchError(ModelLoadError):
     """The projector's output width differs from the text model's input width."""
+
+
+class OptionError(EdgeRuntimeError, ValueError):
+    """An engine, generation or image option has the wrong type or is out of range; the message names it."""
 
 
 class VisionUnsupportedError(EdgeRuntimeError, ValueError):
@@ -46,6 +50,10 @@ class GrammarError(EdgeRuntimeError, ValueError):
 
 class DecodeError(EdgeRuntimeError):
     """llama.cpp failed while evaluating a batch or encoding an image."""
+
+
+class ChatBusyError(EdgeRuntimeError, RuntimeError):
+    """A chat call came from the thread still iterating one of its streams: waiting would deadlock."""
 
 
 class EngineClosedError(EdgeRuntimeError):

@@ -240,7 +240,7 @@ def test_bad_input_raises_and_leaves_the_conversation_usable(clean, tmp_path):
 def test_early_close_records_what_was_shown_and_a_second_stream_is_refused(clean):
     stream = clean.stream("Tell me a long story.", temperature=0.0, max_tokens=50)
     first = next(stream)
-    with pytest.raises(RuntimeError, match="still streaming"):
+    with pytest.raises(RuntimeError, match="a stream is still open"):
         clean.ask("Interrupting", **GREEDY)
     stream.close()
     assert clean.last_stats.stop_reason == "cancelled"

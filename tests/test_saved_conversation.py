@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from edge_common.errors import EdgeError
+from edge_common.errors import EdgeError, OutputError
 from edge_runtime import VisionChat
 from edge_runtime.errors import SavedConversationError
 from edge_runtime.chat.saved_conversation import read_conversation
@@ -125,7 +125,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial(saved, tiny_f32_dir, 
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(os, "fsync", disk_full)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OutputError, match=f"cannot write {target}: the disk is full"):
             chat.save(target)
     assert target.read_bytes() == saved["path"].read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.edgeconv"]

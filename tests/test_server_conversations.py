@@ -152,3 +152,15 @@ def test_options_refuse_an_admin_key_equal_to_the_api_key_and_a_missing_director
         ServerOptions(tmp_path, api_key="same", admin_key="same")
     with pytest.raises(ValueError, match="--conversation-dir .*missing is not a directory"):
         ServerOptions(tmp_path, conversation_dir=tmp_path / "missing")
+
+
+def test_a_dangling_symlink_and_an_unwritable_target_are_no_500(server, conv_dir):
+    (conv_dir / "dangling.edgeconv").symlink_to(conv_dir / "gone.edgeconv")
+    listed = httpx.get(server.url("/v1/conversations"), headers=auth(ADMIN_KEY))
+    assert listed.status_code == 200 and "dangling" not in {c["id"] for c in listed.json()["data"]}
+    (conv_dir / "blocked.edgeconv").mkdir()  # the target cannot be replaced: a fault of the folder
+    refused = httpx.put(server.url("/v1/conversations/blocked"), headers=auth(ADMIN_KEY), timeout=120,
+                        json={"messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == 507 and "conversation 'blocked'" in refused.json()["error"]["message"]
+    assert not list(conv_dir.glob(".*partial")) and list((conv_dir / "blocked.edgeconv").iterdir()) == []
+    assert httpx.get(server.url("/v1/conversations"), headers=auth(ADMIN_KEY)).status_code == 200

@@ -21,7 +21,7 @@ from edge_llama.offload import gpu_offload_available
 from edge_runtime.core.detokenize import PieceTable
 from edge_runtime.core.step import Answer, Core
 from edge_runtime.core.generation import AnswerStep, StopReason
-from edge_runtime.errors import ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
+from edge_runtime.errors import ChatBusyError, ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
 from edge_runtime.vision.images import ImageLimits
 from edge_runtime.vision.image_budget import ImagePlan, check_detail
 from edge_runtime.chat.messages import check_text, image_input, media_in, split_messages, user_message, videos_in
@@ -168,6 +168,7 @@ class VisionChat:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         check_text(prompt, "the prompt")
+        self._refuse_inside_stream("ask")
         attached = self._take_attached()
         loaded = self._load_images(images or (), detail) if images or not attached else attached
         clips = self._load_videos(videos or ())
@@ -220,7 +221,7 @@ class VisionChat:
             src, detail = src["image"], src.get("detail", detail)
         if isinstance(src, ImageInput):
             return src
-        detail = check_detail(detail or self.detail)
+        detail = check_detail(self.detail if detail is None else detail)
         plan = self.engine.plan_image(detail, share) if self.engine.has_vision else None
         return image_input(src, name, self.image_limits, plan)
 
@@ -240,18 +241,22 @@ class VisionChat:
         Returns at once (the thread, for callers that want to wait); the next
         `ask`/`stream` without images asks about these images and evaluates only
         the question. For camera apps: the photo is taken while the user types.
+        Refused (ChatBusyError) from the thread that still iterates a stream of this chat:
+        the prefill would wait for that stream, and the ask for the prefill.
         """
+        self._refuse_inside_stream("attach")
         loaded = self._load_images(images, detail)
-        self._drop_attached()  # a newer attach replaces an older one
         messages = self._with_system(list(self.history) + [user_message(_ATTACH_SENTINEL, loaded)])
-        text = self._render(messages, loaded)
+        media = media_in(messages)  # the history's images too: the template renders them all
+        text = self._render(messages, media)
         prefix = text[: text.index(_ATTACH_SENTINEL)]
+        self._drop_attached()  # a newer attach replaces an older one
         self._attach_error = None
 
         def work() -> None:
             try:
                 with self._guard():
-                    with self.engine.tokenize(prefix, loaded) as prompt:
+                    with self.engine.tokenize(prefix, media) as prompt:
                         if prompt.chunks and prompt.chunks[-1].kind == "text":
                             self.engine.prefill(prompt, self.seq_id)
             except BaseException as exc:  # reported by the ask that uses the images
@@ -411,6 +416,11 @@ class VisionChat:
     def _guard(self) -> "_Guard":
         return _Guard(self)
 
+    def _refuse_inside_stream(self, what: str) -> None:
+        if self._owner == threading.get_ident():
+            raise ChatBusyError(f"{what}: a stream is still open on this chat in this thread; "
+                                "read it to the end or close() it first")
+
     def _stream(
         self,
         messages: list[dict],
@@ -517,7 +527,7 @@ class _Guard:
     def __enter__(self) -> None:
         chat = self._chat
         if chat._owner == threading.get_ident():
-            raise RuntimeError("this chat is still streaming an answer: finish or close that stream first")
+            raise ChatBusyError("a stream is still open on this chat: read it to the end or close() it first")
         chat._lock.acquire()
         chat._owner = threading.get_ident()
 

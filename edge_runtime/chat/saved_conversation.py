@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import time
@@ -161,12 +162,21 @@ def units_from_json(data: Any, source: str | Path) -> list[Unit]:
     try:
         for item in data:
             if isinstance(item, list):
-                units.extend(text_units([int(t) for t in item]))
+                units.extend(text_units([_count(t, "units[].token", source, 0) for t in item]))
             else:
-                units.append(image_unit(str(item["image"]), int(item["n_tokens"]), int(item["n_pos"])))
-    except (KeyError, TypeError, ValueError):
+                units.append(image_unit(str(item["image"]), _count(item["n_tokens"], "units[].n_tokens", source),
+                                        _count(item["n_pos"], "units[].n_pos", source)))
+    except (KeyError, TypeError):
         raise SavedConversationError(f"{source}: 'units' holds an entry that is neither tokens nor an image") from None
     return units
+
+
+def _count(value: Any, field: str, source: str | Path, minimum: int = 1) -> int:
+    """A whole number of at least `minimum` from a header: a tampered file is refused naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SavedConversationError(f"{source} is damaged: '{field}' must be a whole number >= {minimum}, "
+                                     f"got {value!r}; save the conversation again")
+    return value
 
 
 # ---------------------------------------------------------------- the file
@@ -236,13 +246,16 @@ def read_conversation(path: str | Path) -> SavedConversation:
         digest.update(kv)
         if f.read(_DIGEST) != digest.digest():
             raise SavedConversationError(f"{path} is damaged or was altered: its checksum does not match")
+    created = header.get("created") or 0.0
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise SavedConversationError(f"{path} is damaged: 'created' must be a time in seconds, got {created!r}")
     return SavedConversation(
         depends_on=StateFingerprint.from_json(header.get("depends_on")),
         units=units_from_json(header.get("units"), path),
         messages=messages_from_json(header.get("messages", []), path),
         kv=kv,
-        n_ctx=int(header.get("n_ctx") or 0),
+        n_ctx=_count(header.get("n_ctx") or 0, "n_ctx", path, 0),
         system_prompt=header.get("system_prompt"),
         model_files=header.get("model_files"),
-        created=float(header.get("created") or 0.0),
+        created=float(created),
     )

@@ -31,7 +31,7 @@ from edge_runtime.core.template import ChatTemplate
 FORMAT = chat_format()  # the default family's markup (edge_models)
 CALL_OPEN, CALL_CLOSE = FORMAT.tool_call_open, FORMAT.tool_call_close
 TOOLS_TEMPLATE = FORMAT.tools_template
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: "$" would accept a trailing newline
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -91,7 +91,7 @@ def parse_tools(tools: Sequence[Any]) -> list[Tool]:
         if not isinstance(function, Mapping):
             raise ToolError(f"{where}.function must be an object with 'name' and 'parameters'")
         name = function.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ToolError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}")
         if any(t.name == name for t in out):
             raise ToolError(f"{where}.function.name {name!r} is used by another tool")

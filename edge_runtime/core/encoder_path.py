@@ -57,6 +57,13 @@ class EncoderPath:
                 self.memory.put(digest, embd)
         return embd
 
+    def discard(self, digest: str) -> None:
+        """Forget an entry everywhere (one that does not fill its image's grid): the next ask encodes it."""
+        self.memory.discard(digest)
+        self._disk_hits.discard(digest)
+        if self.disk is not None:
+            self.disk.discard(digest)
+
     def take_disk_hit(self, digest: str) -> bool:
         """Whether `digest`'s embeddings were last read from the disk cache (each read counted once)."""
         if digest in self._disk_hits:

@@ -19,6 +19,8 @@ The engine is not thread-safe; callers serialise access (VisionChat holds a lock
 """
 from __future__ import annotations
 
+import logging
+
 import time
 from typing import Any, Callable, Sequence
 
@@ -38,6 +40,9 @@ from edge_runtime.vision.disk_cache import DiskEncoderCache
 from edge_runtime.vision.encoder_cache import EncoderCache
 from edge_runtime.vision.image_budget import DeviceCost, ImagePlan, Planner
 from edge_runtime.vision.image_input import ImageInput
+
+
+log = logging.getLogger(__name__)
 
 
 class Engine(LoadedModel):
@@ -183,6 +188,16 @@ class Engine(LoadedModel):
         pinned = {img.digest: e for img in images if (e := self.encoder.cached(img.digest)) is not None}
         with self.mtmd_lock:
             prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
+        short = {c.digest for c in prompt.chunks if c.kind == "image" and c.digest in pinned
+                 and pinned[c.digest].size != c.n_tokens * self.n_embd_inp}
+        if short:  # an entry that does not fill its grid would be read past its end: encode again
+            log.warning("encoder cache: ignoring %d entry(ies) of the wrong length", len(short))
+            prompt.close()
+            for digest in short:
+                del pinned[digest]
+                self.encoder.discard(digest)
+            with self.mtmd_lock:
+                prompt = tokenize_multimodal(self._lproj, text, images, frozenset(pinned))
         prompt.embeddings = pinned  # held here, so eviction mid-call cannot lose them
         return prompt
 

@@ -7,6 +7,11 @@ from typing import Any, Mapping, Sequence
 
 from edge_llama import LoadOptions, kv_type
 from edge_llama.rpc import parse_endpoint
+from edge_runtime.errors import OptionError
+
+
+# Tokens of one image at most: x 32 x 32 pixels still fits the int32 sizes mtmd computes with.
+MAX_IMAGE_TOKENS = 1 << 20
 
 MiB = 1 << 20
 
@@ -91,12 +96,19 @@ class EngineOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
-        if not self.image_latency_s > 0:
-            raise ValueError(f"image_latency_s must be positive, got {self.image_latency_s}")
+        latency = self.image_latency_s
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency) \
+                or latency <= 0:
+            raise OptionError(f"image_latency_s must be a positive number of seconds, got {latency!r}")
         for name in ("image_min_tokens", "image_max_tokens"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(f"{name} must be a whole number >= 1, got {value!r}")
+            if value > MAX_IMAGE_TOKENS:
+                raise OptionError(f"{name} must be at most {MAX_IMAGE_TOKENS} (its pixels must fit llama.cpp's "
+                                  f"32-bit sizes), got {value}")
         if (
             self.image_min_tokens is not None
             and self.image_max_tokens is not None

@@ -21,13 +21,13 @@ from edge_llama.rpc import RpcError, parse_endpoints, probe
 from edge_runtime.vision.disk_cache import user_cache_dir
 from .config import ServerOptions
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)  # fullmatch
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_size(text: str) -> int:
     """'16MiB', '10M', '512k', '1048576' -> bytes (binary units)."""
-    match = _SIZE.match(str(text))
+    match = _SIZE.fullmatch(str(text))
     if not match:
         raise ValueError(f"{text!r} is not a size; use bytes or a number with K, M or G (e.g. 16M)")
     unit = (match.group(2) or "").lower()[:1]

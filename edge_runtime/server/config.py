@@ -16,7 +16,7 @@ from edge_llama import kv_type
 from edge_runtime.core.open_model import engine_options
 from edge_runtime.core.options import MiB, EngineOptions
 
-_ORIGIN = re.compile(r"^https?://[^/\s]+$", re.IGNORECASE)
+_ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ServerOptions:
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN.match(origin):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
                                  "e.g. http://localhost:3000")
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():

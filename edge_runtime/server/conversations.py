@@ -23,6 +23,7 @@ import asyncio
 import functools
 import hmac
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from edge_common.errors import OutputError
 from edge_runtime.core.engine import Engine
 from edge_runtime.core.kv_state import Unit
 from ..errors import SavedConversationError
@@ -49,7 +51,7 @@ from .schemas import parse_chat_request, template_messages
 from .security import ImagePolicy, bearer_token
 from .slots import Candidate, Slot, choose_slot
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would accept a trailing newline
 
 
 @dataclass
@@ -79,7 +81,7 @@ def conversation_path(options: ServerOptions, conv_id: str) -> Path:
     if options.conversation_dir is None:
         raise ApiError(404, "this server keeps no conversations; start it with --conversation-dir DIR",
                        "not_found_error", None, "conversations_disabled")
-    if not _ID.match(conv_id):
+    if not _ID.fullmatch(conv_id):
         raise bad_request(f"conversation id {conv_id[:80]!r} must be 1-64 letters, digits, '_' or '-'", "id")
     return Path(options.conversation_dir) / f"{conv_id}{SUFFIX}"
 
@@ -175,8 +177,14 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
     async def list_conversations(request: Request) -> dict[str, Any]:
         require_admin(request, options)
         root = conversation_path(options, "x").parent
-        data = [{"id": p.name[: -len(SUFFIX)], "bytes": p.stat().st_size, "modified": int(p.stat().st_mtime)}
-                for p in sorted(root.glob(f"*{SUFFIX}")) if _ID.match(p.name[: -len(SUFFIX)])]
+        data = []
+        for p in sorted(root.glob(f"*{SUFFIX}")):
+            try:
+                st = p.stat()
+            except OSError:  # a dangling symlink or a file removed meanwhile: not a conversation
+                continue
+            if _ID.fullmatch(p.name[: -len(SUFFIX)]) and stat.S_ISREG(st.st_mode):
+                data.append({"id": p.name[: -len(SUFFIX)], "bytes": st.st_size, "modified": int(st.st_mtime)})
         return {"object": "list", "data": data}
 
     @router.put("/conversations/{conv_id}")
@@ -197,7 +205,11 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
             raise from_exception(exc) from None
         conv = SavedConversation(snap.depends_on, snap.units, stored_messages(messages, rendered), snap.kv,
                                  n_ctx=snap.n_ctx, model_files=snap.model_files)
-        size = await run_in_threadpool(write_conversation, path, conv)
+        try:
+            size = await run_in_threadpool(write_conversation, path, conv)
+        except OutputError as exc:  # a full or read-only --conversation-dir: our fault, said plainly
+            raise ApiError(507, str(exc).replace(str(path), f"conversation {conv_id!r} in --conversation-dir"),
+                           "server_error", None, "conversation_not_written") from None
         return {"id": conv_id, "object": "conversation", "bytes": size, "tokens": conv.n_tokens,
                 "cached_tokens": snap.reused_tokens}
 

@@ -84,6 +84,13 @@ class DiskEncoderCache:
             pass
         return array
 
+    def discard(self, key: str) -> None:
+        """Forget a damaged entry, so that the next encoding rewrites it."""
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError:  # a read-only cache keeps it; the length check refuses it again next time
+            pass
+
     def put(self, key: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.nbytes > self.max_bytes:

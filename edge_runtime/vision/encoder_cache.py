@@ -44,6 +44,12 @@ class EncoderCache:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
+    def discard(self, key: str) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

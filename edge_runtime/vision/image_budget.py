@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from edge_runtime.errors import OptionError
 from edge_runtime.vision.resize import PixelBudget, target_size
 from edge_runtime.vision.vision_spec import VisionSpec
 
@@ -43,8 +45,8 @@ GUESS_GPU = (2e12, 4e12)
 
 def check_detail(detail: str | None, where: str = "detail") -> str:
     value = "auto" if detail is None else detail
-    if value not in DETAILS:
-        raise ValueError(f"{where} must be one of {', '.join(DETAILS)}, got {detail!r}")
+    if not isinstance(value, str) or value not in DETAILS:  # "" and False too: never a silent default
+        raise OptionError(f"{where} must be one of {', '.join(DETAILS)}, got {detail!r}")
     return value
 
 
@@ -77,6 +79,24 @@ class DeviceCost:
     prefill_measured: bool = False
     projector: str = ""  # VisionSpec.signature of the projector measured (edge-convert --plan matches on it)
     measured_on: str = ""  # UTC date of the encoder measurement
+
+    @classmethod
+    def from_stored(cls, data: Any, where: Path | None = None) -> "DeviceCost | None":
+        """The rates of one cost-file entry, or None (with a warning) when they are not positive
+        finite numbers and flags: a damaged entry is measured again, never divided by."""
+        try:
+            cost = cls(**data)
+        except TypeError:
+            cost = None
+        rates_ok = cost is not None and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+            for r in (cost.encoder_flops_s, cost.prefill_flops_s))
+        if not (rates_ok and isinstance(cost.measured, bool) and isinstance(cost.prefill_measured, bool)
+                and isinstance(cost.projector, str) and isinstance(cost.measured_on, str)):
+            log.warning("ignoring a damaged device cost entry in %s (rates must be positive numbers): "
+                        "it is measured again", where)
+            return None
+        return cost
 
     @classmethod
     def guess(cls, gpu: bool) -> "DeviceCost":
@@ -252,9 +272,9 @@ def _cost_table(cache_dir: Path | None) -> dict:
 def load_cost(cache_dir: Path | None, key: str, gpu: bool, projector: str = "") -> DeviceCost:
     """The stored rates for `key` (this model pair on this device), else a guess; `projector` is the
     signature of the projector they are (or will be) measured on."""
-    try:
-        cost = DeviceCost(**_cost_table(cache_dir)[key])
-    except (KeyError, TypeError):
+    stored = _cost_table(cache_dir).get(key)
+    cost = (DeviceCost.from_stored(stored, cost_file(cache_dir)) if stored is not None and cache_dir else None)
+    if cost is None:
         cost = DeviceCost.guess(gpu)
     if cost.projector:
         return cost
@@ -269,11 +289,8 @@ def find_cost(cache_dir: Path | None, device: str, projector: str) -> tuple[str,
     their key: what a model pair not converted yet would measure here (its text model may differ)."""
     found = []
     for key, data in _cost_table(cache_dir).items():
-        try:
-            cost = DeviceCost(**data)
-        except TypeError:
-            continue
-        if cost.measured and cost.projector == projector and key.endswith("|" + device):
+        cost = DeviceCost.from_stored(data, cost_file(cache_dir))
+        if cost is not None and cost.measured and cost.projector == projector and key.endswith("|" + device):
             found.append((cost.measured_on, key, cost))
     return max(found, key=lambda f: (f[0], f[1]))[1:] if found else None
 

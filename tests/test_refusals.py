@@ -1,0 +1,213 @@
+"""Issue 22's bad inputs and faults: each is a named EdgeError that leaves the chat, the server and the files as they were."""
+from __future__ import annotations
+
+import pytest
+
+from edge_common.errors import EdgeError
+from edge_runtime import VisionChat
+from tests.conftest import make_test_image
+
+GREEDY = {"temperature": 0.0, "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_f16_dir):
+    with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0) as c:
+        yield c
+
+
+def test_attach_or_ask_while_a_stream_is_open_is_refused_at_once(chat):
+    chat.reset()
+    image = make_test_image(96, 64, seed=3)
+    stream = chat.stream("Say something", **GREEDY)
+    next(stream)  # the stream now holds the chat
+    # the same thread that iterates the stream: refused before any wait
+    with pytest.raises(EdgeError, match="a stream is still open"):
+        chat.attach([image])
+    with pytest.raises(EdgeError, match="a stream is still open"):
+        chat.ask("And now?", **GREEDY)
+    assert chat._attached is None  # nothing left pending by the refusals
+    stream.close()
+    assert len(chat.history) in (0, 2)  # the stream's own turn only
+    assert chat.ask("Again?", **GREEDY) is not None  # the chat still answers
+
+
+def test_attach_after_a_turn_with_an_image(chat):
+    chat.reset()
+    first, second = make_test_image(96, 64, seed=4), make_test_image(64, 96, seed=5)
+    chat.ask("What is this?", images=[first], **GREEDY)
+    thread = chat.attach([second])
+    thread.join(60)
+    answer = chat.ask("And this one?", **GREEDY)
+    assert isinstance(answer, str) and len(chat.history) == 4
+    assert chat.last_stats.images_encoded == 0 and chat.last_stats.reused_tokens > 0
+
+
+@pytest.mark.parametrize("conv_id", ["abc\n", "abc\r\n", "\nabc"])
+def test_conversation_ids_must_match_whole(tmp_path, conv_id):
+    from edge_runtime.server.config import ServerOptions
+    from edge_runtime.server.conversations import conversation_path
+    from edge_runtime.server.errors import ApiError
+
+    options = ServerOptions(tmp_path, conversation_dir=tmp_path)
+    with pytest.raises(ApiError, match="1-64 letters"):
+        conversation_path(options, conv_id)
+    assert conversation_path(options, "abc").name == "abc.edgeconv"
+
+
+def test_tool_names_and_cors_origins_must_match_whole(tmp_path):
+    from edge_runtime.chat.tool_calls import ToolError, plan_tools
+    from edge_runtime.server.config import ServerOptions
+
+    with pytest.raises(ToolError, match="function.name"):
+        plan_tools([{"type": "function", "function": {"name": "lookup\n", "parameters": {}}}], None, True)
+    with pytest.raises(ValueError, match="--cors-origin"):
+        ServerOptions(tmp_path, cors_origins=("http://localhost:3000\n",))
+
+
+def test_save_into_a_directory_a_missing_folder_or_under_a_file_is_an_output_error(chat, tmp_path):
+    from edge_common.errors import OutputError
+
+    chat.reset()
+    chat.ask("Hello", **GREEDY)
+    history = list(chat.history)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "taken.edgeconv").mkdir()
+    cases = {tmp_path: "is a directory", tmp_path / "taken.edgeconv": "is a directory",
+             tmp_path / "missing" / "c.edgeconv": "does not exist", tmp_path / "a-file" / "c.edgeconv": "not a folder"}
+    for target, message in cases.items():
+        with pytest.raises(OutputError, match=message) as info:
+            chat.save(target)
+        assert str(target.parent if message != "is a directory" else target) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken.edgeconv"]  # nothing half-written
+    assert list((tmp_path / "taken.edgeconv").iterdir()) == []
+    assert chat.history == history
+    assert chat.save(tmp_path / "ok.edgeconv") > 0  # the chat still saves
+
+
+@pytest.mark.parametrize("bad", [{"encoder_flops_s": 0}, {"encoder_flops_s": "fast"}, {"prefill_flops_s": -1.0},
+                                 {"encoder_flops_s": float("nan")}, {"measured": "yes"}, {"encoder_flops_s": True}])
+def test_a_device_cost_file_with_a_bad_rate_is_ignored_and_remeasured(tmp_path, caplog, bad):
+    import json
+
+    from edge_runtime.vision.image_budget import GUESS_CPU, cost_file, find_cost, load_cost
+
+    entry = {"encoder_flops_s": 1.5e11, "prefill_flops_s": 2e11, "measured": True, "prefill_measured": True,
+             "projector": "sig", "measured_on": "2026-01-01", **bad}
+    cost_file(tmp_path).write_text(json.dumps({"model|proj|cpu": entry}))
+    with caplog.at_level("WARNING"):
+        cost = load_cost(tmp_path, "model|proj|cpu", gpu=False, projector="sig")
+    assert (cost.encoder_flops_s, cost.prefill_flops_s) == GUESS_CPU and not cost.measured  # measured again
+    assert cost.record("encoder", 1e12, 2.0)  # the first measurement is taken
+    assert "device cost" in caplog.text and str(cost_file(tmp_path)) in caplog.text
+    assert find_cost(tmp_path, "cpu", "sig") is None
+
+
+def test_an_encoder_cache_entry_shorter_than_its_grid_is_a_miss(tiny_f16_dir, tmp_path):
+    import hashlib
+    import json
+
+    from edge_runtime.vision.disk_cache import _HEADER, MAGIC, SUFFIX
+
+    image = make_test_image(128, 96, seed=21)
+    opts = dict(n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=tmp_path)
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        expected = c.ask("What is this?", images=[image], **GREEDY)
+    (entry,) = tmp_path.rglob("*" + SUFFIX)
+    data = entry.read_bytes()
+    _, n = _HEADER.unpack_from(data)
+    header = json.loads(data[_HEADER.size:_HEADER.size + n])
+    payload = data[_HEADER.size + n:]
+    payload = payload[: len(payload) // 2]  # half the floats, with a checksum and shape that agree
+    header.update(shape=[len(payload) // 4], sha256=hashlib.sha256(payload).hexdigest())
+    raw = json.dumps(header).encode()
+    entry.write_bytes(_HEADER.pack(MAGIC, len(raw)) + raw + payload)
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        assert c.ask("What is this?", images=[image], **GREEDY) == expected
+        assert c.last_stats.images_encoded == 1 and c.last_stats.disk_cache_hits == 0
+    assert entry.stat().st_size == len(data)  # rewritten whole by the new encoding
+
+
+def _retamper(path, out, edit):
+    """A saved conversation whose header is edited, with the checksum recomputed (it passes that check)."""
+    import hashlib
+    import json
+
+    from edge_runtime.chat.saved_conversation import _DIGEST, _PREAMBLE, MAGIC, VERSION
+
+    data = path.read_bytes()
+    _, _, n = _PREAMBLE.unpack_from(data)
+    header = json.loads(data[_PREAMBLE.size:_PREAMBLE.size + n])
+    kv = data[_PREAMBLE.size + n:-_DIGEST]
+    edit(header)
+    raw = json.dumps(header).encode()
+    body = _PREAMBLE.pack(MAGIC, VERSION, len(raw)) + raw + kv
+    out.write_bytes(body + hashlib.sha256(body).digest())
+    return out
+
+
+def _negative_image_tokens(header):
+    image = next(u for u in header["units"] if isinstance(u, dict))
+    image["n_tokens"] = -image["n_tokens"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda h: h.update(n_ctx="abc"), "n_ctx"),
+    (lambda h: h.update(n_ctx=-5), "n_ctx"),
+    (_negative_image_tokens, "n_tokens"),
+    (lambda h: h.update(created="yesterday"), "created"),
+])
+def test_a_saved_header_with_bad_numbers_is_refused_naming_the_field(chat, tmp_path, edit, field):
+    from edge_runtime.errors import SavedConversationError
+
+    chat.reset()
+    chat.ask("Look", images=[make_test_image(96, 64, seed=8)], **GREEDY)
+    chat.save(tmp_path / "good.edgeconv")
+    bad = _retamper(tmp_path / "good.edgeconv", tmp_path / "bad.edgeconv", edit)
+    history = list(chat.history)
+    with pytest.raises(SavedConversationError, match=field):
+        chat.restore(bad)
+    assert chat.history == history
+    chat.ask("Still there?", **GREEDY)
+    assert chat.last_stats.reused_tokens > 0  # the KV cache was kept too
+
+
+@pytest.mark.parametrize("detail", ["", False, 0, "LOW"])
+def test_a_bad_per_image_detail_is_refused_like_generate_refuses_it(chat, detail):
+    from edge_runtime.errors import OptionError
+
+    chat.reset()
+    image = make_test_image(96, 64, seed=9)
+    with pytest.raises(OptionError, match="detail must be one of"):
+        chat.ask("What is it?", images=[{"image": image, "detail": detail}], **GREEDY)
+    with pytest.raises(OptionError, match="detail must be one of"):
+        chat.generate([{"role": "user", "content": [
+            {"type": "image", "image": image, "detail": detail}, {"type": "text", "text": "Hi"}]}],
+            **GREEDY)
+    assert chat.history == []
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("image_min_tokens", float("nan"), "image_min_tokens must be a whole number"),
+    ("image_max_tokens", float("nan"), "image_max_tokens must be a whole number"),
+    ("image_max_tokens", 99999999999, "image_max_tokens must be at most"),
+    ("image_max_tokens", 2.5, "image_max_tokens must be a whole number"),
+    ("image_latency_s", "3", "image_latency_s must be a positive number of seconds"),
+    ("image_latency_s", float("nan"), "image_latency_s must be a positive number of seconds"),
+])
+def test_image_options_are_refused_at_load_naming_the_option(name, value, message):
+    from edge_runtime.core.options import EngineOptions
+    from edge_runtime.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        EngineOptions(**{name: value})
+
+
+@pytest.mark.parametrize("shares", ["nan", "1,inf", "-inf,1"])
+def test_tensor_split_with_nan_or_inf_is_refused_naming_the_option(tiny_f16_dir, shares):
+    from click.testing import CliRunner
+
+    from edge_runtime.cli.cli import main
+
+    result = CliRunner().invoke(main, [str(tiny_f16_dir), "hi", "--rpc", "127.0.0.1:1", "--tensor-split", shares])
+    assert result.exit_code == 2 and "--tensor-split" in result.output and "finite" in result.output
