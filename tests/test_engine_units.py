@@ -180,7 +180,7 @@ def test_ubatch_is_small_on_the_cpu_and_whole_on_a_gpu():
 
 
 # In a fresh interpreter: free a 1 MiB block, allocate the same size again, and say whether the
-# second one came from the brk heap (it then stays resident after free) -- read from /proc/self/maps.
+# second one came from the brk heap (it then stays resident after free) -- read from /proc/self/maps and sbrk(0).
 _REUSE_PROBE = r"""
 import ctypes, sys
 libc = ctypes.CDLL("libc.so.6")
@@ -188,9 +188,14 @@ libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p,
 if sys.argv[1] == "fixed":
     from edge_llama.backend import return_freed_memory
     print(return_freed_memory())
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 libc.free(libc.malloc(1 << 20))
 again = libc.malloc(1 << 20)
-heap = [[int(x, 16) for x in line.split()[0].split("-")] for line in open("/proc/self/maps") if "[heap]" in line]
+brk = libc.sbrk(0)
+# The brk heap: the kernel labels it [heap]; QEMU's user-mode /proc/self/maps (the arm64 lane) does not,
+# so it is also known as the mapping that ends at the program break.
+maps = [(line, [int(x, 16) for x in line.split()[0].split("-")]) for line in open("/proc/self/maps")]
+heap = [(lo, hi) for line, (lo, hi) in maps if "[heap]" in line or hi == brk]
 print(any(lo <= again < hi for lo, hi in heap))
 """
 
