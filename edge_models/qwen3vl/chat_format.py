@@ -28,6 +28,34 @@ DEFAULT_TEMPLATE = (
     "{%- endif %}\n"
 )
 
+# The shape of the Qwen3-VL-*-Thinking templates (written here for tests and for Thinking GGUFs
+# converted without one): the generation prompt opens the reasoning block, so the model starts
+# inside it, and an earlier assistant turn keeps only its answer (what followed the close tag).
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "    {{- '<|im_start|>' + message.role + '\\n' }}\n"
+    "    {%- if message.role == 'assistant' and message.content is string %}\n"
+    "        {{- message.content.split('</think>')[-1].lstrip() }}\n"
+    "    {%- elif message.content is string %}\n"
+    "        {{- message.content }}\n"
+    "    {%- elif message.content is not none %}\n"
+    "        {%- for part in message.content %}\n"
+    "            {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}\n"
+    "                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}\n"
+    "            {%- elif part.type == 'video' or 'video' in part %}\n"
+    "                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}\n"
+    "            {%- elif 'text' in part %}\n"
+    "                {{- part.text }}\n"
+    "            {%- endif %}\n"
+    "        {%- endfor %}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n"
+    "{%- endif %}\n"
+)
+
 # Qwen3-VL's template with tools, tool calls and tool responses (as in the checkpoint's
 # tokenizer_config.json), for GGUFs whose template has no tool support: the format the
 # model was trained on, so a request with tools renders as Qwen's would.

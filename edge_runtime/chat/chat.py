@@ -29,7 +29,7 @@ from edge_runtime.core.open_model import engine_options, open_engine
 from edge_runtime.core.options import GenerationOptions
 from edge_runtime.core.prompt import Prompt
 from edge_runtime.vision.image_input import ImageInput
-from edge_runtime.core.sampling import build_sampler
+from edge_runtime.core.answer_sampler import answer_sampler
 from edge_runtime.chat.saved_conversation import (
     SavedConversation,
     messages_from_json,
@@ -38,9 +38,16 @@ from edge_runtime.chat.saved_conversation import (
     write_conversation,
 )
 from edge_runtime.core.stats import GenerationStats, image_report
-from edge_runtime.core.template import THINK_OPEN, render_with_markers
+from edge_runtime.core.template import opens_think, render_with_markers
 from edge_runtime.vision.video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
 from edge_runtime.chat.tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
+
+
+class Reasoning(str):
+    """A piece of a Thinking model's reasoning in a stream asked `with_reasoning=True`; the answer's
+    pieces are plain str, so `isinstance(piece, Reasoning)` tells them apart."""
+
+    __slots__ = ()
 
 
 class VisionChat:
@@ -157,12 +164,15 @@ class VisionChat:
 
     def stream(
         self, prompt: str, images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None, *,
-        detail: str | None = None, **gen: Any,
+        detail: str | None = None, with_reasoning: bool = False, **gen: Any,
     ) -> Iterator[str]:
         """Like `ask`, yielding text pieces as they are generated.
 
         The turn joins the history when the stream ends, also when the caller
-        stops early (then with the text seen so far).
+        stops early (then with the text seen so far). A Thinking model's reasoning is
+        never part of the answer (nor of the history); `with_reasoning=True` streams it too,
+        as `Reasoning` pieces, while it is produced. After the stream, `last_stats.reasoning`
+        holds it either way.
         """
         t_start = time.perf_counter()
         if not isinstance(prompt, str):
@@ -177,7 +187,8 @@ class VisionChat:
         history = list(self.history)
         turn = user_message(prompt, loaded, clips)
         messages = self._with_system(history + [turn])
-        return self._stream(messages, media_in(messages), gen, t_start, record=history + [turn])
+        return self._stream(messages, media_in(messages), gen, t_start, record=history + [turn],
+                            with_reasoning=with_reasoning)
 
     def generate(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None, tool_choice: Any = None,
                  parallel_tool_calls: bool = True, **gen: Any) -> Any:
@@ -201,18 +212,20 @@ class VisionChat:
         content, calls = parse_calls(text) if plan.active else (text, [])
         return ToolAnswer(content, calls)
 
-    def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, **gen: Any) -> Iterator[str]:
+    def generate_stream(self, messages: Sequence[dict], _tools: list[dict] | None = None, *,
+                        with_reasoning: bool = False, **gen: Any) -> Iterator[str]:
         """`generate` as text pieces while they are decoded (edge-serve's streams, a UI that types).
 
         Like `generate`, it leaves the chat history alone; `last_stats` is filled when the
-        iterator ends.
+        iterator ends. `with_reasoning` as for `stream`.
         """
         t_start = time.perf_counter()
         template_messages, images = split_messages(
             messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share),
             load_video=self.load_video
         )
-        return self._stream(template_messages, images, gen, t_start, record=None, tools=_tools)
+        return self._stream(template_messages, images, gen, t_start, record=None, tools=_tools,
+                            with_reasoning=with_reasoning)
 
     def load_image(self, src: Any, detail: str | None = None, name: str = "image", share: int = 1) -> ImageInput:
         """Load and resize one image for its detail level, as the HF processor would for that budget;
@@ -347,6 +360,11 @@ class VisionChat:
         self.close()
 
     @property
+    def thinking(self) -> bool:
+        """A Thinking model (its template opens <think> for every answer): answers come with a reasoning."""
+        return self.template.thinking
+
+    @property
     def has_vision(self) -> bool:
         """Whether a projector is loaded: without one, images and videos are refused."""
         return self.engine.has_vision
@@ -429,6 +447,7 @@ class VisionChat:
         t_start: float,
         record: list[dict] | None,
         tools: list[dict] | None = None,
+        with_reasoning: bool = False,
     ) -> Iterator[str]:
         """Validate and tokenize now, so bad input raises at the call rather than at first next()."""
         options = self.generation.updated(gen)
@@ -445,8 +464,7 @@ class VisionChat:
         except BaseException:
             prompt.close()
             raise
-        starts_inside = text.rstrip().endswith(THINK_OPEN)
-        return self._run(prompt, images, options, max_tokens, t_start, starts_inside, record)
+        return self._run(prompt, images, options, max_tokens, t_start, opens_think(text), record, with_reasoning)
 
     def _run(
         self,
@@ -457,12 +475,14 @@ class VisionChat:
         t_start: float,
         starts_inside: bool,
         record: list[dict] | None,
+        with_reasoning: bool = False,
     ) -> Iterator[str]:
         """Prefill, sample and detokenize. `record` (history + new user turn) is
         stored with the answer when the stream ends or the caller closes it; after
         an error the history stays as it was (the KV cache is rolled back too)."""
         stats = GenerationStats()
         shown: list[str] = []
+        reasoning: list[str] = []
         answer: Answer | None = None
         finished = cancelled = False
         with self._guard():
@@ -473,7 +493,7 @@ class VisionChat:
                                            zip(images, (c for c in prompt.chunks if c.kind == "image"))]
                 seed = options.seed if options.seed is not None else self.seed
                 step = AnswerStep(self._pieces, options, max_tokens, starts_inside, self.engine.is_end_of_turn)
-                answer = Answer(self.seq_id, build_sampler(options, self.engine.text_model, seed), step, stats,
+                answer = Answer(self.seq_id, answer_sampler(options, self.engine.text_model, seed, step), step, stats,
                                 top_logprobs=options.top_logprobs)
                 t_first = None
                 try:
@@ -481,6 +501,11 @@ class VisionChat:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t_start
                     while True:
+                        thought = step.take_reasoning()
+                        if thought:
+                            reasoning.append(thought)
+                            if with_reasoning:
+                                yield Reasoning(thought)
                         if piece:
                             shown.append(piece)
                             yield piece
@@ -488,6 +513,11 @@ class VisionChat:
                             break
                         piece = self._core.step([answer])[0]
                     tail = step.finish()  # "" after a stop string
+                    thought = step.take_reasoning()
+                    if thought:
+                        reasoning.append(thought)
+                        if with_reasoning:
+                            yield Reasoning(thought)
                     if tail:
                         shown.append(tail)
                         yield tail
@@ -507,8 +537,10 @@ class VisionChat:
                         answer.cancel()
                     answer.close()
                     stats.logprobs = answer.logprobs
+                    stats.thinking_tokens = answer.step.thinking_tokens
                 elif not finished:
                     stats.stop_reason = StopReason.CANCELLED
+                stats.reasoning = "".join(reasoning)
                 stats.kv_cache_bytes = self.engine.kv_cache_bytes
                 stats.kv_used_bytes = self.engine.kv_used_bytes(self.seq_id)
                 stats.peak_rss_bytes = peak_rss_bytes()

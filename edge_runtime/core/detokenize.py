@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import codecs
+from functools import cached_property
 
 from edge_llama import Model
+from edge_models import chat_format
 
 from edge_runtime.core.template import ThinkFilter
 
@@ -22,6 +24,13 @@ class PieceTable:
             piece = self._model.piece(token, special=False)
             self._cache[token] = piece
         return piece
+
+    @cached_property
+    def think_close(self) -> tuple[int, ...]:
+        """The tokens a thinking budget forces to end the reasoning: the family's close tag on a line
+        of its own and a blank line (the shape Qwen's Thinking models write it in)."""
+        fmt = chat_format(self._model.meta("general.architecture"))
+        return tuple(self._model.tokenize(f"\n{fmt.think_close}\n\n", parse_special=True))
 
 
 class Utf8Stream:
@@ -81,13 +90,16 @@ def _longest_partial_suffix(text: str, stops: tuple[str, ...]) -> int:
 
 
 class TextPipeline:
-    """Generated tokens -> the text a user sees: whole UTF-8 characters, <think> reasoning cut,
-    stop strings held back until they cannot match. VisionChat and the server both use it."""
+    """Generated tokens -> the text a user sees: whole UTF-8 characters, <think> reasoning set apart
+    (`take_reasoning`), stop strings held back until they cannot match. VisionChat and the server both
+    use it. With keep_think the raw text is shown, reasoning and tags inline (llama-server's
+    reasoning_format "none"); the reasoning is still tracked, for the thinking budget and grammar."""
 
     def __init__(self, pieces: PieceTable, stops: tuple[str, ...], keep_think: bool, starts_inside_think: bool) -> None:
         self._pieces = pieces
         self._utf8 = Utf8Stream()
-        self._think = None if keep_think else ThinkFilter(starts_inside=starts_inside_think)
+        self._think = ThinkFilter(starts_inside=starts_inside_think)
+        self._keep_think = keep_think
         self._stops = StopMatcher(stops)
 
     @property
@@ -95,19 +107,27 @@ class TextPipeline:
         """A stop string appeared: nothing more is shown, generation should end."""
         return self._stops.stopped
 
+    @property
+    def thinking(self) -> bool:
+        """The text so far ends inside a reasoning block."""
+        return self._think.inside
+
+    def take_reasoning(self) -> str:
+        """Reasoning produced since the last call ("" with keep_think: it is in the text)."""
+        reasoning = self._think.take_reasoning()
+        return "" if self._keep_think else reasoning
+
     def feed(self, token: int) -> str:
-        text = self._utf8.feed(self._pieces(token))
-        if self._think is not None:
-            text = self._think.feed(text)
-        out, _ = self._stops.feed(text)
+        raw = self._utf8.feed(self._pieces(token))
+        text = self._think.feed(raw)
+        out, _ = self._stops.feed(raw if self._keep_think else text)
         return out
 
     def finish(self) -> str:
         """Text held back at the end (a partial character, a partial stop string)."""
         if self._stops.stopped:
             return ""
-        tail = self._utf8.flush()
-        if self._think is not None:
-            tail = self._think.feed(tail) + self._think.flush()
-        tail, _ = self._stops.feed(tail)
+        raw = self._utf8.flush()
+        tail = self._think.feed(raw) + self._think.flush()
+        tail, _ = self._stops.feed(raw if self._keep_think else tail)
         return tail + self._stops.flush()

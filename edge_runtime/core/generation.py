@@ -35,16 +35,43 @@ END_OF_TURN, STOP, LENGTH = StopReason.END_OF_TURN, StopReason.STOP, StopReason.
 
 class AnswerStep:
     """The per-token step of one answer: `accept` each sampled token, show what it returns,
-    and stop evaluating once `reason` is set; `finish` gives the text held back at the end."""
+    and stop evaluating once `reason` is set; `finish` gives the text held back at the end.
+
+    A Thinking model's reasoning is not shown: `take_reasoning` gives it apart. Once it has
+    used `max_thinking_tokens`, the close tag is forced (`forced_token` hands its tokens to the
+    sampler one by one, as llama.cpp's reasoning-budget sampler does) so the answer starts; the
+    reasoning and the forced tokens count toward `limit`, as they do toward llama-server's n_predict.
+    """
 
     def __init__(self, pieces: PieceTable, options: GenerationOptions, limit: int, starts_inside_think: bool,
                  is_end_of_turn: Callable[[int], bool]) -> None:
         self.limit = limit
         self.pieces = pieces  # token -> bytes, also for the logprobs of the answer's tokens
-        self.generated = 0  # tokens of the answer (end-of-turn not counted)
+        self.generated = 0  # tokens of the answer (end-of-turn not counted), reasoning included
+        self.thinking_tokens = 0  # of those, the reasoning's (a forced close tag included)
         self.reason: StopReason | None = None
         self._is_end_of_turn = is_end_of_turn
         self._text = TextPipeline(pieces, options.stop, options.keep_think, starts_inside_think)
+        self._budget = options.max_thinking_tokens
+        self._forced: list[int] = []
+        self._force_if_spent()
+
+    @property
+    def thinking(self) -> bool:
+        """The model is reasoning (inside <think>): a grammar waits for the answer."""
+        return self._text.thinking
+
+    def take_reasoning(self) -> str:
+        """The reasoning produced since the last call (not part of what `accept` returns)."""
+        return self._text.take_reasoning()
+
+    def forced_token(self) -> int | None:
+        """The next token of a forced close tag (the thinking budget is spent), instead of sampling."""
+        return self._forced.pop(0) if self._forced else None
+
+    def _force_if_spent(self) -> None:
+        if self._budget is not None and self.thinking and not self._forced and self.thinking_tokens >= self._budget:
+            self._forced = list(self.pieces.think_close)
 
     def accept(self, token: int) -> str:
         """The text `token` adds to the answer; sets `reason` when the answer ends with it."""
@@ -54,7 +81,10 @@ class AnswerStep:
             self.reason = END_OF_TURN
             return ""
         self.generated += 1
+        if self.thinking:
+            self.thinking_tokens += 1
         text = self._text.feed(token)
+        self._force_if_spent()
         if self._text.stopped:
             self.reason = STOP
         elif self.generated >= self.limit:

@@ -139,7 +139,10 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF
     json_schema: Mapping[str, Any] | str | None = None
-    keep_think: bool = False  # keep <think>...</think> of Thinking models
+    keep_think: bool = False  # show the reasoning of Thinking models inline, tags and all
+    # Reasoning tokens after which the answer is forced to start (the close tag is inserted);
+    # None: no limit. They count toward max_tokens, as llama-server's --reasoning-budget does.
+    max_thinking_tokens: int | None = None
     top_logprobs: int | None = None  # None: no logprobs; N (0-20): each token's logprob and the N likeliest
 
     def __post_init__(self) -> None:
@@ -160,6 +163,10 @@ class GenerationOptions:
         if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
             raise ValueError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), "
                              f"got {self.top_logprobs!r}")
+        budget = self.max_thinking_tokens
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"max_thinking_tokens must be a whole number >= 0 (0: answer at once) or None, "
+                             f"got {budget!r}")
         if self.grammar is not None and self.json_schema is not None:
             raise ValueError("give either grammar or json_schema, not both")
         if isinstance(self.stop, str):

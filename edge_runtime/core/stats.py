@@ -37,6 +37,10 @@ class GenerationStats:
     # One per answer token when GenerationOptions.top_logprobs asked for them (VisionChat); not a number,
     # so as_dict leaves it out. The server sends them with its text deltas instead.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # A Thinking model's reasoning, apart from the answer (VisionChat; the server streams it instead).
+    # Text, not a number: as_dict leaves it out (its token count below stays).
+    reasoning: str = ""
+    thinking_tokens: int = 0  # of generated_tokens, the reasoning's (a forced close tag included)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -51,7 +55,7 @@ class GenerationStats:
     def as_dict(self) -> dict[str, float | int | str]:
         """The fields plus the derived rates, ready for JSON (benchmarks, logs)."""
         data: dict[str, float | int | str] = asdict(self)
-        del data["logprobs"]
+        del data["logprobs"], data["reasoning"]
         data["prefill_tok_s"] = self.prefill_tok_s
         data["decode_tok_s"] = self.decode_tok_s
         return data
@@ -78,6 +82,8 @@ def usage_body(stats: GenerationStats) -> dict[str, Any]:
         "total_tokens": stats.prompt_tokens + stats.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": stats.reused_tokens, "image_tokens": stats.image_tokens},
     }
+    if stats.thinking_tokens:  # OpenAI's field for the reasoning's share of completion_tokens
+        body["completion_tokens_details"] = {"reasoning_tokens": stats.thinking_tokens}
     if stats.image_details:
         body["images"] = list(stats.image_details)
     return body

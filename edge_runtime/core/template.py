@@ -30,6 +30,7 @@ __all__ = [
     "TemplateError",
     "ThinkFilter",
     "normalize_messages",
+    "opens_think",
     "replace_image_placeholders",
     "strip_think",
 ]
@@ -108,6 +109,7 @@ class ChatTemplate:
                 "pass a working template, e.g. DEFAULT_QWEN3_VL_TEMPLATE"
             ) from None
         self.source = source
+        self._thinking: bool | None = None
         self.bos_token = bos_token
         self.eos_token = eos_token
 
@@ -122,6 +124,24 @@ class ChatTemplate:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
             raise TemplateError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
+
+
+    @property
+    def thinking(self) -> bool:
+        """A Thinking model's template: its generation prompt opens the reasoning block (Qwen3-VL-*-Thinking),
+        so every answer starts inside <think> and the runtime separates the reasoning from the answer."""
+        if self._thinking is None:
+            try:
+                probe = self.render([{"role": "user", "content": "?"}], add_generation_prompt=True)
+            except TemplateError:
+                probe = ""
+            self._thinking = opens_think(probe)
+        return self._thinking
+
+
+def opens_think(prompt: str) -> bool:
+    """The rendered prompt ends inside a reasoning block the template opened."""
+    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
@@ -202,12 +222,16 @@ def _partial_tag_len(buf: str, tags: tuple[str, ...]) -> int:
 
 
 class ThinkFilter:
-    """Streaming strip_think: feed() pieces as they are generated, get the visible text.
+    """Streaming strip_think: feed() pieces as they are generated, get the visible text; the
+    reasoning it hides is kept apart for `take_reasoning` (VisionChat's and edge-serve's
+    `reasoning_content`).
 
     Tags may be split across pieces, so a possible tag prefix is held back until
     the next piece decides it. A stream cannot look ahead for a `</think>` with no
     opening tag: pass starts_inside=True when the prompt itself opened the block
-    (it ended in "<think>"), as Qwen3 Thinking templates do.
+    (it ended in "<think>"), as Qwen3 Thinking templates do. Whitespace around the
+    reasoning (the template's newline after the tag, the model's before the close) is
+    not part of it, as llama-server trims it.
     """
 
     def __init__(self, *, starts_inside: bool = False) -> None:
@@ -215,6 +239,19 @@ class ThinkFilter:
         self._buf = ""
         self._skip_ws = False  # drop whitespace right after a removed block
         self._shown = False  # any non-whitespace text emitted yet
+        self._reasoning: list[str] = []  # hidden text not yet taken
+        self._reasoning_ws = ""  # trailing whitespace of the reasoning, kept until more follows
+        self._reasoned = False  # any non-whitespace reasoning seen in this block
+
+    @property
+    def inside(self) -> bool:
+        """The model is reasoning: the text fed last is inside a <think> block."""
+        return self._inside
+
+    def take_reasoning(self) -> str:
+        """The reasoning hidden since the last call."""
+        out, self._reasoning = "".join(self._reasoning), []
+        return out
 
     def feed(self, piece: str) -> str:
         self._buf += piece
@@ -224,10 +261,13 @@ class ThinkFilter:
                 end = self._buf.find(THINK_CLOSE)
                 if end < 0:
                     keep = _partial_tag_len(self._buf, (THINK_CLOSE,))
+                    self._reason(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
+                self._reason(self._buf[:end])
                 self._buf = self._buf[end + len(THINK_CLOSE):]
                 self._inside, self._skip_ws = False, True
+                self._reasoning_ws, self._reasoned = "", False
                 continue
             if self._skip_ws:
                 self._buf = self._buf.lstrip()
@@ -253,7 +293,10 @@ class ThinkFilter:
         return "".join(out)
 
     def flush(self) -> str:
-        """What is still held at the end of the stream (an unclosed block stays hidden)."""
+        """What is still held at the end of the stream (an unclosed block stays hidden; the part of
+        a close tag it ended with is reasoning)."""
+        if self._inside:
+            self._reason(self._buf)
         rest, self._buf = ("" if self._inside or self._skip_ws else self._buf), ""
         return rest
 
@@ -266,6 +309,16 @@ class ThinkFilter:
         tail = self.flush()
         if tail:
             yield tail
+
+    def _reason(self, text: str) -> None:
+        text = self._reasoning_ws + text
+        if not self._reasoned:
+            text = text.lstrip()
+        body = text.rstrip()
+        self._reasoning_ws = text[len(body):]
+        if body:
+            self._reasoning.append(body)
+            self._reasoned = True
 
     def _emit(self, out: list[str], text: str, *, before_tag: bool) -> None:
         if before_tag and not self._shown and not text.strip():

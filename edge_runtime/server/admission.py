@@ -16,7 +16,7 @@ from edge_runtime.core.engine import Engine
 from edge_runtime.core.generation import AnswerStep
 from edge_runtime.core.kv_state import plan_reuse
 from edge_runtime.core.prompt import Chunk, Prompt
-from edge_runtime.core.sampling import build_sampler
+from edge_runtime.core.answer_sampler import answer_sampler
 from edge_runtime.core.stats import image_report
 from edge_runtime.core.step import Answer
 from edge_runtime.errors import DecodeError
@@ -48,12 +48,11 @@ def admit(engine: Engine, job: Job, prompt: Prompt, free: Sequence[Slot], pieces
         limit = job.options.max_tokens or min(default_max_tokens, room)
         engine.check_fits(prompt.n_tokens, max(limit, 1))
         bias = build_bias(job.logit_bias, n_vocab, job.ignore_eos, eog_tokens)
-        sampler = build_sampler(job.options, engine.text_model, job.seed)  # a bad grammar fails here
+        step = AnswerStep(pieces, job.options, limit, job.starts_inside_think, engine.is_end_of_turn)
+        sampler = answer_sampler(job.options, engine.text_model, job.seed, step)  # a bad grammar fails here
         candidates = [Candidate(s.seq_id, engine.seq_state(s.seq_id).units, s.last_used) for s in free]
         seq_id, _ = choose_slot(candidates, prompt.units)
-        answer = Answer(seq_id, sampler, AnswerStep(pieces, job.options, limit, job.starts_inside_think,
-                                                    engine.is_end_of_turn), bias=bias or None,
-                        top_logprobs=job.options.top_logprobs)
+        answer = Answer(seq_id, sampler, step, bias=bias or None, top_logprobs=job.options.top_logprobs)
         sampler = None
         keep = plan_reuse(engine.seq_state(seq_id), prompt.units) if job.cache_prompt else 0
         engine.truncate(seq_id, keep)

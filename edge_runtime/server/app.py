@@ -170,7 +170,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             gen = generation_options(req, plan)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
                 render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
-                plan.template_tools())
+                plan.template_tools(), req.chat_template_kwargs)
         except Exception as exc:
             error = from_exception(exc)
             if error.status < 500:
@@ -263,32 +263,38 @@ async def next_event(job: Job, watch: DisconnectWatch, scheduler: Scheduler) -> 
 async def collect(job: Job, watch: DisconnectWatch, scheduler: Scheduler, meta: ResponseMeta, event: Event,
                   tools: bool = False, logprobs: bool = False) -> dict:
     parts: list[list[str]] = [[] for _ in range(job.n)]
+    thoughts: list[list[str]] = [[] for _ in range(job.n)]
     entries: list[list[TokenLogprob]] = [[] for _ in range(job.n)]
     finished: dict[int, Finished] = {}
     while True:
         if isinstance(event, TextDelta):
             parts[event.index].append(event.text)
+            thoughts[event.index].append(event.reasoning)
             entries[event.index].extend(event.logprobs)
         elif isinstance(event, Finished):
             entries[event.index].extend(event.logprobs)
             finished[event.index] = event
             if len(finished) == job.n:
                 return completion_body(meta, [_choice("".join(parts[i]), finished[i], tools,
-                                                      entries[i] if logprobs else None) for i in range(job.n)],
+                                                      entries[i] if logprobs else None, "".join(thoughts[i]))
+                                              for i in range(job.n)],
                                        all_choices([finished[i].stats for i in range(job.n)]))
         elif isinstance(event, Failed):
             raise event.error
         event = await next_event(job, watch, scheduler)
 
 
-def _choice(text: str, end: Finished, tools: bool, logprobs: list[TokenLogprob] | None) -> ChoiceResult:
+def _choice(text: str, end: Finished, tools: bool, logprobs: list[TokenLogprob] | None,
+            reasoning: str = "") -> ChoiceResult:
+    """`text` is the answer alone (a Thinking model's reasoning comes apart), so tool calls are parsed from it only."""
     content, calls = parse_calls(text, cut=end.finish_reason == "length") if tools else (text, [])
-    return ChoiceResult(content, end.finish_reason, calls, logprobs)
+    return ChoiceResult(content, end.finish_reason, calls, logprobs, reasoning)
 
 
 def all_choices(stats: list[GenerationStats]) -> GenerationStats:
     """One request's numbers over its choices: the prompt once, the completion tokens of all (as OpenAI)."""
-    return replace(stats[0], generated_tokens=sum(s.generated_tokens for s in stats))
+    return replace(stats[0], generated_tokens=sum(s.generated_tokens for s in stats),
+                   thinking_tokens=sum(s.thinking_tokens for s in stats))
 
 
 async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage: bool,
@@ -306,6 +312,11 @@ async def stream_body(job: Job, meta: ResponseMeta, event: Event, include_usage:
         if isinstance(event, TextDelta):
             i, stream = event.index, calls[event.index]
             unsent[i] += event.logprobs
+            if event.reasoning:  # before the text: a delta's reasoning was produced first
+                yield sse(chunk_body(meta, {"reasoning_content": event.reasoning}, None,
+                                     unsent[i] if logprobs and not event.text else None, i))
+                if not event.text:
+                    unsent[i] = ()
             for delta in _deltas(stream, stream.feed(event.text) if stream else [event.text]):
                 yield sse(chunk_body(meta, delta, None, unsent[i] if logprobs else None, i))
                 unsent[i] = ()

@@ -25,6 +25,7 @@ class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta (when the request asked)
     index: int = 0  # the choice (n > 1)
+    reasoning: str = ""  # a Thinking model's reasoning since the last delta (not part of `text`)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from functools import cached_property
 from ..errors import VisionUnsupportedError
 from edge_runtime.chat.messages import ImageLoader, VideoLoader, split_messages, videos_in
 from edge_runtime.vision.image_input import ImageInput
-from edge_runtime.core.template import THINK_OPEN, ChatTemplate, render_with_markers
+from edge_runtime.core.template import ChatTemplate, opens_think, render_with_markers
 from edge_runtime.chat.tool_calls import tools_template_for, uses_tools
 
 
@@ -37,16 +37,17 @@ class RenderedPrompt:
 
 
 def render_prompt(fmt: PromptFormat, messages: list[dict], load: ImageLoader, load_video: VideoLoader,
-                  tools: list[dict] | None = None) -> RenderedPrompt:
+                  tools: list[dict] | None = None, template_kwargs: dict | None = None) -> RenderedPrompt:
     """Load the images and videos (through loaders that enforce the server's policy) and render.
 
     Tools, tool calls and tool results need a template that knows them (see `tools_template`).
+    `template_kwargs` are the request's chat_template_kwargs (e.g. enable_thinking=False).
     """
     template_messages, images = split_messages(messages, load=load, load_video=load_video)
     if images and not fmt.has_vision:
         raise VisionUnsupportedError(f"{fmt.model_name} was loaded without a projector (mmproj): it cannot see images")
     template = fmt.tools_template if tools or uses_tools(template_messages) else fmt.template
-    extra = {"tools": tools} if tools else {}
+    extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
     text = render_with_markers(template, template_messages, len(images), fmt.marker if fmt.has_vision else None,
                                videos_in(template_messages), **extra)
-    return RenderedPrompt(text, images, text.rstrip().endswith(THINK_OPEN))
+    return RenderedPrompt(text, images, opens_think(text))

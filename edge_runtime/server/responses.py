@@ -67,6 +67,7 @@ class ChoiceResult:
     finish_reason: str
     calls: Sequence[ToolCall] = ()
     logprobs: Sequence[TokenLogprob] | None = None  # None: not asked
+    reasoning: str = ""  # a Thinking model's reasoning, apart from the answer
 
 
 def choice_body(index: int, choice: ChoiceResult) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def choice_body(index: int, choice: ChoiceResult) -> dict[str, Any]:
         message = {"role": "assistant", "content": choice.text or None,
                    "tool_calls": [tool_call_body(c) for c in choice.calls]}
         finish_reason = finish_with_calls(finish_reason, len(choice.calls))
+    if choice.reasoning:  # the field llama-server, vLLM and DeepSeek's API use; absent without reasoning
+        message["reasoning_content"] = choice.reasoning
     return {"index": index, "message": message, "logprobs": logprobs_body(choice.logprobs),
             "finish_reason": finish_reason}
 

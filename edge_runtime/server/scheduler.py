@@ -31,7 +31,7 @@ from edge_runtime.core.engine import Engine
 from edge_runtime.core.generation import END_OF_TURN, AnswerStep
 from edge_runtime.core.open_model import open_engine
 from edge_runtime.core.prompt import Piece, Prompt, tokenize_text
-from edge_runtime.core.sampling import build_sampler
+from edge_runtime.core.answer_sampler import answer_sampler
 from edge_runtime.core.step import Answer, Core
 from edge_runtime.errors import DecodeError
 
@@ -428,7 +428,7 @@ class Scheduler(EngineFront):
                               engine.is_end_of_turn)
             stats = replace(answer.stats, image_details=list(answer.stats.image_details), logprobs=[])
             other.job, other.choice, other.started = job, choice, first.started  # a failure below releases it
-            sampler = build_sampler(job.options, engine.text_model, (job.seed + choice) & 0xFFFFFFFF)
+            sampler = answer_sampler(job.options, engine.text_model, (job.seed + choice) & 0xFFFFFFFF, step)
             other.answer = Answer(other.seq_id, sampler, step, stats, bias=answer.bias,
                                   top_logprobs=answer.top_logprobs)
             engine.copy_sequence(first.seq_id, other.seq_id)
@@ -440,8 +440,9 @@ class Scheduler(EngineFront):
         assert job is not None and answer is not None
         if answer.step.reason != END_OF_TURN:
             self.metrics.tokens_generated(1)
-        if text:
-            job.emit(TextDelta(text, answer.unsent_logprobs(), slot.choice))
+        reasoning = answer.step.take_reasoning()
+        if text or reasoning:
+            job.emit(TextDelta(text, answer.unsent_logprobs(), slot.choice, reasoning))
         if answer.done:
             self._complete(slot, answer.step.reason.finish_reason)  # type: ignore[union-attr]
 
@@ -449,9 +450,11 @@ class Scheduler(EngineFront):
         job, answer = slot.job, slot.answer
         assert job is not None and answer is not None
         tail = answer.step.finish()
-        if tail:
-            job.emit(TextDelta(tail, answer.unsent_logprobs(), slot.choice))
+        reasoning = answer.step.take_reasoning()
+        if tail or reasoning:
+            job.emit(TextDelta(tail, answer.unsent_logprobs(), slot.choice, reasoning))
         stats = answer.stats
+        stats.thinking_tokens = answer.step.thinking_tokens
         elapsed = time.monotonic() - slot.started
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         log.info("request #%d: prompt %d tok (%d cached) -> %d tok (%s) in %.2f s",

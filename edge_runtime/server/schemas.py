@@ -139,6 +139,12 @@ class ChatRequest(_Model):
     repeat_last_n: int | None = Field(default=None, ge=0)
     cache_prompt: bool = True  # false: evaluate the whole prompt again instead of reusing the slot's cache
     id_slot: int = -1  # -1: the server chooses; pinning a slot is refused
+    # Thinking models: "auto"/"deepseek" put the reasoning in reasoning_content, "none" leaves it in content.
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = None
+    # Reasoning tokens before the answer is forced to start; -1: unlimited (llama-server reads both names).
+    reasoning_budget_tokens: int | None = Field(default=None, ge=-1)
+    thinking_budget_tokens: int | None = Field(default=None, ge=-1)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. {"enable_thinking": false}
     # Who is asking, not what to answer: accepted and not used (docs/server-compat.md).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -172,6 +178,23 @@ class ChatRequest(_Model):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: Any) -> Any:
+        for key in RESERVED_TEMPLATE_VARIABLES & set(value or {}):
+            raise ValueError(f"{key!r} is set by the server itself; it cannot be a chat_template_kwargs entry")
+        if value and "enable_thinking" in value and not isinstance(value["enable_thinking"], bool):
+            raise ValueError("enable_thinking must be true or false")  # llama-server refuses a string too
+        return value
+
+    @property
+    def thinking_budget(self) -> int | None:
+        """GenerationOptions.max_thinking_tokens: reasoning_budget_tokens, else thinking_budget_tokens
+        (llama-server's precedence); -1 or absent: no limit."""
+        value = self.reasoning_budget_tokens if self.reasoning_budget_tokens is not None \
+            else self.thinking_budget_tokens
+        return None if value is None or value == -1 else value
 
     @property
     def answer_top_logprobs(self) -> int | None:
@@ -217,11 +240,14 @@ LLAMA_SERVER_ONLY = frozenset({
     "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "mirostat",
     "mirostat_tau", "mirostat_eta", "adaptive_target", "adaptive_decay", "n_probs", "min_keep", "backend_sampling",
     "post_sampling_probs", "lora", "grammar_lazy", "grammar_triggers", "grammar_type", "preserved_tokens",
-    "chat_format", "reasoning_format", "generation_prompt", "parse_tool_calls", "chat_parser",
-    "continue_final_message", "add_generation_prompt", "echo", "reasoning_control", "reasoning_budget_tokens",
-    "thinking_budget_tokens", "reasoning_budget_start_tag", "reasoning_budget_end_tags", "reasoning_budget_end_tag",
-    "reasoning_budget_message", "samplers", "chat_template_kwargs",
+    "chat_format", "generation_prompt", "parse_tool_calls", "chat_parser",
+    "continue_final_message", "add_generation_prompt", "echo", "reasoning_control",
+    "reasoning_budget_start_tag", "reasoning_budget_end_tags", "reasoning_budget_end_tag",
+    "reasoning_budget_message", "samplers",
 })
+
+# Variables the server passes to the chat template itself (chat_template_kwargs may not set them).
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -315,7 +341,8 @@ def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> Genera
     max_tokens stays None when not given: the scheduler then fills what the slot has room for,
     up to the server's default.
     """
-    values: dict[str, Any] = {"max_tokens": req.max_answer_tokens, "top_logprobs": req.answer_top_logprobs}
+    values: dict[str, Any] = {"max_tokens": req.max_answer_tokens, "top_logprobs": req.answer_top_logprobs,
+                              "max_thinking_tokens": req.thinking_budget, "keep_think": req.reasoning_format == "none"}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repeat_penalty", "repeat_last_n", "seed"):
         value = getattr(req, name)
