@@ -101,7 +101,7 @@ PEER_SUITE: dict[str, tuple[str, str]] = {
     "test_tool_call::test_completion_without_tool_call_slow": (NA, "the same cases under other models' templates"),
     "test_tool_call::test_weather": (CONTENT, "a real model's knowledge"),
     "test_tool_call::test_calc_result": (CONTENT, "a real model's knowledge"),
-    "test_tool_call::test_thoughts": (CONTENT, "a real model's reasoning; reasoning_format is refused"),
+    "test_tool_call::test_thoughts": (CONTENT, "a real model's reasoning (tests/test_thinking.py: reasoning_content)"),
     "test_tool_call::test_hello_world": (CONTENT, "a real model's code"),
     # test_security.py
     "test_security::test_access_public_endpoint": (RUN, ""),
@@ -745,7 +745,7 @@ def test_n_predict_is_max_tokens(server):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("timings_per_token", True), ("mirostat", 2), ("chat_template_kwargs", {"enable_thinking": False}),
+    ("timings_per_token", True), ("mirostat", 2), ("reasoning_budget_message", "Enough."),
     ("return_progress", True), ("made_up_field", float("nan")),
 ])
 def test_unknown_fields_are_refused_by_name(server, field, value):

@@ -234,3 +234,48 @@ def test_bad_reasoning_fields_are_refused(server, field, value):
     res = httpx.post(server.url("/v1/chat/completions"), json={"messages": MESSAGES, "max_tokens": 2, field: value},
                      timeout=60)
     assert res.status_code == 400 and field in res.text, res.text
+
+
+# --- the page --------------------------------------------------------------------------------------------
+
+
+def test_page_streams_reasoning_into_a_folded_block(server):
+    """The page's answer shows the reasoning folded (<details>), filled while the answer streams;
+    its text is what the API returns as reasoning_content for the same request."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from support.browser import ask_on_page, headless_chromium
+
+    tokens = 24
+    expected = httpx.post(server.url("/v1/chat/completions"), timeout=120, json={
+        "messages": MESSAGES, "max_tokens": tokens, "temperature": 0}).json()["choices"][0]["message"]
+    driver = headless_chromium()
+    try:
+        driver.get(server.url("/"))
+        WebDriverWait(driver, 120).until(lambda d: "model:" in d.find_element(By.ID, "model").text)
+        driver.execute_script("""
+            window.reasoningLengths = [];
+            new MutationObserver(() => {
+              const nodes = document.querySelectorAll('.message.assistant .reasoning-text');
+              if (nodes.length && document.getElementById('ask').disabled) {  // while the answer streams
+                window.reasoningLengths.push(nodes[nodes.length - 1].textContent.length);
+              }
+            }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+        """)
+        ask_on_page(driver, MESSAGES[0]["content"], max_tokens=tokens, temperature=0.0)
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_element(By.ID, "ask").is_enabled()
+            and d.find_elements(By.CSS_SELECTOR, ".message.assistant .figures"))
+        block = driver.find_element(By.CSS_SELECTOR, ".message.assistant details.reasoning")
+        assert block.get_attribute("open") is None  # folded
+        body = block.find_element(By.CSS_SELECTOR, ".reasoning-text")
+        assert body.get_attribute("textContent") == expected["reasoning_content"]
+        answer = driver.find_element(By.CSS_SELECTOR, ".message.assistant .text").get_attribute("textContent")
+        assert answer == expected["content"]
+        lengths = driver.execute_script("return window.reasoningLengths")
+        assert any(lengths), lengths  # shown while the answer was still streaming, not only at its end
+        block.find_element(By.TAG_NAME, "summary").click()
+        assert block.get_attribute("open") is not None and body.is_displayed()
+    finally:
+        driver.quit()

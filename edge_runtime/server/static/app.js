@@ -116,6 +116,7 @@ function renderMessage(conv, m, index) {
     p.textContent = "[an image the server did not keep]";
     div.append(p);
   }
+  if (m.reasoning) div.append(reasoningBlock(m.reasoning));
   const text = document.createElement("div");
   text.className = "text";
   text.textContent = m.text;
@@ -249,10 +250,11 @@ async function ask(event) {
           if (chunk.error) throw new Error(chunk.error.message || "the server failed mid-answer");
           if (chunk.usage) usage = chunk.usage;
           const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-          if (delta && delta.content) {
+          if (delta && (delta.content || delta.reasoning_content)) {
             if (first === null) first = performance.now();
             last = performance.now();
-            answer.text += delta.content;
+            answer.text += delta.content || "";
+            answer.reasoning = (answer.reasoning || "") + (delta.reasoning_content || "");
             updateLast(answer);
           }
         }
@@ -265,7 +267,7 @@ async function ask(event) {
     state.controller = null;
     setBusy(false);
   }
-  if (!answer.text && (answer.error || answer.stopped)) {
+  if (!answer.text && !answer.reasoning && (answer.error || answer.stopped)) {
     // nothing came back: take the turn out, so the next question does not resend a refused image
     conv.messages.splice(conv.messages.indexOf(user), 2);
     if (answer.error) showError(answer.error);
@@ -293,10 +295,31 @@ function figures(started, first, last, usage) {
   return f;
 }
 
+// A Thinking model's reasoning (reasoning_content), folded above its answer; it fills while streamed.
+function reasoningBlock(reasoning) {
+  const details = document.createElement("details");
+  details.className = "reasoning";
+  const summary = document.createElement("summary");
+  summary.textContent = "Reasoning";
+  const body = document.createElement("div");
+  body.className = "reasoning-text";
+  body.textContent = reasoning;
+  details.append(summary, body);
+  return details;
+}
+
 function updateLast(answer) {
   const nodes = $("messages").querySelectorAll(".message.assistant .text");
   const node = nodes[nodes.length - 1];
   if (node) node.textContent = answer.text;
+  if (node && answer.reasoning) {
+    const block = node.previousElementSibling;
+    if (block && block.classList.contains("reasoning")) {
+      block.querySelector(".reasoning-text").textContent = answer.reasoning;
+    } else {
+      node.before(reasoningBlock(answer.reasoning));
+    }
+  }
   $("messages").scrollTop = $("messages").scrollHeight;
 }
 
