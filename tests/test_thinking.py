@@ -24,6 +24,7 @@ from edge_runtime import VisionChat
 from edge_runtime.chat.chat import Reasoning
 from edge_runtime.core.template import ChatTemplate, ThinkFilter, opens_think
 from edge_runtime.server.prompting import PromptFormat, render_prompt
+from edge_runtime.server.schemas import generation_options, parse_chat_request
 from support.server import ServerProcess
 from support.thinking import token_id, with_chat_template
 
@@ -89,6 +90,21 @@ def test_reasoning_is_kept_apart_for_every_split(raw: str):
         f = ThinkFilter(starts_inside=True)
         shown = f.feed(raw[:cut]) + f.feed(raw[cut:]) + f.flush()
         assert (f.take_reasoning(), shown) == (reasoning, answer), cut
+
+
+@pytest.mark.parametrize("fields,server_default,expected", [
+    ({}, -1, None), ({}, 5, 5), ({"thinking_budget_tokens": 3}, 5, 3), ({"reasoning_budget_tokens": -1}, 5, 5),
+    ({"reasoning_budget_tokens": 0, "thinking_budget_tokens": 9}, -1, 0),  # llama-server reads this one first
+])
+def test_request_budget_precedence_as_llama_server(fields, server_default, expected):
+    req = parse_chat_request(json.dumps({"messages": MESSAGES, **fields}).encode())
+    assert generation_options(req, None, server_default).max_thinking_tokens == expected
+
+
+def test_reasoning_format_none_keeps_the_reasoning_inline():
+    for fmt, inline in (("none", True), ("auto", False), ("deepseek", False), (None, False)):
+        req = parse_chat_request(json.dumps({"messages": MESSAGES, "reasoning_format": fmt}).encode())
+        assert generation_options(req).keep_think is inline
 
 
 # --- VisionChat ------------------------------------------------------------------------------------------
@@ -279,3 +295,19 @@ def test_page_streams_reasoning_into_a_folded_block(server):
         assert block.get_attribute("open") is not None and body.is_displayed()
     finally:
         driver.quit()
+
+
+def test_edge_chat_reasoning_budget(chat, thinking_dir):
+    """edge-chat --reasoning-budget N prints the answer VisionChat gives with max_thinking_tokens=N."""
+    from click.testing import CliRunner
+
+    from edge_runtime.cli.cli import main
+
+    expected = chat.generate(MESSAGES, max_tokens=BUDGET + 10, max_thinking_tokens=BUDGET, temperature=0.0)
+    args = [str(thinking_dir), MESSAGES[0]["content"], "--reasoning-budget", str(BUDGET), "--max-tokens",
+            str(BUDGET + 10), "--temperature", "0", "--threads", "1", "--ctx-size", "1024"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert expected and result.stdout.strip() == expected.strip()
+    refused = CliRunner().invoke(main, [str(thinking_dir), "q", "--reasoning-budget", "-2"])
+    assert refused.exit_code == 2 and "--reasoning-budget" in refused.output

@@ -59,6 +59,9 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
 @click.option("--stop", "stops", multiple=True, help="Stop string; repeatable.")
 @click.option("--json-schema", type=click.Path(exists=True, path_type=Path), help="Constrain the answer to this JSON schema.")
 @click.option("--keep-think", is_flag=True, help="Show the reasoning of Thinking models (cut by default).")
+@click.option("--reasoning-budget", default=-1, show_default=True, type=click.IntRange(min=-1),
+              help="Reasoning tokens of a Thinking model before its answer is forced to start; -1: no limit, "
+                   "0: answer at once (llama.cpp's flag). They count toward --max-tokens.")
 @flags.ctx_size(ENGINE.n_ctx)
 @flags.engine_flags(ENGINE)
 @flags.image_flags
@@ -132,6 +135,9 @@ def _generation(settings: dict[str, Any]) -> dict[str, Any]:
         "stop": tuple(settings.pop("stops")),
         "keep_think": settings.pop("keep_think"),
     }
+    budget = settings.pop("reasoning_budget")
+    if budget != -1:
+        gen["max_thinking_tokens"] = budget
     schema = settings.pop("json_schema")
     if schema is not None:
         try:

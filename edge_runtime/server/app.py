@@ -167,7 +167,7 @@ def create_app(options: ServerOptions) -> FastAPI:
                 raise bad_request(f"n={req.n} choices need {req.n} slots at once; this server has "
                                   f"{options.parallel} (--parallel)", "n")
             plan = tool_plan(req)
-            gen = generation_options(req, plan)  # before any image is fetched or decoded
+            gen = generation_options(req, plan, options.reasoning_budget)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
                 render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
                 plan.template_tools(), req.chat_template_kwargs)

@@ -76,6 +76,9 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
 @click.option("--timeout", "timeout_s", default=DEFAULTS.timeout_s, type=float, help="Seconds a request may take, queue included.")
 @click.option("--queue-size", default=DEFAULTS.queue_size, type=int, help="Requests waiting for a slot before 429.")
 @click.option("--max-tokens", "default_max_tokens", default=DEFAULTS.default_max_tokens, type=int, help="Default when a request sets none.")
+@click.option("--reasoning-budget", default=DEFAULTS.reasoning_budget, type=click.IntRange(min=-1),
+              help="Reasoning tokens of a Thinking model before its answer is forced to start, when a request "
+                   "sets no reasoning_budget_tokens; -1: no limit, 0: answer at once.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="A Host name to answer besides loopback ones (repeatable; '*': any). Other names are refused "
                    "so that a web page cannot reach this server through DNS rebinding.")

@@ -63,6 +63,8 @@ class ServerOptions:
     queue_size: int = 16  # requests waiting for a free slot before 429
     remote_fetch_timeout_s: float = 10.0
     default_max_tokens: int = 512
+    # Reasoning tokens of a Thinking model when a request sets none (-1: no limit), llama-server's --reasoning-budget.
+    reasoning_budget: int = -1
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones ("*": any)
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API ("*": any)
     prefill_chunk: int | None = None  # prompt tokens evaluated between two decode steps (None: n_ubatch)
@@ -79,6 +81,9 @@ class ServerOptions:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.reasoning_budget < -1:
+            raise ValueError(f"reasoning_budget must be -1 (no limit) or a number of tokens >= 0, got "
+                             f"{self.reasoning_budget}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb"):

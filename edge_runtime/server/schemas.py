@@ -335,14 +335,16 @@ def tool_plan(req: ChatRequest) -> ToolPlan:
         raise bad_request(str(exc), exc.param, "invalid_tools") from None
 
 
-def generation_options(req: ChatRequest, plan: ToolPlan | None = None) -> GenerationOptions:
+def generation_options(req: ChatRequest, plan: ToolPlan | None = None, reasoning_budget: int = -1) -> GenerationOptions:
     """The runtime's options for this request; unset fields keep the runtime defaults.
 
     max_tokens stays None when not given: the scheduler then fills what the slot has room for,
-    up to the server's default.
+    up to the server's default. `reasoning_budget` is the server's (-1: none), for a request without one.
     """
+    budget = req.thinking_budget if req.thinking_budget is not None else reasoning_budget
     values: dict[str, Any] = {"max_tokens": req.max_answer_tokens, "top_logprobs": req.answer_top_logprobs,
-                              "max_thinking_tokens": req.thinking_budget, "keep_think": req.reasoning_format == "none"}
+                              "max_thinking_tokens": None if budget == -1 else budget,
+                              "keep_think": req.reasoning_format == "none"}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                  "repeat_penalty", "repeat_last_n", "seed"):
         value = getattr(req, name)
