@@ -23,6 +23,7 @@ class ChatFormat:
     tool_call_open: str = ""  # a function call is JSON {"name", "arguments"} between these markers
     tool_call_close: str = ""
     tools_template: str = ""  # the family's template with tools, for GGUFs whose template has none
+    thinking_tools_template: str = ""  # the same for a Thinking model's GGUF (it opens <think> to answer)
 
     @property
     def image_placeholder(self) -> str:

@@ -242,6 +242,16 @@ def test_server_json_schema_applies_after_the_model_closes_its_reasoning(server,
     assert budget.choices[0].message.model_extra["reasoning_content"]
 
 
+def test_server_forced_tool_call_comes_after_free_reasoning(client):
+    tool = {"type": "function", "function": {"name": "answer", "parameters": ANSWER_SCHEMA}}
+    resp = create(client, max_tokens=80, tools=[tool], thinking_budget_tokens=BUDGET,
+                  tool_choice={"type": "function", "function": {"name": "answer"}})
+    message = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "tool_calls" and message.model_extra["reasoning_content"]
+    (call,) = message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), ANSWER_SCHEMA)
+
+
 @pytest.mark.parametrize("field,value", [
     ("reasoning_format", "deepseek-legacy"), ("thinking_budget_tokens", -2),
     ("chat_template_kwargs", {"enable_thinking": "no"}), ("chat_template_kwargs", {"messages": []}),

@@ -104,6 +104,22 @@ TOOLS_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+
+def _thinking_variant(template: str) -> str:
+    """`template` for a Thinking model: the generation prompt opens the reasoning block and an earlier
+    assistant turn keeps only its answer, as THINKING_TEMPLATE does."""
+    turn = "{{- '<|im_start|>assistant\\n' + text(message.content) -}}"
+    prompt = "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    assert template.count(turn) == 1 and template.count(prompt) == 1, "TOOLS_TEMPLATE changed shape"
+    answer_only = ("{{- '<|im_start|>assistant\\n' + (message.content.split('</think>')[-1].lstrip() "
+                   "if message.content is string else text(message.content)) -}}")
+    return template.replace(turn, answer_only).replace(
+        prompt, "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")
+
+
+# TOOLS_TEMPLATE for Thinking GGUFs whose own template renders no tools.
+THINKING_TOOLS_TEMPLATE = _thinking_variant(TOOLS_TEMPLATE)
+
 CHAT_FORMAT = ChatFormat(
     vision_start="<|vision_start|>",
     image_pad="<|image_pad|>",
@@ -118,4 +134,5 @@ CHAT_FORMAT = ChatFormat(
     tool_call_open="<tool_call>",
     tool_call_close="</tool_call>",
     tools_template=TOOLS_TEMPLATE,
+    thinking_tools_template=THINKING_TOOLS_TEMPLATE,
 )

@@ -326,7 +326,8 @@ def template_supports_tools(source: str) -> bool:
 
 def tools_template_for(template: ChatTemplate) -> ChatTemplate:
     """The template for a conversation with tools: the model's own when it renders them, else the
-    family's (the format the model was trained on)."""
+    family's (the format the model was trained on; a Thinking model's still opens its reasoning)."""
     if template_supports_tools(template.source):
         return template
-    return ChatTemplate(TOOLS_TEMPLATE, bos_token=template.bos_token, eos_token=template.eos_token)
+    source = FORMAT.thinking_tools_template if template.thinking and FORMAT.thinking_tools_template else TOOLS_TEMPLATE
+    return ChatTemplate(source, bos_token=template.bos_token, eos_token=template.eos_token)
