@@ -28,34 +28,6 @@ DEFAULT_TEMPLATE = (
     "{%- endif %}\n"
 )
 
-# The shape of the Qwen3-VL-*-Thinking templates (written here for tests and for Thinking GGUFs
-# converted without one): the generation prompt opens the reasoning block, so the model starts
-# inside it, and an earlier assistant turn keeps only its answer (what followed the close tag).
-THINKING_TEMPLATE = (
-    "{%- for message in messages %}\n"
-    "    {{- '<|im_start|>' + message.role + '\\n' }}\n"
-    "    {%- if message.role == 'assistant' and message.content is string %}\n"
-    "        {{- message.content.split('</think>')[-1].lstrip() }}\n"
-    "    {%- elif message.content is string %}\n"
-    "        {{- message.content }}\n"
-    "    {%- elif message.content is not none %}\n"
-    "        {%- for part in message.content %}\n"
-    "            {%- if part.type == 'image' or 'image' in part or 'image_url' in part %}\n"
-    "                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}\n"
-    "            {%- elif part.type == 'video' or 'video' in part %}\n"
-    "                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}\n"
-    "            {%- elif 'text' in part %}\n"
-    "                {{- part.text }}\n"
-    "            {%- endif %}\n"
-    "        {%- endfor %}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|im_end|>\\n' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n"
-    "{%- endif %}\n"
-)
-
 # Qwen3-VL's template with tools, tool calls and tool responses (as in the checkpoint's
 # tokenizer_config.json), for GGUFs whose template has no tool support: the format the
 # model was trained on, so a request with tools renders as Qwen's would.
@@ -105,20 +77,30 @@ TOOLS_TEMPLATE = (
 )
 
 
-def _thinking_variant(template: str) -> str:
-    """`template` for a Thinking model: the generation prompt opens the reasoning block and an earlier
-    assistant turn keeps only its answer, as THINKING_TEMPLATE does."""
-    turn = "{{- '<|im_start|>assistant\\n' + text(message.content) -}}"
-    prompt = "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-    assert template.count(turn) == 1 and template.count(prompt) == 1, "TOOLS_TEMPLATE changed shape"
-    answer_only = ("{{- '<|im_start|>assistant\\n' + (message.content.split('</think>')[-1].lstrip() "
-                   "if message.content is string else text(message.content)) -}}")
-    return template.replace(turn, answer_only).replace(
-        prompt, "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")
+def _replace_once(template: str, old: str, new: str) -> str:
+    assert template.count(old) == 1, f"the template changed shape: {old!r} is not there once"
+    return template.replace(old, new)
 
 
-# TOOLS_TEMPLATE for Thinking GGUFs whose own template renders no tools.
-THINKING_TOOLS_TEMPLATE = _thinking_variant(TOOLS_TEMPLATE)
+# The Qwen3-VL-*-Thinking templates' shape (for tests, and Thinking GGUFs converted without one): the
+# generation prompt opens the reasoning block, so the model starts inside it, and an earlier assistant
+# turn keeps only its answer (what followed the close tag).
+THINKING_TEMPLATE = _replace_once(_replace_once(
+    DEFAULT_TEMPLATE,
+    "    {%- if message.content is string %}\n",
+    "    {%- if message.role == 'assistant' and message.content is string %}\n"
+    "        {{- message.content.split('</think>')[-1].lstrip() }}\n"
+    "    {%- elif message.content is string %}\n"),
+    "    {{- '<|im_start|>assistant\\n' }}\n", "    {{- '<|im_start|>assistant\\n<think>\\n' }}\n")
+
+# TOOLS_TEMPLATE for Thinking GGUFs whose own template renders no tools, changed the same two ways.
+THINKING_TOOLS_TEMPLATE = _replace_once(_replace_once(
+    TOOLS_TEMPLATE,
+    "{{- '<|im_start|>assistant\\n' + text(message.content) -}}",
+    "{{- '<|im_start|>assistant\\n' + (message.content.split('</think>')[-1].lstrip() "
+    "if message.content is string else text(message.content)) -}}"),
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")
 
 CHAT_FORMAT = ChatFormat(
     vision_start="<|vision_start|>",
