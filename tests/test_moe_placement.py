@@ -201,3 +201,21 @@ def test_edge_convert_plan_rpc_experts_match_llama_cpps_buffers(artifacts, moe_d
     auto = CliRunner().invoke(convert_main, [str(artifacts.model(HUB)), "--plan", "--quant", "f32", "--ctx-size",
                                              "512", "--rpc", ",".join(map(str, workers))])
     assert auto.exit_code == 0 and "MoE experts beside their layers" in auto.output  # plenty of room on loopback
+
+
+# ------------------------------------------------------------ edge-bench's transformers party
+
+
+def test_edge_bench_transformers_party_runs_the_moe_class(artifacts):
+    """The transformers baseline loads an MoE checkpoint with transformers' MoE class (through the family
+    registry) and times its greedy tokens."""
+    from edge_bench.options import TRANSFORMERS, Config, Measure, Resolution
+    from edge_bench.workers import WorkerSpec, run_worker
+
+    spec = WorkerSpec(TRANSFORMERS, Config("f16", "f16", "f16", Resolution(64, 64)),
+                      Measure(n_ctx=256, threads=1, prompt_lengths=(8,), decode_tokens=4, warmup=0, repeats=1),
+                      hf_dir=str(artifacts.model(HUB)))
+    result = run_worker(spec, timeout_s=600)
+    assert result.ok, result.error
+    assert any(n.startswith("Qwen3VLMoeForConditionalGeneration,") for n in result.notes), result.notes
+    assert result.values["decode_tokens"] == 4 and result.samples["decode_tok_s"][0] > 0
