@@ -1,7 +1,7 @@
 """Where a mixture-of-experts model's expert tensors live: llama.cpp's tensor buffer overrides.
 
 A MoE token reads only its top-k experts, so the expert matrices (most of the
-bytes: 30.8 of 34.3 GB for 30B-A3B at q8_0) can stay in host RAM while the
+bytes: 30.8 of the 32.5 GB of 30B-A3B at q8_0) can stay in host RAM while the
 attention and shared weights fill a GPU or the RPC workers. llama.cpp does the
 placing through `llama_model_params.tensor_buft_overrides` (pattern -> buffer
 type, the first pattern that matches a tensor name wins); this module spells
