@@ -40,6 +40,12 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
 @flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
 @flags.rpc_flags("With --plan: also split --quant over this machine and these edge-rpc-worker processes, by "
                  "their free memory (or --tensor-split), and say what fits where.")
+@flags.options(
+    click.option("--cpu-moe", "-cmoe", "cpu_moe", is_flag=True,
+                 help="With --plan --rpc: keep every MoE expert weight on this machine."),
+    click.option("--n-cpu-moe", "-ncmoe", "n_cpu_moe", type=click.IntRange(min=0), default=None, metavar="N",
+                 help="With --plan --rpc: keep the MoE experts of the first N blocks on this machine [default: the "
+                      "fewest that let the workers' share fit, as the runtime chooses]."))
 @flags.image_latency(ENGINE.image_latency_s, "With --plan: seconds of image encode + prefill the image budgets "
                      "of detail auto aim for (edge-chat's --image-latency).")
 @flags.threads("Threads for quantizing [default: all cores].")
@@ -49,7 +55,7 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
 def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, imatrix: str | None,
          calibration: Path | None, keep_f16: bool, report: bool, plan: bool, n_ctx: int, kv_cache_type_k: str,
          kv_cache_type_v: str, image_latency_s: float, rpc_servers: tuple[str, ...] | None,
-         tensor_split: tuple[float, ...] | None, threads: int | None,
+         tensor_split: tuple[float, ...] | None, cpu_moe: bool, n_cpu_moe: int | None, threads: int | None,
          name: str | None, overwrite: bool, quiet: bool) -> None:
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
     a multimodal projector GGUF and OUT/manifest.json."""
@@ -68,11 +74,12 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
             click.echo(image_budget_plan(model_dir, shapes, n_ctx, quant, mmproj_quant, latency_s=image_latency_s,
                                          cache_dir=user_cache_dir(), device=PlanDevice.this_machine()))
             if rpc_servers:
+                moe = flags.expert_settings({"cpu_moe": cpu_moe, "n_cpu_moe": n_cpu_moe})["n_cpu_moe"]
                 click.echo(split_plan(shapes, quant, mmproj_quant, n_ctx, kv_cache_type_k,
-                                      rpc_servers, tensor_split))
+                                      rpc_servers, tensor_split, moe))
             return
-        if rpc_servers or tensor_split:
-            flags.fail(PROG, "--rpc and --tensor-split go with --plan")
+        if rpc_servers or tensor_split or cpu_moe or n_cpu_moe is not None:
+            flags.fail(PROG, "--rpc, --tensor-split, --cpu-moe and --n-cpu-moe go with --plan")
         from .pipeline import QuantizeOptions, convert_quantized, needs_quant_pipeline
 
         if needs_quant_pipeline(quant, mmproj_quant, imatrix, report) or keep_f16 or calibration is not None:
@@ -89,12 +96,15 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
 
 
 def split_plan(shapes, quant: str, mmproj_quant: str | None, n_ctx: int, kv_type: str,
-               rpc_servers: tuple[str, ...], tensor_split: tuple[float, ...] | None) -> str:
-    """--plan --rpc: each device's share of `quant`, against the free memory it reports."""
+               rpc_servers: tuple[str, ...], tensor_split: tuple[float, ...] | None,
+               n_cpu_moe: int | str = "auto") -> str:
+    """--plan --rpc: each device's share of `quant`, against the free memory it reports; for a MoE
+    model, with the experts of the first `n_cpu_moe` blocks kept here ("auto": the fewest that fit)."""
     from edge_llama.ggml_devices import DEVICE_CPU, local_devices
     from edge_llama.rpc import RpcEndpointError, parse_endpoints, worker_memory
     from quant.estimate import estimate
-    from quant.split_fit import format_split, split_fit
+    from quant.memory import TextDims
+    from quant.split_fit import fit_experts, format_split, split_fit
 
     cpu = next(d for d in local_devices() if d.kind == DEVICE_CPU)
     devices = [(f"local {cpu.name}", cpu.free)]
@@ -104,7 +114,14 @@ def split_plan(shapes, quant: str, mmproj_quant: str | None, n_ctx: int, kv_type
         raise RpcEndpointError(f"--tensor-split has {len(tensor_split)} shares for {len(devices)} devices "
                                "(this machine first, then each worker)")
     e = estimate(shapes, quant, mmproj_quant, n_ctx, kv_type)
-    return format_split(e, split_fit(e, devices, tensor_split))
+    if not e.experts_bytes:
+        return format_split(e, split_fit(e, devices, tensor_split))
+    if n_cpu_moe == "auto":
+        n, fits = fit_experts(e, devices, tensor_split)
+    else:
+        n = TextDims.of(e.text.tensors).n_layer if n_cpu_moe == "all" else int(n_cpu_moe)
+        fits = split_fit(e, devices, tensor_split, n_cpu_moe=n)
+    return format_split(e, fits, n)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_types_v, resolutions, prompt_lengths,
          decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, amx, rpc_servers,
-         tensor_split, extra_bufts, threads, n_gpu_layers,
+         tensor_split, cpu_moe, n_cpu_moe, override_tensor, extra_bufts, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
          convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, no_bandwidth, timeout,
          quiet) -> None:
@@ -182,7 +182,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     try:
         if model_dir or synthetic:
             load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack, "amx": amx,
-                                  "rpc_servers": rpc_servers, "tensor_split": tensor_split})
+                                  "rpc_servers": rpc_servers, "tensor_split": tensor_split, "cpu_moe": cpu_moe,
+                                  "n_cpu_moe": n_cpu_moe, "override_tensor": override_tensor})
             load.pop("amx")
             modes = parse_extra_bufts(extra_bufts, amx)
             if rpc_servers and baselines != "none":

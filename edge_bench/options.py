@@ -58,6 +58,8 @@ class Measure:
     repack: bool = True
     rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list: VisionChat splits layers over them
     tensor_split: tuple[float, ...] | None = None
+    n_cpu_moe: int | str = "auto"  # MoE experts of the first N blocks in host RAM (EngineOptions.n_cpu_moe)
+    override_tensor: tuple[str, ...] = ()  # llama.cpp's -ot entries
     threads: int = 1
     flash_attn: bool = True  # same for all: a quantized V cache needs it anyway
     n_gpu_layers: int = 0  # 0: CPU only; -1: every layer (and the projector) on the GPU
@@ -195,6 +197,7 @@ def measure_from_dict(data: Mapping[str, Any]) -> Measure:
     values = dict(data)
     values["prompt_lengths"] = tuple(values.get("prompt_lengths", ()))
     values["rpc_servers"] = tuple(values.get("rpc_servers", ()))
+    values["override_tensor"] = tuple(values.get("override_tensor", ()))
     if values.get("tensor_split") is not None:
         values["tensor_split"] = tuple(values["tensor_split"])
     return Measure(**values)

@@ -393,6 +393,8 @@ def to_markdown(report: BenchReport) -> str:
            f"{'on' if m.flash_attn else 'off'}, GPU layers {m.n_gpu_layers}, "
            + (f"RPC workers {', '.join(m.rpc_servers)} (shares {m.tensor_split or 'by free memory'}), "
               if m.rpc_servers else "")
+           + (f"MoE experts of {m.n_cpu_moe} blocks in host RAM, " if m.n_cpu_moe != "auto" else "")
+           + (f"tensor overrides {' '.join(m.override_tensor)}, " if m.override_tensor else "")
            + f"image_max_tokens "
            f"{m.image_max_tokens or 'projector default'}, {m.decode_tokens} decoded tokens; "
            f"each figure is the median of {m.repeats * report.options.passes} runs ({report.options.passes} "

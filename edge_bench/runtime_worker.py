@@ -23,7 +23,8 @@ def open_chat(spec: WorkerSpec):
         repack=spec.config.repack(m), amx=spec.config.amx, kv_cache_type=spec.config.kv_type,
         flash_attn=m.flash_attn, n_gpu_layers="auto" if m.rpc_servers else m.n_gpu_layers, threads=m.threads,
         image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
-        rpc_servers=m.rpc_servers, tensor_split=m.tensor_split,
+        rpc_servers=m.rpc_servers, tensor_split=m.tensor_split, n_cpu_moe=m.n_cpu_moe,
+        override_tensor=m.override_tensor,
     )
 
 

@@ -90,4 +90,6 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
             rec.sample("decode_tok_s", rates[0])
             rec.sample("decode_mean_tok_s", rates[1])
         rec.value("decode_tokens", len(clock.times))
-    rec.note("bf16 weights on the CPU; image encode and prefill are part of ttft_first_s")
+    # the family's reference picks the class (Qwen3VLMoeForConditionalGeneration for an MoE checkpoint)
+    rec.note(f"{type(ref.model).__name__}, bf16 weights on the CPU; image encode and prefill are part of "
+             "ttft_first_s")

@@ -118,8 +118,9 @@ def parallel(default: int) -> Decorator:
 
 
 def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds --ubatch-size, --mmap/--no-mmap, --repack/--no-repack, --amx, --rpc and --tensor-split
-    (keyword args n_ubatch, mmap, repack, amx, rpc_servers, tensor_split)."""
+    """Adds --ubatch-size, --mmap/--no-mmap, --repack/--no-repack, --amx, --rpc, --tensor-split and the
+    MoE placement flags (keyword args n_ubatch, mmap, repack, amx, rpc_servers, tensor_split, cpu_moe,
+    n_cpu_moe, override_tensor)."""
     return options(
         click.option("--ubatch-size", "-ub", "n_ubatch", default=None, type=click.IntRange(min=1),
                      help="Tokens per forward pass (sizes the compute buffer) [default: the batch on a GPU, "
@@ -133,7 +134,31 @@ def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Intel AMX for repacked weights: auto = only where a cached probe showed llama.cpp's AMX "
                           "kernels work on this CPU (else repack without AMX); also $EDGE_AMX."),
         rpc_flags(),
+        expert_flags(),
     )(command)
+
+
+def expert_flags() -> Decorator:
+    """llama.cpp's --cpu-moe, --n-cpu-moe N and -ot/--override-tensor PATTERN=BUFT (repeatable)."""
+    return options(
+        click.option("--cpu-moe", "-cmoe", "cpu_moe", is_flag=True,
+                     help="Keep every MoE expert weight in host RAM (the rest goes to the GPU / RPC workers)."),
+        click.option("--n-cpu-moe", "-ncmoe", "n_cpu_moe", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="Keep the MoE expert weights of the first N blocks in host RAM [default: the fewest "
+                          "that let the offloaded layers fit free device memory; none on a CPU-only load]."),
+        click.option("--override-tensor", "-ot", "override_tensor", multiple=True, metavar="PATTERN=BUFT,...",
+                     help="Put tensors whose name the regex PATTERN finds in buffer type BUFT (CPU, CUDA0, "
+                          "RPC0[host:port], ...), as llama.cpp's -ot; e.g. -ot exps=CPU."),
+    )
+
+
+def expert_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Pops the expert_flags values from click's kwargs, as EngineOptions' n_cpu_moe / override_tensor."""
+    cpu_moe, n_cpu_moe = settings.pop("cpu_moe", False), settings.pop("n_cpu_moe", None)
+    if cpu_moe and n_cpu_moe is not None:
+        raise click.UsageError("--cpu-moe keeps every expert in host RAM, --n-cpu-moe N those of N blocks: give one")
+    return {"n_cpu_moe": "all" if cpu_moe else ("auto" if n_cpu_moe is None else n_cpu_moe),
+            "override_tensor": tuple(settings.pop("override_tensor", None) or ())}
 
 
 def rpc_flags(rpc_help: str = "edge-rpc-worker processes that take a share of the layers (the projector stays "
@@ -184,7 +209,8 @@ def load_settings(settings: dict[str, Any]) -> dict[str, Any]:
     mmap = settings.pop("mmap")
     return {"n_ubatch": settings.pop("n_ubatch"), "mmap": "auto" if mmap is None else mmap,
             "repack": settings.pop("repack"), "amx": settings.pop("amx"),
-            "rpc_servers": settings.pop("rpc_servers", None) or (), "tensor_split": settings.pop("tensor_split", None)}
+            "rpc_servers": settings.pop("rpc_servers", None) or (), "tensor_split": settings.pop("tensor_split", None),
+            **expert_settings(settings)}
 
 
 def image_latency(default: float, help: str = "Seconds of image encode + prefill --detail auto aims for.") -> Decorator:

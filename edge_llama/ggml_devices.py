@@ -12,6 +12,7 @@ import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import llama_cpp
 
@@ -86,6 +87,8 @@ class _Registry:
         self.reg_dev_count = _bind(base, "ggml_backend_reg_dev_count", [vp], sz)
         self.reg_dev_get = _bind(base, "ggml_backend_reg_dev_get", [vp, sz], vp)
         self.cpu_buffer_type = _bind(base, "ggml_backend_cpu_buffer_type", [], vp)
+        self.dev_buffer_type = _bind(base, "ggml_backend_dev_buffer_type", [vp], vp)
+        self.buft_name = _bind(base, "ggml_backend_buft_name", [vp], ctypes.c_char_p)
         abort_cb = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
         self.abort_callback_type = abort_cb
         self.set_abort_callback = _bind(base, "ggml_set_abort_callback", [abort_cb], vp)
@@ -144,6 +147,18 @@ def local_devices() -> list[Device]:
 def has_local_gpu() -> bool:
     """A GPU / integrated GPU on this machine (unlike llama_supports_gpu_offload, RPC does not count)."""
     return any(d.kind in (DEVICE_GPU, DEVICE_IGPU) for d in local_devices())
+
+
+def buffer_types(more: Sequence[Device] = ()) -> dict[str, int]:
+    """Each device's default buffer type by name ("CPU", "CUDA0", "RPC0[host:port]"), this machine's and
+    `more` (RPC workers): the names llama.cpp's -ot/--override-tensor accepts (common/arg.cpp)."""
+    reg = registry()
+    out = {}
+    for handle in [reg.dev_get(i) for i in range(reg.dev_count())] + [d.handle for d in more]:
+        buft = reg.dev_buffer_type(handle)
+        if buft:
+            out[(reg.buft_name(buft) or b"").decode()] = int(buft)
+    return out
 
 
 def device_by_name(name: str) -> Device | None:

@@ -18,6 +18,7 @@ import llama_cpp
 from . import amx
 from .amx_setting import amx_word, resolve_amx
 from .errors import LoadOptionError
+from .experts import HOST, TensorOverride
 
 # On a CPU, prompt evaluation is compute-bound: 64 tokens per forward pass
 # already run at full speed (2B q4_k_m, 2 cores: 31-33 tok/s at 64, 128 and
@@ -57,12 +58,17 @@ class LoadOptions:
     repack: bool = True  # llama.cpp's CPU extra buffer types (interleaved weights for faster matmuls)
     amx: bool | str = "auto"  # among them Intel AMX: "auto" = only where a probe showed it works
     placement: Any = None  # placement.Placement: RPC workers and shares (devices, n_gpu_layers, tensor_split)
+    # llama.cpp's -ot: tensors to given buffer types, before the placement's and repacking's own
+    # (experts.experts_on_host(N) is --n-cpu-moe N)
+    overrides: tuple[TensorOverride, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.n_gpu_layers, bool) or not isinstance(self.n_gpu_layers, int):
             raise LoadOptionError(f"n_gpu_layers must be an int, got {self.n_gpu_layers!r}")
         resolve_mmap(self.mmap, self.n_gpu_layers, self.repack)
         amx_word(self.amx)
+        if not all(isinstance(o, TensorOverride) for o in self.overrides):
+            raise LoadOptionError(f"overrides must be TensorOverride entries, got {self.overrides!r}")
 
 
 # ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type, its x86 branches: type -> rows must be a
@@ -103,8 +109,26 @@ class ModelParams:
     keep: list[Any] = field(default_factory=list)
 
 
+def _buffer_handle(override: TensorOverride, placement: Any) -> int:
+    """The ggml buffer type an -ot entry names; the host's plain CPU type keeps llama.cpp's repacking."""
+    from .ggml_devices import buffer_types, registry
+
+    if override.buffer == HOST:
+        return int(registry().cpu_buffer_type())
+    known = buffer_types(placement.workers if placement is not None else ())
+    if override.buffer not in known:
+        raise LoadOptionError(f"tensor override {override}: no buffer type {override.buffer!r} here; "
+                              f"available: {', '.join(sorted(known))}")
+    return known[override.buffer]
+
+
 def build_model_params(path: str | Path, options: LoadOptions = LoadOptions(), *, plan: Any = None) -> ModelParams:
-    """llama_model_params for loading `path`; `plan` (an amx.ExtraBufts) skips the AMX decision."""
+    """llama_model_params for loading `path`; `plan` (an amx.ExtraBufts) skips the AMX decision.
+
+    The one tensor_buft_overrides table, first match wins (llama-model-loader.cpp): the caller's
+    overrides (-ot, experts on the host), then the placement's host pins, then CPU_REPACK for the
+    weights the AMX fallback keeps repacked (those an earlier pattern takes are left to it).
+    """
     mmap = resolve_mmap(options.mmap, options.n_gpu_layers, options.repack)
     if plan is None:
         plan = amx.extra_bufts_plan(options.repack, resolve_amx(options.amx))
@@ -113,29 +137,25 @@ def build_model_params(path: str | Path, options: LoadOptions = LoadOptions(), *
     params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
     params.use_extra_bufts = plan.use_extra_bufts
     out = ModelParams(params, f"{'mmap' if mmap else 'read'}, {plan.how}")
+    entries: list[tuple[bytes, int]] = [(o.pattern.encode(), _buffer_handle(o, options.placement))
+                                        for o in options.overrides]
     if options.placement is not None:
-        options.placement.apply(params)  # may set its own tensor_buft_overrides (output layer on the host)
+        options.placement.apply(params)
+        entries += options.placement.host_pins()
     if plan.repack_overrides:
-        names = repackable_tensors(path)
-        if names and options.placement is not None and params.tensor_buft_overrides:
-            # both: keep the placement's host pins and add CPU_REPACK for the rest
-            from .placement import OUTPUT_ON_HOST
-
-            names = [n for n in names if not re.match(OUTPUT_ON_HOST.decode(), n)]
-            pinned = ctypes.cast(params.tensor_buft_overrides, ctypes.POINTER(_Override))[0]
-            out.keep.append(pinned)
-        else:
-            pinned = None
-        if names:
-            # llama.cpp compiles each pattern once per tensor: a few alternations beat one pattern per name
-            groups = [names[i:i + OVERRIDE_GROUP] for i in range(0, len(names), OVERRIDE_GROUP)]
-            patterns = [("^(" + "|".join(re.escape(n) for n in g) + ")$").encode() for g in groups]
-            table = (_Override * (len(patterns) + 1 + (pinned is not None)))()
-            if pinned is not None:
-                table[len(patterns)].pattern, table[len(patterns)].buft = pinned.pattern, pinned.buft
-            for slot, pattern in zip(table, patterns):
-                slot.pattern, slot.buft = pattern, plan.repack_overrides
-            params.tensor_buft_overrides = ctypes.cast(table, ctypes.c_void_p)
-            out.keep += [table, patterns]
+        taken = [re.compile(pattern.decode()) for pattern, _ in entries]
+        names = [n for n in repackable_tensors(path) if not any(p.search(n) for p in taken)]
+        # llama.cpp compiles each pattern once per tensor: a few alternations beat one pattern per name
+        groups = [names[i:i + OVERRIDE_GROUP] for i in range(0, len(names), OVERRIDE_GROUP)]
+        entries += [(("^(" + "|".join(re.escape(n) for n in g) + ")$").encode(), plan.repack_overrides)
+                    for g in groups]
         out.how += f" ({len(names)} weights)"
+    if options.overrides:
+        out.how += ", tensors overridden: " + " ".join(map(str, options.overrides))
+    if entries:
+        table = (_Override * (len(entries) + 1))()  # ends with a null pattern
+        for slot, (pattern, buft) in zip(table, entries):
+            slot.pattern, slot.buft = pattern, buft
+        params.tensor_buft_overrides = ctypes.cast(table, ctypes.c_void_p)
+        out.keep += [table, [pattern for pattern, _ in entries]]
     return out

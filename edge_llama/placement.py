@@ -26,10 +26,6 @@ log = logging.getLogger("edge_llama")
 OUTPUT_ON_HOST = rb"^(output|output_norm|token_embd)\.weight$"
 
 
-class _BuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
 def block_count(model_path: Path) -> int:
     """Transformer blocks of a GGUF (`{arch}.block_count`), read without loading weights."""
     import gguf
@@ -72,17 +68,19 @@ class Placement:
     def local_cpu(self) -> bool:
         return all(d.kind == DEVICE_CPU for d in self.local)
 
+    def host_pins(self) -> list[tuple[bytes, int]]:
+        """tensor_buft_overrides entries (pattern, buffer type) that keep tensors on the host CPU."""
+        if self.output_on_host and self.local_cpu:
+            # overriding to the CPU buffer type keeps llama.cpp's repacked layouts (llama-model-loader.cpp)
+            return [(OUTPUT_ON_HOST, int(registry().cpu_buffer_type()))]
+        return []
+
     def apply(self, params: Any) -> None:
+        """devices, tensor_split, n_gpu_layers and split_mode (the host pins go in params' override table)."""
         offload = ([] if self.local_cpu else self.local) + self.workers
         devices = (ctypes.c_void_p * (len(offload) + 1))(*[d.handle for d in offload], None)
         split = (ctypes.c_float * llama_cpp.llama_max_devices())(*self.plan.tensor_split)
         self._keep = [devices, split]
-        if self.output_on_host and self.local_cpu:
-            # overriding to the CPU buffer type keeps llama.cpp's repacked layouts (llama-model.cpp)
-            overrides = (_BuftOverride * 2)(_BuftOverride(OUTPUT_ON_HOST, registry().cpu_buffer_type()),
-                                            _BuftOverride(None, None))
-            self._keep.append(overrides)
-            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.devices = ctypes.cast(devices, ctypes.c_void_p)
         params.tensor_split = split
         params.n_gpu_layers = self.plan.n_gpu_layers

@@ -68,6 +68,8 @@ TYPES: tuple[QuantType, ...] = (
     _t("q4_0", 2, G.Q4_0, "4-bit, +0.4685 ppl @ Llama-3-8B", proj=True),
     _t("iq4_nl", 25, G.IQ4_NL, "4.5 bpw non-linear"),
     _t("iq4_xs", 30, G.IQ4_XS, "4.25 bpw non-linear"),
+    _t("mxfp4_moe", 38, G.MXFP4, "MoE experts in MXFP4 (4.25 bpw), every other weight Q8_0 (a dense model: "
+       "all Q8_0)"),
     _t("q3_k_l", 13, G.Q3_K, "3-bit k-quant mix, +0.5562 ppl @ Llama-3-8B"),
     _t("q3_k_m", 12, G.Q3_K, "3-bit k-quant mix, +0.6569 ppl @ Llama-3-8B"),
     _t("q3_k", 12, G.Q3_K, "alias of q3_k_m", alias="q3_k_m"),

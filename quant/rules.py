@@ -165,20 +165,24 @@ def _ffn_down_type(qs: TypeChoiceState, i: int, new: G, ftype: int) -> G:
     return new
 
 
-def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int, cat: str) -> G:
+def tensor_type_for(qs: TypeChoiceState, new: G, name: str, ne0: int, ftype: int, cat: str,
+                    stacked: bool = False) -> G:
     """llama_tensor_get_type_impl for a non-Falcon model, dense or MoE (`new`: the file type's default type).
 
     MoE expert tensors (ffn_*_exps) fall in the ffn_* categories by name, as in llama.cpp; the
-    router (ffn_gate_inp) is never quantized (NO_QUANTIZE).
+    router (ffn_gate_inp) is never quantized (NO_QUANTIZE). `stacked`: a 3-D tensor of several
+    matrices (ne[2] > 1, the experts), which mxfp4_moe alone looks at.
     """
     attn_v_like = cat in ("attn_v", "qkv", "kv_b")
     eight_experts = qs.n_expert == 8
     if cat == "output" or (qs.tied and cat == "token_embd"):
-        if ne0 % _blck(new) != 0:
+        if ftype == FTYPE["mxfp4_moe"] or ne0 % _blck(new) != 0:
             return G.Q8_0
         if ftype in IQ2_LIKE or ftype == FTYPE["iq3_xxs"]:
             return G.Q5_K
         return G.Q6_K if new != G.Q8_0 else new
+    if ftype == FTYPE["mxfp4_moe"]:  # "MoE tensors -> MXFP4, other tensors -> Q8_0"
+        return G.MXFP4 if stacked else G.Q8_0
     if cat == "token_embd":
         if ftype in (FTYPE["iq2_xxs"], FTYPE["iq2_xs"], FTYPE["iq1_s"], FTYPE["iq1_m"]):
             return G.Q2_K

@@ -7,9 +7,11 @@ compute buffer (the projector never leaves the host).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from edge_llama.experts import EXPERT_TENSORS
 from edge_llama.rpc import SplitPlan, assign_layers, plan_split
 
 from . import kv
@@ -37,12 +39,13 @@ class DeviceFit:
 
 
 def split_fit(e: Estimate, devices: Sequence[tuple[str, int]], shares: Sequence[float] | None = None,
-              n_ubatch: int = 64, output_on_host: bool = True) -> list[DeviceFit]:
+              n_ubatch: int = 64, output_on_host: bool = True, n_cpu_moe: int = 0) -> list[DeviceFit]:
     """Per-device memory of running `e` with devices[0] local (CPU) and the rest RPC workers.
 
     `devices` are (name, free bytes), e.g. from ggml_backend_rpc_get_device_memory;
     `shares` default to the free memory, as llama.cpp splits. `output_on_host`:
     the output layer stays local (the runtime's default, edge_llama.placement).
+    `n_cpu_moe`: the MoE experts of blocks 0..n-1 stay local (--n-cpu-moe).
     """
     d = TextDims.of(e.text.tensors)
     plan: SplitPlan = plan_split(d.n_layer, shares or [float(f) for _, f in devices], local_cpu=True)
@@ -54,7 +57,8 @@ def split_fit(e: Estimate, devices: Sequence[tuple[str, int]], shares: Sequence[
         layers[owner[il]] += 1
     for t in e.text.tensors:
         if m := LAYER.match(t.name):
-            weights[owner[int(m[1])]] += t.nbytes
+            on_host = int(m[1]) < n_cpu_moe and re.search(EXPERT_TENSORS, t.name)
+            weights[0 if on_host else owner[int(m[1])]] += t.nbytes
         elif t.name == "token_embd.weight":
             weights[0] += t.nbytes
             tied = not any(x.name == "output.weight" for x in e.text.tensors)
@@ -78,8 +82,22 @@ def split_fit(e: Estimate, devices: Sequence[tuple[str, int]], shares: Sequence[
     return fits
 
 
-def format_split(e: Estimate, fits: list[DeviceFit]) -> str:
-    lines = [f"{e.quant} + {e.mmproj_quant}, n_ctx {e.n_ctx}, KV {e.kv_type}:"]
+def fit_experts(e: Estimate, devices: Sequence[tuple[str, int]], shares: Sequence[float] | None = None,
+                n_ubatch: int = 64) -> tuple[int, list[DeviceFit]]:
+    """The fewest leading blocks whose experts stay local so that every worker fits (the runtime's
+    n_cpu_moe="auto"), and that split; every block's experts when even that does not fit."""
+    n_layer = TextDims.of(e.text.tensors).n_layer
+    for n in range(n_layer + 1):
+        fits = split_fit(e, devices, shares, n_ubatch, n_cpu_moe=n)
+        if all(f.fits for f in fits[1:]):
+            return n, fits
+    return n_layer, fits
+
+
+def format_split(e: Estimate, fits: list[DeviceFit], n_cpu_moe: int | None = None) -> str:
+    experts = {None: "", 0: ", MoE experts beside their layers"}.get(
+        n_cpu_moe, f", MoE experts of blocks 0-{(n_cpu_moe or 0) - 1} on the local machine")
+    lines = [f"{e.quant} + {e.mmproj_quant}, n_ctx {e.n_ctx}, KV {e.kv_type}{experts}:"]
     for f in fits:
         lines.append(f"  {f.name:<24} {f.layers:3d} layers  weights {f.weight_bytes / 1e6:9,.1f} MB  "
                      f"KV {f.kv_bytes / 1e6:7,.1f} MB  compute {f.compute_bytes / 1e6:7,.1f} MB  "

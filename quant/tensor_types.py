@@ -40,7 +40,8 @@ def text_types(tensors: Iterable[TensorSize], quant: str, *, imatrix: bool = Fal
         new = t.ggml_type
         if new not in FLOATS:
             if not pure:
-                new = tensor_type_for(qs, new, x.name, x.shape[0], t.ftype, category(x.name))
+                new = tensor_type_for(qs, new, x.name, x.shape[0], t.ftype, category(x.name),
+                                      stacked=len(x.shape) > 2 and x.shape[2] > 1)
             new = type_fallback(x.shape[0], new)
         out.append(TensorSize(x.name, x.shape, new))
     return out

@@ -28,7 +28,7 @@ WIDE_MOE = MoeSyntheticSpec(
     vision=VisionShape(depth=2, hidden=64, ff=128, heads=4, deepstack=(0,)),
     experts=8, experts_used=2, moe_ff=256, seed=21,
 )
-TYPES_HERE = ["q4_k_m", "q8_0", "q6_k", "q5_k_m", "q4_k_s", "q3_k_m", "q3_k_l", "q2_k", "iq4_xs", "q4_0"]
+TYPES_HERE = ["q4_k_m", "mxfp4_moe", "q8_0", "q6_k", "q5_k_m", "q4_k_s", "q3_k_m", "q3_k_l", "q2_k", "iq4_xs", "q4_0"]
 
 
 @pytest.fixture(scope="module", params=[8, 6], ids=["8-experts", "6-experts"])
@@ -37,15 +37,27 @@ def wide_moe(request, artifacts):
     return artifacts.model(spec), pair_of(artifacts.converted(spec, "f16"))[0]
 
 
-def test_q4_k_m_is_byte_identical_to_llama_quantize(wide_moe, tmp_path):
-    _, f16 = wide_moe
-    ours = quantize_text(f16, tmp_path / "ours.gguf", TextQuantOptions("q4_k_m", progress=False))
-    llama_quantize(f16, tmp_path / "ref.gguf", "q4_k_m")
+def types_as_llama_quantize_writes(f16: Path, tmp_path: Path, quant: str) -> dict[str, str]:
+    """Our `quant` file's tensor types, once it is byte-identical to llama-quantize's."""
+    ours = quantize_text(f16, tmp_path / "ours.gguf", TextQuantOptions(quant, progress=False))
+    llama_quantize(f16, tmp_path / "ref.gguf", quant)
     assert sha(tmp_path / "ours.gguf") == sha(tmp_path / "ref.gguf")
-    types = ours.types()
+    return ours.types()
+
+
+def test_q4_k_m_is_byte_identical_to_llama_quantize(wide_moe, tmp_path):
+    types = types_as_llama_quantize_writes(wide_moe[1], tmp_path, "q4_k_m")
     assert types["blk.0.ffn_gate_inp.weight"] == "F32"  # the router is never quantized
     assert {types[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)} == {"Q6_K", "Q4_K"}  # use_more_bits by layer
     assert types["blk.1.ffn_up_exps.weight"] == "Q4_K"
+
+
+def test_mxfp4_moe_is_byte_identical_to_llama_quantize(wide_moe, tmp_path):
+    """llama.cpp's MOSTLY_MXFP4_MOE: the stacked expert tensors in MXFP4, every other weight (output too) Q8_0."""
+    types = types_as_llama_quantize_writes(wide_moe[1], tmp_path, "mxfp4_moe")
+    assert {types[f"blk.{i}.ffn_{p}_exps.weight"] for i in range(4) for p in ("gate", "up", "down")} == {"MXFP4"}
+    assert types["output.weight"] == types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
 
 
 def test_predicted_types_match_llama_quantize(wide_moe, tmp_path):

@@ -17,11 +17,14 @@ from edge_common.preflight import projector_problems
 from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
                         LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, default_marker,
                         ensure_backend, kv_type, log_suffix, physical_cores, take_errors)
+from edge_llama.experts import ALL_EXPERTS_ON_HOST, TensorOverride, experts_on_host, fit_n_cpu_moe, layer_bytes, \
+    parse_overrides
+from edge_llama.ggml_devices import DEVICE_GPU, DEVICE_IGPU, local_devices
 from edge_llama.graph_watch import GraphWatch
 from edge_llama.offload import projector_on_gpu, resolve_flash_attn, resolve_gpu_layers
 from edge_llama.params import resolve_mmap, resolve_ubatch
 from edge_llama.placement import Placement, place
-from edge_llama.rpc import DecodeWatchdog, placement_from_log, unguard_workers
+from edge_llama.rpc import DecodeWatchdog, SplitPlan, assign_layers, placement_from_log, unguard_workers
 from edge_models import chat_format
 
 from edge_runtime.core.options import EngineOptions
@@ -31,6 +34,10 @@ from edge_runtime.vision.image_budget import HIGH_MAX_TOKENS
 from edge_runtime.vision.vision_spec import read_vision_spec
 
 log = logging.getLogger("edge_runtime")
+
+# Room left on an offload device beside its weights and KV cache when experts are placed
+# automatically: llama.cpp's compute buffers, which grow with n_ubatch.
+COMPUTE_RESERVE = 512 << 20
 
 
 def _check_file(path: str | Path, what: str) -> Path:
@@ -58,6 +65,8 @@ class LoadedModel(Closeable):
         # the image encoder's graph: timed inside encoder_watch.timing(), stoppable inside .stopping()
         self.encoder_watch: GraphWatch | None = None
         self.placement: Placement | None = None
+        self.n_cpu_moe = 0  # leading blocks whose experts stay in host RAM (--n-cpu-moe)
+        self.experts_how = ""  # where the experts went and why, for the load log
         self._watchdog: DecodeWatchdog | None = None
         self._lmodel: Model | None = None
         self._lctx: Context | None = None
@@ -86,13 +95,14 @@ class LoadedModel(Closeable):
             local_gpu_layers = 0 if self.placement.local_cpu else -1
             self._watchdog = DecodeWatchdog(opts.rpc_stall_s)
         self.mmap = resolve_mmap(opts.mmap, local_gpu_layers, opts.repack)
+        overrides = parse_overrides(opts.override_tensor) + self._experts_on_host(type_k, type_v)
         load = LoadOptions(self.n_gpu_layers, mmap=self.mmap, repack=opts.repack, amx=opts.amx,
-                           placement=self.placement)
+                           placement=self.placement, overrides=overrides)
         try:
             self._lmodel = Model(self.model_path, load)
         except LlamaLoadError as exc:
             raise ModelLoadError(str(exc)) from exc
-        self.weights_how = self._lmodel.how
+        self.weights_how = f"{self._lmodel.how}; {self.experts_how}"
         self._model = self._lmodel.ptr
         # {device: (layers, weight bytes)} as llama.cpp placed them
         self.device_weights = placement_from_log(self._lmodel.load_log,
@@ -140,6 +150,58 @@ class LoadedModel(Closeable):
             self.n_ubatch,
             self.weights_how,
         )
+
+    def _experts_on_host(self, type_k: Any, type_v: Any) -> tuple[TensorOverride, ...]:
+        """--n-cpu-moe as asked, or ("auto") the fewest blocks whose experts must stay in host RAM for
+        the offloaded part to fit the devices' free memory; sets `n_cpu_moe` and `experts_how`."""
+        opts = self.options
+        sizes = layer_bytes(self.model_path)
+        self.n_cpu_moe = 0
+        if not sizes.has_experts:
+            self.experts_how = "no experts (dense model)"
+            return ()
+        if opts.n_cpu_moe == "all":
+            self.n_cpu_moe = sizes.n_layer
+            self.experts_how = "all experts in host RAM (asked)"
+            return (ALL_EXPERTS_ON_HOST,)
+        if opts.n_cpu_moe != "auto":
+            self.n_cpu_moe = min(opts.n_cpu_moe, sizes.n_layer)
+            self.experts_how = f"experts of blocks 0-{self.n_cpu_moe - 1} in host RAM (asked)" if self.n_cpu_moe \
+                else "experts beside their layers (asked)"
+            return experts_on_host(self.n_cpu_moe)
+        if opts.override_tensor:
+            self.experts_how = "experts where --override-tensor puts them"
+            return ()
+        devices = self._offload_devices()
+        if not devices:
+            self.experts_how = "experts in host RAM with everything else (no GPU or RPC device to offload to)"
+            return ()
+        plan = self.placement.plan if self.placement is not None else SplitPlan(self.n_gpu_layers, (1.0,))
+        owners = assign_layers(sizes.n_layer, plan, len(devices))
+        # each device's KV cache (n_ctx cells of its blocks) and compute buffers beside its weights
+        kv_block = self.options.n_ctx * (type_k.row_bytes(sizes.kv_widths[0]) + type_v.row_bytes(sizes.kv_widths[1]))
+        reserve = [COMPUTE_RESERVE + kv_block * owners.count(d + 1) for d in range(len(devices))]
+        n = fit_n_cpu_moe(sizes, owners, [free for _, free in devices], reserve)
+        names = ", ".join(name for name, _ in devices)
+        if n is None:
+            n = sizes.n_layer
+            log.warning("the layers offloaded to %s do not fit their free memory even with every expert in host "
+                        "RAM: lower --n-gpu-layers or change --tensor-split", names)
+        self.n_cpu_moe = n
+        self.experts_how = (f"experts of blocks 0-{n - 1} in host RAM (auto: the rest fits {names})" if n
+                            else f"experts beside their layers (auto: all fit {names})")
+        return experts_on_host(n)
+
+    def _offload_devices(self) -> list[tuple[str, int]]:
+        """(name, free bytes) of each device layers are offloaded to, in llama.cpp's order; local GPUs
+        pooled as one (llama.cpp splits among them by free memory)."""
+        gpus = [d for d in local_devices() if d.kind in (DEVICE_GPU, DEVICE_IGPU)]
+        if self.placement is not None:
+            local = [] if self.placement.local_cpu else [(d.name, d.free) for d in self.placement.local]
+            return local + [(f"{d.name} ({d.description})", d.free) for d in self.placement.workers]
+        if self.n_gpu_layers == 0 or not gpus:
+            return []
+        return [("+".join(d.name for d in gpus), sum(d.free for d in gpus))]
 
     def _load_projector(self) -> None:
         problems = projector_problems(self.mmproj_path)

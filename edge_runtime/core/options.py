@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from edge_llama import LoadOptions, kv_type
+from edge_llama.experts import parse_overrides
 from edge_llama.rpc import parse_endpoint
 from edge_runtime.errors import OptionError
 
@@ -64,6 +65,12 @@ class EngineOptions:
     # llama.cpp's AMX kernels work on this CPU ($EDGE_AMX=auto|on|off decides "auto"); False keeps
     # repacking without AMX; True forces it (llama.cpp's own default).
     amx: bool | str = "auto"
+    # MoE experts of the first N blocks in host RAM (llama.cpp's --n-cpu-moe), the rest beside
+    # their layers on the GPU / RPC workers: "auto" keeps the fewest that let the offloaded part
+    # fit the devices' free memory (nothing to do on a CPU-only load), "all" is --cpu-moe.
+    n_cpu_moe: int | str = "auto"
+    # llama.cpp's -ot: "PATTERN=BUFFER_TYPE" entries (e.g. "exps=CPU"), applied before n_cpu_moe.
+    override_tensor: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rpc_servers, str):
@@ -79,6 +86,13 @@ class EngineOptions:
             raise ValueError("rpc_timeout_s and rpc_stall_s must be positive")
         kv_type(self.kv_cache_type_k)
         kv_type(self.kv_cache_type_v)
+        if isinstance(self.override_tensor, str):
+            object.__setattr__(self, "override_tensor", (self.override_tensor,))
+        object.__setattr__(self, "override_tensor",
+                           tuple(str(o) for o in parse_overrides(tuple(self.override_tensor))))
+        moe = self.n_cpu_moe
+        if not (moe in ("auto", "all") or (isinstance(moe, int) and not isinstance(moe, bool) and moe >= 0)):
+            raise OptionError(f"n_cpu_moe must be 'auto', 'all' or a number of blocks >= 0, got {moe!r}")
         if self.n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:

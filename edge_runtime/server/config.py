@@ -14,6 +14,7 @@ from pathlib import Path
 from edge_llama import kv_type
 
 from edge_runtime.core.open_model import engine_options
+from edge_llama.experts import parse_overrides
 from edge_runtime.core.options import MiB, EngineOptions
 
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
@@ -40,6 +41,8 @@ class ServerOptions:
     rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list (see EngineOptions)
     tensor_split: tuple[float, ...] | None = None
     amx: bool | str = "auto"
+    n_cpu_moe: int | str = "auto"  # MoE experts of the first N blocks in host RAM (see EngineOptions)
+    override_tensor: tuple[str, ...] = ()  # llama.cpp's -ot entries
     flash_attn: bool | str = "auto"
     n_gpu_layers: int | str = "auto"
     threads: int | None = None
@@ -73,6 +76,7 @@ class ServerOptions:
     def __post_init__(self) -> None:
         kv_type(self.kv_cache_type_k)
         kv_type(self.kv_cache_type_v)
+        object.__setattr__(self, "override_tensor", tuple(str(o) for o in parse_overrides(self.override_tensor)))
         positive = {
             "port": self.port, "parallel": self.parallel, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
             "max_body_bytes": self.max_body_bytes, "max_image_bytes": self.max_image_bytes,
@@ -129,6 +133,8 @@ class ServerOptions:
             rpc_servers=self.rpc_servers,
             tensor_split=self.tensor_split,
             amx=self.amx,
+            n_cpu_moe=self.n_cpu_moe,
+            override_tensor=self.override_tensor,
             flash_attn=self.flash_attn,
             n_gpu_layers=self.n_gpu_layers,
             threads=self.threads,
