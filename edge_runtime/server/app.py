@@ -49,7 +49,7 @@ from .responses import (
     tool_call_deltas,
     usage_chunk_body,
 )
-from .engine_host import RESTARTING, EngineHost
+from .engine_host import RESTARTING, STALLED, EngineHost
 from .fingerprint import system_fingerprint
 from .front import LOADING, READY
 from .scheduler import Scheduler
@@ -140,8 +140,8 @@ def create_app(options: ServerOptions) -> FastAPI:
                                  "slots_total": g.slots_total, "queue_depth": g.queue_depth})
         if scheduler.state == LOADING:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
-        if scheduler.state == RESTARTING:
-            return JSONResponse({"status": "restarting", "restarts": scheduler.restarts,  # type: ignore[union-attr]
+        if scheduler.state in (RESTARTING, STALLED):  # stalled: until the new engine process is ready
+            return JSONResponse({"status": scheduler.state, "restarts": scheduler.restarts,  # type: ignore[union-attr]
                                  "last_exit": scheduler.last_exit},  # type: ignore[union-attr]
                                 status_code=503, headers={"Retry-After": "2"})
         return JSONResponse({"status": "error", "message": scheduler.error or scheduler.state}, status_code=503)

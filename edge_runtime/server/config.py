@@ -15,6 +15,7 @@ from edge_llama import kv_type
 
 from edge_runtime.core.open_model import engine_options
 from edge_runtime.core.options import MiB, EngineOptions
+from .watchdog import DEFAULT_STALL_TIMEOUT_S
 
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
 
@@ -67,6 +68,8 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API ("*": any)
     prefill_chunk: int | None = None  # prompt tokens evaluated between two decode steps (None: n_ubatch)
     engine_process: bool = True  # run llama.cpp in a child process that is restarted if it dies
+    # seconds of silence from a ready engine process before it is killed and restarted (0: never)
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
     def __post_init__(self) -> None:
         kv_type(self.kv_cache_type_k)
@@ -81,7 +84,7 @@ class ServerOptions:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb"):
+        for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb", "stall_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

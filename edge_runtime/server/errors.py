@@ -50,12 +50,15 @@ def shutting_down() -> ApiError:
 
 
 def unavailable(state: str, error: str | None = None, last_exit: str | None = None) -> ApiError | None:
-    """The 503 for an engine that is not ready (None when it is): loading, restarting or failed."""
+    """The 503 for an engine that is not ready (None when it is): loading, stalled, restarting or failed."""
     if state == "ready":
         return None
     if state == "loading":
         return ApiError(503, "the model is still loading; retry shortly", "server_error", None, "model_loading",
                         {"Retry-After": "2"})
+    if state == "stalled":
+        return ApiError(503, f"the engine process stopped making progress and is being restarted ({last_exit}); "
+                        "retry shortly", "server_error", None, "engine_stalled", {"Retry-After": "5"})
     if state == "restarting":
         return ApiError(503, f"the engine is restarting after it stopped ({last_exit}); retry shortly",
                         "server_error", None, "engine_restarting", {"Retry-After": "2"})
