@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from edge_runtime.chat.tool_calls import check_tool_calls
 from edge_runtime.errors import EmptyPromptError, PromptEncodingError
 from edge_runtime.vision.image_budget import ImagePlan, check_detail
 from edge_runtime.vision.images import ImageLimits, image_digest, load_image, to_rgb_array
@@ -63,6 +64,8 @@ def split_messages(
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if message.get("tool_calls") is not None:
+            check_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         content = message.get("content")
         if isinstance(content, (list, tuple)):
             parts = []

@@ -20,6 +20,11 @@ from .watchdog import DEFAULT_STALL_TIMEOUT_S
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
 
 
+def is_origin(text: str) -> bool:
+    """Whether --cors-origin accepts `text` as one origin (scheme://host[:port], http or https)."""
+    return _ORIGIN.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How the server loads its model and what it lets clients do."""
@@ -104,7 +109,7 @@ class ServerOptions:
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
+            if origin != "*" and not is_origin(origin):
                 raise ValueError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
                                  "e.g. http://localhost:3000")
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():

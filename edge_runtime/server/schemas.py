@@ -17,7 +17,7 @@ from edge_llama import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_runtime.core.options import GenerationOptions
-from edge_runtime.chat.tool_calls import ToolError, ToolPlan, plan_tools
+from edge_runtime.chat.tool_calls import MAX_JSON_DEPTH, ToolError, ToolPlan, json_depth, plan_tools
 from edge_runtime.core.sampling import schema_to_grammar
 from .errors import ApiError, bad_request
 
@@ -250,7 +250,6 @@ def known_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in data.items() if name in known or value is not None}
 
 
-MAX_JSON_DEPTH = 64  # tool schemas nest; nothing legitimate nests deeper
 MAX_NUMBER_CHARS = 40  # 1e308 and 2**64 fit; a 4000-digit integer does not
 
 
@@ -268,22 +267,36 @@ def load_json(body: bytes) -> Any:
     else:
         depth = json_depth(data, MAX_JSON_DEPTH + 1)
     if depth > MAX_JSON_DEPTH:
-        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", None,
+        field = too_deep_field(body.decode("utf-8", "replace"), MAX_JSON_DEPTH)
+        raise bad_request(f"{field or 'the request body'} nests JSON deeper than {MAX_JSON_DEPTH} levels", field,
                           "json_too_deep")
     return data
 
 
-def json_depth(value: Any, stop: int) -> int:
-    """Nesting depth of parsed JSON, iteratively, giving up once `stop` is reached."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if deepest >= stop:
-                return deepest
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+def too_deep_field(text: str, limit: int) -> str | None:
+    """The top-level field of a JSON object under which nesting first passes `limit` (None: not
+    inside one). A scan of the text, not a parse: the body may be too deep for Python's parser."""
+    depth, key, last_string, i = 0, None, None, 0
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            while end < len(text) and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if depth == 1:
+                last_string = text[i + 1:end]
+            i = end + 1
+            continue
+        if char in "{[":
+            depth += 1
+            if depth > limit:
+                return key
+        elif char in "}]":
+            depth -= 1
+        elif char == ":" and depth == 1:
+            key = last_string
+        i += 1
+    return None
 
 
 def _bounded_int(text: str) -> int:
