@@ -2,6 +2,7 @@
 calls, tool schemas nested thousands deep, video sources, and the Origin hint."""
 from __future__ import annotations
 
+import collections
 import json
 import socket
 import subprocess
@@ -118,3 +119,19 @@ def test_the_origin_hint_never_suggests_a_value_the_option_refuses(server):
         suggested = message.split("--cors-origin ", 1)[1].split()[0].strip("',)")
         ServerOptions(REPO_ROOT, cors_origins=(suggested,))  # accepted by the option it names
         assert (suggested == origin) == origin.startswith("http"), message
+
+
+def test_a_truncated_video_is_reported_truncated_never_audio_only(tmp_path):
+    from edge_runtime.vision.video import VideoError, load_video
+    from test_video import write_video
+
+    whole = write_video(tmp_path / "whole.mp4").read_bytes()  # video only: no audio stream anywhere
+    said = collections.Counter()
+    for cut in range(16, len(whole), max(1, len(whole) // 150)):
+        (tmp_path / "cut.mp4").write_bytes(whole[:cut])
+        try:
+            load_video(tmp_path / "cut.mp4", "clip")
+        except VideoError as exc:
+            assert "audio" not in str(exc), (cut, str(exc))
+            said["truncated" in str(exc) or "corrupt" in str(exc)] += 1
+    assert said[True] > 0 and said[False] == 0, said

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -95,7 +96,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         yield
         await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="edge-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="edge-serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
@@ -196,7 +197,28 @@ def create_app(options: ServerOptions) -> FastAPI:
     add_conversation_routes(api, scheduler, options, policy)
     for prefix in API_PREFIXES:
         app.include_router(api, prefix=prefix)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the request bodies the routes parse themselves (`ChatRequest`:
+    they read raw bytes so that errors are OpenAI's 400s, not FastAPI's 422s), so clients and fuzzers
+    (tests/test_server_schema_fuzz.py) see what the server accepts."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatRequest"] = body
+        request_body = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if (method, path.rsplit("/", 1)[-1]) in (("post", "completions"), ("put", "{conv_id}")):
+                    operation["requestBody"] = request_body
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def fingerprint_of(options: ServerOptions) -> str | None:
