@@ -16,7 +16,7 @@ from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
 from edge_runtime.chat.tool_calls import ToolError
 from edge_runtime.server.config import ServerOptions
-from support.server import REPO_ROOT, ServerProcess, free_port
+from support.server import REPO_ROOT, ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
 
