@@ -172,6 +172,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             rendered: RenderedPrompt = await run_in_threadpool(
                 render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
                 plan.template_tools())
+        # catching Exception: the request's door: from_exception turns a refusal into its 4xx and anything else into a logged 500
         except Exception as exc:
             error = from_exception(exc)
             if error.status < 500:
@@ -226,6 +227,7 @@ def fingerprint_of(options: ServerOptions) -> str | None:
     load then reports the real problem."""
     try:
         return system_fingerprint(*resolve_model_paths(options.model_dir, options.mmproj))
+    # catching Exception: gguf-py raises plain exceptions on bad files: logged, and the model load reports the real problem
     except Exception as exc:
         log.warning("no system_fingerprint: %s", exc)
         return None

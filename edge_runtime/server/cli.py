@@ -31,6 +31,7 @@ def parse_size(text: str) -> int:
     """'16MiB', '10M', '512k', '1048576' -> bytes (binary units)."""
     match = _SIZE.fullmatch(str(text))
     if not match:
+        # a plain ValueError: SizeParam turns it into click's usage error (exit 2) naming the option
         raise ValueError(f"{text!r} is not a size; use bytes or a number with K, M or G (e.g. 16M)")
     unit = (match.group(2) or "").lower()[:1]
     return int(float(match.group(1)) * _UNITS[unit])

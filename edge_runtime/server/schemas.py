@@ -149,6 +149,7 @@ class ChatRequest(_Model):
     @classmethod
     def _stops(cls, value: Any) -> Any:
         if isinstance(value, list) and len(value) > MAX_STOPS:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
         return value
 
@@ -157,8 +158,10 @@ class ChatRequest(_Model):
     def _bias(cls, value: Any) -> Any:
         for key, bias in (value or {}).items():
             if not key.lstrip("-").isdigit():
+                # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
+                # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
@@ -170,6 +173,7 @@ class ChatRequest(_Model):
     @classmethod
     def _top_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and not info.data.get("logprobs"):
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
@@ -182,6 +186,7 @@ class ChatRequest(_Model):
     @classmethod
     def _n_predict(cls, value: Any) -> Any:
         if value == 0:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("n_predict must be -1 (no limit) or at least 1; "
                              "evaluating a prompt without an answer is not supported")
         return value
@@ -190,6 +195,7 @@ class ChatRequest(_Model):
     @classmethod
     def _any_slot(cls, value: Any) -> Any:
         if value != -1:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("edge-serve chooses the slot itself (the one holding the longest shared prefix); "
                              "send -1 or leave id_slot out")
         return value
@@ -301,6 +307,7 @@ def too_deep_field(text: str, limit: int) -> str | None:
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_NUMBER_CHARS:
+        # a plain ValueError: json.loads' number hook: load_json turns it into a 400
         raise ValueError(f"a number has {len(text)} digits (at most {MAX_NUMBER_CHARS})")
     return int(text)
 
@@ -308,6 +315,7 @@ def _bounded_int(text: str) -> int:
 def _bounded_float(text: str) -> float:
     value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
     if not math.isfinite(value):
+        # a plain ValueError: json.loads' number hook: load_json turns it into a 400
         raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
     return value
 
