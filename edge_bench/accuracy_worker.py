@@ -21,6 +21,7 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
 
     ref = spec.variant or {}
     if not ref.get("text") or not ref.get("mmproj"):
+        # a plain ValueError: a worker started without the files edge-bench always passes: a programming error
         raise ValueError("the accuracy worker needs the float reference pair (variant text/mmproj)")
     report = evaluate(ModelPair(ref["text"], ref["mmproj"]), ModelPair(spec.text_path, spec.mmproj_path),
                       QualityOptions(threads=spec.measure.threads, test_kv=spec.config.kv_type))

@@ -66,6 +66,7 @@ def _pass_rate(read, parts: list[np.ndarray], pool: ThreadPoolExecutor, nbytes: 
 def measure_read_bandwidth(threads: int = 1, nbytes: int = DEFAULT_BYTES, passes: int = 5) -> Bandwidth:
     """Best read rate with 1 and with `threads` threads (on small boards one thread can win)."""
     if threads < 1 or passes < 1 or nbytes < 1 << 20:
+        # a plain ValueError: callers pass BenchOptions' validated numbers: a programming error
         raise ValueError("need threads >= 1, passes >= 1 and at least 1 MiB")
     name, read = read_kernel()
     buf = np.zeros(nbytes - nbytes % 64, dtype=np.uint8)

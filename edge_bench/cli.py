@@ -20,6 +20,7 @@ from edge_common import cli_options as flags
 from edge_common.cli_options import load_settings
 
 from .options import BASELINES, DEFAULT_BASELINES, TRANSFORMERS, BenchOptions, Measure, Resolution
+from edge_runtime.errors import OptionError
 from .report import convert_table, to_markdown
 
 DEFAULT_CACHE = Path(".cache/synthetic")
@@ -320,7 +321,7 @@ def bench_models(model_dir, synthetic, cache_dir: Path, quant: str | None, mmpro
 
     models, quants, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
     if TRANSFORMERS in baselines and models.hf_dir is None:
-        raise ValueError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
+        raise OptionError("--transformers needs the Hugging Face checkpoint: the manifest's source path is missing")
     options = BenchOptions(quants=quants, mmproj_quant=proj, kv_types=kv, resolutions=resolutions, measure=measure,
                            baselines=baselines, worker_timeout_s=timeout, bandwidth=bandwidth,
                            memory_breakdown=memory_breakdown, accuracy=accuracy, passes=passes,

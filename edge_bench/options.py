@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping
+from edge_runtime.errors import OptionError
 
 # Baselines measured beside the runtime ("visionchat"). The transformers one needs
 # the `convert` extra and several GB of RAM, so it is off unless asked for.
@@ -34,13 +35,13 @@ class Resolution:
 
     def __post_init__(self) -> None:
         if self.width < 32 or self.height < 32:
-            raise ValueError(f"image resolution {self} is too small: both sides must be >= 32 pixels")
+            raise OptionError(f"image resolution {self} is too small: both sides must be >= 32 pixels")
 
     @classmethod
     def parse(cls, text: str) -> "Resolution":
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not m:
-            raise ValueError(f"image resolution {text!r} is not WIDTHxHEIGHT (e.g. 640x480)")
+            raise OptionError(f"image resolution {text!r} is not WIDTHxHEIGHT (e.g. 640x480)")
         return cls(int(m[1]), int(m[2]))
 
     def __str__(self) -> str:
@@ -71,20 +72,20 @@ class Measure:
 
     def __post_init__(self) -> None:
         if self.n_ctx < 256:
-            raise ValueError(f"n_ctx must be at least 256, got {self.n_ctx}")
+            raise OptionError(f"n_ctx must be at least 256, got {self.n_ctx}")
         if self.threads < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
+            raise OptionError(f"threads must be positive, got {self.threads}")
         if self.decode_tokens < 3:
-            raise ValueError("decode_tokens must be >= 3: the decode rate is the median gap after the first token")
+            raise OptionError("decode_tokens must be >= 3: the decode rate is the median gap after the first token")
         if self.repeats < 1 or self.warmup < 0:
-            raise ValueError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+            raise OptionError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
-            raise ValueError(f"prompt lengths must be positive, got {self.prompt_lengths}")
+            raise OptionError(f"prompt lengths must be positive, got {self.prompt_lengths}")
         if max(self.prompt_lengths) + self.decode_tokens + 64 > self.n_ctx:
-            raise ValueError(f"prompt length {max(self.prompt_lengths)} + {self.decode_tokens} generated tokens "
+            raise OptionError(f"prompt length {max(self.prompt_lengths)} + {self.decode_tokens} generated tokens "
                              f"does not fit n_ctx={self.n_ctx}")
         if self.image_max_tokens is not None and self.image_max_tokens < 1:
-            raise ValueError(f"image_max_tokens must be positive, got {self.image_max_tokens}")
+            raise OptionError(f"image_max_tokens must be positive, got {self.image_max_tokens}")
 
     def load_settings(self, config: "Config | None" = None) -> tuple[bool, int]:
         """(mmap, n_ubatch) resolved as VisionChat resolves them, so every party loads the same way."""
@@ -107,7 +108,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.bufts not in EXTRA_BUFTS:
-            raise ValueError(f"unknown extra-buffer-type mode {self.bufts!r}; choose from {', '.join(EXTRA_BUFTS)}")
+            raise OptionError(f"unknown extra-buffer-type mode {self.bufts!r}; choose from {', '.join(EXTRA_BUFTS)}")
 
     @property
     def label(self) -> str:
@@ -158,15 +159,15 @@ class BenchOptions:
     def __post_init__(self) -> None:
         for name in ("quants", "kv_types", "resolutions", "extra_bufts"):
             if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
+                raise OptionError(f"{name} must not be empty")
         if self.passes < 1:
-            raise ValueError(f"passes must be >= 1, got {self.passes}")
+            raise OptionError(f"passes must be >= 1, got {self.passes}")
         bad = sorted(set(self.extra_bufts) - set(EXTRA_BUFTS))
         if bad:
-            raise ValueError(f"unknown --extra-bufts mode(s) {', '.join(bad)}; choose from {', '.join(EXTRA_BUFTS)}")
+            raise OptionError(f"unknown --extra-bufts mode(s) {', '.join(bad)}; choose from {', '.join(EXTRA_BUFTS)}")
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
-            raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+            raise OptionError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
 
     def configs(self) -> Iterator[Config]:
         """The matrix in a stable order: quant, then KV type, then resolution, then extra-buffer-type mode."""

@@ -137,6 +137,7 @@ class BenchReport:
     def from_dict(cls, d: dict[str, Any]) -> "BenchReport":
         """A report read back from --json output (to re-render or compare runs)."""
         if d.get("schema") != SCHEMA_VERSION:
+            # a plain ValueError: render() in edge-bench's CLI turns it into exit 2 naming the file
             raise ValueError(f"unsupported edge-bench JSON schema {d.get('schema')!r} (expected {SCHEMA_VERSION})")
         return cls(d["model"], d["machine"], BenchOptions.from_dict(d["options"]), d.get("bandwidth"),
                    [ConfigReport.from_dict(c) for c in d["configs"]], list(d.get("convert", [])))

@@ -62,5 +62,6 @@ def kv_bytes_read(kv_cache_bytes: int, n_ctx: int, prompt_tokens: int, decode_to
 
 def roofline(weight_bytes: int, kv_bytes: float, bandwidth_bytes_s: float, decode_tok_s: float) -> Roofline:
     if bandwidth_bytes_s <= 0:
+        # a plain ValueError: a measured bandwidth is positive: a programming error
         raise ValueError("bandwidth must be positive")
     return Roofline(weight_bytes, kv_bytes, bandwidth_bytes_s, decode_tok_s)

@@ -13,6 +13,7 @@ from typing import Callable
 from .models import ModelSet
 from .options import ACCURACY, MEMORY, RSS_TARGET_CONFIG, RUNTIME, TRANSFORMERS, BenchOptions, Config, Resolution
 from .workers import WorkerResult, WorkerSpec, run_worker
+from edge_runtime.errors import OptionError
 
 RunWorker = Callable[[WorkerSpec, float], WorkerResult]
 # The transformers baseline loads ~4.5 GB in bf16 and decodes at a fraction of a token per
@@ -58,7 +59,7 @@ def plan(options: BenchOptions, models: ModelSet, transformers_repeats: int = 1)
             specs.append(WorkerSpec(MEMORY, cfg, m, text, proj, variant=v.to_dict()))
     if options.accuracy:
         if models.reference is None:
-            raise ValueError("accuracy needs the float files the quant types come from: bench --synthetic, or an "
+            raise OptionError("accuracy needs the float files the quant types come from: bench --synthetic, or an "
                              "edge-convert directory converted with --quant f16")
         ref = {"text": str(models.reference[0]), "mmproj": str(models.reference[1])}
         for cfg in options.configs():

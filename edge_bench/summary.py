@@ -29,6 +29,7 @@ class Summary:
 
 def summarize(samples: Sequence[float]) -> Summary:
     if not samples:
+        # a plain ValueError: every party measures at least once: a programming error
         raise ValueError("no samples to summarise")
     values = [float(v) for v in samples]
     return Summary(statistics.median(values), min(values), max(values), len(values))

@@ -68,6 +68,7 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
 
     m, res = spec.measure, spec.config.resolution
     if not spec.hf_dir:
+        # a plain ValueError: a worker started without the checkpoint edge-bench always passes: a programming error
         raise ValueError("the transformers baseline needs the Hugging Face checkpoint directory")
     reference = family_for_checkpoint(spec.hf_dir).module("reference")  # imported before the clock starts
     torch.set_num_threads(m.threads)

@@ -51,6 +51,7 @@ class WorkerSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in MEASURERS:
+            # a plain ValueError: kinds come from edge-bench's own table: a programming error
             raise ValueError(f"unknown worker kind {self.kind!r}; known: {', '.join(MEASURERS)}")
 
     def to_json(self) -> str:

@@ -40,4 +40,5 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
         return bf16_bits_to_f32(raw.view("<u2"))
     if dtype == "F64":
         return raw.view("<f8").astype(np.float32)
+    # a plain ValueError: callers pass only FLOAT_GGML_TYPES: a programming error
     raise ValueError(f"unsupported tensor dtype {dtype}")

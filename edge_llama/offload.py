@@ -56,11 +56,11 @@ def resolve_flash_attn(flash_attn: bool | str, v_type: KVType) -> int:
     """llama.cpp stores a quantized V cache only with flash attention: switch it on."""
     key = flash_attn.lower() if isinstance(flash_attn, str) else flash_attn
     if key not in _FLASH:
-        raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+        raise LoadOptionError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
     choice = _FLASH[key]
     if v_type.quantized:
         if choice == FLASH_ATTN_OFF:
-            raise ValueError(
+            raise LoadOptionError(
                 f"a quantized V cache ({v_type.name}) needs flash attention; "
                 "use flash_attn='auto' or True, or kv_cache_type_v='f16'"
             )

@@ -19,6 +19,7 @@ class Closeable:
     def __del__(self) -> None:
         try:
             self.close()
+        # catching Exception: __del__ must not raise (Python only prints it); close() is called explicitly on every normal path
         except Exception:
             pass
 

@@ -17,6 +17,7 @@ import llama_cpp
 
 from .ggml_devices import DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, Device, local_devices, registry
 from .rpc import DEFAULT_TIMEOUT_S, Endpoint, SplitPlan, connect, guard_workers, parse_endpoints, plan_split
+from .errors import LoadOptionError
 
 log = logging.getLogger("edge_llama")
 
@@ -110,7 +111,7 @@ def place(
         shares = [float(s) for s in tensor_split]
         if len(shares) != len(local) + len(workers):
             names = [d.name for d in local] + [f"{d.name}[{d.description}]" for d in workers]
-            raise ValueError(
+            raise LoadOptionError(
                 f"tensor_split has {len(shares)} shares but there are {len(names)} devices "
                 f"({', '.join(names)}): give one per device, local first"
             )

@@ -245,7 +245,7 @@ def plan_split(n_layer: int, shares: Sequence[float], local_cpu: bool) -> SplitP
     stay on the CPU. With no local GPU the local share is that CPU part.
     """
     if any(s < 0 for s in shares) or sum(shares) <= 0:
-        raise ValueError(f"tensor_split needs non-negative shares with a positive sum, got {list(shares)}")
+        raise RpcEndpointError(f"tensor_split needs non-negative shares with a positive sum, got {list(shares)}")
     if not local_cpu:
         return SplitPlan(-1, tuple(float(s) for s in shares))
     units = n_layer + 1
@@ -347,6 +347,7 @@ def _on_abort(message: bytes | None) -> None:
         worker_lost(text.split(": ", 1)[-1])
     try:  # anything else: what ggml would have printed, then its abort()
         os.write(2, (text + "\n").encode())
+    # catching Exception: ggml's abort callback runs inside C: nothing may propagate, and the process aborts next anyway
     except Exception:
         pass
 

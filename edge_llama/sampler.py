@@ -43,6 +43,7 @@ class Sampler(Owned):
         take_errors()
         sampler = L.llama_sampler_init_grammar(self.model.vocab, gbnf.encode("utf-8"), root.encode())
         if not sampler:
+            # a plain ValueError: the runtime's one caller turns it into GrammarError (core/sampling.py)
             raise ValueError(f"invalid grammar: {'; '.join(take_errors()) or 'llama.cpp could not parse it'}")
         return self._add(sampler)
 

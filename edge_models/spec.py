@@ -142,6 +142,7 @@ class FamilySpec:
     def module(self, tool: str) -> ModuleType:
         """The family's `tool` module (one of TOOLS), imported now; ModelConfigError if it has none."""
         if tool not in TOOLS:
+            # a plain ValueError: tool names come from the project's own code: a programming error
             raise ValueError(f"tool must be one of {', '.join(TOOLS)}, got {tool!r}")
         path = getattr(self, tool)
         if not path:

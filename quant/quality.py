@@ -244,6 +244,7 @@ def _run(model: _TextModel, vision: "_Vision | None", prompt: str, images: Seque
                 else:
                     try:
                         n_past = vision.eval_chunk(ch, n_past)
+                    # catching Exception: mtmd raises plain exceptions: named as a QuantError that says which probe failed
                     except Exception as exc:
                         raise QuantError(f"mtmd could not evaluate a probe image: {exc}") from exc
     finally:

@@ -16,6 +16,7 @@ from edge_common.floats import FLOAT_GGML_TYPES
 from edge_common.preflight import CLIP_F32_ONLY
 
 from . import catalog
+from .errors import QuantError
 
 # llama-quant.cpp tensor_allows_quantization: name fragments it never quantizes
 # (1-D tensors and the multimodal ones among them).
@@ -99,7 +100,7 @@ def _layer(qs: TypeChoiceState, counter: int, name: str) -> int:
     if qs.n_expert > 1:
         m = LAYER.match(name)
         if m is None:
-            raise ValueError(f"cannot tell the layer of tensor {name!r}")
+            raise QuantError(f"cannot tell the layer of tensor {name!r}")
         return int(m[1])
     return counter
 

@@ -128,10 +128,13 @@ class SyntheticSpec:
 
     def validate(self) -> None:
         if self.size not in ("tiny", "2b"):
+            # a plain ValueError: test/bench checkpoint specs written in code: a programming error
             raise ValueError(f"size must be 'tiny' or '2b', got {self.size!r}")
         if self.layout not in ("hf4", "hf5"):
+            # a plain ValueError: test/bench checkpoint specs written in code: a programming error
             raise ValueError(f"layout must be 'hf4' or 'hf5', got {self.layout!r}")
         if self.dtype not in ("bf16", "f16", "f32"):
+            # a plain ValueError: test/bench checkpoint specs written in code: a programming error
             raise ValueError(f"dtype must be bf16, f16 or f32, got {self.dtype!r}")
 
 

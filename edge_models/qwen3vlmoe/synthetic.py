@@ -53,6 +53,7 @@ class MoeSyntheticSpec(SyntheticSpec):
     def validate(self) -> None:
         super().validate()
         if not 0 < self.experts_used <= self.experts:
+            # a plain ValueError: test/bench checkpoint specs written in code: a programming error
             raise ValueError(f"experts_used must be in 1..experts ({self.experts}), got {self.experts_used}")
 
 

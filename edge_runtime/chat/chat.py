@@ -180,6 +180,7 @@ class VisionChat:
         """
         t_start = time.perf_counter()
         if not isinstance(prompt, str):
+            # a plain TypeError: a non-string prompt is a caller's type error, as Python raises it
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         check_text(prompt, "the prompt")
         self._refuse_inside_stream("ask")

@@ -71,7 +71,7 @@ def parse_grounding(text: str, image_size: tuple[int, int], *,
     if not isinstance(text, str):
         raise GroundingError(f"model output must be a string, got {type(text).__name__}")
     if not coord_range > 0:
-        raise ValueError(f"coord_range must be positive, got {coord_range!r}")
+        raise GroundingError(f"coord_range must be positive, got {coord_range!r}")
     items: list[GroundingItem] = []
     saw_empty_list = False
     for value in _json_values(text):
@@ -89,10 +89,11 @@ def parse_grounding(text: str, image_size: tuple[int, int], *,
 def draw_grounding(image: Image.Image, items: Iterable[GroundingItem], *, width: int = 3) -> Image.Image:
     """A copy of `image` with each box/point and its label drawn; one colour per label."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int (line width in pixels), got {width!r}")
+        raise GroundingError(f"width must be a positive int (line width in pixels), got {width!r}")
     items = list(items)
     for item in items:
         if not isinstance(item, (Box, Point)):
+            # a plain TypeError: a caller's type error, as Python raises it
             raise TypeError(f"draw_grounding takes Box and Point items, got {type(item).__name__}")
     canvas = image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
@@ -129,9 +130,9 @@ def _check_size(image_size: Any) -> tuple[int, int]:
     try:
         width, height = image_size
     except (TypeError, ValueError):
-        raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
+        raise GroundingError(f"image_size must be (width, height), got {image_size!r}") from None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
-        raise ValueError(f"image_size must be two positive ints (width, height), got {image_size!r}")
+        raise GroundingError(f"image_size must be two positive ints (width, height), got {image_size!r}")
     return width, height
 
 

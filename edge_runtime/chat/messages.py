@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from edge_runtime.chat.tool_calls import check_tool_calls
 from edge_runtime.errors import EmptyPromptError, PromptEncodingError
 from edge_runtime.vision.image_budget import ImagePlan, check_detail
-from edge_runtime.vision.images import ImageLimits, image_digest, load_image, to_rgb_array
+from edge_runtime.vision.images import ImageError, ImageLimits, image_digest, load_image, to_rgb_array
 from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.video import VideoInput, load_video
+from edge_runtime.errors import OptionError
 
 # (source, name for errors, detail or None) -> ImageInput
 # (source, name, detail, share): share = the images of the message, which split `auto`'s budget
@@ -62,7 +64,9 @@ def split_messages(
     images: list[ImageInput] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+            raise OptionError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if message.get("tool_calls") is not None:
+            check_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         content = message.get("content")
         if isinstance(content, (list, tuple)):
             parts = []
@@ -155,12 +159,12 @@ def _part_source(part: Any, kind: str, url_hint: str, value_hint: str) -> Any | 
         ref = part.get(url_key)
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not url:
-            raise ValueError(f"{article} {url_key} part needs {url_key}.url ({url_hint})")
+            raise ImageError(f"{article} {url_key} part needs {url_key}.url ({url_hint})")
         return url
     if tag == kind or (tag is None and kind in part):
         src = part.get(kind)
         if src is None:
-            raise ValueError(f"{article} {kind} part needs a value under '{kind}' ({value_hint})")
+            raise ImageError(f"{article} {kind} part needs a value under '{kind}' ({value_hint})")
         return src
     return None
 

@@ -234,7 +234,7 @@ def read_conversation(path: str | Path) -> SavedConversation:
         try:
             header = json.loads(raw_header.decode("utf-8"))
             kv_len = int(header["kv_bytes"])
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):  # int(inf): kv_bytes 1e999
             raise SavedConversationError(f"{path} is truncated or damaged (unreadable header)") from None
         expected = _PREAMBLE.size + header_len + kv_len + _DIGEST
         if size != expected:

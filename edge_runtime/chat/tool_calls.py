@@ -33,6 +33,7 @@ CALL_OPEN, CALL_CLOSE = FORMAT.tool_call_open, FORMAT.tool_call_close
 TOOLS_TEMPLATE = FORMAT.tools_template
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: "$" would accept a trailing newline
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+MAX_JSON_DEPTH = 64  # tool schemas nest; nothing legitimate nests deeper (and recursive checkers stay safe)
 
 
 
@@ -80,8 +81,45 @@ class ToolAnswer:
             for c in self.tool_calls]}
 
 
+def json_depth(value: Any, stop: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (no RecursionError), giving up once `stop` is reached."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (Mapping, list, tuple)):
+            deepest = max(deepest, depth)
+            if deepest >= stop:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return deepest
+
+
+def check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant turn's `tool_calls` as chat templates read them ([{"function": {"name": str,
+    "arguments": JSON text or object}}, ...]), or ToolError naming the field: a wrong shape would
+    otherwise surface from inside the template as a Jinja error."""
+    shape = "a list of {'type': 'function', 'function': {'name': ..., 'arguments': ...}}"
+    if not isinstance(calls, (list, tuple)):
+        raise ToolError(f"{where} must be {shape}, got {type(calls).__name__}", where)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(call, Mapping):
+            raise ToolError(f"{where}[{j}] must be an object, got {type(call).__name__}", f"{where}[{j}]")
+        if not isinstance(function, Mapping):
+            raise ToolError(f"{where}[{j}].function must be {{'name': ..., 'arguments': ...}}, got "
+                            f"{type(function).__name__}", f"{where}[{j}].function")
+        if not isinstance(function.get("name"), str):
+            raise ToolError(f"{where}[{j}].function.name must be a string", f"{where}[{j}].function.name")
+        if not isinstance(function.get("arguments", "{}"), (str, Mapping)):
+            raise ToolError(f"{where}[{j}].function.arguments must be JSON text or an object",
+                            f"{where}[{j}].function.arguments")
+
+
 def parse_tools(tools: Sequence[Any]) -> list[Tool]:
     """OpenAI `tools` -> Tool list; names unique and valid, schemas usable for a grammar."""
+    if not isinstance(tools, (list, tuple)):
+        raise ToolError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}} entries, "
+                        f"got {type(tools).__name__}")
     out: list[Tool] = []
     for i, entry in enumerate(tools):
         where = f"tools[{i}]"
@@ -99,6 +137,9 @@ def parse_tools(tools: Sequence[Any]) -> list[Tool]:
         parameters = {"type": "object", "properties": {}} if parameters is None else parameters
         if not isinstance(parameters, Mapping):
             raise ToolError(f"{where}.function.parameters must be a JSON schema object")
+        if json_depth(parameters, MAX_JSON_DEPTH + 1) > MAX_JSON_DEPTH:
+            raise ToolError(f"{where}.function.parameters nests deeper than {MAX_JSON_DEPTH} levels; "
+                            "flatten the schema (or use $defs and $ref)")
         check_schema(parameters, f"{where}.function.parameters")
         description = function.get("description") or ""
         if not isinstance(description, str):

@@ -79,11 +79,11 @@ class EngineOptions:
         if self.tensor_split is not None:
             object.__setattr__(self, "tensor_split", tuple(float(x) for x in self.tensor_split))
             if not self.rpc_servers:
-                raise ValueError("tensor_split places layers on RPC workers: give rpc_servers too")
+                raise OptionError("tensor_split places layers on RPC workers: give rpc_servers too")
         if self.rpc_servers and self.n_gpu_layers != "auto":
-            raise ValueError("with rpc_servers, layers are placed by tensor_split: leave n_gpu_layers='auto'")
+            raise OptionError("with rpc_servers, layers are placed by tensor_split: leave n_gpu_layers='auto'")
         if self.rpc_timeout_s <= 0 or self.rpc_stall_s <= 0:
-            raise ValueError("rpc_timeout_s and rpc_stall_s must be positive")
+            raise OptionError("rpc_timeout_s and rpc_stall_s must be positive")
         kv_type(self.kv_cache_type_k)
         kv_type(self.kv_cache_type_v)
         if isinstance(self.override_tensor, str):
@@ -94,22 +94,22 @@ class EngineOptions:
         if not (moe in ("auto", "all") or (isinstance(moe, int) and not isinstance(moe, bool) and moe >= 0)):
             raise OptionError(f"n_cpu_moe must be 'auto', 'all' or a number of blocks >= 0, got {moe!r}")
         if self.n_ctx < 16:
-            raise ValueError(f"n_ctx must be at least 16, got {self.n_ctx}")
+            raise OptionError(f"n_ctx must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:
-            raise ValueError(f"n_batch must be positive, got {self.n_batch}")
+            raise OptionError(f"n_batch must be positive, got {self.n_batch}")
         if self.n_ubatch is not None and self.n_ubatch < 1:
-            raise ValueError(f"n_ubatch must be positive, got {self.n_ubatch}")
+            raise OptionError(f"n_ubatch must be positive, got {self.n_ubatch}")
         if not (self.mmap == "auto" or isinstance(self.mmap, bool)):
-            raise ValueError(f"mmap must be 'auto', True or False, got {self.mmap!r}")
+            raise OptionError(f"mmap must be 'auto', True or False, got {self.mmap!r}")
         LoadOptions(mmap=self.mmap, repack=self.repack, amx=self.amx)  # refuses bad mmap / amx values
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
+            raise OptionError(f"threads must be positive, got {self.threads}")
         if self.n_seq_max < 1:
-            raise ValueError(f"n_seq_max must be positive, got {self.n_seq_max}")
+            raise OptionError(f"n_seq_max must be positive, got {self.n_seq_max}")
         for name in ("encoder_cache_mb", "encoder_cache_disk_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
+                raise OptionError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
         latency = self.image_latency_s
         if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency) \
                 or latency <= 0:
@@ -128,7 +128,7 @@ class EngineOptions:
             and self.image_max_tokens is not None
             and self.image_min_tokens > self.image_max_tokens
         ):
-            raise ValueError(
+            raise OptionError(
                 f"image_min_tokens ({self.image_min_tokens}) > image_max_tokens ({self.image_max_tokens})"
             )
 
@@ -161,28 +161,28 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+            raise OptionError(f"max_tokens must be positive, got {self.max_tokens}")
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise OptionError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise OptionError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise OptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise OptionError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
-            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+            raise OptionError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
         if self.top_logprobs is not None and not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
-            raise ValueError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), "
+            raise OptionError(f"top_logprobs must be an integer in [0, 20] (or None: no logprobs), "
                              f"got {self.top_logprobs!r}")
         budget = self.max_thinking_tokens
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(f"max_thinking_tokens must be a whole number >= 0 (0: answer at once) or None, "
                              f"got {budget!r}")
         if self.grammar is not None and self.json_schema is not None:
-            raise ValueError("give either grammar or json_schema, not both")
+            raise OptionError("give either grammar or json_schema, not both")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -198,6 +198,7 @@ class GenerationOptions:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
+            # a plain TypeError: an unknown keyword is a caller's type error, as Python raises it
             raise TypeError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values = dict(overrides)
         if isinstance(values.get("stop"), Sequence) and not isinstance(values.get("stop"), str):

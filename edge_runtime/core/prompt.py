@@ -61,6 +61,7 @@ class Prompt:
     def __del__(self) -> None:  # a safety net; callers close explicitly
         try:
             self.close()
+        # catching Exception: __del__ must not raise (Python only prints it); close() is called explicitly on every normal path
         except Exception:
             pass
 

@@ -16,7 +16,7 @@ def schema_to_grammar(schema: Mapping[str, Any] | str) -> str:
     try:
         return json_schema_to_gbnf(text)
     except Exception as exc:  # the converter raises bare exceptions on bad schemas
-        raise ValueError(f"cannot turn this JSON schema into a grammar: {exc}") from exc
+        raise GrammarError(f"cannot turn this JSON schema into a grammar: {exc}") from exc
 
 
 def grammar_for(options: GenerationOptions) -> str | None:

@@ -32,6 +32,7 @@ class Sequences:
 
     def __getitem__(self, seq_id: int) -> SeqState:
         if not 0 <= seq_id < self.n_seq_max:
+            # a plain ValueError: seq ids come from the slot table: a programming error
             raise ValueError(f"seq_id {seq_id} outside [0, n_seq_max={self.n_seq_max})")
         return self._seqs.setdefault(seq_id, SeqState())
 

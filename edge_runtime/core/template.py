@@ -185,6 +185,7 @@ _PLACEHOLDER_RE = re.compile(
 def replace_image_placeholders(text: str, marker: str) -> tuple[str, int]:
     """Swap each image placeholder for mtmd's marker; the count must equal the images passed."""
     if not isinstance(marker, str) or not marker:
+        # a plain ValueError: the marker comes from mtmd, never from a user: a programming error
         raise ValueError("marker must be a non-empty string (mtmd's media marker, e.g. '<__media__>')")
     return _PLACEHOLDER_RE.subn(lambda _: marker, text)
 
@@ -352,14 +353,14 @@ def render_with_markers(
             return marker
         clip = next(clips, None)
         if clip is None:
-            raise ValueError("the chat template placed more videos than the messages carry")
+            raise TemplateError("the chat template placed more videos than the messages carry")
         out = clip.prompt_text(marker)
         n_markers += out.count(marker)
         return out
 
     text = _MEDIA_RE.sub(swap, text)
     if next(clips, None) is not None or n_markers != n_images:
-        raise ValueError(
+        raise TemplateError(
             f"the chat template placed {n_markers} image(s)/frame(s) for the {n_images} given (and "
             f"{len(videos)} video(s)); images and videos are only supported where the template renders them (user turns)"
         )

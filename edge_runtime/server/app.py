@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +50,7 @@ from .responses import (
     tool_call_deltas,
     usage_chunk_body,
 )
-from .engine_host import RESTARTING, EngineHost
+from .engine_host import RESTARTING, STALLED, EngineHost
 from .fingerprint import system_fingerprint
 from .front import LOADING, READY
 from .scheduler import Scheduler
@@ -95,7 +96,7 @@ def create_app(options: ServerOptions) -> FastAPI:
         yield
         await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="edge-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="edge-serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
@@ -140,8 +141,8 @@ def create_app(options: ServerOptions) -> FastAPI:
                                  "slots_total": g.slots_total, "queue_depth": g.queue_depth})
         if scheduler.state == LOADING:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
-        if scheduler.state == RESTARTING:
-            return JSONResponse({"status": "restarting", "restarts": scheduler.restarts,  # type: ignore[union-attr]
+        if scheduler.state in (RESTARTING, STALLED):  # stalled: until the new engine process is ready
+            return JSONResponse({"status": scheduler.state, "restarts": scheduler.restarts,  # type: ignore[union-attr]
                                  "last_exit": scheduler.last_exit},  # type: ignore[union-attr]
                                 status_code=503, headers={"Retry-After": "2"})
         return JSONResponse({"status": "error", "message": scheduler.error or scheduler.state}, status_code=503)
@@ -171,6 +172,7 @@ def create_app(options: ServerOptions) -> FastAPI:
             rendered: RenderedPrompt = await run_in_threadpool(
                 render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
                 plan.template_tools(), req.chat_template_kwargs)
+        # catching Exception: the request's door: from_exception turns a refusal into its 4xx and anything else into a logged 500
         except Exception as exc:
             error = from_exception(exc)
             if error.status < 500:
@@ -196,7 +198,28 @@ def create_app(options: ServerOptions) -> FastAPI:
     add_conversation_routes(api, scheduler, options, policy)
     for prefix in API_PREFIXES:
         app.include_router(api, prefix=prefix)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the request bodies the routes parse themselves (`ChatRequest`:
+    they read raw bytes so that errors are OpenAI's 400s, not FastAPI's 422s), so clients and fuzzers
+    (tests/test_server_schema_fuzz.py) see what the server accepts."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatRequest"] = body
+        request_body = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ChatRequest"}}}}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if (method, path.rsplit("/", 1)[-1]) in (("post", "completions"), ("put", "{conv_id}")):
+                    operation["requestBody"] = request_body
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def fingerprint_of(options: ServerOptions) -> str | None:
@@ -204,6 +227,7 @@ def fingerprint_of(options: ServerOptions) -> str | None:
     load then reports the real problem."""
     try:
         return system_fingerprint(*resolve_model_paths(options.model_dir, options.mmproj))
+    # catching Exception: gguf-py raises plain exceptions on bad files: logged, and the model load reports the real problem
     except Exception as exc:
         log.warning("no system_fingerprint: %s", exc)
         return None

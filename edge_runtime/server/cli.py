@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ def parse_size(text: str) -> int:
     """'16MiB', '10M', '512k', '1048576' -> bytes (binary units)."""
     match = _SIZE.fullmatch(str(text))
     if not match:
+        # a plain ValueError: SizeParam turns it into click's usage error (exit 2) naming the option
         raise ValueError(f"{text!r} is not a size; use bytes or a number with K, M or G (e.g. 16M)")
     unit = (match.group(2) or "").lower()[:1]
     return int(float(match.group(1)) * _UNITS[unit])
@@ -88,6 +91,9 @@ DEFAULTS = ServerOptions(Path("."))  # the CLI's defaults are the options'
               help="Prompt tokens evaluated between two decode steps of the running streams.")
 @click.option("--engine-process/--in-process", default=DEFAULTS.engine_process,
               help="Run llama.cpp in a child process that is restarted when it dies.")
+@click.option("--stall-timeout", "stall_timeout_s", default=DEFAULTS.stall_timeout_s, type=click.FloatRange(0),
+              help="Seconds a loaded engine process may stay silent before /health says 'stalled' and it is "
+                   "restarted (0: never; needs --engine-process).")
 @click.option("--model-id", default=None, help="Model name for /v1/models (default: the directory name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | str, **settings: Any) -> None:
@@ -100,6 +106,7 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
                                 **settings)
     except (EdgeError, ValueError) as exc:
         fail("edge-serve", str(exc))
+    sock = listen_socket(options.host, options.port)  # a port in use: said now, before the model loads
     try:  # unreachable RPC workers: a clear error now, not a failed load behind /health
         for endpoint in parse_endpoints(list(options.rpc_servers)):
             probe(endpoint)
@@ -108,18 +115,37 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
     if not options.loopback_only and not options.api_key:
         click.echo(f"edge-serve: warning: listening on {options.host} without an API key: anyone who can reach "
                    "this port can use the model (set EDGE_API_KEY)", err=True)
-    serve(options, log_level)
+    serve(options, log_level, sock)
 
 
-def serve(options: ServerOptions, log_level: str = "info") -> None:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's bound socket, or exit code 2 naming the address (llama-server exits 1 with
+    "couldn't bind HTTP server socket"; here it is a refusal like any bad option). Binding before
+    the model loads makes a port in use an instant error rather than one after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail("edge-serve", f"port {port} on {host} is already in use (another edge-serve or llama-server?): "
+                               "stop that process or choose another port with --port")
+        fail("edge-serve", f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port")
+    return sock
+
+
+def serve(options: ServerOptions, log_level: str = "info", sock: socket.socket | None = None) -> None:
     import uvicorn
 
     from .app import create_app
 
     click.echo(f"edge-serve: http://{options.host}:{options.port}/v1 ({options.parallel} slot(s); "
                "GET /health says when the model is loaded)", err=True)
-    uvicorn.run(create_app(options), host=options.host, port=options.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    config = uvicorn.Config(create_app(options), host=options.host, port=options.port, log_level=log_level,
+                            timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock if sock is not None else listen_socket(options.host, options.port)])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,15 @@ from edge_llama import kv_type
 from edge_runtime.core.open_model import engine_options
 from edge_llama.experts import parse_overrides
 from edge_runtime.core.options import MiB, EngineOptions
+from .watchdog import DEFAULT_STALL_TIMEOUT_S
+from edge_runtime.errors import OptionError
 
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
+
+
+def is_origin(text: str) -> bool:
+    """Whether --cors-origin accepts `text` as one origin (scheme://host[:port], http or https)."""
+    return _ORIGIN.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API ("*": any)
     prefill_chunk: int | None = None  # prompt tokens evaluated between two decode steps (None: n_ubatch)
     engine_process: bool = True  # run llama.cpp in a child process that is restarted if it dies
+    # seconds of silence from a ready engine process before it is killed and restarted (0: never)
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
     def __post_init__(self) -> None:
         kv_type(self.kv_cache_type_k)
@@ -84,37 +93,37 @@ class ServerOptions:
         }
         for name, value in positive.items():
             if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+                raise OptionError(f"{name} must be positive, got {value}")
         if self.reasoning_budget < -1:
-            raise ValueError(f"reasoning_budget must be -1 (no limit) or a number of tokens >= 0, got "
+            raise OptionError(f"reasoning_budget must be -1 (no limit) or a number of tokens >= 0, got "
                              f"{self.reasoning_budget}")
         if not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
-        for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb"):
+            raise OptionError(f"port must be in 1..65535, got {self.port}")
+        for name in ("timeout_s", "remote_fetch_timeout_s", "encoder_cache_mb", "stall_timeout_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise OptionError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.timeout_s <= 0 or self.remote_fetch_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+            raise OptionError("timeouts must be positive")
         if self.n_ctx // self.parallel < 64:
-            raise ValueError(f"n_ctx={self.n_ctx} leaves {self.n_ctx // self.parallel} tokens to each of the "
+            raise OptionError(f"n_ctx={self.n_ctx} leaves {self.n_ctx // self.parallel} tokens to each of the "
                              f"{self.parallel} slots; give at least 64 per slot (n_ctx >= {64 * self.parallel})")
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key is empty; leave it unset to disable authentication")
+            raise OptionError("api_key is empty; leave it unset to disable authentication")
         if self.admin_key is not None and not self.admin_key.strip():
-            raise ValueError("admin_key is empty; leave it unset to keep conversation routes as --api-key says")
+            raise OptionError("admin_key is empty; leave it unset to keep conversation routes as --api-key says")
         if self.admin_key is not None and self.admin_key == self.api_key:
-            raise ValueError("admin_key must differ from api_key: every API user would be an admin")
+            raise OptionError("admin_key must differ from api_key: every API user would be an admin")
         if self.conversation_dir is not None and not Path(self.conversation_dir).is_dir():
-            raise ValueError(f"--conversation-dir {self.conversation_dir} is not a directory; create it first")
+            raise OptionError(f"--conversation-dir {self.conversation_dir} is not a directory; create it first")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+            raise OptionError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
         for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
-                raise ValueError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
+            if origin != "*" and not is_origin(origin):
+                raise OptionError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
                                  "e.g. http://localhost:3000")
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
-            raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
+            raise OptionError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 
     @property
     def loopback_only(self) -> bool:

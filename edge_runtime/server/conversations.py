@@ -197,10 +197,12 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
             messages = template_messages(req)
             rendered = await run_in_threadpool(render_prompt, scheduler.prompt_format, messages, policy.load,
                                                policy.load_video)
+        # catching Exception: the route's door: from_exception gives each refusal its 4xx, anything else a logged 500
         except Exception as exc:
             raise from_exception(exc) from None
         try:
             snap: Snapshot = await call(save_slot(rendered))
+        # catching Exception: the engine's reply: from_exception gives each refusal its 4xx, anything else a logged 500
         except Exception as exc:
             raise from_exception(exc) from None
         conv = SavedConversation(snap.depends_on, snap.units, stored_messages(messages, rendered), snap.kv,
@@ -226,6 +228,7 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
         except SavedConversationError as exc:
             raise ApiError(409, str(exc).replace(str(path), f"conversation {conv_id!r}"), "invalid_request_error",
                            None, "conversation_incompatible") from None
+        # catching Exception: the engine's reply: from_exception gives each refusal its 4xx, anything else a logged 500
         except Exception as exc:
             raise from_exception(exc) from None
         return {"id": conv_id, "object": "conversation", "tokens": conv.n_tokens,

@@ -6,7 +6,10 @@ gauges, the prompt format) while the scheduler itself runs in a child process
 naming the signal or exit code and llama.cpp's last log line (streams get an
 error event), nothing is retried behind the client's back, and a new child is
 started after a backoff (1 s, doubling to 30 s; back to 1 s after a minute up).
-/health says "restarting" meanwhile; /metrics counts the restarts.
+/health says "restarting" meanwhile; /metrics counts the restarts. A child that
+stays silent for `--stall-timeout` seconds once ready (`watchdog.StallWatch`) is
+killed and restarted the same way, with /health saying "stalled" until the new
+one is ready.
 """
 from __future__ import annotations
 
@@ -34,10 +37,11 @@ from .jobs import Failed, Job
 from .metrics import Gauges, Metrics
 from .prompting import PromptFormat
 from .front import FAILED, LOADING, READY, STOPPED, EngineFront
+from .watchdog import StallWatch
 
 log = logging.getLogger("edge_runtime.server")
 
-RESTARTING = "restarting"
+RESTARTING, STALLED = "restarting", "stalled"
 BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S = 1.0, 30.0, 60.0
 _OWN_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,14 +71,20 @@ class EngineHost(EngineFront):
         self._log_lines: collections.deque[str] = collections.deque(maxlen=16)  # llama.cpp's, newest last
         self._mean_job_s = 1.0
         self._thread = threading.Thread(target=self._supervise, name="edge-engine-host", daemon=True)
+        self._stalled_for: float | None = None  # set when the watch killed the current child
+        self._watch = StallWatch(options.stall_timeout_s, self._stalled) if options.stall_timeout_s > 0 else None
 
     # ------------------------------------------------------------ what the routes use
 
     def start(self) -> None:
         self._thread.start()
+        if self._watch is not None:
+            self._watch.start()
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.stop()
         self._send(("stop",))
         proc = self._proc
         if proc is not None:
@@ -144,8 +154,12 @@ class EngineHost(EngineFront):
             reason = self._run_child()
             if reason is None or self._stopping.is_set():
                 return  # stopped, or the model cannot load (restarting would fail the same way)
+            stalled, self._stalled_for = self._stalled_for, None
+            if stalled is not None:
+                reason = (f"stalled: it reported nothing for {stalled:.1f} s (--stall-timeout "
+                          f"{self.options.stall_timeout_s:g}) and was killed")
             self.last_exit = reason
-            self.state = RESTARTING
+            self.state = STALLED if stalled is not None else RESTARTING
             self.restarts += 1
             self.metrics.add("engine_restarts")
             self.metrics.retire_remote()
@@ -184,6 +198,8 @@ class EngineHost(EngineFront):
                     message = conn.recv()
                 except (EOFError, OSError):
                     break
+                if self._watch is not None:
+                    self._watch.beat()
                 try:
                     load_failed = self._handle(message) or load_failed
                 except Exception:  # a message this side cannot read: stop that child, start a new one
@@ -191,6 +207,8 @@ class EngineHost(EngineFront):
                     proc.kill()
                     break
         finally:
+            if self._watch is not None:
+                self._watch.disarm()
             self._conn = None
             conn.close()
         code = proc.wait()
@@ -229,6 +247,8 @@ class EngineHost(EngineFront):
             self._format = PromptFormat(template, info.marker, info.has_vision, info.model_name)
             self._planner = info.planner
             self.state = READY
+            if self._watch is not None:
+                self._watch.arm()
             log.info("engine process %d ready%s", self._proc.pid if self._proc else 0,
                      f" (restart {self.restarts})" if self.restarts else "")
         elif kind == "failed":
@@ -237,6 +257,23 @@ class EngineHost(EngineFront):
             log.error("loading the model failed: %s", self.error)
             return True
         return False
+
+    def _stalled(self, silent_s: float) -> None:
+        """The watch's verdict: fail what the child held (503 engine_stalled), then kill it; the
+        supervisor sees it end and starts a new one."""
+        proc = self._proc
+        if proc is None or self._stopping.is_set() or self.state != READY:
+            return
+        self._stalled_for = silent_s
+        self.state = STALLED
+        self.last_exit = f"stalled: it reported nothing for {silent_s:.1f} s"
+        log.error("the engine process %d reported nothing for %.1f s (--stall-timeout %g); restarting it",
+                  proc.pid, silent_s, self.options.stall_timeout_s)
+        self._fail_all(ApiError(
+            503, f"the engine process stopped making progress (nothing reported for {silent_s:.0f} s, "
+            f"--stall-timeout {self.options.stall_timeout_s:g}) before this request finished; the server is "
+            "restarting it: retry shortly", "server_error", None, "engine_stalled", {"Retry-After": "5"}))
+        proc.kill()  # SIGKILL ends a stopped process too
 
     def _send(self, message: tuple) -> bool:
         conn = self._conn

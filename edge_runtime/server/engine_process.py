@@ -174,6 +174,7 @@ def serve(conn: Connection) -> int:
                 _, number, fn = message
                 try:
                     future = scheduler.run_exclusive(fn)
+                # catching Exception: sent back to the HTTP side, which re-raises it in the route that asked
                 except Exception as exc:
                     sender.send(("task_done", number, False, exc))
                 else:

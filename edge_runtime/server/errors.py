@@ -6,13 +6,14 @@ trying again can help (429, 503) or not (400, 401, 413).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge_common.errors import EdgeError
 
-from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EngineClosedError, GrammarError,
-                      ModelLoadError)
+from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EmptyPromptError, EngineClosedError,
+                      GrammarError, ModelLoadError)
 from edge_runtime.vision.images import ImageError
 from edge_runtime.core.template import TemplateError
 
@@ -50,12 +51,15 @@ def shutting_down() -> ApiError:
 
 
 def unavailable(state: str, error: str | None = None, last_exit: str | None = None) -> ApiError | None:
-    """The 503 for an engine that is not ready (None when it is): loading, restarting or failed."""
+    """The 503 for an engine that is not ready (None when it is): loading, stalled, restarting or failed."""
     if state == "ready":
         return None
     if state == "loading":
         return ApiError(503, "the model is still loading; retry shortly", "server_error", None, "model_loading",
                         {"Retry-After": "2"})
+    if state == "stalled":
+        return ApiError(503, f"the engine process stopped making progress and is being restarted ({last_exit}); "
+                        "retry shortly", "server_error", None, "engine_stalled", {"Retry-After": "5"})
     if state == "restarting":
         return ApiError(503, f"the engine is restarting after it stopped ({last_exit}); retry shortly",
                         "server_error", None, "engine_restarting", {"Retry-After": "2"})
@@ -68,6 +72,16 @@ def queue_full(waiting: int, parallel: int, queue_size: int, retry_after_s: int)
                     {"Retry-After": str(retry_after_s)})
 
 
+_FIELD = re.compile(r"messages\[\d+\](?:\.content\[\d+\])?")
+
+
+def leading_field(message: str) -> str | None:
+    """'messages[1].content[0].detail must be ...' -> 'messages[1].content[0]': the runtime names the
+    part at fault first, and OpenAI clients read it from `param`."""
+    match = _FIELD.match(message)
+    return match.group(0) if match else None
+
+
 def from_exception(exc: BaseException) -> ApiError:
     """What a runtime exception means to the client: its fault (400) or ours (500)."""
     if isinstance(exc, ApiError):
@@ -78,6 +92,8 @@ def from_exception(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
     if isinstance(exc, (DecodeError, ModelLoadError, EngineClosedError)):
         return ApiError(500, f"the model failed: {exc}", "server_error", None, "engine_error")
+    if isinstance(exc, EmptyPromptError):
+        return bad_request(str(exc), "messages")
     if isinstance(exc, (ImageError, TemplateError, EdgeRuntimeError, ValueError)):
-        return bad_request(str(exc))
+        return bad_request(str(exc), getattr(exc, "param", None) or leading_field(str(exc)))
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")

@@ -308,6 +308,7 @@ class Scheduler(EngineFront):
         try:
             admitted = admit(engine, job, prompt, self._free_slots(), self._pieces, self._n_vocab, self._eog_tokens,
                              self.options.default_max_tokens)
+        # catching Exception: one request's failure (from_exception: its 4xx or a 500) must never stop the scheduler thread
         except Exception as exc:
             self._fail(job, exc)
             return
@@ -367,6 +368,7 @@ class Scheduler(EngineFront):
                     self._decode_image_piece(filling, piece)
                 else:
                     filling.prefill.advance(piece)
+            # catching Exception: one request's failure (from_exception: its 4xx or a 500) must never stop the scheduler thread
             except Exception as exc:
                 self._finish_slot(filling, "error", Failed(from_exception(exc)))
             else:

@@ -17,7 +17,7 @@ from edge_llama import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_runtime.core.options import GenerationOptions
-from edge_runtime.chat.tool_calls import ToolError, ToolPlan, plan_tools
+from edge_runtime.chat.tool_calls import MAX_JSON_DEPTH, ToolError, ToolPlan, json_depth, plan_tools
 from edge_runtime.core.sampling import schema_to_grammar
 from .errors import ApiError, bad_request
 
@@ -155,6 +155,7 @@ class ChatRequest(_Model):
     @classmethod
     def _stops(cls, value: Any) -> Any:
         if isinstance(value, list) and len(value) > MAX_STOPS:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
         return value
 
@@ -163,8 +164,10 @@ class ChatRequest(_Model):
     def _bias(cls, value: Any) -> Any:
         for key, bias in (value or {}).items():
             if not key.lstrip("-").isdigit():
+                # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
+                # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
@@ -176,6 +179,7 @@ class ChatRequest(_Model):
     @classmethod
     def _top_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None and not info.data.get("logprobs"):
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
@@ -205,6 +209,7 @@ class ChatRequest(_Model):
     @classmethod
     def _n_predict(cls, value: Any) -> Any:
         if value == 0:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("n_predict must be -1 (no limit) or at least 1; "
                              "evaluating a prompt without an answer is not supported")
         return value
@@ -213,6 +218,7 @@ class ChatRequest(_Model):
     @classmethod
     def _any_slot(cls, value: Any) -> Any:
         if value != -1:
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError("edge-serve chooses the slot itself (the one holding the longest shared prefix); "
                              "send -1 or leave id_slot out")
         return value
@@ -276,7 +282,6 @@ def known_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in data.items() if name in known or value is not None}
 
 
-MAX_JSON_DEPTH = 64  # tool schemas nest; nothing legitimate nests deeper
 MAX_NUMBER_CHARS = 40  # 1e308 and 2**64 fit; a 4000-digit integer does not
 
 
@@ -294,26 +299,41 @@ def load_json(body: bytes) -> Any:
     else:
         depth = json_depth(data, MAX_JSON_DEPTH + 1)
     if depth > MAX_JSON_DEPTH:
-        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", None,
+        field = too_deep_field(body.decode("utf-8", "replace"), MAX_JSON_DEPTH)
+        raise bad_request(f"{field or 'the request body'} nests JSON deeper than {MAX_JSON_DEPTH} levels", field,
                           "json_too_deep")
     return data
 
 
-def json_depth(value: Any, stop: int) -> int:
-    """Nesting depth of parsed JSON, iteratively, giving up once `stop` is reached."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if deepest >= stop:
-                return deepest
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+def too_deep_field(text: str, limit: int) -> str | None:
+    """The top-level field of a JSON object under which nesting first passes `limit` (None: not
+    inside one). A scan of the text, not a parse: the body may be too deep for Python's parser."""
+    depth, key, last_string, i = 0, None, None, 0
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            while end < len(text) and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if depth == 1:
+                last_string = text[i + 1:end]
+            i = end + 1
+            continue
+        if char in "{[":
+            depth += 1
+            if depth > limit:
+                return key
+        elif char in "}]":
+            depth -= 1
+        elif char == ":" and depth == 1:
+            key = last_string
+        i += 1
+    return None
 
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_NUMBER_CHARS:
+        # a plain ValueError: json.loads' number hook: load_json turns it into a 400
         raise ValueError(f"a number has {len(text)} digits (at most {MAX_NUMBER_CHARS})")
     return int(text)
 
@@ -321,6 +341,7 @@ def _bounded_int(text: str) -> int:
 def _bounded_float(text: str) -> float:
     value = float(text) if len(text) <= MAX_NUMBER_CHARS else math.inf
     if not math.isfinite(value):
+        # a plain ValueError: json.loads' number hook: load_json turns it into a 400
         raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
     return value
 

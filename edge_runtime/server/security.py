@@ -23,6 +23,7 @@ from edge_runtime.vision.images import ImageError, ImageLimits
 from edge_runtime.chat.messages import image_input
 from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.video import VideoInput, VideoOptions, load_video
+from .config import is_origin
 from .errors import ApiError, bad_request
 
 Scope = dict[str, Any]
@@ -180,9 +181,8 @@ class BrowserGuardMiddleware:
                             "invalid_request_error", None, "host_not_allowed")
         origin = headers.get("origin")
         if origin is not None and not self.origin_allowed(origin, host):
-            return ApiError(403, f"cross-origin request from {origin!r} refused (start edge-serve with "
-                            f"--cors-origin {origin} to allow pages from it)", "invalid_request_error", None,
-                            "origin_not_allowed")
+            return ApiError(403, f"cross-origin request from {origin!r} refused ({origin_hint(origin)})",
+                            "invalid_request_error", None, "origin_not_allowed")
         bodyless = headers.get("content-length", "0").strip() == "0" and "transfer-encoding" not in headers
         if method in ("POST", "PUT", "PATCH") and not bodyless:  # an empty POST (restore) has nothing to label
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -208,6 +208,18 @@ class BrowserGuardMiddleware:
             return True
         parsed = urllib.parse.urlsplit(origin)  # same origin: the page this server itself served
         return host is not None and parsed.scheme in ("http", "https") and parsed.netloc == host.lower()
+
+
+def origin_hint(origin: str) -> str:
+    """What to start edge-serve with to let pages from `origin` in: never a value --cors-origin refuses.
+
+    Pages opened from file://, sandboxed frames and browser extensions send origins that are no
+    scheme://host[:port] ('null', 'chrome-extension://...'): they can only be allowed with '*'."""
+    if is_origin(origin):
+        return f"start edge-serve with --cors-origin {origin} to allow pages from it"
+    return ("pages opened from file://, sandboxed frames and extensions send an origin that cannot be listed; "
+            "serve the page over http(s) and list that origin with --cors-origin, or allow every origin with "
+            "--cors-origin '*'")
 
 
 def split_host(value: str) -> tuple[str, str]:
@@ -250,41 +262,42 @@ class ImagePolicy:
         message), refusing sources the server was not told to allow."""
         plan = self.planner(detail or self.default_detail, share) if self.planner is not None else None
         try:
-            return image_input(self._source(src, name, self.max_image_bytes), name, self.limits, plan)
+            return image_input(self._source(src, name, self.max_image_bytes, "image"), name, self.limits, plan)
         except ImageError as exc:
             raise bad_request(str(exc), name, "invalid_image") from None
 
     def load_video(self, src: Any, name: str) -> VideoInput:
         """A video_url value -> VideoInput, under the same source policy as images."""
         try:
-            return load_video(self._source(src, name, self.video.max_bytes), name, self.video)
+            return load_video(self._source(src, name, self.video.max_bytes, "video"), name, self.video)
         except ImageError as exc:  # VideoError included
             raise bad_request(str(exc), name, "invalid_video") from None
 
-    def _source(self, src: Any, name: str, max_bytes: int) -> str | bytes:
-        """The data URI itself, or the bytes of an allowed remote URL or local file."""
+    def _source(self, src: Any, name: str, max_bytes: int, what: str) -> str | bytes:
+        """The data URI itself, or the bytes of an allowed remote URL or local file; refusals speak of
+        `what` ("image" or "video")."""
         if not isinstance(src, str):
             raise bad_request(f"{name}: the url must be a string", name)
         kind = source_kind(src)
         if kind == "data":
             size = data_uri_size(src)
             if size > max_bytes:
-                raise _image_too_large(name, size, max_bytes)
+                raise _too_large(name, size, max_bytes, what)
             return src
         if kind == "remote":
             if not self.allow_remote:
-                raise ApiError(400, f"{name}: remote image URLs are disabled on this server; send the image as a "
-                               "data: URI (or start edge-serve with --allow-remote-images)",
+                raise ApiError(400, f"{name}: remote {what} URLs are disabled on this server; send the {what} as a "
+                               "data: URI (or start edge-serve with --allow-remote-images, which covers videos too)",
                                "invalid_request_error", name, "remote_images_disabled")
-            return fetch_remote(src, max_bytes, self.fetch_timeout_s, name)
+            return fetch_remote(src, max_bytes, self.fetch_timeout_s, name, what)
         if kind == "local":
             if self.local_root is None:
-                raise ApiError(400, f"{name}: local file paths are disabled on this server; send the image as a "
+                raise ApiError(400, f"{name}: local file paths are disabled on this server; send the {what} as a "
                                "data: URI (or start edge-serve with --allow-local-dir DIR)",
                                "invalid_request_error", name, "local_images_disabled")
-            path = confine_path(self.local_root, local_path(src, name), name)
-            return read_capped(path, max_bytes, name)
-        raise bad_request(f"{name}: unsupported image URL scheme in {src[:40]!r}; use a data: URI", name,
+            path = confine_path(self.local_root, local_path(src, name), name, what)
+            return read_capped(path, max_bytes, name, what)
+        raise bad_request(f"{name}: unsupported {what} URL scheme in {src[:40]!r}; use a data: URI", name,
                           "unsupported_image_url")
 
 
@@ -312,7 +325,7 @@ def local_path(url: str, name: str) -> str:
     return urllib.parse.unquote(parsed.path)
 
 
-def confine_path(root: Path, raw: str, name: str = "image") -> Path:
+def confine_path(root: Path, raw: str, name: str = "image", what: str = "image") -> Path:
     """`raw` resolved inside `root`, or a 400: no '..', no absolute path elsewhere, no symlink out.
 
     Containment is checked before existence, so refusals say nothing about files outside root.
@@ -322,7 +335,7 @@ def confine_path(root: Path, raw: str, name: str = "image") -> Path:
     lexical_root, root = Path(os.path.abspath(root)), Path(root).resolve()
     given = Path(raw)
     if ".." in given.parts:
-        raise bad_request(f"{name}: '..' is not allowed in image paths", name, "path_not_allowed")
+        raise bad_request(f"{name}: '..' is not allowed in {what} paths", name, "path_not_allowed")
     candidate = given if given.is_absolute() else lexical_root / given
     outside = ApiError(400, f"{name}: the path is outside the directory this server may read "
                        "(--allow-local-dir)", "invalid_request_error", name, "path_not_allowed")
@@ -333,7 +346,7 @@ def confine_path(root: Path, raw: str, name: str = "image") -> Path:
     if not _inside(resolved, root):
         raise outside
     if not resolved.is_file():
-        raise bad_request(f"{name}: no such image file in the allowed directory", name, "image_not_found")
+        raise bad_request(f"{name}: no such {what} file in the allowed directory", name, "image_not_found")
     return resolved
 
 
@@ -341,47 +354,48 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def read_capped(path: Path, max_bytes: int, name: str) -> bytes:
+def read_capped(path: Path, max_bytes: int, name: str, what: str = "image") -> bytes:
     """Read a regular file of at most max_bytes; O_NOFOLLOW so a link swapped in now is not followed."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise bad_request(f"{name}: cannot open the image file ({exc.strerror})", name, "image_not_found") from None
+        raise bad_request(f"{name}: cannot open the {what} file ({exc.strerror})", name, "image_not_found") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise bad_request(f"{name}: not a regular file", name, "image_not_found")
         if info.st_size > max_bytes:
-            raise _image_too_large(name, info.st_size, max_bytes)
+            raise _too_large(name, info.st_size, max_bytes, what)
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise _image_too_large(name, len(data), max_bytes)
+        raise _too_large(name, len(data), max_bytes, what)
     return data
 
 
-def fetch_remote(url: str, max_bytes: int, timeout_s: float, name: str) -> bytes:
-    """GET an image with a byte cap enforced while streaming (a lying Content-Length changes nothing)."""
+def fetch_remote(url: str, max_bytes: int, timeout_s: float, name: str, what: str = "image") -> bytes:
+    """GET an image (or video) with a byte cap enforced while streaming (a lying Content-Length changes nothing)."""
     try:
         with httpx.Client(timeout=timeout_s, follow_redirects=True, max_redirects=3) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+            with client.stream("GET", url, headers={"Accept": f"{what}/*"}) as response:
                 if response.status_code != 200:
-                    raise bad_request(f"{name}: fetching the image returned HTTP {response.status_code}", name,
+                    raise bad_request(f"{name}: fetching the {what} returned HTTP {response.status_code}", name,
                                       "image_fetch_failed")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise _image_too_large(name, int(declared), max_bytes)
+                    raise _too_large(name, int(declared), max_bytes, what)
                 data = bytearray()
                 for chunk in response.iter_bytes():
                     data += chunk
                     if len(data) > max_bytes:
-                        raise _image_too_large(name, len(data), max_bytes)
+                        raise _too_large(name, len(data), max_bytes, what)
                 return bytes(data)
     except httpx.HTTPError as exc:
-        raise bad_request(f"{name}: could not fetch the image ({type(exc).__name__}: {exc})", name,
+        raise bad_request(f"{name}: could not fetch the {what} ({type(exc).__name__}: {exc})", name,
                           "image_fetch_failed") from None
 
 
-def _image_too_large(name: str, size: int, max_bytes: int) -> ApiError:
-    return bad_request(f"{name}: the image has {size} bytes or more, over the limit of {max_bytes} "
-                       "(--max-image-bytes)", name, "image_too_large")
+def _too_large(name: str, size: int, max_bytes: int, what: str = "image") -> ApiError:
+    limit = "--max-image-bytes" if what == "image" else "edge-serve's limit for videos"
+    return bad_request(f"{name}: the {what} has {size} bytes or more, over the limit of {max_bytes} "
+                       f"({limit})", name, f"{what}_too_large")

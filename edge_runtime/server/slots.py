@@ -55,6 +55,7 @@ def choose_slot(candidates: Sequence[Candidate], wanted: Sequence[Unit]) -> tupl
     conversation cached elsewhere survives for its own follow-up.
     """
     if not candidates:
+        # a plain ValueError: the scheduler takes a slot only when one is free: a programming error
         raise ValueError("no free slot")
     best = max(candidates, key=lambda c: (common_prefix(c.units, wanted), -len(c.units), -c.last_used))
     return best.seq_id, common_prefix(best.units, wanted)

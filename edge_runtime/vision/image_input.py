@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from edge_runtime.vision.images import ImageError
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class ImageInput:
         """Wrap pixels already resized for the projector; `digest` keys the encoder caches, so it
         must change whenever the pixels do."""
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-            raise ValueError(f"expected an HxWx3 uint8 array, got {pixels.shape} {pixels.dtype}")
+            raise ImageError(f"expected an HxWx3 uint8 array, got {pixels.shape} {pixels.dtype}")
         pixels = np.ascontiguousarray(pixels)
         return cls(digest, int(pixels.shape[1]), int(pixels.shape[0]), pixels, plan, source_size, mergeable)
 

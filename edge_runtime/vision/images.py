@@ -79,9 +79,9 @@ class ImageLimits:
         for field in ("max_pixels", "max_side", "max_bytes", "min_side"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ImageLimits.{field} must be a positive int, got {value!r}")
+                raise ImageError(f"ImageLimits.{field} must be a positive int, got {value!r}")
         if self.min_side > self.max_side:
-            raise ValueError(
+            raise ImageError(
                 f"ImageLimits.min_side ({self.min_side}) is larger than max_side ({self.max_side})"
             )
 
@@ -351,6 +351,7 @@ def _lab_to_rgb(img: Image.Image) -> Image.Image:
         lab_to_srgb = ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
         return ImageCms.applyTransform(img, lab_to_srgb)
     except ImageCms.PyCMSError as exc:
+        # a plain ValueError: _lab_to_rgb's caller (the decoder above) turns it into ImageError
         raise ValueError(str(exc)) from None
 
 

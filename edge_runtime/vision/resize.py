@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from edge_runtime.errors import OptionError
 
 __all__ = ["PixelBudget", "draft_for", "resize_rgb", "resize_to", "smart_resize", "smart_resize_video",
            "target_size"]
@@ -35,9 +36,9 @@ def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_p
     with factor = patch_size * merge_size = 32); Python's round() (half to even) as there.
     """
     if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
+        raise OptionError(f"image size must be positive, got {width}x{height}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
+        raise OptionError(
             f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}"
         )
     h_bar = round(height / factor) * factor
@@ -63,9 +64,9 @@ class PixelBudget:
 
     def __post_init__(self) -> None:
         if self.factor < 1:
-            raise ValueError(f"factor must be positive, got {self.factor}")
+            raise OptionError(f"factor must be positive, got {self.factor}")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+            raise OptionError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
 
     @classmethod
     def from_tokens(cls, *, factor: int, min_tokens: int, max_tokens: int) -> "PixelBudget":
@@ -116,12 +117,12 @@ def smart_resize_video(
     the whole clip.
     """
     if num_frames < temporal_factor:
-        raise ValueError(f"{num_frames} frame(s): a clip needs at least {temporal_factor}")
+        raise OptionError(f"{num_frames} frame(s): a clip needs at least {temporal_factor}")
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
+        raise OptionError(
             f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}"
         )
     h_bar = round(height / factor) * factor

@@ -326,15 +326,18 @@ def _from_file(
     try:
         with container:
             if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["none"]
+                kinds = sorted({s.type for s in container.streams})
+                if "audio" not in kinds:  # an MP4 cut inside its index (moov): no stream, or a 'data' one
+                    raise VideoError(f"{label}: the file has no video stream (streams: {', '.join(kinds) or 'none'}); "
+                                     "it is truncated or corrupt (an MP4 cut inside its index): send the whole file")
                 raise VideoError(f"{label}: the file has no video stream (streams: {', '.join(kinds)}); "
                                  "an audio-only file cannot be used as video")
             stream = container.streams.video[0]
             codec = stream.codec_context
             if codec is None:
                 raise VideoError(f"{label}: FFmpeg has no decoder for this video's codec "
-                                 f"({getattr(stream, 'codec_tag', '') or 'unknown'}); the codec is not supported, "
-                                 "re-encode the clip as H.264, VP9 or MPEG-4")
+                                 f"({getattr(stream, 'codec_tag', '') or 'unknown'}); the file is truncated or corrupt, "
+                                 "or its codec is not supported: re-encode the clip as H.264, VP9 or MPEG-4")
             width, height = int(codec.width or 0), int(codec.height or 0)
             if width < 1 or height < 1:
                 raise VideoError(f"{label}: the video stream has no frame size (codec {codec.name!r}); "

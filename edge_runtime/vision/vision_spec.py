@@ -19,6 +19,7 @@ from gguf import GGUFReader, Keys
 from edge_models import VisionFacts, family_for_gguf, family_for_hf, family_for_projector
 
 from edge_runtime.vision.resize import PixelBudget
+from edge_models import ModelConfigError
 
 __all__ = ["VisionSpec", "block_weight_type", "hf_vision_spec", "read_vision_spec"]
 
@@ -117,7 +118,7 @@ def hf_vision_spec(model_dir: str | Path) -> VisionSpec:
         try:
             return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: unreadable ({exc}); restore the checkpoint's {name}") from exc
+            raise ModelConfigError(f"{path}: unreadable ({exc}); restore the checkpoint's {name}") from exc
 
     config, pre = load("config.json"), load("preprocessor_config.json")
     facts = family_for_hf(config, str(Path(model_dir) / "config.json")).vision
