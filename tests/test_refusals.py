@@ -211,3 +211,86 @@ def test_tensor_split_with_nan_or_inf_is_refused_naming_the_option(tiny_f16_dir,
 
     result = CliRunner().invoke(main, [str(tiny_f16_dir), "hi", "--rpc", "127.0.0.1:1", "--tensor-split", shares])
     assert result.exit_code == 2 and "--tensor-split" in result.output and "finite" in result.output
+
+
+# ---------------------------------------------------------------- encoder-cache directories
+
+
+@pytest.fixture
+def seal(tmp_path):
+    """Makes a folder read-only for this process: its mode for a normal user, a read-only bind mount
+    for root (whom modes do not stop). Yields the function; undoes it afterwards."""
+    import os
+    import subprocess
+
+    mounts = []
+
+    def make(folder):
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            mounts.append(("chmod", folder))
+            return folder
+        view = folder.with_name(folder.name + "-ro")
+        view.mkdir()
+        bind = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True)
+        if bind.returncode != 0:
+            pytest.skip(f"root without mount rights cannot make a read-only folder: {bind.stderr.decode()}")
+        mounts.append(("mount", view))
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        return view
+
+    yield make
+    for kind, place in reversed(mounts):
+        if kind == "chmod":
+            place.chmod(0o755)
+        else:
+            subprocess.run(["umount", str(place)], check=True)
+
+
+def _cache_files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_encoder_cache_dir_that_is_a_file_is_refused_at_the_door(tiny_f16_dir, tmp_path, where):
+    from click.testing import CliRunner
+
+    from edge_common.errors import OutputError
+    from edge_runtime.cli.cli import main as chat_main
+    from edge_runtime.core.options import EngineOptions
+    from edge_runtime.server.cli import main as serve_main
+    from edge_runtime.server.config import ServerOptions
+
+    (tmp_path / "blocker").write_text("not a folder")
+    bad = tmp_path / "blocker" if where == "a file" else tmp_path / "blocker" / "cache"
+    with pytest.raises(OutputError, match="encoder cache dir .*blocker.* is a file") as info:
+        VisionChat.from_dir(tiny_f16_dir, n_ctx=256, encoder_cache_dir=bad)
+    assert "--no-encoder-cache" in str(info.value)
+    for make in (lambda: EngineOptions(encoder_cache_dir=str(bad)),
+                 lambda: ServerOptions(tiny_f16_dir, encoder_cache_dir=bad)):
+        with pytest.raises(OutputError, match="is a file"):
+            make()
+    for main in (chat_main, serve_main):
+        args = [str(tiny_f16_dir)] + (["hi"] if main is chat_main else []) + ["--encoder-cache-dir", str(bad)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "blocker" in result.output and "is a file" in result.output, result.output
+    assert (tmp_path / "blocker").read_text() == "not a folder"
+
+
+def test_a_read_only_encoder_cache_dir_is_used_for_reading_with_one_warning(tiny_f16_dir, tmp_path, seal, caplog):
+    image, other = make_test_image(128, 96, seed=31), make_test_image(96, 128, seed=32)
+    warm, empty = tmp_path / "warm", tmp_path / "empty"
+    empty.mkdir()
+    with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=warm) as c:
+        expected = c.ask("What is this?", images=[image], **GREEDY)
+    before = _cache_files(warm)
+    for folder, hits in ((seal(warm), 1), (seal(empty), 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edge_runtime"):
+            with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=folder) as c:
+                assert c.ask("What is this?", images=[image], **GREEDY) == expected
+                assert c.last_stats.disk_cache_hits == hits and c.last_stats.images_encoded == 1 - hits
+                c.ask("And this?", images=[other], **GREEDY)  # encoded, not kept
+        warnings = [r for r in caplog.records if "read-only" in r.getMessage()]
+        assert len(warnings) == 1 and str(folder) in warnings[0].getMessage()
+    assert _cache_files(warm) == before and _cache_files(empty) == []  # nothing written, nothing half-written

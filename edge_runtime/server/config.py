@@ -15,6 +15,7 @@ from edge_llama import kv_type
 
 from edge_runtime.core.open_model import engine_options
 from edge_runtime.core.options import MiB, EngineOptions
+from edge_runtime.vision.disk_cache import check_cache_dir
 
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
 
@@ -104,6 +105,8 @@ class ServerOptions:
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
                                  "e.g. http://localhost:3000")
+        if self.encoder_cache_dir is not None:
+            check_cache_dir(self.encoder_cache_dir)  # a file in the way: refused before the server starts
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
             raise ValueError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 
