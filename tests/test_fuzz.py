@@ -53,7 +53,7 @@ def test_a_detail_is_a_known_level_or_an_option_error(detail):
 
 @pytest.fixture(scope="module")
 def saved_file(tmp_path_factory):
-    fingerprint = StateFingerprint("a" * 64, "b" * 64, "qwen3vl", "f16", "f16", None, None, 1)
+    fingerprint = StateFingerprint("a" * 64, "b" * 64, "qwen3vl", "f16", "f16", None, None, 1, "on", "c" * 64)
     units = text_units([1, 2, 3]) + [image_unit("c" * 64, 4, 2)] + text_units([5])
     conv = SavedConversation(fingerprint, units, [{"role": "user", "content": "hi"}], bytearray(b"kv" * 8),
                              n_ctx=512)

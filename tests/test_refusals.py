@@ -294,3 +294,44 @@ def test_a_read_only_encoder_cache_dir_is_used_for_reading_with_one_warning(tiny
         warnings = [r for r in caplog.records if "read-only" in r.getMessage()]
         assert len(warnings) == 1 and str(folder) in warnings[0].getMessage()
     assert _cache_files(warm) == before and _cache_files(empty) == []  # nothing written, nothing half-written
+
+
+# ---------------------------------------------------------------- restores that are refused
+
+
+def test_a_refused_restore_leaves_the_conversation_as_it_was(tiny_f16_dir, tmp_path):
+    """Files for another flash-attention setting or chat template are refused up front, naming it; a
+    file that passes that check but whose cells llama.cpp refuses ("incompatible V transposition")
+    puts the cells back. After each, the same question gets the same answer from the kept KV cache
+    (the history's image has no pixels left: only the cache can answer about it)."""
+    from edge_runtime.errors import SavedConversationError
+
+    image = make_test_image(128, 96, seed=41)
+    opts = dict(n_ctx=1024, encoder_cache_mb=0)
+    with VisionChat.from_dir(tiny_f16_dir, flash_attn=False, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "fa-off.edgeconv")
+        other_template = c.template.source + "{# another template #}"
+    with VisionChat.from_dir(tiny_f16_dir, chat_template=other_template, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "other-template.edgeconv")
+    lying = _retamper(tmp_path / "fa-off.edgeconv", tmp_path / "lying.edgeconv",
+                      lambda h: h["depends_on"].update(flash_attn="on"))
+    refusals = {tmp_path / "fa-off.edgeconv": r"flash_attn: saved 'off', here 'on'",
+                tmp_path / "other-template.edgeconv": "chat template differs",
+                lying: "llama.cpp refused the saved KV cells"}
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "good.edgeconv")
+        c.restore(tmp_path / "good.edgeconv")
+        expected = c.ask("Say more.", **GREEDY)
+        c.restore(tmp_path / "good.edgeconv")
+        history, n_tokens = list(c.history), c.engine.seq_state().n_tokens
+        for path, message in refusals.items():
+            with pytest.raises(SavedConversationError, match=message):
+                c.restore(path)
+            assert c.history == history and c.engine.seq_state().n_tokens == n_tokens
+        assert c.ask("Say more.", **GREEDY) == expected
+        assert c.last_stats.images_encoded == 0 and c.last_stats.reused_tokens > 0
+    with pytest.raises(SavedConversationError, match="chat template differs"):
+        VisionChat.load(tmp_path / "good.edgeconv", chat_template=other_template, **opts)

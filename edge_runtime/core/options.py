@@ -117,7 +117,7 @@ class EngineOptions:
             and self.image_max_tokens is not None
             and self.image_min_tokens > self.image_max_tokens
         ):
-            raise ValueError(
+            raise OptionError(
                 f"image_min_tokens ({self.image_min_tokens}) > image_max_tokens ({self.image_max_tokens})"
             )
 
