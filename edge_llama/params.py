@@ -82,7 +82,7 @@ def repackable_tensors(path: str | Path) -> list[str]:
     for t in GGUFReader(str(path)).tensors:
         shape = [int(x) for x in t.shape]  # ggml order: ne0 (row length), ne1 (rows)
         rows = REPACK_ROWS_X86.get(t.tensor_type.name)
-        if rows and len(shape) == 2 and shape[1] % rows == 0 and MATMUL_WEIGHT.match(t.name):
+        if rows and len(shape) == 2 and shape[1] % rows == 0 and MATMUL_WEIGHT.fullmatch(t.name):
             out.append(t.name)
     return out
 
@@ -121,7 +121,7 @@ def build_model_params(path: str | Path, options: LoadOptions = LoadOptions(), *
             # both: keep the placement's host pins and add CPU_REPACK for the rest
             from .placement import OUTPUT_ON_HOST
 
-            names = [n for n in names if not re.match(OUTPUT_ON_HOST.decode(), n)]
+            names = [n for n in names if not re.fullmatch(OUTPUT_ON_HOST.decode(), n)]
             pinned = ctypes.cast(params.tensor_buft_overrides, ctypes.POINTER(_Override))[0]
             out.keep.append(pinned)
         else:

@@ -1,6 +1,8 @@
 """Issue 22's bad inputs and faults: each is a named EdgeError that leaves the chat, the server and the files as they were."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edge_common.errors import EdgeError
@@ -335,3 +337,78 @@ def test_a_refused_restore_leaves_the_conversation_as_it_was(tiny_f16_dir, tmp_p
         assert c.last_stats.images_encoded == 0 and c.last_stats.reused_tokens > 0
     with pytest.raises(SavedConversationError, match="chat template differs"):
         VisionChat.load(tmp_path / "good.edgeconv", chat_template=other_template, **opts)
+
+
+# ---------------------------------------------------------------- the converter's inputs
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_model_dir, tmp_path):
+    """The tiny checkpoint with its own config.json (the weights linked, not copied)."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (out / f.name).symlink_to(f) if f.name != "config.json" else (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("text_config", "num_hidden_layers", "2"), ("text_config", "num_hidden_layers", -2),
+    ("text_config", "num_hidden_layers", 2.5), ("text_config", "hidden_size", None),
+    ("text_config", "num_attention_heads", 0), ("text_config", "rms_norm_eps", "tiny"),
+    ("text_config", "vocab_size", True), ("vision_config", "depth", "4"), ("vision_config", "patch_size", 16.0),
+    ("vision_config", "deepstack_visual_indexes", ["1"]),
+])
+@pytest.mark.parametrize("plan", [True, False])
+def test_a_config_number_that_is_a_string_negative_or_float_is_refused_naming_file_and_field(
+        checkpoint_copy, tmp_path, section, key, value, plan):
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_app.cli import main
+
+    config_path = checkpoint_copy / "config.json"
+    config = json.loads(config_path.read_text())
+    config[section][key] = value
+    config_path.write_text(json.dumps(config))
+    args = [str(checkpoint_copy)] + (["--plan"] if plan else ["-o", str(tmp_path / "out"), "-q"])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert str(config_path) in result.output and f"{section}.{key}" in result.output, result.output
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_plan_with_tensor_split_but_no_rpc_workers_is_refused(checkpoint_copy):
+    from click.testing import CliRunner
+
+    from edge_app.cli import main
+
+    result = CliRunner().invoke(main, [str(checkpoint_copy), "--plan", "--tensor-split", "1,1"])
+    assert result.exit_code == 2 and "--tensor-split" in result.output and "--rpc" in result.output, result.output
+    assert "KV" not in result.output  # refused before any plan is printed
+
+
+# ---------------------------------------------------------------- names matched whole
+
+
+def test_a_tensor_name_with_a_trailing_newline_is_no_block_and_no_expert():
+    """`$` matches before a final newline: the converter's block and expert patterns are matched whole."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from edge_models import ModelConfigError
+    from edge_models.qwen3vl.arch import TEXT_BLOCK, _check_blocks
+    from edge_models.qwen3vlmoe.arch import map_text_tensor
+    from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
+
+    names = ["model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.layers.1.mlp.up_proj.weight\n"]
+    ckpt = SimpleNamespace(tensors=dict.fromkeys(names), model_dir=Path("ckpt"), config={})
+    with pytest.raises(ModelConfigError, match=r"missing text layer \[1\]"):
+        _check_blocks(ckpt, TEXT_BLOCK, 2, "text_config.num_hidden_layers", "text layer")
+
+    config = MoeSyntheticSpec().make_config(defaultdict(int), 100)
+    expert = "model.language_model.layers.0.mlp.experts.down_proj"
+    assert map_text_tensor(expert, config)  # the real name maps
+    with pytest.raises(ModelConfigError, match="not part of the Qwen3-VL language model"):
+        map_text_tensor(expert + "\n", config)
