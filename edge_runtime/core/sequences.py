@@ -96,7 +96,7 @@ class Sequences:
                     "setting, which changes the V layout)" + log_suffix())
             state.extend(units)
             lo, hi = ctx.seq_pos_range(seq_id)
-            if units and (lo != 0 or hi + 1 != state.n_pos):
+            if (lo, hi) != ((0, state.n_pos - 1) if units else (-1, -1)):  # no units: no cells either
                 raise SavedConversationError(
                     f"the saved KV cells cover positions {lo}..{hi} but the saved units need 0..{state.n_pos - 1}")
         except BaseException:
