@@ -8,7 +8,6 @@ estimate (quant.estimate) starts from this.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,7 +20,7 @@ from edge_common.gguf_plan import ModelShapes, TensorSize, natural_key
 from edge_models import family_for_hf
 from edge_models.spec import ArchSpec
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_json
 from .errors import ConvertError
 from .pipeline import choose_type, spec_for, transformed_shape, write_file_metadata
 
@@ -35,7 +34,7 @@ def _hf_shapes(source: Path | dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     cfg_path = p / "config.json" if p.is_dir() else p
     if not cfg_path.is_file():
         raise ConvertError(f"{p}: no config.json; give a Hugging Face checkpoint folder or its config.json.")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = read_json(cfg_path, "config.json")
     if model_dir is not None and any(model_dir.glob("*.safetensors")):
         ckpt = Checkpoint.open(model_dir)
         return ckpt.config, {n: tuple(r.shape) for n, r in ckpt.tensors.items()}, model_dir
@@ -45,7 +44,9 @@ def _hf_shapes(source: Path | dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 def model_shapes(source: str | Path | dict[str, Any], intermediate: str = "f16") -> ModelShapes:
     """GGUF tensors (names, shapes, intermediate types) the converter would write for `source`."""
     config, hf, model_dir = _hf_shapes(source if isinstance(source, dict) else Path(source))
-    spec = spec_for(config)
+    where = "config.json" if isinstance(source, dict) else str(Path(source) / "config.json" if Path(source).is_dir()
+                                                              else source)
+    spec = spec_for(config, where)
     if hf is None:
         try:
             hf = family_for_hf(config).module("reference").tensor_shapes(config)

@@ -61,6 +61,9 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
     a multimodal projector GGUF and OUT/manifest.json."""
     quant, mmproj_quant = quant.lower(), mmproj_quant and mmproj_quant.lower()
     with refusals(PROG):
+        if tensor_split and not rpc_servers:  # without workers there is one device: nothing to split
+            flags.fail(PROG, "--tensor-split gives each device's share of the layers: this machine first, then "
+                             "each --rpc worker; give --rpc HOST:PORT[,...] too")
         if plan:
             from convert.shapes import model_shapes
             from quant.estimate import format_plan, plan_table

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,12 +23,15 @@ _WRITE_FAULTS = {errno.ENOSPC: "the disk is full: free space or write elsewhere"
                  errno.EPERM: "permission denied: make the folder writable or write elsewhere"}
 
 
-def partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
+def partial_path(path: Path, unique: bool = False) -> Path:
+    """The temporary name; `unique` adds the process and thread, for files that several writers
+    may replace at once (a cache shared by processes), so that no writer truncates another's."""
+    tag = f".{os.getpid()}.{threading.get_ident()}" if unique else ""
+    return path.with_name(f".{path.name}{tag}.partial")
 
 
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, unique: bool = False) -> Iterator[Path]:
     """Yield the temporary path to write; on success it replaces `path`, on any failure it is removed.
 
     A target that cannot be written (a directory, a missing or read-only folder, a full disk)
@@ -35,7 +39,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     check_writable_target(path)
-    tmp = partial_path(path)
+    tmp = partial_path(path, unique)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -59,6 +63,32 @@ def check_writable_target(path: Path) -> None:
         raise OutputError(f"cannot write {path}: the folder {parent} does not exist; create it first")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: {parent} is not a folder (it is a file)")
+
+
+def writable_dir(path: Path, what: str, fix: str) -> bool:
+    """Whether files can be created in the folder `path` (which may not exist yet): False when it,
+    or the nearest folder above it that exists, is read-only or cannot be entered.
+
+    A file at `path` or above it is an OutputError naming `what`, the file and `fix`: no later
+    write could succeed, and a user who gave that path wants to hear it at once.
+    """
+    path = Path(path).expanduser()
+    for place in (path, *path.parents):
+        try:
+            if not place.exists():
+                continue
+        except OSError:  # a folder above it cannot be entered
+            return False
+        if not place.is_dir():
+            where = "it is a file" if place == path else f"{place} is a file, not a folder"
+            raise OutputError(f"{what} {path}: {where}; {fix}")
+        return os.access(place, os.W_OK | os.X_OK)
+    return False
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, unique: bool = False) -> None:
+    with atomic_output(path, unique=unique) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

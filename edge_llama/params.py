@@ -88,7 +88,7 @@ def repackable_tensors(path: str | Path) -> list[str]:
     for t in GGUFReader(str(path)).tensors:
         shape = [int(x) for x in t.shape]  # ggml order: ne0 (row length), ne1 (rows)
         rows = REPACK_ROWS_X86.get(t.tensor_type.name)
-        if rows and len(shape) == 2 and shape[1] % rows == 0 and MATMUL_WEIGHT.match(t.name):
+        if rows and len(shape) == 2 and shape[1] % rows == 0 and MATMUL_WEIGHT.fullmatch(t.name):
             out.append(t.name)
     return out
 

@@ -56,8 +56,10 @@ def family_for_checkpoint(model_dir: str | Path) -> FamilySpec:
 
 
 def lookup(config: dict[str, Any], config_path: str = "config.json") -> ArchSpec:
-    """The converter's ArchSpec for a Hugging Face config.json."""
-    return family_for_hf(config, config_path).arch
+    """The converter's ArchSpec for a Hugging Face config.json, whose numbers it checks (naming `config_path`)."""
+    spec = family_for_hf(config, config_path).arch
+    spec.check_config(config, config_path)
+    return spec
 
 
 def family_for_gguf(gguf_arch: str | None = None) -> FamilySpec:

@@ -82,6 +82,9 @@ class ArchSpec:
     outputs: tuple[OutputFile, ...]
     validate: Callable[[Checkpoint], None] = lambda ckpt: None
     unsupported_relatives: dict[str, str] = field(default_factory=dict)
+    # (config.json, its path) -> None: every number the family reads, typed and in range, checked once
+    # where a config enters (edge_models.lookup), so no later step meets a string where a count belongs
+    check_config: Callable[[dict[str, Any], str], None] = lambda config, source: None
 
 
 @dataclass(frozen=True)

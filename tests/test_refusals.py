@@ -1,6 +1,8 @@
 """Issue 22's bad inputs and faults: each is a named EdgeError that leaves the chat, the server and the files as they were."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edge_common.errors import EdgeError
@@ -211,3 +213,202 @@ def test_tensor_split_with_nan_or_inf_is_refused_naming_the_option(tiny_f16_dir,
 
     result = CliRunner().invoke(main, [str(tiny_f16_dir), "hi", "--rpc", "127.0.0.1:1", "--tensor-split", shares])
     assert result.exit_code == 2 and "--tensor-split" in result.output and "finite" in result.output
+
+
+# ---------------------------------------------------------------- encoder-cache directories
+
+
+@pytest.fixture
+def seal(tmp_path):
+    """Makes a folder read-only for this process: its mode for a normal user, a read-only bind mount
+    for root (whom modes do not stop). Yields the function; undoes it afterwards."""
+    import os
+    import subprocess
+
+    mounts = []
+
+    def make(folder):
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            mounts.append(("chmod", folder))
+            return folder
+        view = folder.with_name(folder.name + "-ro")
+        view.mkdir()
+        bind = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True)
+        if bind.returncode != 0:
+            pytest.skip(f"root without mount rights cannot make a read-only folder: {bind.stderr.decode()}")
+        mounts.append(("mount", view))
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        return view
+
+    yield make
+    for kind, place in reversed(mounts):
+        if kind == "chmod":
+            place.chmod(0o755)
+        else:
+            subprocess.run(["umount", str(place)], check=True)
+
+
+def _cache_files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_encoder_cache_dir_that_is_a_file_is_refused_at_the_door(tiny_f16_dir, tmp_path, where):
+    from click.testing import CliRunner
+
+    from edge_common.errors import OutputError
+    from edge_runtime.cli.cli import main as chat_main
+    from edge_runtime.core.options import EngineOptions
+    from edge_runtime.server.cli import main as serve_main
+    from edge_runtime.server.config import ServerOptions
+
+    (tmp_path / "blocker").write_text("not a folder")
+    bad = tmp_path / "blocker" if where == "a file" else tmp_path / "blocker" / "cache"
+    with pytest.raises(OutputError, match="encoder cache dir .*blocker.* is a file") as info:
+        VisionChat.from_dir(tiny_f16_dir, n_ctx=256, encoder_cache_dir=bad)
+    assert "--no-encoder-cache" in str(info.value)
+    for make in (lambda: EngineOptions(encoder_cache_dir=str(bad)),
+                 lambda: ServerOptions(tiny_f16_dir, encoder_cache_dir=bad)):
+        with pytest.raises(OutputError, match="is a file"):
+            make()
+    for main in (chat_main, serve_main):
+        args = [str(tiny_f16_dir)] + (["hi"] if main is chat_main else []) + ["--encoder-cache-dir", str(bad)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "blocker" in result.output and "is a file" in result.output, result.output
+    assert (tmp_path / "blocker").read_text() == "not a folder"
+
+
+def test_a_read_only_encoder_cache_dir_is_used_for_reading_with_one_warning(tiny_f16_dir, tmp_path, seal, caplog):
+    image, other = make_test_image(128, 96, seed=31), make_test_image(96, 128, seed=32)
+    warm, empty = tmp_path / "warm", tmp_path / "empty"
+    empty.mkdir()
+    with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=warm) as c:
+        expected = c.ask("What is this?", images=[image], **GREEDY)
+    before = _cache_files(warm)
+    for folder, hits in ((seal(warm), 1), (seal(empty), 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edge_runtime"):
+            with VisionChat.from_dir(tiny_f16_dir, n_ctx=1024, encoder_cache_mb=0, encoder_cache_dir=folder) as c:
+                assert c.ask("What is this?", images=[image], **GREEDY) == expected
+                assert c.last_stats.disk_cache_hits == hits and c.last_stats.images_encoded == 1 - hits
+                c.ask("And this?", images=[other], **GREEDY)  # encoded, not kept
+        warnings = [r for r in caplog.records if "read-only" in r.getMessage()]
+        assert len(warnings) == 1 and str(folder) in warnings[0].getMessage()
+    assert _cache_files(warm) == before and _cache_files(empty) == []  # nothing written, nothing half-written
+
+
+# ---------------------------------------------------------------- restores that are refused
+
+
+def test_a_refused_restore_leaves_the_conversation_as_it_was(tiny_f16_dir, tmp_path):
+    """Files for another flash-attention setting or chat template are refused up front, naming it; a
+    file that passes that check but whose cells llama.cpp refuses ("incompatible V transposition")
+    puts the cells back. After each, the same question gets the same answer from the kept KV cache
+    (the history's image has no pixels left: only the cache can answer about it)."""
+    from edge_runtime.errors import SavedConversationError
+
+    image = make_test_image(128, 96, seed=41)
+    opts = dict(n_ctx=1024, encoder_cache_mb=0)
+    with VisionChat.from_dir(tiny_f16_dir, flash_attn=False, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "fa-off.edgeconv")
+        other_template = c.template.source + "{# another template #}"
+    with VisionChat.from_dir(tiny_f16_dir, chat_template=other_template, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "other-template.edgeconv")
+    lying = _retamper(tmp_path / "fa-off.edgeconv", tmp_path / "lying.edgeconv",
+                      lambda h: h["depends_on"].update(flash_attn="on"))
+    refusals = {tmp_path / "fa-off.edgeconv": r"flash_attn: saved 'off', here 'on'",
+                tmp_path / "other-template.edgeconv": "chat template differs",
+                lying: "llama.cpp refused the saved KV cells"}
+    with VisionChat.from_dir(tiny_f16_dir, **opts) as c:
+        c.ask("What is this?", images=[image], **GREEDY)
+        c.save(tmp_path / "good.edgeconv")
+        c.restore(tmp_path / "good.edgeconv")
+        expected = c.ask("Say more.", **GREEDY)
+        c.restore(tmp_path / "good.edgeconv")
+        history, n_tokens = list(c.history), c.engine.seq_state().n_tokens
+        for path, message in refusals.items():
+            with pytest.raises(SavedConversationError, match=message):
+                c.restore(path)
+            assert c.history == history and c.engine.seq_state().n_tokens == n_tokens
+        assert c.ask("Say more.", **GREEDY) == expected
+        assert c.last_stats.images_encoded == 0 and c.last_stats.reused_tokens > 0
+    with pytest.raises(SavedConversationError, match="chat template differs"):
+        VisionChat.load(tmp_path / "good.edgeconv", chat_template=other_template, **opts)
+
+
+# ---------------------------------------------------------------- the converter's inputs
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_model_dir, tmp_path):
+    """The tiny checkpoint with its own config.json (the weights linked, not copied)."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (out / f.name).symlink_to(f) if f.name != "config.json" else (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("text_config", "num_hidden_layers", "2"), ("text_config", "num_hidden_layers", -2),
+    ("text_config", "num_hidden_layers", 2.5), ("text_config", "hidden_size", None),
+    ("text_config", "num_attention_heads", 0), ("text_config", "rms_norm_eps", "tiny"),
+    ("text_config", "vocab_size", True), ("vision_config", "depth", "4"), ("vision_config", "patch_size", 16.0),
+    ("vision_config", "deepstack_visual_indexes", ["1"]),
+])
+@pytest.mark.parametrize("plan", [True, False])
+def test_a_config_number_that_is_a_string_negative_or_float_is_refused_naming_file_and_field(
+        checkpoint_copy, tmp_path, section, key, value, plan):
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_app.cli import main
+
+    config_path = checkpoint_copy / "config.json"
+    config = json.loads(config_path.read_text())
+    config[section][key] = value
+    config_path.write_text(json.dumps(config))
+    args = [str(checkpoint_copy)] + (["--plan"] if plan else ["-o", str(tmp_path / "out"), "-q"])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert str(config_path) in result.output and f"{section}.{key}" in result.output, result.output
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_plan_with_tensor_split_but_no_rpc_workers_is_refused(checkpoint_copy):
+    from click.testing import CliRunner
+
+    from edge_app.cli import main
+
+    result = CliRunner().invoke(main, [str(checkpoint_copy), "--plan", "--tensor-split", "1,1"])
+    assert result.exit_code == 2 and "--tensor-split" in result.output and "--rpc" in result.output, result.output
+    assert "KV" not in result.output  # refused before any plan is printed
+
+
+# ---------------------------------------------------------------- names matched whole
+
+
+def test_a_tensor_name_with_a_trailing_newline_is_no_block_and_no_expert():
+    """`$` matches before a final newline: the converter's block and expert patterns are matched whole."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from edge_models import ModelConfigError
+    from edge_models.qwen3vl.arch import TEXT_BLOCK, _check_blocks
+    from edge_models.qwen3vlmoe.arch import map_text_tensor
+    from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
+
+    names = ["model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.layers.1.mlp.up_proj.weight\n"]
+    ckpt = SimpleNamespace(tensors=dict.fromkeys(names), model_dir=Path("ckpt"), config={})
+    with pytest.raises(ModelConfigError, match=r"missing text layer \[1\]"):
+        _check_blocks(ckpt, TEXT_BLOCK, 2, "text_config.num_hidden_layers", "text layer")
+
+    config = MoeSyntheticSpec().make_config(defaultdict(int), 100)
+    expert = "model.language_model.layers.0.mlp.experts.down_proj"
+    assert map_text_tensor(expert, config)  # the real name maps
+    with pytest.raises(ModelConfigError, match="not part of the Qwen3-VL language model"):
+        map_text_tensor(expert + "\n", config)

@@ -164,3 +164,29 @@ def test_a_dangling_symlink_and_an_unwritable_target_are_no_500(server, conv_dir
     assert refused.status_code == 507 and "conversation 'blocked'" in refused.json()["error"]["message"]
     assert not list(conv_dir.glob(".*partial")) and list((conv_dir / "blocked.edgeconv").iterdir()) == []
     assert httpx.get(server.url("/v1/conversations"), headers=auth(ADMIN_KEY)).status_code == 200
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda h: h.update(n_ctx="abc"), "n_ctx"),
+    (lambda h: h.update(kv_bytes=float("inf")), "kv_bytes"),
+    (lambda h: h["depends_on"].update(kv_streams="2"), "depends_on.kv_streams"),
+    (lambda h: h["depends_on"].pop("flash_attn"), "flash_attn"),
+    (lambda h: h.update(system_prompt=5), "system_prompt"),
+    (lambda h: h["units"].__setitem__(0, ["x"]), "units[].token"),
+])
+def test_a_damaged_saved_file_is_a_409_naming_the_field_and_the_server_answers_on(server, conv_dir, model_dir,
+                                                                                   edit, field):
+    from tests.test_refusals import _retamper
+
+    with VisionChat.from_dir(model_dir, n_ctx=2048, seq_id=1) as local:  # the server's layout (--parallel 2)
+        local.ask("hello", temperature=0.0, max_tokens=2)
+        local.save(conv_dir / "sound.edgeconv")
+    _retamper(conv_dir / "sound.edgeconv", conv_dir / "tampered.edgeconv", edit)
+    refused = httpx.post(server.url("/v1/conversations/tampered/restore"), headers=auth(ADMIN_KEY), timeout=120)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "conversation_incompatible" and field in error["message"]
+    assert "invalid literal" not in error["message"] and str(conv_dir) not in error["message"]
+    assert httpx.post(server.url("/v1/conversations/sound/restore"), headers=auth(ADMIN_KEY),
+                      timeout=120).status_code == 200
+    chat(server, [{"role": "user", "content": "still there?"}])

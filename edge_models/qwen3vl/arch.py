@@ -170,7 +170,7 @@ def _check_blocks(ckpt: Checkpoint, pattern: re.Pattern, n: int, key: str, what:
     """Blocks 0..n-1 each hold the same tensors, and no other block exists: config.json and the weights agree."""
     blocks: dict[int, set[str]] = {}
     for name in ckpt.tensors:
-        m = pattern.match(name)
+        m = pattern.fullmatch(name)
         if m:
             blocks.setdefault(int(m[1]), set()).add(m[2])
     found = sorted(blocks)
@@ -217,6 +217,11 @@ def validate(ckpt: Checkpoint) -> None:
         )
 
 
+def check_config(config: dict[str, Any], source: str) -> None:
+    TextConfig.from_dict(config, source)
+    VisionConfig.from_dict(config, source)
+
+
 SPEC = ArchSpec(
     name="qwen3vl",
     hf_architectures=("Qwen3VLForConditionalGeneration",),
@@ -243,6 +248,7 @@ SPEC = ArchSpec(
         ),
     ),
     validate=validate,
+    check_config=check_config,
     unsupported_relatives={
         "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL has a different vision tower; not supported.",
         "Qwen2VLForConditionalGeneration": "Qwen2-VL has a different vision tower; not supported.",

@@ -6,6 +6,7 @@ either and refuses what llama.cpp's `qwen3vl` / `qwen3vl_merger` cannot load.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +15,39 @@ from ..errors import ModelConfigError
 VISION_LAYERNORM_EPS = 1e-6  # hard-coded in transformers' Qwen3VLVisionBlock
 
 
-def _need(cfg: dict[str, Any], key: str, where: str) -> Any:
+_REQUIRED = object()
+
+
+def _need(cfg: dict[str, Any], key: str, where: str, source: str = "config.json") -> Any:
     if key not in cfg:
-        raise ModelConfigError(f"config.json: {where} has no {key!r}; is this a complete Qwen3-VL config?")
+        raise ModelConfigError(f"{source}: {where} has no {key!r}; is this a complete Qwen3-VL config?")
     return cfg[key]
+
+
+def _int(cfg: dict[str, Any], key: str, where: str, source: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+    """A whole number >= `minimum` (a string, float, bool or negative is refused naming the file and field)."""
+    value = _need(cfg, key, where, source) if default is _REQUIRED else cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelConfigError(f"{source}: {where}.{key} must be a whole number >= {minimum}, got {value!r}; "
+                               "use the config.json shipped with these weights.")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, where: str, source: str, default: Any = _REQUIRED) -> float:
+    """A finite number > 0."""
+    value = _need(cfg, key, where, source) if default is _REQUIRED else cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelConfigError(f"{source}: {where}.{key} must be a finite number > 0, got {value!r}; "
+                               "use the config.json shipped with these weights.")
+    return float(value)
+
+
+def _ints(values: Any, key: str, where: str, source: str, minimum: int = 0) -> tuple[int, ...]:
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        raise ModelConfigError(f"{source}: {where}.{key} must be a list of whole numbers, got {values!r}.")
+    return tuple(_int({key: v}, key, where, source, minimum=minimum) for v in values)
 
 
 @dataclass(frozen=True)
@@ -37,48 +67,53 @@ class TextConfig:
     n_deepstack: int
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "TextConfig":
-        """The language model's hyper-parameters from a whole Qwen3-VL config.json."""
+    def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> "TextConfig":
+        """The language model's hyper-parameters from a whole Qwen3-VL config.json (`source` names it)."""
         tc = config.get("text_config")
         if not isinstance(tc, dict):
-            raise ModelConfigError("config.json: no 'text_config' object; Qwen3-VL configs keep the language model there.")
+            raise ModelConfigError(f"{source}: no 'text_config' object; Qwen3-VL configs keep the language model there.")
         rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-        sections = list(rope.get("mrope_section") or [])
+        if not isinstance(rope, dict):
+            raise ModelConfigError(f"{source}: text_config rope parameters must be an object, got {rope!r}.")
+        sections = list(_ints(rope.get("mrope_section"), "mrope_section", "text_config.rope_parameters", source))
         if len(sections) != 3:
             raise ModelConfigError(
-                "config.json: text_config rope parameters need 'mrope_section' with 3 entries (Qwen3-VL M-RoPE).")
+                f"{source}: text_config rope parameters need 'mrope_section' with 3 entries (Qwen3-VL M-RoPE).")
         if rope.get("mrope_interleaved") is False:
             raise ModelConfigError(
-                "config.json: non-interleaved M-RoPE is the Qwen2.5-VL scheme; Qwen3-VL interleaves it.")
-        theta = rope.get("rope_theta", tc.get("rope_theta"))
-        if theta is None:
+                f"{source}: non-interleaved M-RoPE is the Qwen2.5-VL scheme; Qwen3-VL interleaves it.")
+        if rope.get("rope_theta", tc.get("rope_theta")) is None:
             raise ModelConfigError(
-                "config.json: text_config has no rope_theta (neither in rope_parameters nor at the top).")
-        n_head = _need(tc, "num_attention_heads", "text_config")
-        n_embd = _need(tc, "hidden_size", "text_config")
-        head_dim = tc.get("head_dim") or n_embd // n_head
+                f"{source}: text_config has no rope_theta (neither in rope_parameters nor at the top).")
+        theta = _float(rope if "rope_theta" in rope else tc, "rope_theta", "text_config", source)
+        n_head = _int(tc, "num_attention_heads", "text_config", source)
+        n_embd = _int(tc, "hidden_size", "text_config", source)
+        head_dim = _int(tc, "head_dim", "text_config", source, None) if tc.get("head_dim") else n_embd // n_head
         if 2 * sum(sections) != head_dim:
-            raise ModelConfigError(f"config.json: mrope_section {sections} must sum to head_dim/2 = {head_dim // 2}.")
+            raise ModelConfigError(f"{source}: mrope_section {sections} must sum to head_dim/2 = {head_dim // 2}.")
         vc = config.get("vision_config") or {}
-        n_layer = _need(tc, "num_hidden_layers", "text_config")
-        n_deepstack = len(vc.get("deepstack_visual_indexes") or [])
+        if not isinstance(vc, dict):
+            raise ModelConfigError(f"{source}: 'vision_config' must be an object.")
+        n_layer = _int(tc, "num_hidden_layers", "text_config", source)
+        n_deepstack = len(_ints(vc.get("deepstack_visual_indexes"), "deepstack_visual_indexes", "vision_config",
+                                source))
         if n_deepstack >= n_layer:
             raise ModelConfigError(
-                f"config.json: {n_deepstack} deepstack layers need more than {n_layer} text layers "
+                f"{source}: {n_deepstack} deepstack layers need more than {n_layer} text layers "
                 "(llama.cpp injects one per layer)."
             )
         return cls(
             n_layer=n_layer,
-            n_ctx=tc.get("max_position_embeddings", 262144),
+            n_ctx=_int(tc, "max_position_embeddings", "text_config", source, 262144),
             n_embd=n_embd,
-            n_ff=_need(tc, "intermediate_size", "text_config"),
+            n_ff=_int(tc, "intermediate_size", "text_config", source),
             n_head=n_head,
-            n_head_kv=tc.get("num_key_value_heads", n_head),
+            n_head_kv=_int(tc, "num_key_value_heads", "text_config", source, n_head),
             head_dim=head_dim,
-            rms_eps=tc.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            rms_eps=_float(tc, "rms_norm_eps", "text_config", source, 1e-6),
+            rope_theta=theta,
             rope_sections=(*sections, 0),
-            n_vocab=_need(tc, "vocab_size", "text_config"),
+            n_vocab=_int(tc, "vocab_size", "text_config", source),
             tied=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
             n_deepstack=n_deepstack,
         )
@@ -93,27 +128,29 @@ class MoeTextConfig(TextConfig):
     n_ff_exp: int = 0
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "MoeTextConfig":
-        dense = TextConfig.from_dict(config)
+    def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> "MoeTextConfig":
+        dense = TextConfig.from_dict(config, source)
         tc = config["text_config"]
         # transformers 5's save_pretrained writes num_local_experts, the hub files num_experts.
         n_expert = tc.get("num_experts", tc.get("num_local_experts"))
+        if n_expert is not None:
+            n_expert = _int({"num_experts": n_expert}, "num_experts", "text_config", source)
         if n_expert is None:
-            raise ModelConfigError("config.json: text_config has neither 'num_experts' nor 'num_local_experts'; "
+            raise ModelConfigError(f"{source}: text_config has neither 'num_experts' nor 'num_local_experts'; "
                                    "is this a complete Qwen3-VL MoE config?")
-        n_used = _need(tc, "num_experts_per_tok", "text_config")
+        n_used = _int(tc, "num_experts_per_tok", "text_config", source)
         if not 0 < n_used <= n_expert:
-            raise ModelConfigError(f"config.json: text_config num_experts_per_tok {n_used} must be in 1..num_experts "
+            raise ModelConfigError(f"{source}: text_config num_experts_per_tok {n_used} must be in 1..num_experts "
                                    f"({n_expert}).")
         # llama.cpp's qwen3vlmoe routes every layer; dense layers between them are a different model.
         if tc.get("mlp_only_layers") or tc.get("decoder_sparse_step", 1) != 1:
-            raise ModelConfigError("config.json: text_config mlp_only_layers / decoder_sparse_step make some layers "
+            raise ModelConfigError(f"{source}: text_config mlp_only_layers / decoder_sparse_step make some layers "
                                    "dense; llama.cpp's qwen3vlmoe needs experts in every layer.")
         if tc.get("norm_topk_prob", True) is False:
-            raise ModelConfigError("config.json: text_config norm_topk_prob false: llama.cpp's qwen3vlmoe always "
+            raise ModelConfigError(f"{source}: text_config norm_topk_prob false: llama.cpp's qwen3vlmoe always "
                                    "renormalizes the top-k routing weights.")
         return cls(**vars(dense), n_expert=int(n_expert), n_expert_used=int(n_used),
-                   n_ff_exp=int(_need(tc, "moe_intermediate_size", "text_config")))
+                   n_ff_exp=_int(tc, "moe_intermediate_size", "text_config", source))
 
 
 @dataclass(frozen=True)
@@ -129,16 +166,16 @@ class VisionConfig:
     deepstack_visual_indexes: tuple[int, ...]
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "VisionConfig":
-        """The vision tower's hyper-parameters from a whole Qwen3-VL config.json."""
+    def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> "VisionConfig":
+        """The vision tower's hyper-parameters from a whole Qwen3-VL config.json (`source` names it)."""
         vc = config.get("vision_config")
         if not isinstance(vc, dict):
-            raise ModelConfigError("config.json: no 'vision_config' object; a Qwen3-VL checkpoint has one.")
+            raise ModelConfigError(f"{source}: no 'vision_config' object; a Qwen3-VL checkpoint has one.")
         required = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "out_hidden_size")
-        for key in required:
-            _need(vc, key, "vision_config")
-        if vc.get("temporal_patch_size", 2) != 2:
-            raise ModelConfigError("config.json: llama.cpp's projector supports temporal_patch_size 2 only.")
-        return cls(*(int(vc[k]) for k in required), spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
-                   num_position_embeddings=int(vc.get("num_position_embeddings", 2304)),
-                   deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes") or ()))
+        values = [_int(vc, key, "vision_config", source) for key in required]
+        if _int(vc, "temporal_patch_size", "vision_config", source, 2) != 2:
+            raise ModelConfigError(f"{source}: llama.cpp's projector supports temporal_patch_size 2 only.")
+        return cls(*values, spatial_merge_size=_int(vc, "spatial_merge_size", "vision_config", source, 2),
+                   num_position_embeddings=_int(vc, "num_position_embeddings", "vision_config", source, 2304),
+                   deepstack_visual_indexes=_ints(vc.get("deepstack_visual_indexes"), "deepstack_visual_indexes",
+                                                  "vision_config", source))

@@ -26,7 +26,7 @@ from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGUFWriter
 
 from ..errors import ModelConfigError
 from ..qwen3vl import arch as dense
-from ..qwen3vl.config import MoeTextConfig
+from ..qwen3vl.config import MoeTextConfig, VisionConfig
 from ..spec import ArchSpec, Checkpoint, TensorMapping
 
 EXPERTS = re.compile(r"^model\.language_model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -62,7 +62,7 @@ def expected_shapes(kind: str, hp: MoeTextConfig) -> dict[str, tuple[int, int, i
 
 def expert_layout(name: str, shape: tuple[int, ...] | None, config: dict[str, Any]) -> str:
     """The layout of one fused expert tensor: its shape where only one layout fits, else the marker."""
-    m = EXPERTS.match(name)
+    m = EXPERTS.fullmatch(name)
     assert m is not None, name
     fits = [lay for lay, s in expected_shapes(m[2], text_hparams(config)).items() if shape is None or s == shape]
     if not fits:
@@ -98,7 +98,7 @@ def _exps(kind: MODEL_TENSOR, bid: int) -> str:
 
 
 def map_text_tensor(name: str, config: dict[str, Any], shape: tuple[int, ...] | None = None) -> list[TensorMapping]:
-    m = EXPERTS.match(name)
+    m = EXPERTS.fullmatch(name)
     if m is None:
         return dense.map_text_tensor(name, config, shape, model_arch=MODEL_ARCH.QWEN3VLMOE)
     bid, layout = int(m[1]), expert_layout(name, shape, config)
@@ -114,7 +114,7 @@ def check_expert_layouts(ckpt: Checkpoint) -> None:
     """Both fused tensors of every layer read in one layout: a marker contradicted by a shape is refused."""
     by_layer: dict[int, dict[str, str]] = {}
     for name, ref in ckpt.tensors.items():
-        m = EXPERTS.match(name)
+        m = EXPERTS.fullmatch(name)
         if m:
             by_layer.setdefault(int(m[1]), {})[name] = expert_layout(name, tuple(ref.shape), ckpt.config)
     for layer, layouts in sorted(by_layer.items()):
@@ -133,6 +133,11 @@ def validate(ckpt: Checkpoint) -> None:
     check_expert_layouts(ckpt)
 
 
+def check_config(config: dict[str, Any], source: str) -> None:
+    MoeTextConfig.from_dict(config, source)
+    VisionConfig.from_dict(config, source)
+
+
 _DENSE_TEXT, MMPROJ = dense.SPEC.outputs
 SPEC = ArchSpec(
     name="qwen3vlmoe",
@@ -145,4 +150,5 @@ SPEC = ArchSpec(
         MMPROJ,  # the vision tower and projector are the dense family's
     ),
     validate=validate,
+    check_config=check_config,
 )

@@ -48,7 +48,7 @@ class MoeSyntheticSpec(SyntheticSpec):
 
     def stored(self, name: str, tensor):
         # transformers 5 creates [experts, out, in]; the hub (4.57) stores [experts, in, out].
-        return tensor.transpose(1, 2) if self.layout == "hf4" and EXPERTS.match(name) else tensor
+        return tensor.transpose(1, 2) if self.layout == "hf4" and EXPERTS.fullmatch(name) else tensor
 
     def validate(self) -> None:
         super().validate()

@@ -300,7 +300,7 @@ class VisionChat:
         with self._guard():
             units, kv = self.engine.export_seq(self.seq_id)
             conv = SavedConversation(
-                depends_on=self.engine.fingerprint(),
+                depends_on=self.engine.fingerprint(self.template.source),
                 units=units,
                 messages=messages_to_json(self.history),
                 kv=kv,
@@ -314,20 +314,18 @@ class VisionChat:
     def restore(self, path: str | Path) -> None:
         """Replace this chat's conversation with a saved one: history and KV cache, no prefill.
 
-        A file saved with other model files, KV types or image-token limits is refused
-        (SavedConversationError) and the current conversation is kept.
+        A file saved with other model files, KV types, image-token limits, flash attention setting
+        or chat template is refused (SavedConversationError) before anything is touched; one that
+        llama.cpp itself refuses puts the KV cells back. Either way the current conversation
+        (history and KV cache) is kept as it was.
         """
         self._restore(read_conversation(path), path)
 
     def _restore(self, conv: SavedConversation, path: str | Path) -> None:
-        conv.check_fits(self.engine.fingerprint(), self.engine.n_ctx_seq, path)
+        conv.check_fits(self.engine.fingerprint(self.template.source), self.engine.n_ctx_seq, path)
         history = messages_from_json(conv.messages, path)
         with self._guard():
-            try:
-                self.engine.import_seq(self.seq_id, conv.units, conv.kv)
-            except BaseException:
-                self.history = []
-                raise
+            self.engine.import_seq(self.seq_id, conv.units, conv.kv)  # a refusal keeps the cells it held
             self.history = history
             self.system_prompt = conv.system_prompt
 
@@ -336,7 +334,8 @@ class VisionChat:
              **kwargs: Any) -> "VisionChat":
         """Open the model a conversation was saved with (or `model`: a file or output directory) and restore it.
 
-        The KV settings must be the saved ones: pass the same kv_cache_type / image_*_tokens.
+        The KV settings must be the saved ones: pass the same kv_cache_type / image_*_tokens /
+        flash_attn / chat_template.
         """
         conv = read_conversation(path)
         conv_files = conv.model_files or {}

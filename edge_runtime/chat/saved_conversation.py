@@ -233,9 +233,11 @@ def read_conversation(path: str | Path) -> SavedConversation:
         digest.update(raw_header)
         try:
             header = json.loads(raw_header.decode("utf-8"))
-            kv_len = int(header["kv_bytes"])
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):  # int(inf): kv_bytes 1e999
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise SavedConversationError(f"{path} is truncated or damaged (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise SavedConversationError(f"{path} is truncated or damaged (its header is no JSON object)")
+        kv_len = _count(header.get("kv_bytes"), "kv_bytes", path, 0)
         expected = _PREAMBLE.size + header_len + kv_len + _DIGEST
         if size != expected:
             raise SavedConversationError(
@@ -249,13 +251,24 @@ def read_conversation(path: str | Path) -> SavedConversation:
     created = header.get("created") or 0.0
     if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
         raise SavedConversationError(f"{path} is damaged: 'created' must be a time in seconds, got {created!r}")
+    system_prompt, model_files = header.get("system_prompt"), header.get("model_files")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise SavedConversationError(f"{path} is damaged: 'system_prompt' must be text or null, got {system_prompt!r}")
+    if model_files is not None and not (isinstance(model_files, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in model_files.items())):
+        raise SavedConversationError(f"{path} is damaged: 'model_files' must map 'model'/'mmproj' to paths, "
+                                     f"got {model_files!r}")
+    try:
+        depends_on = StateFingerprint.from_json(header.get("depends_on"))
+    except SavedConversationError as exc:
+        raise SavedConversationError(f"{path}: {exc}") from None
     return SavedConversation(
-        depends_on=StateFingerprint.from_json(header.get("depends_on")),
+        depends_on=depends_on,
         units=units_from_json(header.get("units"), path),
         messages=messages_from_json(header.get("messages", []), path),
         kv=kv,
         n_ctx=_count(header.get("n_ctx") or 0, "n_ctx", path, 0),
-        system_prompt=header.get("system_prompt"),
-        model_files=header.get("model_files"),
+        system_prompt=system_prompt,
+        model_files=model_files,
         created=float(created),
     )

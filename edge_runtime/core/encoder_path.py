@@ -7,6 +7,7 @@ embeddings comes through `cached` / `known`, which count disk hits once.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,8 +21,10 @@ from edge_runtime.core.options import MiB, EngineOptions
 from edge_runtime.core.prompt import Chunk, Prompt
 from edge_runtime.core.stats import GenerationStats
 from edge_runtime.errors import DecodeError
-from edge_runtime.vision.disk_cache import DiskEncoderCache, projector_sha256
+from edge_runtime.vision.disk_cache import DiskEncoderCache, check_cache_dir, projector_sha256
 from edge_runtime.vision.encoder_cache import EncoderCache
+
+log = logging.getLogger("edge_runtime")
 
 
 class EncoderPath:
@@ -42,9 +45,16 @@ class EncoderPath:
         self._disk_hits: set[str] = set()
         if mmproj_path is not None and options.encoder_cache_dir:
             root = Path(options.encoder_cache_dir).expanduser()
-            root.mkdir(parents=True, exist_ok=True)
-            self.disk = DiskEncoderCache(root, projector_sha256(mmproj_path, root),
-                                         int(options.encoder_cache_disk_mb * MiB))
+            writable = check_cache_dir(root)
+            if writable:
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    writable = False
+            if not writable:
+                log.warning("encoder cache dir %s is read-only: its entries are used, new ones are not kept", root)
+            self.disk = DiskEncoderCache(root, projector_sha256(mmproj_path, root, writable),
+                                         int(options.encoder_cache_disk_mb * MiB), writable)
 
     def cached(self, digest: str) -> np.ndarray | None:
         """Encoder output from memory, else from disk (then kept in memory too)."""

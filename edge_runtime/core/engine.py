@@ -136,10 +136,12 @@ class Engine(LoadedModel):
         self._require_open()
         self.sequences.reset(seq_id)
 
-    def fingerprint(self) -> StateFingerprint:
-        """What this engine's KV cells depend on (the model files are hashed once per process)."""
+    def fingerprint(self, chat_template: str) -> StateFingerprint:
+        """What this engine's KV cells depend on, with the source of the chat template that renders
+        them (the model files are hashed once per process)."""
         self._require_open()
-        return fingerprint(self.options, self.model_path, self.mmproj_path, self.arch)
+        return fingerprint(self.options, self.model_path, self.mmproj_path, self.arch, self.flash_attn_type,
+                           chat_template)
 
     def export_seq(self, seq_id: int = 0) -> tuple[list[Unit], bytearray]:
         """The units `seq_id` holds and llama.cpp's serialised cells of it."""
@@ -148,7 +150,7 @@ class Engine(LoadedModel):
 
     def import_seq(self, seq_id: int, units: Sequence[Unit], data: bytearray) -> None:
         """Put exported cells into `seq_id` and take `units` as its bookkeeping, so the
-        next prefill reuses them. On refusal the sequence is left empty."""
+        next prefill reuses them. On refusal the sequence keeps what it held."""
         self._require_open()
         self.check_fits(sum(u.n_tokens for u in units), 0)
         self.sequences.import_(seq_id, units, data)

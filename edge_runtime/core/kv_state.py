@@ -99,11 +99,14 @@ def plan_reuse(cached: SeqState, wanted: Sequence[Unit]) -> int:
 
 @dataclass(frozen=True)
 class StateFingerprint:
-    """What KV cells depend on: the exact weights, the projector (image tokens), the cell types.
+    """What KV cells depend on: the exact weights, the projector (image tokens), the cell types, and
+    every other setting llama.cpp checks when it reads cells back (llama_kv_cache::state_read_data:
+    layer count and row sizes follow the weights; the V layout follows flash attention), plus the
+    chat template the history was rendered with (a restored history rendered by another template
+    matches none of the saved cells, and its images have no pixels left to encode again).
 
     Not n_ctx: cells carry their positions, so a larger context takes them as they are.
     VisionChat has one stream (seq_id + 1 in general); `VisionChat(..., seq_id=N - 1)` matches `--parallel N`.
-    Flash attention changes the V layout; llama.cpp itself refuses that mismatch.
     """
 
     model_sha256: str
@@ -114,15 +117,24 @@ class StateFingerprint:
     image_min_tokens: int | None
     image_max_tokens: int | None
     kv_streams: int  # llama.cpp keeps one KV stream per sequence (n_seq_max): a server with --parallel N has N
+    # "off" stores V transposed, "on" (also what "auto" stores) does not: llama.cpp refuses the other layout
+    flash_attn: str
+    chat_template: str  # sha256 of the template's source
 
     @classmethod
     def from_json(cls, data: Any) -> "StateFingerprint":
         if not isinstance(data, dict):
             raise SavedConversationError("the header has no 'depends_on' object")
-        try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise SavedConversationError(f"the header's 'depends_on' lacks {exc.args[0]!r}") from None
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise SavedConversationError(f"the header's 'depends_on' lacks {', '.join(map(repr, missing))} (saved by "
+                                         "an older version?); save the conversation again with this one")
+        values = {f.name: data[f.name] for f in fields(cls)}
+        for name, value in values.items():
+            if not _FIELD_CHECKS[name](value):
+                raise SavedConversationError(f"the header's 'depends_on.{name}' is damaged (got {value!r}); "
+                                             "save the conversation again")
+        return cls(**values)
 
     def differences(self, other: "StateFingerprint") -> list[str]:
         """Human-readable 'name: saved X, here Y' for each field that differs."""
@@ -130,8 +142,41 @@ class StateFingerprint:
         for f in fields(self):
             saved, here = getattr(self, f.name), getattr(other, f.name)
             if saved != here:
-                out.append(f"{f.name}: saved {_short(saved)}, here {_short(here)}")
+                out.append(f"{f.name}: saved {_short(saved)}, here {_short(here)}{_HINTS.get(f.name, '')}")
         return out
+
+
+def flash_attn_layout(flash_attn_type: int, off: int) -> str:
+    """The fingerprint's flash_attn: what llama.cpp's KV cache stores (only "off" transposes V)."""
+    return "off" if flash_attn_type == off else "on"
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+_FIELD_CHECKS = {
+    "model_sha256": _is_digest,
+    "mmproj_sha256": lambda v: v is None or _is_digest(v),
+    "arch": lambda v: isinstance(v, str),
+    "kv_type_k": lambda v: isinstance(v, str),
+    "kv_type_v": lambda v: isinstance(v, str),
+    "image_min_tokens": lambda v: v is None or _is_count(v, 1),
+    "image_max_tokens": lambda v: v is None or _is_count(v, 1),
+    "kv_streams": lambda v: _is_count(v, 1),
+    "flash_attn": lambda v: v in ("on", "off"),
+    "chat_template": _is_digest,
+}
+
+_HINTS = {
+    "flash_attn": " (it decides the V cache layout; open it with the flash attention setting it was saved with: "
+                  "flash_attn=False / -fa off for 'off', 'auto' or True for 'on')",
+    "chat_template": " (the chat template differs; open it with the chat_template it was saved with)",
+}
 
 
 def _short(value: Any) -> str:

@@ -9,6 +9,7 @@ from edge_llama import LoadOptions, kv_type
 from edge_llama.experts import parse_overrides
 from edge_llama.rpc import parse_endpoint
 from edge_runtime.errors import OptionError
+from edge_runtime.vision.disk_cache import check_cache_dir
 
 
 # Tokens of one image at most: x 32 x 32 pixels still fits the int32 sizes mtmd computes with.
@@ -110,6 +111,8 @@ class EngineOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise OptionError(f"{name} must be a finite number of MiB >= 0, got {value!r}")
+        if self.encoder_cache_dir is not None:
+            check_cache_dir(self.encoder_cache_dir)  # a file in the way: refused before the model loads
         latency = self.image_latency_s
         if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency) \
                 or latency <= 0:

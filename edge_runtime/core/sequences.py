@@ -2,17 +2,18 @@
 
 The bookkeeping (`SeqState` per sequence id) always matches the KV cells: every removal goes
 through `truncate` / `reset` here, which also remove the cells, and an import that llama.cpp
-refuses leaves the sequence empty.
+refuses leaves the sequence as it was.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable, Sequence
 
-from edge_llama import Context, kv_type, log_suffix
+from edge_llama import FLASH_ATTN_OFF, Context, kv_type, log_suffix
 
 from edge_common.manifest import file_sha256
-from edge_runtime.core.kv_state import SeqState, StateFingerprint, Unit
+from edge_runtime.core.kv_state import SeqState, StateFingerprint, Unit, flash_attn_layout
 from edge_runtime.core.options import EngineOptions
 from edge_runtime.errors import SavedConversationError
 
@@ -79,24 +80,37 @@ class Sequences:
         return list(self[seq_id].units), self._context().seq_state_bytes(seq_id)
 
     def import_(self, seq_id: int, units: Sequence[Unit], data: bytearray) -> None:
-        """Put exported cells into `seq_id` and take `units` as its bookkeeping; on refusal it is left empty."""
+        """Put exported cells into `seq_id` and take `units` as its bookkeeping.
+
+        A refused import (llama.cpp's own checks, or cells that do not cover the units) puts back
+        what `seq_id` held, so the conversation there goes on as if nothing was tried: its cells
+        are copied out first (a restore is rare; the copy is one sequence's KV bytes).
+        """
         ctx = self._context()
         state = self[seq_id]
+        held = (list(state.units), ctx.seq_state_bytes(seq_id)) if state.units else None
         state.clear()
-        if not ctx.load_seq_state(seq_id, data):
+        try:
+            if not ctx.load_seq_state(seq_id, data):
+                raise SavedConversationError(
+                    "llama.cpp refused the saved KV cells (another layer count, KV type, or flash-attention "
+                    "setting, which changes the V layout)" + log_suffix())
+            state.extend(units)
+            lo, hi = ctx.seq_pos_range(seq_id)
+            if (lo, hi) != ((0, state.n_pos - 1) if units else (-1, -1)):  # no units: no cells either
+                raise SavedConversationError(
+                    f"the saved KV cells cover positions {lo}..{hi} but the saved units need 0..{state.n_pos - 1}")
+        except BaseException:
             ctx.seq_rm(seq_id, -1, -1)
-            raise SavedConversationError(
-                "llama.cpp refused the saved KV cells (another layer count, KV type, or flash-attention "
-                "setting, which changes the V layout)" + log_suffix())
-        state.extend(units)
-        lo, hi = ctx.seq_pos_range(seq_id)
-        if units and (lo != 0 or hi + 1 != state.n_pos):
-            self.reset(seq_id)
-            raise SavedConversationError(
-                f"the saved KV cells cover positions {lo}..{hi} but the saved units need 0..{state.n_pos - 1}")
+            state.clear()
+            if held is not None and ctx.load_seq_state(seq_id, held[1]):
+                state.extend(held[0])
+            else:
+                ctx.seq_rm(seq_id, -1, -1)
+            raise
 
-
-def fingerprint(options: EngineOptions, model_path: Path, mmproj_path: Path | None, arch: str) -> StateFingerprint:
+def fingerprint(options: EngineOptions, model_path: Path, mmproj_path: Path | None, arch: str, flash_attn_type: int,
+                chat_template: str) -> StateFingerprint:
     """What an engine's KV cells depend on (the model files are hashed once per process)."""
     return StateFingerprint(
         model_sha256=file_sha256(model_path),
@@ -107,4 +121,6 @@ def fingerprint(options: EngineOptions, model_path: Path, mmproj_path: Path | No
         image_min_tokens=options.image_min_tokens,
         image_max_tokens=options.image_max_tokens,
         kv_streams=options.n_seq_max,
+        flash_attn=flash_attn_layout(flash_attn_type, FLASH_ATTN_OFF),
+        chat_template=hashlib.sha256(chat_template.encode("utf-8")).hexdigest(),
     )

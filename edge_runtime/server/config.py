@@ -18,6 +18,7 @@ from edge_llama.experts import parse_overrides
 from edge_runtime.core.options import MiB, EngineOptions
 from .watchdog import DEFAULT_STALL_TIMEOUT_S
 from edge_runtime.errors import OptionError
+from edge_runtime.vision.disk_cache import check_cache_dir
 
 _ORIGIN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)  # fullmatch
 
@@ -122,6 +123,8 @@ class ServerOptions:
             if origin != "*" and not is_origin(origin):
                 raise OptionError(f"--cors-origin {origin!r} is not an origin; use scheme://host[:port], "
                                  "e.g. http://localhost:3000")
+        if self.encoder_cache_dir is not None:
+            check_cache_dir(self.encoder_cache_dir)  # a file in the way: refused before the server starts
         if self.allow_local_dir is not None and not Path(self.allow_local_dir).is_dir():
             raise OptionError(f"--allow-local-dir {self.allow_local_dir} is not a directory")
 

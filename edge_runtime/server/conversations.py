@@ -118,14 +118,14 @@ def _client_part(part: Any) -> Any:
 # ---------------------------------------------------------------- work in the scheduler thread
 
 
-def save_slot(rendered: RenderedPrompt) -> Callable[[Engine, list[Slot]], Snapshot]:
+def save_slot(rendered: RenderedPrompt, chat_template: str) -> Callable[[Engine, list[Slot]], Snapshot]:
     """Evaluate the messages in the free slot sharing most of them, then export that slot.
 
     Tasks are partials of module functions: they cross into the engine process pickled."""
-    return functools.partial(_save_slot, rendered)
+    return functools.partial(_save_slot, rendered, chat_template)
 
 
-def _save_slot(rendered: RenderedPrompt, engine: Engine, free: list[Slot]) -> Snapshot:
+def _save_slot(rendered: RenderedPrompt, chat_template: str, engine: Engine, free: list[Slot]) -> Snapshot:
     if not free:
         raise _slots_busy()
     with engine.tokenize(rendered.text, rendered.images) as prompt:
@@ -137,16 +137,19 @@ def _save_slot(rendered: RenderedPrompt, engine: Engine, free: list[Slot]) -> Sn
     units, kv = engine.export_seq(seq_id)
     files = {"model": str(engine.model_path.resolve()),
              "mmproj": str(engine.mmproj_path.resolve()) if engine.mmproj_path else None}
-    return Snapshot(units, kv, pre.reused_tokens, engine.fingerprint(), engine.n_ctx_seq, files)
+    return Snapshot(units, kv, pre.reused_tokens, engine.fingerprint(chat_template), engine.n_ctx_seq, files)
 
 
-def restore_slot(conv: SavedConversation, source: str) -> Callable[[Engine, list[Slot]], int]:
-    """Load the cells into a free slot: an empty one if any, else the least recently used."""
-    return functools.partial(_restore_slot, conv, source)
+def restore_slot(conv: SavedConversation, source: str, chat_template: str) -> Callable[[Engine, list[Slot]], int]:
+    """Load the cells into a free slot: an empty one if any, else the least recently used.
+
+    The fingerprint is checked before any slot is touched; cells llama.cpp refuses leave the
+    chosen slot holding what it held."""
+    return functools.partial(_restore_slot, conv, source, chat_template)
 
 
-def _restore_slot(conv: SavedConversation, source: str, engine: Engine, free: list[Slot]) -> int:
-    conv.check_fits(engine.fingerprint(), engine.n_ctx_seq, source)
+def _restore_slot(conv: SavedConversation, source: str, chat_template: str, engine: Engine, free: list[Slot]) -> int:
+    conv.check_fits(engine.fingerprint(chat_template), engine.n_ctx_seq, source)
     if not free:
         raise _slots_busy()
     slot = min(free, key=lambda s: (engine.seq_state(s.seq_id).n_tokens > 0, s.last_used))
@@ -201,7 +204,7 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
         except Exception as exc:
             raise from_exception(exc) from None
         try:
-            snap: Snapshot = await call(save_slot(rendered))
+            snap: Snapshot = await call(save_slot(rendered, scheduler.prompt_format.template.source))
         # catching Exception: the engine's reply: from_exception gives each refusal its 4xx, anything else a logged 500
         except Exception as exc:
             raise from_exception(exc) from None
@@ -224,7 +227,7 @@ def add_conversation_routes(router: APIRouter, scheduler: Any, options: ServerOp
             raise ApiError(404, f"no saved conversation {conv_id!r}", "not_found_error", "id", "conversation_not_found")
         try:
             conv = await run_in_threadpool(read_conversation, path)
-            await call(restore_slot(conv, f"conversation {conv_id!r}"))
+            await call(restore_slot(conv, f"conversation {conv_id!r}", scheduler.prompt_format.template.source))
         except SavedConversationError as exc:
             raise ApiError(409, str(exc).replace(str(path), f"conversation {conv_id!r}"), "invalid_request_error",
                            None, "conversation_incompatible") from None

@@ -3,8 +3,13 @@
 Entries are keyed by the projector's sha256 and the digest of the resized image
 (which fixes its grid); each file carries a checksum of its payload, and a
 damaged or foreign entry is ignored (and rewritten by the next encode), never
-used. Writes are atomic (temporary name, then rename); the directory is kept
-under `max_bytes` by removing the least recently used entries.
+used. Writes go through edge_common.atomic (temporary name, then rename); the
+directory is kept under `max_bytes` by removing the least recently used entries.
+
+A read-only cache directory (a warmed cache shipped on a read-only system image) is
+used as it is: its entries are read, nothing is written, one warning says so. A
+path that is a file, or lies under one, is refused when the options are made
+(`check_cache_dir`), since no write there could ever succeed.
 """
 from __future__ import annotations
 
@@ -17,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_common.atomic import writable_dir, write_bytes_atomic
+from edge_common.errors import OutputError
 from edge_common.manifest import file_sha256
 
 log = logging.getLogger("edge_runtime")
 
-__all__ = ["DiskEncoderCache", "projector_sha256", "user_cache_dir"]
+__all__ = ["DiskEncoderCache", "check_cache_dir", "projector_sha256", "user_cache_dir"]
 
 MAGIC = b"EDGEENC1"
 _HEADER = struct.Struct("<8sI")  # magic, header-json length
@@ -34,7 +41,17 @@ def user_cache_dir() -> Path:
     return Path(base) / "qwen3-vl-edge"
 
 
-def projector_sha256(path: Path, memo_dir: Path) -> str:
+def check_cache_dir(path: str | Path) -> bool:
+    """Whether the encoder cache directory `path` can be written (False: read-only, used for reading).
+
+    A file at or above `path` is an OutputError naming it and the fix.
+    """
+    return writable_dir(Path(path), "encoder cache dir",
+                        "give a folder (encoder_cache_dir=..., --encoder-cache-dir) or keep no encoder outputs on "
+                        "disk (encoder_cache_dir=None, --no-encoder-cache)")
+
+
+def projector_sha256(path: Path, memo_dir: Path, writable: bool = True) -> str:
     """sha256 of the projector, remembered in `memo_dir` by (path, size, mtime): a new process skips re-reading it."""
     st = path.stat()
     ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
@@ -47,22 +64,33 @@ def projector_sha256(path: Path, memo_dir: Path) -> str:
         table = {}
     if ident not in table:
         table[ident] = file_sha256(path)
-        try:
-            _write_atomic(memo, json.dumps(table).encode())
-        except OSError:
-            pass
+        if writable:
+            try:
+                write_bytes_atomic(memo, json.dumps(table).encode(), unique=True)
+            except (OSError, OutputError):  # a memo only saves time
+                pass
     return str(table[ident])
 
 
 class DiskEncoderCache:
-    """Embeddings (float32 arrays) of one projector under `root/<projector sha256[:16]>/`."""
+    """Embeddings (float32 arrays) of one projector under `root/<projector sha256[:16]>/`.
 
-    def __init__(self, root: str | Path, projector_sha256: str, max_bytes: int) -> None:
+    `writable` False: entries are only read (a read-only directory).
+    """
+
+    def __init__(self, root: str | Path, projector_sha256: str, max_bytes: int, writable: bool = True) -> None:
         self.root = Path(root).expanduser()
         self.dir = self.root / projector_sha256[:16]
         self.projector = projector_sha256
         self.max_bytes = max_bytes
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writable = writable
+        if writable:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # turned read-only or full since the options were checked
+                log.warning("encoder cache: cannot create %s (%s): its entries are read, none is written",
+                            self.dir, exc.strerror)
+                self.writable = False
 
     def path(self, key: str) -> Path:
         return self.dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + SUFFIX)
@@ -78,14 +106,17 @@ class DiskEncoderCache:
         if array is None:
             log.warning("encoder cache: ignoring damaged entry %s", path)
             return None
-        try:
-            os.utime(path)  # recently used: evicted last
-        except OSError:
-            pass
+        if self.writable:
+            try:
+                os.utime(path)  # recently used: evicted last
+            except OSError:
+                pass
         return array
 
     def discard(self, key: str) -> None:
         """Forget a damaged entry, so that the next encoding rewrites it."""
+        if not self.writable:  # the length check refuses it again next time
+            return
         try:
             self.path(key).unlink(missing_ok=True)
         except OSError:  # a read-only cache keeps it; the length check refuses it again next time
@@ -93,7 +124,7 @@ class DiskEncoderCache:
 
     def put(self, key: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
-        if array.nbytes > self.max_bytes:
+        if not self.writable or array.nbytes > self.max_bytes:
             return
         payload = array.tobytes()
         header = json.dumps({
@@ -101,9 +132,9 @@ class DiskEncoderCache:
             "sha256": hashlib.sha256(payload).hexdigest(),
         }).encode()
         try:
-            _write_atomic(self.path(key), _HEADER.pack(MAGIC, len(header)) + header + payload)
+            write_bytes_atomic(self.path(key), _HEADER.pack(MAGIC, len(header)) + header + payload, unique=True)
             self._evict()
-        except OSError as exc:  # a full or read-only disk costs speed, not the answer
+        except (OSError, OutputError) as exc:  # a full or read-only disk costs speed, not the answer
             log.warning("encoder cache: could not write %s: %s", self.dir, exc)
 
     def _evict(self) -> None:
@@ -141,11 +172,3 @@ def _parse(data: bytes, key: str, projector: str) -> np.ndarray | None:
     except (struct.error, ValueError, KeyError, TypeError):
         return None
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
