@@ -182,8 +182,8 @@ class GenerationOptions:
                              f"got {self.top_logprobs!r}")
         budget = self.max_thinking_tokens
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ValueError(f"max_thinking_tokens must be a whole number >= 0 (0: answer at once) or None, "
-                             f"got {budget!r}")
+            raise OptionError(f"max_thinking_tokens must be a whole number >= 0 (0: answer at once) or None, "
+                              f"got {budget!r}")
         if self.grammar is not None and self.json_schema is not None:
             raise OptionError("give either grammar or json_schema, not both")
         if isinstance(self.stop, str):

@@ -187,6 +187,7 @@ class ChatRequest(_Model):
     @classmethod
     def _template_kwargs(cls, value: Any) -> Any:
         for key in RESERVED_TEMPLATE_VARIABLES & set(value or {}):
+            # a plain ValueError: pydantic turns a validator's ValueError into a 400 naming the field
             raise ValueError(f"{key!r} is set by the server itself; it cannot be a chat_template_kwargs entry")
         if value and "enable_thinking" in value and not isinstance(value["enable_thinking"], bool):
             raise ValueError("enable_thinking must be true or false")  # llama-server refuses a string too
