@@ -92,9 +92,7 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
-        options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn=flash_attn,
-                                **load_settings(settings), **flags.image_settings(settings, user_cache_dir()),
-                                **settings)
+        options = server_options(target, mmproj, flash_attn, settings)
     except (EdgeError, ValueError) as exc:
         fail("edge-serve", str(exc))
     try:  # unreachable RPC workers: a clear error now, not a failed load behind /health
@@ -106,6 +104,13 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
         click.echo(f"edge-serve: warning: listening on {options.host} without an API key: anyone who can reach "
                    "this port can use the model (set EDGE_API_KEY)", err=True)
     serve(options, log_level)
+
+
+def server_options(target: Path, mmproj: Path | None, flash_attn: bool | str, settings: dict[str, Any]) -> ServerOptions:
+    """The options of a parsed command line (`main.make_context(...).params`, less the log level): what
+    edge-serve runs with, also for a benchmark that loads the same engine beside it."""
+    return ServerOptions(model_dir=target, mmproj=mmproj, flash_attn=flash_attn, **load_settings(settings),
+                         **flags.image_settings(settings, user_cache_dir()), **settings)
 
 
 def serve(options: ServerOptions, log_level: str = "info") -> None:
