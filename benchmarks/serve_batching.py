@@ -71,6 +71,8 @@ class Phase:
     decode_tokens: float  # generated tokens of the decode-only steps
     decode_steps: float
     parts: dict[str, float]  # seconds of the decode-only steps by STEP_PARTS
+    all_tokens: float  # generated tokens of every step holding some (prompt chunks beside them included)
+    all_s: float  # and those steps' seconds
     answers: tuple[str, ...]  # in prompt order: greedy, so one-at-a-time and concurrent must agree
 
     @property
@@ -84,6 +86,10 @@ class Phase:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def all_steps_tok_s(self) -> float:
+        return self.all_tokens / self.all_s if self.all_s else 0.0
 
     @property
     def end_to_end_tok_s(self) -> float:
@@ -101,7 +107,8 @@ def ask(http: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[int, str
 
 def counters(http: httpx.Client, url: str) -> dict[str, float]:
     values = parse_metrics(http.get(url + "/metrics").text)
-    out = {"tokens": values["edge_decode_only_tokens_total"], "steps": values["edge_decode_only_steps_total"]}
+    out = {"tokens": values["edge_decode_only_tokens_total"], "steps": values["edge_decode_only_steps_total"],
+           "all_tokens": values["edge_decode_batch_tokens_total"], "all_s": values["edge_decode_seconds_total"]}
     out.update({p: values[f'edge_decode_step_seconds_total{{part="{p}"}}'] for p in STEP_PARTS})
     return out
 
@@ -116,11 +123,11 @@ def run_phase(url: str, n: int, max_tokens: int, concurrent: bool, headers: dict
         else:
             results = [ask(http, url, i, max_tokens) for i in range(n)]
         wall = time.perf_counter() - t0
-        # the engine process reports its counters before it sends an answer's end, so they are current
+        time.sleep(0.3)  # the engine process's next stats message (every 0.1 s) carries its last step's messages
         after = counters(http, url)
     delta = {k: after[k] - before[k] for k in after}
     return Phase(sum(t for t, _ in results), wall, delta["tokens"], delta["steps"], {p: delta[p] for p in STEP_PARTS},
-                 tuple(a for _, a in results))
+                 delta["all_tokens"], delta["all_s"], tuple(a for _, a in results))
 
 
 class RawDecode:
@@ -238,6 +245,8 @@ def report(url: str, raw: RawDecode | None, n: int, max_tokens: int, repeats: in
         rates = [p.decode_tok_s for p in runs]
         print(f"{name:<34} | {best.decode_tok_s:>7.2f} | {spread(rates):>11} | {best.mean_batch:.2f}")
     e2e = together.end_to_end_tok_s / alone.end_to_end_tok_s if alone.end_to_end_tok_s else 0.0
+    print(f"all steps with generated tokens (prompt chunks beside them included): one at a time "
+          f"{alone.all_steps_tok_s:.2f} tok/s, at once {together.all_steps_tok_s:.2f} tok/s")
     print(f"end to end (completion tokens / wall): one at a time {alone.end_to_end_tok_s:.2f} tok/s, at once "
           f"{together.end_to_end_tok_s:.2f} tok/s ({e2e:.2f}x); same answers: {'yes' if same else 'NO'}")
 

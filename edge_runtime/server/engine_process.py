@@ -88,13 +88,13 @@ class Outbox:
             self._events.append((number, event))
 
     def flush(self) -> None:
-        with self._lock:
+        with self._lock:  # held while sending: two flushing threads cannot swap their messages
             events, self._events = self._events, []
-        if not events:
-            return
-        if any(isinstance(event, (Finished, Failed)) for _, event in events):
-            self._send_stats()
-        self._sender.send(("events", events))
+            if not events:
+                return
+            if any(isinstance(event, (Finished, Failed)) for _, event in events):
+                self._send_stats()
+            self._sender.send(("events", events))
 
 
 class RemoteChannel:

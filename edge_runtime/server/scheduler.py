@@ -565,6 +565,7 @@ class Scheduler(EngineFront):
             if prompt is not None:
                 prompt.close()
             self._end(job, "error", Failed(shutting_down()))
+        self._send_events(None)  # the errors above, also when the loop crashed
         if self._vision is not None:
             self._vision.stop()
         for closing in (self._core, self._embd_batch):
