@@ -1,37 +1,49 @@
-"""Continuous batching pays: edge-serve's N streams at once, beside one at a time and beside llama.cpp's own batched decode.
+"""Continuous batching pays: edge-serve's N streams at once beside one at a time and llama.cpp's own batched decode.
 
-    python benchmarks/serve_batching.py --synthetic 2b      # the 2B's shapes, random weights (built once, minutes)
-    python benchmarks/serve_batching.py MODEL [--streams 4] [--max-tokens 32] [--repeats 3]
+\b
+    python benchmarks/serve_batching.py --synthetic 2b    # the 2B's shapes, random weights (built once)
+    python benchmarks/serve_batching.py MODEL --streams 4 --max-tokens 32 --repeats 3
 
 MODEL is an edge-convert output directory or a text GGUF. In one run, alternating,
-`--repeats` times (the fastest of each kept: on a shared machine the slow runs
-measure the neighbours):
+--repeats times (the fastest of each phase kept: on a shared machine the slow runs
+measure the neighbours): (1) raw llama.cpp, one context holding N sequences, one
+token of each per llama_decode, greedy from the logits (numpy argmax), driven through
+edge_llama on the engine edge-serve would load (same file, threads, KV types, flash
+attention, repacking), and one sequence alone; (2) edge-serve (--parallel N, its own
+process), N different prompts one after another, then the same N at once. Every
+answer is greedy and generates exactly --max-tokens tokens (ignore_eos), so both
+runs decode the same tokens and must give the same answers (exit code 1 otherwise).
 
-- raw llama.cpp: one context holding N sequences, one token of each per
-  llama_decode, greedy from the logits (numpy argmax), driven through edge_llama
-  on the engine edge-serve would load (same file, threads, KV types, flash
-  attention, repacking); and one sequence alone;
-- edge-serve (`--parallel N`, its own process): N different prompts one after
-  another, then the same N at once. Every answer is greedy and generates exactly
-  --max-tokens tokens (ignore_eos), so both runs decode the same tokens and must
-  give the same answers (checked: exit code 1 otherwise).
-
-Decode tok/s of edge-serve comes from its /metrics counters of the steps that hold
+edge-serve's decode tok/s comes from its /metrics counters of the steps holding
 generated tokens only (a step that also evaluates a prompt chunk is prefill time),
-timed from the start of the scheduler's loop iteration, so it is the figure to set
-beside llama.cpp's batched decode; end-to-end tok/s (completion tokens / wall time)
-is printed too. The step profile splits those steps' time into: llama_decode,
-sampling, logits handling (logit bias, logprobs), detokenizing, messages to the
-HTTP process, and the rest of the loop (Python bookkeeping).
+timed from the start of the scheduler's loop iteration: the figure to set beside
+llama.cpp's batched decode. The rate over all steps with generated tokens and the
+end-to-end rate (completion tokens / wall time) are printed beside it. The step
+profile splits the decode steps' time into llama_decode, sampling, logits handling
+(logit bias, logprobs), detokenizing, messages to the HTTP process and the rest of
+the loop (Python bookkeeping). Targets (issue 25): N at once >= 0.9x llama.cpp's
+N-sequence decode and >= 1.2x edge-serve's one stream.
 
-Targets (issue 25): N streams at once >= 0.9x llama.cpp's N-sequence decode and
->= 1.2x edge-serve's one stream.
+Measured on a busy machine (2-core AMD EPYC at load average 12-15 from other jobs,
+so the rates are noise; `--synthetic 2b --repeats 2 --threads 1`, q4_k_m), before
+(per-token messages, llama.cpp's sampler for every answer) and after (one message a
+step, one argmax over the step's logits block); a quiet machine's figures replace
+these:
 
-Measured on a busy machine (2-core AMD EPYC shared with 7 other jobs; the 2B's
-shapes, q4_k_m, defaults, `--synthetic 2b --streams 4 --max-tokens 32 --repeats 3`),
-the ratios of one run; a quiet machine's figures replace these:
-
-    see the report of issue 25 (h-batch); filled in below once measured
+\b
+    decode tok/s                          before    after
+    llama.cpp, 1 sequence                   3.97     5.58
+    llama.cpp, 4 sequences                  3.58     6.73
+    edge-serve, 4 one at a time             3.02     7.81
+    edge-serve, 4 at once                   3.97     6.64
+    4 at once / llama.cpp's 4 sequences    1.11x    0.99x
+    4 at once / one at a time              1.32x    0.85x
+    ms per step, 4 at once: llama_decode  870.12   571.12
+      sampling                              6.32     0.39
+      logits handling                       1.17     0.66
+      detokenizing                          0.95     0.46
+      messages                              1.43     0.03
+      bookkeeping                           1.38     0.84
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -106,7 +106,7 @@ class Core(Closeable):
         if answer.bias and not biased:
             self.engine.add_bias(index, answer.bias)
         t1 = clock()
-        if answer.sampler.is_argmax:
+        if _is_argmax(answer.sampler):
             token = int(np.argmax(self.engine.logits_row(index)))
         else:
             token = self.engine.sample(answer.sampler, index)
@@ -145,7 +145,7 @@ class Core(Closeable):
         Greedy answers take the argmax of their row, computed for the whole block in one numpy call
         (the first highest logit, as llama.cpp's greedy sampler picks it, without its per-row walk that
         copies the vocabulary into candidates); the others run their sampler chain on their row."""
-        argmax = [a.sampler.is_argmax for a in answers]
+        argmax = [_is_argmax(a.sampler) for a in answers]
         best = self.engine.logits_block(len(answers)).argmax(axis=1) if any(argmax) else None
         return [int(best[i]) if greedy and best is not None else self.engine.sample(a.sampler, i)
                 for i, (a, greedy) in enumerate(zip(answers, argmax))]
@@ -172,3 +172,9 @@ class Core(Closeable):
 
     def close(self) -> None:
         self.batch.close()
+
+
+def _is_argmax(sampler: Any) -> bool:
+    """The sampler is greedy alone (`Sampler.is_argmax`); one that does not say (a wrapper choosing among
+    chains, forcing tokens) samples for itself."""
+    return bool(getattr(sampler, "is_argmax", False))
