@@ -297,3 +297,41 @@ def test_answer_step_ends_on_end_of_turn_stop_string_and_limit(engine):
     text, reason, n = run(GenerationOptions(stop=("green",)), 100, words + im_end)
     assert (text.strip(), reason) == ("red", STOP) and n < len(words) + 1
     assert run(GREEDY, 2, words + im_end)[1:] == (LENGTH, 2)
+
+
+def test_a_step_picks_each_greedy_answer_as_llama_cpps_greedy_sampler_would(tiny_f32_dir):
+    """The core picks greedy answers' tokens with one argmax over the step's logits block; llama.cpp's
+    own greedy sampler, run afterwards on each row as the core left it (bias added), picks the same,
+    a biased row and a seeded sampling answer beside them included; on a tie both take the lower id."""
+    from edge_llama import Sampler
+
+    text, mmproj = pair(tiny_f32_dir)
+    with Engine(text, mmproj, EngineOptions(n_ctx=1024, n_seq_max=3)) as e, Core(e, 3) as core:
+        model = e.text_model
+        answers = []
+        for seq, (question, options) in enumerate([("Say something.", GREEDY), ("Count to ten.", GREEDY),
+                                                   ("Name a color.", GenerationOptions(temperature=0.9))]):
+            prefill_text(e, turn("", question), [], seq_id=seq, reserve=8)
+            ans = Answer(seq, build_sampler(options, model, 7),
+                         AnswerStep(PieceTable(model), options, 8, False, e.is_end_of_turn))
+            core.start(ans)
+            answers.append(ans)
+        forced = model.tokenize("blue", add_special=False)[0]
+        answers[1].bias = {t: -np.inf for t in range(model.n_vocab) if t != forced}  # logit_bias leaves one
+        core.step(answers)
+        for i in range(2):
+            with Sampler(model) as greedy:
+                assert answers[i].tokens[-1] == greedy.greedy().sample(e.context, i)
+        assert answers[1].tokens[-1] == forced
+
+        prefill_text(e, turn("", "One more."), [], seq_id=0, reserve=8)
+        tie = e.logits_row(-1)
+        tie[:] = 0.0
+        tie[[9, 5, 12]] = 1.0  # three tokens share the highest logit
+        ans = Answer(0, build_sampler(GREEDY, model, 0), AnswerStep(PieceTable(model), GREEDY, 8, False,
+                                                                     e.is_end_of_turn))
+        core.start(ans)
+        with Sampler(model) as greedy:
+            assert ans.tokens == [greedy.greedy().sample(e.context, -1)] == [5]
+        for a in answers + [ans]:
+            a.close()

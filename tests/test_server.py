@@ -392,3 +392,24 @@ def test_image_detail_levels_and_their_cost_in_usage(server):
     body["messages"][0]["content"][0]["image_url"]["detail"] = "huge"
     bad = httpx.post(server.url("/v1/chat/completions"), json=body, headers=auth(), timeout=60)
     assert bad.status_code == 400 and "detail must be one of low, auto, high" in bad.json()["error"]["message"]
+
+
+def test_decode_only_steps_are_counted_and_profiled(server, client):
+    """A lone answer of N tokens takes its first from the prompt's step and the other N - 1 from steps
+    holding its token alone: those are counted and split by part in /metrics, current by the time the
+    answer is read (the engine process sends counters before an answer's end)."""
+    from edge_runtime.core.step import STEP_PARTS
+
+    deadline = time.monotonic() + 30
+    while metrics(server)["edge_slots_busy"]:  # what an earlier test left running is cancelled by now
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = metrics(server)
+    resp = client.chat.completions.create(model="any", messages=user("count to ten"), max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    after = metrics(server)
+    assert resp.usage.completion_tokens == 6
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["edge_decode_only_tokens_total"] == delta["edge_decode_only_steps_total"] == 5
+    parts = {p: delta[f'edge_decode_step_seconds_total{{part="{p}"}}'] for p in STEP_PARTS}
+    assert parts["decode"] > 0 and all(v >= 0 for v in parts.values()), parts

@@ -171,6 +171,39 @@ def test_metrics_text_is_prometheus():
     assert values["edge_decode_tokens_per_second"] == pytest.approx(3.0)
     assert values["edge_queue_depth"] == 2 and values["edge_slots_busy"] == 1
     assert values["edge_kv_cache_usage_ratio"] == 0.25
+    m.add("step_seconds:decode", 0.5)
+    values = parse_metrics(m.render(Gauges()))
+    assert values['edge_decode_step_seconds_total{part="decode"}'] == 0.5
+    assert values['edge_decode_step_seconds_total{part="messages"}'] == 0
+
+
+def test_a_steps_events_reach_the_parent_in_one_message_in_order():
+    """The engine process sends a step's events together, in the order the scheduler emitted them
+    (streams interleaved), counters first when one ends; nothing is sent for a step without events."""
+    from multiprocessing import Pipe
+
+    from edge_runtime.core.stats import GenerationStats
+    from edge_runtime.server.engine_process import Outbox, RemoteChannel, Sender
+    from edge_runtime.server.jobs import Finished, TextDelta
+
+    parent, child = Pipe()
+    sender = Sender(child)
+    outbox = Outbox(sender, lambda: sender.send(("stats",)))
+    first, second = RemoteChannel(outbox, 1), RemoteChannel(outbox, 2)
+    first.put(TextDelta("a"))
+    second.put(TextDelta("x"))
+    first.put(TextDelta("b"))
+    assert not parent.poll()  # held until the step ends
+    outbox.flush()
+    assert parent.recv() == ("events", [(1, TextDelta("a")), (2, TextDelta("x")), (1, TextDelta("b"))])
+    outbox.flush()
+    assert not parent.poll()
+    done = Finished("length", GenerationStats(generated_tokens=2))
+    second.put(TextDelta("y"))
+    second.put(done)
+    outbox.flush()
+    assert parent.recv() == ("stats",)
+    assert parent.recv() == ("events", [(2, TextDelta("y")), (2, done)])
 
 
 def test_options_validation(tmp_path):

@@ -327,22 +327,35 @@ class Engine(LoadedModel):
         if start + n == chunk.n_tokens:
             state.append(image_unit(chunk.digest or "", chunk.n_tokens, chunk.n_pos))
 
+    decode_seconds = 0.0  # time inside llama_decode since the model was loaded (the core's step profile)
+
     def decode(self, batch: Any) -> None:
         """Evaluate a token or embedding batch (edge_llama's Batch / EmbeddingBatch), the RPC wait bounded."""
+        t0 = time.perf_counter()
         try:
             with self.guarded():
                 self._lctx.decode_batch(batch)
         except LlamaError as exc:
             raise DecodeError(str(exc)) from exc
+        finally:
+            self.decode_seconds += time.perf_counter() - t0
 
-    def sample(self, sampler: Sampler, index: int = -1, bias: dict[int, float] | None = None) -> int:
-        """Sample from batch output `index` (after adding `bias` to its logits); reading logits waits for RPC workers."""
+    def add_bias(self, index: int, bias: dict[int, float]) -> None:
+        """Add `bias` (token -> value) to batch output `index`'s logits, which the next `sample` reads."""
         with self.guarded():
-            if bias:
-                logits = self._lctx.logits_view(index)
-                for token, value in bias.items():
-                    logits[token] += value
+            logits = self._lctx.logits_view(index)
+            for token, value in bias.items():
+                logits[token] += value
+
+    def sample(self, sampler: Sampler, index: int = -1) -> int:
+        """Sample from batch output `index`; reading logits waits for RPC workers."""
+        with self.guarded():
             return sampler.sample(self._lctx, index)
+
+    def logits_block(self, n: int) -> np.ndarray:
+        """The logits of batch outputs 0..n-1 as one (n, n_vocab) array in place (as `logits_row`, n rows)."""
+        with self.guarded():
+            return self._lctx.logits_block(n)
 
     def logits_row(self, index: int = -1) -> np.ndarray:
         """Batch output `index`'s logits in place, as the last `sample` left them (its bias added:

@@ -101,9 +101,7 @@ def main(target: Path, mmproj: Path | None, log_level: str, flash_attn: bool | s
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         resolve_model_paths(target, mmproj)  # fail now, not after the server is up
-        options = ServerOptions(model_dir=target, mmproj=mmproj, flash_attn=flash_attn,
-                                **load_settings(settings), **flags.image_settings(settings, user_cache_dir()),
-                                **settings)
+        options = server_options(target, mmproj, flash_attn, settings)
     except (EdgeError, ValueError) as exc:
         fail("edge-serve", str(exc))
     sock = listen_socket(options.host, options.port)  # a port in use: said now, before the model loads
@@ -134,6 +132,13 @@ def listen_socket(host: str, port: int) -> socket.socket:
                                "stop that process or choose another port with --port")
         fail("edge-serve", f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port")
     return sock
+
+
+def server_options(target: Path, mmproj: Path | None, flash_attn: bool | str, settings: dict[str, Any]) -> ServerOptions:
+    """The options of a parsed command line (`main.make_context(...).params`, less the log level): what
+    edge-serve runs with, also for a benchmark that loads the same engine beside it."""
+    return ServerOptions(model_dir=target, mmproj=mmproj, flash_attn=flash_attn, **load_settings(settings),
+                         **flags.image_settings(settings, user_cache_dir()), **settings)
 
 
 def serve(options: ServerOptions, log_level: str = "info", sock: socket.socket | None = None) -> None:

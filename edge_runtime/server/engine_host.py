@@ -220,15 +220,15 @@ class EngineHost(EngineFront):
 
     def _handle(self, message: tuple) -> bool:
         kind = message[0]
-        if kind == "event":
-            _, number, event = message
+        if kind == "events":  # one scheduler step's, in the order they were sent
             with self._lock:
-                job = self._jobs.get(number)
-                if job is not None:
-                    job.emit(event)
-                    if job.done:  # its last choice finished, or it failed
-                        del self._jobs[number]
-                        self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
+                for number, event in message[1]:
+                    job = self._jobs.get(number)
+                    if job is not None:
+                        job.emit(event)
+                        if job.done:  # its last choice finished, or it failed
+                            del self._jobs[number]
+                            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.monotonic() - job.submitted)
         elif kind == "task_done":
             _, number, ok, value = message
             with self._lock:

@@ -7,8 +7,9 @@ process, not the HTTP server; the parent then fails the requests in flight and
 starts a new one. Ollama runs its llama.cpp runner as a subprocess for the same
 reason. Messages are pickled over a Unix socket: the parent sends ("submit",
 job fields), ("cancel", number), ("task", number, fn) (Scheduler.run_exclusive),
-("stop",); this side sends ("ready", info), ("failed", message), ("event",
-number, event), ("task_done", number, ok, value) and ("stats", counters, gauges, image planner).
+("stop",); this side sends ("ready", info), ("failed", message), ("events",
+[(number, event), ...]) (all the events of one scheduler step in one message),
+("task_done", number, ok, value) and ("stats", counters, gauges, image planner).
 llama.cpp's log lines go to LOG_FD as text, so the parent can name the last one
 when this process dies without a word.
 """
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 from edge_llama import ensure_backend
 
@@ -70,17 +71,40 @@ class Sender:
                 pass  # the parent went away; the main loop sees EOF and exits
 
 
-class RemoteChannel:
-    """A job's event channel that sends to the parent (counters first, so /metrics is current
-    by the time a client reads the end of its answer)."""
+class Outbox:
+    """The events of the scheduler's current step, sent to the parent as one message when the step
+    ends (`flush`, the scheduler's after-step hook): one pickle, one socket write and one wake-up of
+    the HTTP process per step instead of one per token and stream, which on a small CPU take time
+    from llama_decode's threads. Counters go first when an answer ends, so /metrics is current by
+    the time its client reads the end."""
 
-    def __init__(self, sender: Sender, number: int, stats: "StatsPump") -> None:
-        self._sender, self._number, self._stats = sender, number, stats
+    def __init__(self, sender: Sender, send_stats: Callable[[], None]) -> None:
+        self._sender, self._send_stats = sender, send_stats
+        self._lock = threading.Lock()
+        self._events: list[tuple[int, Event]] = []
+
+    def put(self, number: int, event: Event) -> None:
+        with self._lock:
+            self._events.append((number, event))
+
+    def flush(self) -> None:
+        with self._lock:  # held while sending: two flushing threads cannot swap their messages
+            events, self._events = self._events, []
+            if not events:
+                return
+            if any(isinstance(event, (Finished, Failed)) for _, event in events):
+                self._send_stats()
+            self._sender.send(("events", events))
+
+
+class RemoteChannel:
+    """A job's event channel: its events go to the parent with the rest of the step's (`Outbox`)."""
+
+    def __init__(self, outbox: Outbox, number: int) -> None:
+        self._outbox, self._number = outbox, number
 
     def put(self, event: Event) -> None:
-        if isinstance(event, (Finished, Failed)):
-            self._stats.send()
-        self._sender.send(("event", self._number, event))
+        self._outbox.put(self._number, event)
 
 
 class StatsPump:
@@ -148,7 +172,8 @@ def serve(conn: Connection) -> int:
     ensure_backend()
     sender = Sender(conn)
     metrics = Metrics()
-    scheduler = Scheduler(options, metrics)
+    outbox = Outbox(sender, lambda: stats.send())
+    scheduler = Scheduler(options, metrics, after_step=outbox.flush)
     stats = StatsPump(sender, scheduler, metrics)
     scheduler.start()
     threading.Thread(target=stats.run, name="edge-stats", daemon=True).start()
@@ -161,7 +186,7 @@ def serve(conn: Connection) -> int:
                 break  # the parent is gone
             if message[0] == "submit":
                 spec = message[1]
-                job = Job(**spec, channel=RemoteChannel(sender, spec["number"], stats))  # type: ignore[arg-type]
+                job = Job(**spec, channel=RemoteChannel(outbox, spec["number"]))  # type: ignore[arg-type]
                 jobs = {n: j for n, j in jobs.items() if not j.done}
                 jobs[job.number] = job
                 try:
@@ -170,6 +195,7 @@ def serve(conn: Connection) -> int:
                     from .errors import from_exception
 
                     job.emit(Failed(from_exception(exc)))
+                    outbox.flush()
             elif message[0] == "task":
                 _, number, fn = message
                 try:
@@ -187,6 +213,7 @@ def serve(conn: Connection) -> int:
                 break
     finally:
         scheduler.stop()
+        outbox.flush()
         stats.send()
     return 0
 

@@ -1,6 +1,6 @@
 """OpenAI's `logit_bias` and llama-server's `ignore_eos` as a token -> logit offset table.
 
-The sampler chains come from `GenerationOptions`, which has no bias; `Engine.sample`
+The sampler chains come from `GenerationOptions`, which has no bias; the core (`Engine.add_bias`)
 adds the table to the logits before the chain reads them, the same computation
 llama.cpp's logit-bias sampler does, leaving unbiased requests untouched.
 """

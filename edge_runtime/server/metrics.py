@@ -11,6 +11,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from edge_runtime.core.step import STEP_PARTS
+
 OUTCOMES = ("ok", "invalid", "error", "cancelled", "timeout", "rejected")
 
 
@@ -129,11 +131,18 @@ class Metrics:
             ("encoder_disk_hits", "Images whose encoder output came from the encoder cache on disk."),
             ("decode_steps", "Batched decode steps (one llama_decode each)."),
             ("decode_batch_tokens", "Tokens evaluated by batched decode steps (divide by steps: mean batch size)."),
-            ("decode_seconds", "Time in batched decode steps, sampling included (batch tokens / this: decode tok/s)."),
-            ("prefill_seconds", "Time evaluating prompts in the decode loop (the vision encoder runs beside it)."),
+            ("decode_seconds", "Time of the decode steps, sampling and the loop's work included (batch tokens / "
+             "this: decode tok/s); a step that also evaluates a prompt piece counts here and as prefill."),
+            ("prefill_seconds", "Time of the steps evaluating a prompt piece (the vision encoder runs beside them)."),
+            ("decode_only_steps", "Decode steps holding generated tokens only (no prompt piece): the profiled ones."),
+            ("decode_only_tokens", "Tokens evaluated by decode-only steps (divide by the sum of "
+             "edge_decode_step_seconds_total: the batched decode rate)."),
             ("engine_restarts", "Times the engine process died and was started again."),
         ):
             metric(f"edge_{key}_total", "counter", help_, [("", totals.get(key, 0))])
+        metric("edge_decode_step_seconds_total", "counter", "Time of the decode-only steps by part: inside "
+               "llama_decode, sampling, logits handling (bias, logprobs), detokenizing, messages to the clients, "
+               "the loop's bookkeeping.", [(f'{{part="{p}"}}', totals.get(f"step_seconds:{p}", 0)) for p in STEP_PARTS])
         metric("edge_decode_tokens_per_second", "gauge", "Generated tokens per second over the last "
                f"{self._window_s:g} s, all slots together.", [("", rate)])
         metric("edge_model_ready", "gauge", "1 once the model is loaded.", [("", int(gauges.ready))])

@@ -50,9 +50,12 @@ log = logging.getLogger("edge_runtime.server")
 
 
 class Scheduler(EngineFront):
-    def __init__(self, options: ServerOptions, metrics: Metrics) -> None:
+    def __init__(self, options: ServerOptions, metrics: Metrics, after_step: Callable[[], None] | None = None) -> None:
+        """`after_step`: called by the scheduler thread once a loop iteration's events are emitted (the
+        engine process sends them to the HTTP side then, all in one message)."""
         self.options = options
         self.metrics = metrics
+        self._after_step = after_step
         self.state = LOADING
         self.error: str | None = None
         self.model_id = options.resolved_model_id()
@@ -74,6 +77,7 @@ class Scheduler(EngineFront):
         self._eog_tokens: list[int] = []
         self._n_vocab = 0
         self._kv_used = 0
+        self._messages_s = 0.0  # spent sending events in the current step
         self._mean_job_s = 1.0
         self._thread = threading.Thread(target=self._main, name="edge-scheduler", daemon=True)
 
@@ -188,6 +192,8 @@ class Scheduler(EngineFront):
 
     def _loop(self) -> None:
         while True:
+            started = time.perf_counter()  # a decode step's time runs from here: the loop's work is its cost too
+            self._messages_s = 0.0
             with self._cond:
                 if not self._has_work():  # woken by a submit, a cancel or the vision thread; at the
                     self._cond.wait(0.5)  # latest after 0.5 s, to drop jobs whose deadline passed
@@ -210,8 +216,10 @@ class Scheduler(EngineFront):
                 self._preparing -= job.n
                 self._assign(job, prompt, error)
             self._reap()
-            if self._runnable():
-                self._step()
+            step = self._step() if self._runnable() else None
+            if step is not None:
+                self._count_step(*step, time.perf_counter() - started)
+            self._send_events(step)
 
     def _run_tasks(self, tasks: list[tuple[Callable[[Engine, list[Slot]], Any], Future]]) -> None:
         assert self._engine is not None
@@ -333,16 +341,17 @@ class Scheduler(EngineFront):
         if error.status >= 500:
             log.error("request #%d failed: %s", job.number, error.message)
 
-    def _step(self) -> None:
+    def _step(self) -> tuple[int, bool] | None:
         """One core step: the next token of every generating slot plus, when a prompt is being
-        evaluated, one chunk of it (text tokens in the same batch, an image slice right after)."""
+        evaluated, one chunk of it (text tokens in the same batch, an image slice right after).
+        Returns (generated tokens evaluated, whether a prompt piece was) for `_count_step`; None
+        when the decode failed (its slots are finished with the error)."""
         engine, core = self._engine, self._core
         assert engine is not None and core is not None
         generating = self._generating()
         budget = min(self._chunk if generating else engine.n_batch, engine.n_batch - len(generating))
         filling, piece = self._next_piece(budget) if budget > 0 else (None, None)
         text = piece if piece is not None and piece.kind == "text" else None
-        t0 = time.perf_counter()
         if generating or text is not None:
             answers = [s.answer for s in generating]
             try:
@@ -350,35 +359,75 @@ class Scheduler(EngineFront):
                                   text is not None and text.final)
             except Exception as exc:  # the engine dropped the step's half-written cells
                 log.error("decode step failed: %s", exc)
+                core.profile.take()
                 for slot in generating + ([filling] if filling is not None else []):
                     self._finish_slot(slot, "error", Failed(from_exception(exc)))
                 self._kv_used = engine.kv_used_bytes()
-                return
+                return None
             for slot, delta in zip(generating, shown):
                 self._accept(slot, delta)
-            if generating:
-                self.metrics.add("decode_steps")
-                self.metrics.add("decode_batch_tokens", len(generating))
-                self.metrics.add("decode_seconds", time.perf_counter() - t0)
-        if piece is not None:
-            assert filling is not None and filling.prefill is not None
-            t1 = time.perf_counter()
-            try:
-                if piece.kind == "image":
-                    self._decode_image_piece(filling, piece)
-                else:
-                    filling.prefill.advance(piece)
-            # catching Exception: one request's failure (from_exception: its 4xx or a 500) must never stop the scheduler thread
-            except Exception as exc:
-                self._finish_slot(filling, "error", Failed(from_exception(exc)))
+        if piece is None:
+            self._kv_used = engine.kv_used_bytes()
+            return len(generating), False
+        assert filling is not None and filling.prefill is not None
+        t1 = time.perf_counter()
+        try:
+            if piece.kind == "image":
+                self._decode_image_piece(filling, piece)
             else:
-                seconds = time.perf_counter() - t1
-                self.metrics.add("prefill_seconds", seconds)
-                if piece.kind == "image" and not generating and piece.n >= 32:
-                    engine.measured("prefill", piece.n, seconds)  # alone in its step: this device's prefill rate
-                if piece.final:
-                    self._start_generating(filling, len(generating) + len(piece.tokens) - 1)
+                filling.prefill.advance(piece)
+        # catching Exception: one request's failure (from_exception: its 4xx or a 500) must never stop the scheduler thread
+        except Exception as exc:
+            self._finish_slot(filling, "error", Failed(from_exception(exc)))
+        else:
+            seconds = time.perf_counter() - t1
+            if piece.kind == "image" and not generating and piece.n >= 32:
+                engine.measured("prefill", piece.n, seconds)  # alone in its step: this device's prefill rate
+            if piece.final:
+                self._start_generating(filling, len(generating) + len(piece.tokens) - 1)
         self._kv_used = engine.kv_used_bytes()
+        return len(generating), True
+
+    def _send_events(self, step: tuple[int, bool] | None) -> None:
+        """Hand this iteration's events to `after_step`, once the step is counted (so the counters sent
+        with an answer's end include its last step); the time it takes joins the step's messages."""
+        if self._after_step is None:
+            return
+        t0 = time.perf_counter()
+        self._after_step()
+        seconds = time.perf_counter() - t0
+        if step is None:
+            return
+        tokens, with_prompt = step
+        if tokens:
+            self.metrics.add("decode_seconds", seconds)
+        if with_prompt:
+            self.metrics.add("prefill_seconds", seconds)
+        elif tokens:
+            self.metrics.add("step_seconds:messages", seconds)
+
+    def _count_step(self, tokens: int, with_prompt: bool, seconds: float) -> None:
+        """Count a step of `seconds` (from its loop iteration's start: the loop's own work is part of what
+        a step costs) that evaluated `tokens` generated tokens and maybe a prompt piece: a decode step, prefill
+        time, or both. A step of generated tokens only is also split into the step profile (the core's parts,
+        the messages, the rest as the loop's bookkeeping): its rate is the one to set beside llama.cpp's
+        batched decode of the same sequences."""
+        assert self._core is not None
+        parts = self._core.profile.take()
+        if tokens:
+            self.metrics.add("decode_steps")
+            self.metrics.add("decode_batch_tokens", tokens)
+            self.metrics.add("decode_seconds", seconds)
+        if with_prompt:
+            self.metrics.add("prefill_seconds", seconds)
+        if with_prompt or not tokens:
+            return
+        parts["messages"] = self._messages_s
+        parts["bookkeeping"] = max(0.0, seconds - sum(v for k, v in parts.items() if k != "bookkeeping"))
+        self.metrics.add("decode_only_steps")
+        self.metrics.add("decode_only_tokens", tokens)
+        for part, value in parts.items():
+            self.metrics.add(f"step_seconds:{part}", value)
 
     def _next_piece(self, budget: int) -> tuple[Slot | None, Piece | None]:
         """The prompt piece this step evaluates: from the oldest request with one ready."""
@@ -444,7 +493,7 @@ class Scheduler(EngineFront):
             self.metrics.tokens_generated(1)
         reasoning = answer.step.take_reasoning()
         if text or reasoning:
-            job.emit(TextDelta(text, answer.unsent_logprobs(), slot.choice, reasoning))
+            self._emit(job, TextDelta(text, answer.unsent_logprobs(), slot.choice, reasoning))
         if answer.done:
             self._complete(slot, answer.step.reason.finish_reason)  # type: ignore[union-attr]
 
@@ -454,7 +503,7 @@ class Scheduler(EngineFront):
         tail = answer.step.finish()
         reasoning = answer.step.take_reasoning()
         if tail or reasoning:
-            job.emit(TextDelta(tail, answer.unsent_logprobs(), slot.choice, reasoning))
+            self._emit(job, TextDelta(tail, answer.unsent_logprobs(), slot.choice, reasoning))
         stats = answer.stats
         stats.thinking_tokens = answer.step.thinking_tokens
         elapsed = time.monotonic() - slot.started
@@ -491,9 +540,15 @@ class Scheduler(EngineFront):
         """Send `event`; the request is counted once, when its last choice finished or its first failed."""
         if job.done:  # a choice failed before: the client has its error
             return
-        job.emit(event)
+        self._emit(job, event)
         if job.done:
             self.metrics.request(outcome)
+
+    def _emit(self, job: Job, event: Any) -> None:
+        """Send `event` to the job's client (a message to the HTTP process), timed for the step profile."""
+        t0 = time.perf_counter()
+        job.emit(event)
+        self._messages_s += time.perf_counter() - t0
 
     def _retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._mean_job_s * (len(self._waiting) + 1) / self.options.parallel)))
@@ -515,6 +570,7 @@ class Scheduler(EngineFront):
             if prompt is not None:
                 prompt.close()
             self._end(job, "error", Failed(shutting_down()))
+        self._send_events(None)  # the errors above, also when the loop crashed
         if self._vision is not None:
             self._vision.stop()
         for closing in (self._core, self._embd_batch):
