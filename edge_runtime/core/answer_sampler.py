@@ -30,6 +30,15 @@ class PhasedSampler(Closeable):
         chain = self._free if self._free is not None and self._step.thinking else self._constrained
         return chain.sample(ctx, idx)
 
+    @property
+    def is_argmax(self) -> bool:
+        """True while the next token is the chain's greedy pick: no forced close tag pending and the chain
+        in charge greedy alone, so the core may take it with one argmax over the step's logits block."""
+        if self._step.forcing:
+            return False
+        chain = self._free if self._free is not None and self._step.thinking else self._constrained
+        return chain.is_argmax
+
     def close(self) -> None:
         for chain in (self._free, self._constrained):
             if chain is not None:

@@ -65,6 +65,11 @@ class AnswerStep:
         """The reasoning produced since the last call (not part of what `accept` returns)."""
         return self._text.take_reasoning()
 
+    @property
+    def forcing(self) -> bool:
+        """A forced close tag's tokens are pending (`forced_token` gives them, one per call)."""
+        return bool(self._forced)
+
     def forced_token(self) -> int | None:
         """The next token of a forced close tag (the thinking budget is spent), instead of sampling."""
         return self._forced.pop(0) if self._forced else None
