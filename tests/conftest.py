@@ -41,6 +41,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "browser: drives the system's headless Chromium; in a runtime-only run without one (the arm64 "
         "root) skipped with the reason, so the summary counts them")
+    config.addinivalue_line(
+        "markers", "docs: builds the site with MkDocs (the docs extra); in a runtime-only run without it (the "
+        "arm64 root) skipped with the reason")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,6 +52,7 @@ def pytest_collection_modifyitems(config, items):
     if not RUNTIME_ONLY:
         return
     _skip_browser_tests_without_chromium(items)
+    _skip_docs_tests_without_mkdocs(items)
     keep, drop = [], []
     for item in items:
         needs = (item.get_closest_marker("torch") or "tiny_model_dir" in getattr(item, "fixturenames", ())
@@ -71,6 +75,16 @@ def _skip_browser_tests_without_chromium(items) -> None:
         for item in items:
             if item.get_closest_marker("browser"):
                 item.add_marker(skip)
+
+
+def _skip_docs_tests_without_mkdocs(items) -> None:
+    """The site is built by `make docs` on x86; a runtime-only install has no docs extra."""
+    if _importable("mkdocs"):
+        return
+    skip = pytest.mark.skip(reason="docs test in a runtime-only run: mkdocs is not installed (the docs extra)")
+    for item in items:
+        if item.get_closest_marker("docs"):
+            item.add_marker(skip)
 
 
 # Where the code would put its caches (encoder outputs, device costs, AMX verdicts) if the
