@@ -121,7 +121,7 @@ in_root cortex-a76 "python -c 'import transformers'" 2>/dev/null && { echo "tran
 echo "import torch / import transformers in the root: ModuleNotFoundError (runtime only, as on a Pi)"
 
 step "root: the torch-free tests under QEMU_CPU=cortex-a76 (Raspberry Pi 5)"
-in_root cortex-a76 "EDGE_TEST_GGUF_STORE=/run-arm64/gguf-tests pytest -q -p no:cacheprovider -o addopts= -rfEs $ARM64_PYTEST_ARGS"
+in_root cortex-a76 "EDGE_TEST_GGUF_STORE=/run-arm64/gguf-tests python -m pytest -q -p no:cacheprovider -o addopts= -rfEs $ARM64_PYTEST_ARGS"
 
 for p in "${PROFILES[@]}"; do
     step "root: parity with x86 under QEMU_CPU=$p"
