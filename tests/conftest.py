@@ -38,6 +38,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "torch: needs torch/transformers when it runs (a checkpoint, a transformers reference, "
         "conversion); deselected where they are not installed, as on a Raspberry Pi")
+    config.addinivalue_line(
+        "markers", "browser: drives the system's headless Chromium; in a runtime-only run without one (the arm64 "
+        "root) skipped with the reason, so the summary counts them")
+    config.addinivalue_line(
+        "markers", "docs: builds the site with MkDocs (the docs extra); in a runtime-only run without it (the "
+        "arm64 root) skipped with the reason")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +51,8 @@ def pytest_collection_modifyitems(config, items):
     pytest's summary counts them: the runtime-only install runs every other test."""
     if not RUNTIME_ONLY:
         return
+    _skip_browser_tests_without_chromium(items)
+    _skip_docs_tests_without_mkdocs(items)
     keep, drop = [], []
     for item in items:
         needs = (item.get_closest_marker("torch") or "tiny_model_dir" in getattr(item, "fixturenames", ())
@@ -53,6 +61,30 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _skip_browser_tests_without_chromium(items) -> None:
+    """Only where the runtime-only run has no Chromium (the emulated arm64 root): on x86 a missing
+    browser stays an error that names what to install."""
+    from support.browser import find_chromium
+
+    try:
+        find_chromium()
+    except RuntimeError as exc:
+        skip = pytest.mark.skip(reason=f"browser test in a runtime-only run: {exc}")
+        for item in items:
+            if item.get_closest_marker("browser"):
+                item.add_marker(skip)
+
+
+def _skip_docs_tests_without_mkdocs(items) -> None:
+    """The site is built by `make docs` on x86; a runtime-only install has no docs extra."""
+    if _importable("mkdocs"):
+        return
+    skip = pytest.mark.skip(reason="docs test in a runtime-only run: mkdocs is not installed (the docs extra)")
+    for item in items:
+        if item.get_closest_marker("docs"):
+            item.add_marker(skip)
 
 
 # Where the code would put its caches (encoder outputs, device costs, AMX verdicts) if the

@@ -75,7 +75,8 @@ def test_json_has_machine_options_bandwidth_and_one_config(report_json):
     assert [c["label"] for c in report_json["configs"]] == [Config("f16", "q8_0", "f16", RES).label]
 
 
-@pytest.mark.parametrize("kind", list(PER_ROUND))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.torch) if k == TRANSFORMERS else k
+                                  for k in PER_ROUND])  # transformers' party needs torch
 def test_every_party_reports_every_figure_positive(report_json, kind):
     party = report_json["configs"][0]["parties"][kind]
     assert party["error"] is None
@@ -106,6 +107,7 @@ def test_worker_peaks_are_per_process(report_json):
         assert report_json["configs"][0]["parties"][kind]["peak_rss_bytes"] < 450e6, kind
 
 
+@pytest.mark.torch
 def test_ratios_roofline_and_memory_breakdown(report_json):
     cfg = report_json["configs"][0]
     assert set(cfg["ratios"]) == set(RATIOS)
@@ -142,6 +144,7 @@ def test_accuracy_needs_the_float_reference(bench_models):
         plan(options, replace(bench_models, reference=None))
 
 
+@pytest.mark.torch
 def test_markdown_has_every_section(report):
     md = to_markdown(report)
     for heading in ("### VisionChat", "### Baselines", "### Ratios", "### Roofline", "### Where the memory goes",

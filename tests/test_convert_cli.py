@@ -109,6 +109,7 @@ def test_error_unsupported_architecture(ckpt, tmp_path):
     expect_error(run(ckpt, "-o", tmp_path / "o"), "num_experts", "Qwen3-VL MoE config")
 
 
+@pytest.mark.torch
 def test_error_missing_shard_and_bad_index(artifacts, tmp_path):
     src = artifacts.model(SyntheticSpec(shards=2, seed=3))
     ckpt = tmp_path / "sharded"

@@ -51,6 +51,7 @@ def test_published_configs_are_read_as_llama_cpp_needs(size):
                                                                                           hidden)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("size", list(PUBLISHED_Q4_K_M_GB))
 def test_plan_from_config_alone_lands_on_the_published_files(size):
     e = E.estimate(model_shapes(config(size)), "q4_k_m")
@@ -60,6 +61,7 @@ def test_plan_from_config_alone_lands_on_the_published_files(size):
         assert "experts MB" in E.format_plan([e])
 
 
+@pytest.mark.torch
 def test_30b_a3b_memory_matches_llama_cpp():
     """llama.cpp on the 30B-A3B shapes (a sparse f16 file, mmap, n_ctx 4096, n_ubatch 512, f16 KV) reports
     "KV buffer size = 384.00 MiB" and "compute buffer size = 316.75 MiB"."""
@@ -80,6 +82,7 @@ def scaled_down(size: str) -> SyntheticSpec:
     )
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("size", ["4b", "8b", "32b"])
 def test_scaled_down_dense_sizes_convert_as_planned(artifacts, tmp_path, size):
     spec = scaled_down(size)

@@ -73,6 +73,7 @@ def test_target_size_equals_the_formula_on_many_sizes():
         assert target_size((w, h), budget) == (w_bar, h_bar), (w, h, lo, hi)
 
 
+@pytest.mark.torch
 def test_smart_resize_equals_transformers_on_many_sizes():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
@@ -81,6 +82,7 @@ def test_smart_resize_equals_transformers_on_many_sizes():
         assert smart_resize(h, w, **kw) == hf_smart_resize(h, w, **kw)
 
 
+@pytest.mark.torch
 def test_resize_pixels_equal_the_hf_pil_processor():
     """Same pixel values as the processor's resize (before it rescales and normalises)."""
     from transformers.image_transforms import resize

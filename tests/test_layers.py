@@ -160,6 +160,7 @@ def test_each_source_check_fails_on_a_planted_file_and_on_no_files(check, tmp_pa
         check()
 
 
+@pytest.mark.torch  # its planted module imports torch
 def test_the_torch_free_import_check_fails_on_a_module_that_loads_torch_or_convert():
     """The subprocess check below reports what the imports drag in (here loaded on purpose)."""
     with pytest.raises(AssertionError, match="torch"):

@@ -22,6 +22,9 @@ from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
 from test_bad_inputs import _ckpt_with
 from test_quant_support import pair_of
 
+# every test converts (or loads into transformers) a checkpoint built with torch
+pytestmark = pytest.mark.torch
+
 HUB = MoeSyntheticSpec(layout="hf4", dtype="f32", experts=6, experts_used=2, seed=11)  # hidden 64, expert ff 48
 AMBIGUOUS = replace(HUB, moe_ff=32, seed=12)  # hidden == 2 * expert ff: gate_up_proj fits both layouts
 # Keys only one side writes: llama.cpp's general.* naming and file type, and the processor's resize bounds,

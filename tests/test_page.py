@@ -20,6 +20,8 @@ from support.browser import ask_on_page as ask
 from support.browser import headless_chromium
 from support.server import ServerProcess
 
+pytestmark = pytest.mark.browser
+
 SPEC = SyntheticSpec(tied=False, seed=3)
 API_KEY, ADMIN_KEY = "page-key-1", "page-admin-2"
 WAIT_S = 120

@@ -12,6 +12,9 @@ from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
 
 from edge_llama import FLASH_ATTN_OFF, Context, ContextOptions, Model, Projector, kv_type
 
+# every test loads its checkpoint into transformers, the reference
+pytestmark = pytest.mark.torch
+
 # f32 KV cache and no flash attention (which rounds Q to f16): the exact path, so
 # that what is measured is the conversion, not llama.cpp's speed-for-precision trades.
 EXACT = dict(type_k=int(kv_type("f32").ggml_type), type_v=int(kv_type("f32").ggml_type),

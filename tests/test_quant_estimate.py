@@ -14,6 +14,9 @@ from quant.report import read_tensors
 from quant.text import TextQuantOptions, quantize_text
 from test_quant_support import WIDE_SPEC, assert_types_match_llama_cpp, pair_of, wide_imatrix
 
+# every test reads shapes from a checkpoint or transformers' meta-device model
+pytestmark = pytest.mark.torch
+
 CONFIG_2B = Path(__file__).parent / "data" / "qwen3-vl-2b-instruct.config.json"  # the hub's config.json
 
 

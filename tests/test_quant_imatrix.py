@@ -26,6 +26,7 @@ def auto(artifacts):
     return imx.load(wide_imatrix(artifacts))
 
 
+@pytest.mark.torch
 def test_auto_imatrix_loads_back_and_names_only_existing_tensors(auto, wide_pair):
     cov = check_imatrix(auto, wide_pair)  # raises on unknown names or sizes
     assert cov["text"].fraction == 1.0  # every linear layer of the language model (and the tied output)
@@ -37,12 +38,14 @@ def test_auto_imatrix_loads_back_and_names_only_existing_tensors(auto, wide_pair
     assert auto.chunk_count == 6 and auto.datasets == ("builtin:synthetic-images+questions",)
 
 
+@pytest.mark.torch
 def test_vision_layers_saw_image_patches(auto):
     # Every calibration image runs through the vision tower: its layers count patches, not text tokens.
     assert auto.entries["v.blk.0.attn_qkv.weight"].counts[0] >= 4 * 16
     assert auto.entries["mm.0.weight"].counts[0] * 4 == auto.entries["v.blk.0.attn_qkv.weight"].counts[0]
 
 
+@pytest.mark.torch
 def test_gguf_format_is_llama_cpps(auto, tmp_path):
     path = imx.save(auto, tmp_path / "im.gguf")
     r = gguf.GGUFReader(path)
@@ -58,6 +61,7 @@ def test_gguf_format_is_llama_cpps(auto, tmp_path):
         np.testing.assert_allclose(back.values(name), auto.values(name), rtol=1e-6)
 
 
+@pytest.mark.torch
 def test_legacy_dat_round_trip(auto, tmp_path):
     path = imx.save_legacy(auto, tmp_path / "im.dat")
     raw = path.read_bytes()
@@ -71,6 +75,7 @@ def test_legacy_dat_round_trip(auto, tmp_path):
     np.testing.assert_allclose(again.values("mm.2.weight"), auto.values("mm.2.weight"), rtol=1e-5)
 
 
+@pytest.mark.torch
 def test_imatrix_for_another_model_is_refused(auto, wide_pair, tiny_f16_dir):
     tiny_text, tiny_mm = pair_of(tiny_f16_dir)
     with pytest.raises(QuantError, match="columns .* another model|another model"):
@@ -106,6 +111,7 @@ def test_calibration_directory(tmp_path):
         load_calibration(empty)
 
 
+@pytest.mark.torch
 def test_compute_with_user_calibration(artifacts, tmp_path):
     from PIL import Image
 

@@ -85,6 +85,7 @@ def test_quantizable_rule():
     assert not is_quantizable("v.patch_embd.weight", (16, 16, 3, 64))
 
 
+@pytest.mark.torch
 def test_imatrix_changes_projector_bytes(artifacts, wide, tmp_path):
     im = wide_imatrix(artifacts)
     a = quantize_mmproj(wide[1], tmp_path / "a.gguf", MmprojQuantOptions("q4_k", progress=False))

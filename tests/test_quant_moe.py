@@ -21,6 +21,9 @@ from test_quant_text import llama_quantize, sha
 from edge_models.qwen3vl.synthetic import TextShape, VisionShape
 from edge_models.qwen3vlmoe.synthetic import MoeSyntheticSpec
 
+# every test reads a checkpoint built with torch or transformers' meta-device shapes
+pytestmark = pytest.mark.torch
+
 DATA = Path(__file__).parent / "data"
 # 256-wide rows (k-quant blocks fit), 8 experts (llama.cpp's 8-expert rules) or 6, top-2, 4 layers.
 WIDE_MOE = MoeSyntheticSpec(

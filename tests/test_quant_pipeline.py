@@ -32,6 +32,7 @@ def q4(artifacts, tmp_path_factory):
     return model, out, manifest
 
 
+@pytest.mark.torch
 def test_outputs_and_manifest(q4):
     model, out, m = q4
     text, mm = out / m["text"]["path"], out / m["mmproj"]["path"]
@@ -48,6 +49,7 @@ def test_outputs_and_manifest(q4):
     assert sorted(p.name for p in out.iterdir()) == sorted([text.name, mm.name, "manifest.json", "imatrix.gguf"])
 
 
+@pytest.mark.torch
 def test_imatrix_and_quality_recorded(q4):
     _, out, m = q4
     assert m["imatrix"]["path"] == str(out / "imatrix.gguf")
@@ -59,6 +61,7 @@ def test_imatrix_and_quality_recorded(q4):
     assert q["image_cosine_min"] > 0.99
 
 
+@pytest.mark.torch
 def test_plan_is_within_3_percent_of_what_was_written(q4):
     model, out, m = q4
     e = E.estimate(model_shapes(model), "q4_k_m", "q8_0", imatrix=True)
@@ -70,6 +73,7 @@ def test_plan_is_within_3_percent_of_what_was_written(q4):
     assert abs(recorded["mmproj_bytes"] - written["mmproj"]) <= 0.03 * written["mmproj"]
 
 
+@pytest.mark.torch
 def test_keep_f16_and_float_projector(artifacts, tmp_path):
     m = convert_quantized(artifacts.model(WIDE_SPEC), tmp_path, QuantizeOptions(
         "q8_0", mmproj_quant="f16", keep_f16=True, progress=False))
@@ -82,6 +86,7 @@ def test_keep_f16_and_float_projector(artifacts, tmp_path):
     assert not [n for n in names if n.startswith(".edge-convert-")]
 
 
+@pytest.mark.torch
 def test_refusals_happen_before_writing(artifacts, tmp_path):
     model = artifacts.model(WIDE_SPEC)
     with pytest.raises(QuantError, match="--imatrix auto"):
@@ -98,6 +103,7 @@ def test_disk_space_message(tmp_path):
         check_free_space(tmp_path, 10**15, "the f16 intermediate", QuantError)
 
 
+@pytest.mark.torch
 def test_existing_outputs_need_overwrite(q4, artifacts):
     model, out, _ = q4
     with pytest.raises(QuantError, match="--overwrite"):

@@ -70,6 +70,7 @@ def test_iq2_xxs_refuses_without_imatrix(wide_text, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.torch
 def test_imatrix_changes_bytes_and_is_recorded(artifacts, wide_text, tmp_path):
     im = wide_imatrix(artifacts)
     plain = quantize_text(wide_text, tmp_path / "a.gguf", TextQuantOptions("iq4_xs", progress=False))
@@ -82,6 +83,7 @@ def test_imatrix_changes_bytes_and_is_recorded(artifacts, wide_text, tmp_path):
     assert plain.imatrix is None and with_im.imatrix == str(im)
 
 
+@pytest.mark.torch
 def test_iq2_xxs_runs_with_an_imatrix(artifacts, wide_text, tmp_path):
     r = quantize_text(wide_text, tmp_path / "iq2.gguf",
                       TextQuantOptions("iq2_xxs", imatrix=wide_imatrix(artifacts), progress=False))

@@ -365,6 +365,7 @@ def test_image_size_limit(server, test_image):
     assert_error(post(server, {"messages": user("x", uri)}), 400, "image_too_large", "messages[0].content[0]")
 
 
+@pytest.mark.torch
 def test_image_detail_levels_and_their_cost_in_usage(server):
     """image_url.detail picks each image's budget; usage reports tokens, grid and why (checked against HF)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize

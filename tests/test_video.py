@@ -47,6 +47,7 @@ def chat(tiny_f16_dir):
 # ---------------------------------------------------------------- against transformers
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("total,source_fps,fps,max_frames", [
     (30, 10.0, 2.0, 768), (300, 30.0, 2.0, 768), (7, 25.0, 2.0, 768), (1000, 29.97, 2.0, 32), (3, 1.0, 0.5, 768),
 ])
@@ -59,6 +60,7 @@ def test_sampling_matches_transformers(total, source_fps, fps, max_frames):
     assert sample_indices(total, source_fps, fps, 4, max_frames).tolist() == list(expected)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("indices,fps", [([0, 6, 12, 17, 23, 29], 10.0), ([0, 15, 30], 30.0), (list(range(9)), 2.0)])
 def test_timestamps_match_transformers(indices, fps):
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -66,6 +68,7 @@ def test_timestamps_match_transformers(indices, fps):
     assert group_timestamps(indices, fps) == Qwen3VLProcessor._calculate_timestamps(None, list(indices), fps, 2)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("frames,height,width,budget", [(20, 480, 640, 512), (20, 480, 640, 4096), (8, 1080, 1920, 768),
                                                          (6, 100, 3000, 512), (4, 50, 40, 512)])
 def test_clip_size_is_transformers_smart_resize(frames, height, width, budget):
