@@ -138,6 +138,34 @@ def test_the_images_of_one_message_share_auto_budget_in_the_server(server, test_
     assert "shared by the 2 images of the message" in two[0]["reason"] and "shared" not in one["reason"]
 
 
+def test_boxes_raise_the_floor_and_usage_reports_the_plan(server, test_image):
+    """A request for boxes (the page's Locate mode: a json_schema with bbox_2d) plans its image at the
+    grounding floor; usage says the need, the floor, the predicted seconds and whether they meet the target."""
+    buf = io.BytesIO()
+    test_image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    boxes = {"type": "array", "items": {"type": "object", "properties": {
+        "bbox_2d": {"type": "array", "items": {"type": "integer"}}, "label": {"type": "string"}}}}
+
+    def image_of(text: str, **extra) -> dict:
+        body = {"model": "m", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": text}]}], **extra}
+        r = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["images"][0]
+
+    look = image_of("what is it")
+    located = image_of("List them.", response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "boxes", "schema": boxes}})
+    read = image_of("Read the sign.")
+    assert (look["need"], look["floor"]) == ("", 256) and look["max_tokens"] >= 256
+    assert (located["need"], located["floor"]) == ("grounding", 1024) and located["max_tokens"] >= 1024
+    assert (read["need"], read["floor"]) == ("text", 1024)
+    for image in (look, located, read):
+        assert image["predicted_s"] > 0 and image["target_s"] == 8.0 and isinstance(image["meets_target"], bool)
+        assert image["meets_target"] == (image["predicted_s"] <= image["target_s"])
+
+
 def test_edge_serve_fills_the_disk_encoder_cache_and_another_server_reads_it(model_dir, test_image, tmp_path):
     """One encode path: the server writes what it encodes to the disk cache (as VisionChat does), so a
     second server process (empty memory cache) answers the same image without running the encoder."""

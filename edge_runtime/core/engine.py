@@ -112,9 +112,9 @@ class Engine(LoadedModel):
         self._vision_costs().measured(kind, tokens, seconds)
 
     def calibrate(self) -> None:
-        """Measure this device's encoder and prefill rates on a small image (64 tokens: a fraction of a
-        second where a photo takes seconds), through the path an ask takes, so the first image is
-        planned from them; done at load where the cost cache has no entry for this model pair here."""
+        """Measure this device's encoder and prefill rates on a small image (32 tokens: a tenth of what a
+        640x480 photo costs), through the path an ask takes, so the first image is planned from them;
+        done at load where the cost cache has no entry for this model pair on this device."""
         costs = self._vision_costs()
         with costs.calibrating(), self.tokenize(self.marker + "\n", [calibration_image(self.vision)]) as prompt:
             try:

@@ -29,10 +29,11 @@ from edge_runtime.vision.image_budget import (DeviceCost, Planner, cost_key, dev
 from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.vision_spec import VisionSpec
 
-# The calibration image's grid (merged tokens per side): 64 tokens, the processor's smallest image.
-# It runs the same kernels an ask does at a sixth of the encode of a 640x480 image; smaller grids are
-# dominated by per-call overhead and would under-rate the device (see docs/bench.md).
-CALIBRATION_GRID = (8, 8)
+# The calibration image's grid (merged tokens across, down): 32 tokens, the fewest whose prefill the
+# cost model takes as a rate (Engine.prefill). A tenth of a 640x480 image's encode, through the same
+# kernels; smaller images are dominated by per-call overhead and under-rate the device more (the
+# first real encode replaces the calibration anyway; see docs/bench.md).
+CALIBRATION_GRID = (8, 4)
 
 
 def cost_dir(option: str | None) -> Path | None:
