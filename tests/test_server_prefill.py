@@ -28,7 +28,9 @@ def model_dir(artifacts):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    args = ["--parallel", "2", "--ctx-size", "8192", "--threads", "1", "--prefill-chunk", str(CHUNK)]
+    # no latency cut: auto budgets follow the context alone, whatever the machine's load
+    args = ["--parallel", "2", "--ctx-size", "8192", "--threads", "1", "--prefill-chunk", str(CHUNK),
+            "--image-latency", "1e6"]
     with ServerProcess(model_dir, args) as proc:
         yield proc
 
@@ -104,8 +106,12 @@ def test_auto_budgets_follow_the_rates_the_first_encode_measures(model_dir, test
             if second["rates"] == "measured" or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        time.sleep(0.5)  # the prefill rate (measured by the same first image) reaches it with the next message
-        second = ask(proc)
+        while True:  # the prefill rate is measured by the first image slice alone in its step: until it is in
+            time.sleep(0.3)
+            again = ask(proc)
+            if again["predicted_s"] == second["predicted_s"] or time.monotonic() > deadline:
+                break
+            second = again
     stored = cache / "qwen3-vl-edge" / "device-cost.json"
     with VisionChat.from_dir(model_dir, n_ctx=2048, threads=1, image_latency_s=latency,
                              cost_cache_dir=stored.parent) as measured:
@@ -158,11 +164,11 @@ def test_boxes_raise_the_floor_and_usage_reports_the_plan(server, test_image):
     located = image_of("List them.", response_format={"type": "json_schema",
                                                       "json_schema": {"name": "boxes", "schema": boxes}})
     read = image_of("Read the sign.")
-    assert (look["need"], look["floor"]) == ("", 256) and look["max_tokens"] >= 256
+    assert (look["need"], look["floor"]) == ("", 256) and look["max_tokens"] == 2048  # half the slot's 4096
     assert (located["need"], located["floor"]) == ("grounding", 1024) and located["max_tokens"] >= 1024
     assert (read["need"], read["floor"]) == ("text", 1024)
     for image in (look, located, read):
-        assert image["predicted_s"] > 0 and image["target_s"] == 8.0 and isinstance(image["meets_target"], bool)
+        assert image["predicted_s"] > 0 and image["target_s"] == 1e6 and isinstance(image["meets_target"], bool)
         assert image["meets_target"] == (image["predicted_s"] <= image["target_s"])
 
 

@@ -79,6 +79,7 @@ class ImagePlan:
     predicted_s: float | None = None  # encode + prefill of max_tokens on this device (None: no cost model)
     target_s: float | None = None  # the latency target this image had (its share of image_latency_s)
     rates: str = ""  # where the device's rates came from: DeviceCost.source ("" without a cost model)
+    cap: int = 0  # the most tokens the floor may lift an image to (the context's share, free memory)
 
     @property
     def meets_target(self) -> bool | None:
@@ -100,8 +101,24 @@ class ImagePlan:
         return PixelBudget.from_tokens(factor=self.factor, min_tokens=self.min_tokens, max_tokens=self.max_tokens)
 
     def size_for(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) an image of `size` is resized to (HF's smart_resize)."""
-        return target_size(size, self.budget)
+        """(width, height) an image of `size` is resized to (HF's smart_resize), with at least `floor`
+        tokens where the image has them: a 4:3 photo fits 234 tokens into a 256 budget (18x13), so the
+        budget is widened a grid row at a time (19x14 = 266) up to `cap`."""
+        w, h = target_size(size, self.budget)
+        if not self.floor or self._cells(w, h) >= self.floor or self.cap <= self.max_tokens:
+            return w, h
+
+        def at(top: int) -> tuple[int, int]:
+            return target_size(size, PixelBudget.from_tokens(factor=self.factor, min_tokens=self.min_tokens,
+                                                             max_tokens=top))
+
+        if self._cells(*at(self.cap)) < self.floor:
+            return w, h  # the image is smaller than the floor (never enlarged), or the cap holds it
+        return next(wider for top in range(self.max_tokens + 1, self.cap + 1)
+                    if self._cells(*(wider := at(top))) >= self.floor)
+
+    def _cells(self, w: int, h: int) -> int:
+        return (w // self.factor) * (h // self.factor)
 
 
 @dataclass(frozen=True)
@@ -336,8 +353,8 @@ def plan_for_context(
     # the floor yields only to what cannot be had: the context's share and free memory (then the ladder)
     plan = plan_image(detail, spec, auto_tokens=auto, ceiling=ceiling, explicit_min=explicit_min,
                       explicit_max=explicit_max, floor=floor if floor <= top else 0)
-    if detail == "auto":
-        plan = replace(plan, floor=floor)
+    if detail == "auto" and not explicit:
+        plan = replace(plan, floor=floor, cap=top)
     notes = []
     if detail == "auto" and not explicit:
         if share > 1:
