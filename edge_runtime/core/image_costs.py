@@ -12,6 +12,7 @@ for `edge-convert --plan`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from edge_llama import Model
+from edge_llama.hardware import fastest_projector_type, this_cpuinfo
 from edge_llama.offload import projector_free_bytes
 
 from edge_runtime.core.options import EngineOptions
@@ -28,6 +30,8 @@ from edge_runtime.vision.image_budget import (DeviceCost, Planner, cost_key, dev
                                               save_cost, text_flops_per_token)
 from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.vision.vision_spec import VisionSpec
+
+log = logging.getLogger("edge_runtime")
 
 # The calibration image's grid (merged tokens across, down): 32 tokens, the fewest whose prefill the
 # cost model takes as a rate (Engine.prefill). A tenth of a 640x480 image's encode, through the same
@@ -69,6 +73,10 @@ class ImageCosts:
         active = text_model.n_params - idle_expert_params(text_model.meta, text_model.meta("general.architecture") or "")
         self.text_flops_per_token = text_flops_per_token(active, text_model.n_vocab, text_model.n_embd)
         self.vision_free_bytes = projector_free_bytes(projector_gpu)
+        faster, why = fastest_projector_type(this_cpuinfo(), projector_gpu)
+        if vision.weight_type and vision.weight_type not in (faster, "f32"):
+            log.info("the projector %s is %s; %s would encode faster here (%s): edge-convert --mmproj-quant auto",
+                     mmproj_path.name, vision.weight_type, faster, why)
 
     @property
     def needs_calibration(self) -> bool:
