@@ -97,7 +97,8 @@ def test_auto_budgets_follow_the_rates_the_first_encode_measures(model_dir, test
         return r.json()["usage"]["images"][0]
 
     latency = 0.5
-    args = ["--ctx-size", "2048", "--threads", "1", "--image-latency", repr(latency)]
+    # one slot: its 2048 cells are VisionChat's below (with --parallel 2 each slot would have half)
+    args = ["--ctx-size", "2048", "--parallel", "1", "--threads", "1", "--image-latency", repr(latency)]
     with ServerProcess(model_dir, args, env={"XDG_CACHE_HOME": str(cache)}) as proc:
         first = ask(proc)
         deadline = time.monotonic() + 30
