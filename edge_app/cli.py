@@ -25,8 +25,9 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
               help=f"Text model type: {', '.join(FLOAT_TYPES)} or a llama.cpp quantization (q8_0, q6_k, q4_k_m, "
                    "iq4_xs, iq2_xxs, ...; --plan lists them all).")
 @click.option("--mmproj-quant", default=None,
-              help="Projector type: f32 f16 bf16 q8_0 q6_k q5_k q4_k q4_0 (default: q8_0 for a quantized text "
-                   "model, else the text model's float type).")
+              help="Projector type: f32 f16 bf16 q8_0 q6_k q5_k q4_k q4_0, or auto: the fastest here that keeps the "
+                   "image (bf16 on a GPU or a CPU with AVX-512 BF16, else q6_k) (default: q8_0 for a quantized "
+                   "text model, else the text model's float type).")
 @click.option("--imatrix", default=None, metavar="auto|FILE",
               help="Importance matrix: 'auto' computes one with the reference model over images and prompts "
                    "(saved as OUT/imatrix.gguf); FILE is one from llama-imatrix. Required for iq1/iq2/iq3 types.")
@@ -60,6 +61,12 @@ def main(model_dir: Path, out_dir: Path, quant: str, mmproj_quant: str | None, i
     """Convert the Hugging Face Qwen3-VL checkpoint in MODEL_DIR into a llama.cpp text GGUF,
     a multimodal projector GGUF and OUT/manifest.json."""
     quant, mmproj_quant = quant.lower(), mmproj_quant and mmproj_quant.lower()
+    if mmproj_quant == "auto":
+        from edge_llama.hardware import fastest_projector_type, this_cpuinfo
+        from edge_llama.offload import gpu_offload_available
+
+        mmproj_quant, why = fastest_projector_type(this_cpuinfo(), gpu_offload_available())
+        click.echo(f"{PROG}: --mmproj-quant auto: {mmproj_quant} ({why})", err=True)
     with refusals(PROG):
         if tensor_split and not rpc_servers:  # without workers there is one device: nothing to split
             flags.fail(PROG, "--tensor-split gives each device's share of the layers: this machine first, then "

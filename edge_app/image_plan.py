@@ -15,8 +15,8 @@ import numpy as np
 from edge_common.gguf_plan import ModelShapes
 from edge_llama import physical_cores
 from edge_llama.offload import projector_free_bytes, projector_on_gpu, resolve_gpu_layers
-from edge_runtime.vision.image_budget import (DETAILS, DeviceCost, cost_file, device_key, find_cost, memory_tokens,
-                                       plan_for_context, text_flops_per_token)
+from edge_runtime.vision.image_budget import (DETAILS, DeviceCost, auto_floor, cost_file, device_key, find_cost,
+                                              memory_tokens, plan_for_context, text_flops_per_token)
 from edge_runtime.vision.vision_spec import block_weight_type, hf_vision_spec
 from quant.estimate import EXPERT_TENSOR, estimate
 
@@ -90,7 +90,9 @@ def image_budget_plan(model_dir: Path, shapes: ModelShapes, n_ctx: int, quant: s
              f"{spec.min_tokens}..{spec.max_tokens} tokens of {spec.factor}x{spec.factor} pixels; text {e.quant}, "
              f"projector {e.mmproj_quant}; {device.key}):",
              _rates_line(found, cost, device, cache_dir),
-             f"  auto: the largest budget predicted within --image-latency {latency_s:g} s; memory: {memory}",
+             f"  auto: the largest budget predicted within --image-latency {latency_s:g} s, never below the "
+             f"floor {auto_floor(spec)} tokens ({auto_floor(spec, 'text')} to read text, "
+             f"{auto_floor(spec, 'grounding')} for boxes); memory: {memory}",
              f"  {'detail':7s} {'tokens':>12s}  "
              + "  ".join(f"{f'{w}x{h} {what}: grid, encode+prefill':>38s}" for w, h, what in PLAN_IMAGES)]
     for detail in DETAILS:

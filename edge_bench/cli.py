@@ -135,6 +135,9 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--images", "images_bench", is_flag=True, help="Measure the image scenarios instead: a 4032x3024 "
               "photo and 640x480 with the defaults, attach then ask, the encoder cache on disk in a second "
               "process, encoder efficiency, and transformers bf16 at the same image tokens (with --transformers).")
+@click.option("--must-show", is_flag=True, help="With --images: only the cases the image targets read (640x480 "
+              "at 300 tokens, a phone photo asked three times in a fresh process, transformers with "
+              "--transformers): a few minutes on 2 cores.")
 @click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -142,8 +145,8 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
          decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, amx, rpc_servers,
          tensor_split, cpu_moe, n_cpu_moe, override_tensor, extra_bufts, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
-         convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, no_bandwidth, timeout,
-         quiet) -> None:
+         convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, must_show, no_bandwidth,
+         timeout, quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
     chat handler and (optionally) transformers, in one run."""
@@ -176,7 +179,7 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
         if not (model_dir or synthetic):
             fail("--images needs a model: an edge-convert output directory or --synthetic 2b")
         run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats,
-                   threads or physical_cores(), with_transformers, timeout, json_path, quiet, log)
+                   threads or physical_cores(), with_transformers, timeout, json_path, quiet, log, must_show)
         return
     sections: list[str] = []
     json_out: dict = {}
@@ -253,19 +256,20 @@ def parse_extra_bufts(text: str, amx: str) -> tuple[str, ...]:
 
 
 def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
-               with_transformers, timeout, json_path, quiet, log) -> None:
+               with_transformers, timeout, json_path, quiet, log, must_show=False) -> None:
     from .image_bench import PROJECTOR_TYPES, ImageBenchSetup, image_bench_markdown, run_image_bench
     from .machine import detect
     from .models import BenchSetupError
 
     try:
         models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log,
-                                         extra_mmproj=PROJECTOR_TYPES)
+                                         extra_mmproj=() if must_show else PROJECTOR_TYPES)
         setup = ImageBenchSetup(
             text=models.text_path(q[0]), mmproj=models.mmproj_path(proj), projectors=dict(models.mmproj),
             mmproj_float=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
             threads=threads, kv=parse_kv(kv_types)[0],
-            n_ctx=n_ctx, repeats=min(repeats, 2), transformers=with_transformers, timeout=timeout)
+            n_ctx=n_ctx, repeats=min(repeats, 2), transformers=with_transformers, timeout=timeout,
+            must_show=must_show)
         cases = run_image_bench(setup, log)
     except (BenchSetupError, ValueError, RuntimeError) as exc:
         fail(str(exc))

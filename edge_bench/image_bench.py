@@ -63,6 +63,7 @@ class ImageBenchSetup:
     transformers: bool = True
     timeout: float = 1800.0
     projectors: dict[str, Path] = field(default_factory=dict)  # type -> projector GGUF, for the comparison
+    must_show: bool = False  # only the cases the issue's targets read (a few minutes on 2 cores)
 
 
 def _run(case: dict, timeout: float) -> dict:
@@ -90,13 +91,22 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
                     "threads": setup.threads, "hf_dir": str(setup.hf_dir) if setup.hf_dir else None}
             log(f"edge-bench --images: {name}")
             result = _run(spec, setup.timeout)
-            result["name"] = name
+            result["name"], result["n_ctx"] = name, spec["chat"]["n_ctx"]
             return result
 
         cases: dict[str, dict] = {}
         # llama.cpp's default budget (4096 tokens) leaves 640x480 at the processor's 300 tokens; this
         # case also measures this device once for the cost model the default ("auto") cases read.
         cases["640x480@300"] = case("640x480 at 300 tokens", small, image_max_tokens=4096)
+        # A phone photo in a fresh process on a fresh device (its own empty cost cache), the runtime's
+        # defaults (f16 KV): the first ask is planned from the load-time calibration, the third from
+        # the rates measured by the first; its peak RSS is the photo ask's at n_ctx 4096.
+        cases["fresh"] = case("4032x3024, fresh process and device, runtime defaults (f16 KV): asks 1-3", photo,
+                              repeats=3, kv_cache_type="f16", cost_cache_dir=str(work / "fresh-cost"))
+        if setup.must_show:
+            if setup.transformers and setup.hf_dir is not None:
+                cases["transformers"] = case("transformers bf16, 640x480 (300 tokens)", small, mode="transformers")
+            return cases
         cases["640x480"] = case("640x480, defaults", small)
         cases["4032x3024"] = case("4032x3024 JPEG, defaults", photo)
         cases["attach"] = case("4032x3024: attach, then ask", photo, mode="attach")
@@ -133,11 +143,19 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
 
 
 def transformers_ratio(ours: dict, hf: dict) -> str:
-    """First and second ask of one case against transformers' first and second."""
+    """First and second ask of one case against transformers' first and second, at equal image tokens only."""
+    if ours["image_tokens"] != hf["image_tokens"]:
+        return f"{ours['name']}: not compared ({ours['image_tokens']} vs {hf['image_tokens']} image tokens)"
     a, b = ours["ttft_all_s"], hf["ttft_all_s"]
     cells = [f"{which} ask {a[i]:.2f} s vs {b[i]:.2f} s = {a[i] / b[i]:.2f}"
              for i, which in enumerate(("first", "second")) if i < len(a) and i < len(b)]
-    return f"{ours['name']}: " + "; ".join(cells)
+    return f"{ours['name']} (both {hf['image_tokens']} image tokens): " + "; ".join(cells)
+
+
+def fidelity(c: dict) -> str:
+    """Tokens per image and their share of the model's native budget (its processor at max_pixels)."""
+    native = c.get("native_tokens")
+    return f"{c['image_tokens']} ({c['image_tokens'] / native:.0%})" if native else str(c["image_tokens"])
 
 
 def fastest_projector(profiles: dict[str, dict]) -> str | None:
@@ -179,15 +197,22 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
     lines = [
         f"### Images (edge-bench --images; {machine}; one run, each case a fresh process)", "",
         *([settings, ""] if settings else []),
-        "| case | image tokens | encode s | prefill s | TTFT s | TTFT / 640x480@300 | peak RSS GB |",
+        "| case | image tokens (of native) | encode s | prefill s | TTFT s | TTFT / 640x480@300 | peak RSS GB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     profiles = [c for k, c in cases.items() if k.startswith("profile-")]
     for key, c in cases.items():
         if key == "transformers" or key.startswith("profile-"):
             continue
-        lines.append(f"| {c['name']} | {c['image_tokens']} | {c['image_encode_s']:.2f} | {c['prefill_s']:.2f} | "
+        lines.append(f"| {c['name']} | {fidelity(c)} | {c['image_encode_s']:.2f} | {c['prefill_s']:.2f} | "
                      f"{c['ttft_s']:.2f} | {c['ttft_s'] / ref['ttft_s']:.2f} | {c['peak_rss_bytes'] / GB:.2f} |")
+    fresh = cases.get("fresh")
+    if fresh:
+        asks = ", ".join(f"ask {i + 1}: {t} tokens, TTFT {s:.2f} s"
+                         for i, (t, s) in enumerate(zip(fresh["image_tokens_all"], fresh["ttft_all_s"])))
+        lines += ["", f"- Phone photo in a fresh process (rates at load: {fresh['rates_at_load']}, calibration "
+                  f"{fresh['calibration_s']:.2f} s of the {fresh['load_s']:.1f} s load): {asks}; "
+                  f"peak RSS {fresh['peak_rss_bytes'] / GB:.2f} GB at n_ctx {fresh.get('n_ctx', '')}."]
     lines += ["", f"- Encoder efficiency (640x480 at 300 tokens): encoder {ref['encoder_gflop_s']:.1f} GFLOP/s, "
               f"text prefill {ref['prefill_gflop_s']:.1f} GFLOP/s: ratio "
               f"{ref['encoder_gflop_s'] / ref['prefill_gflop_s']:.2f}."]
@@ -207,6 +232,8 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
             if key in cases:
                 lines.append("  - " + transformers_ratio(cases[key], hf))
     for key in ("640x480", "4032x3024"):
+        if key not in cases:
+            continue
         img = cases[key].get("image") or {}
         lines.append(f"- {cases[key]['name']}: {img.get('size')} from {img.get('source_size')}, {img.get('reason')}.")
     configured = next((p for p in profiles if p.get("mmproj") == ref.get("mmproj")), profiles[0] if profiles else None)

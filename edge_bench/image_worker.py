@@ -31,6 +31,7 @@ def run_ask(case: dict) -> dict:
     t0 = time.perf_counter()
     chat = VisionChat(case["text"], case["mmproj"], encoder_cache_mb=0, **case.get("chat", {}))
     load_s = time.perf_counter() - t0
+    rates_at_load = chat.engine.cost.source  # "calibration" in a fresh cost dir: measured at load
     rows = []
     with chat:
         for _ in range(case.get("repeats", 1)):
@@ -44,6 +45,10 @@ def run_ask(case: dict) -> dict:
             rows.append(s)
         eng = chat.engine
         last = rows[-1]
+        t0 = time.perf_counter()
+        eng.calibrate()  # what the fresh process paid at load (the rates stay as measured)
+        calibration_s = time.perf_counter() - t0
+        source = last.image_details[0].get("source_size") if last.image_details else None
         encoded = [r for r in rows if r.images_encoded]
         enc_flops = eng.vision.encoder_flops(last.image_tokens)
         prefill_rates = [r.evaluated_tokens * eng.text_flops_per_token / r.prefill_s for r in rows if r.prefill_s]
@@ -55,6 +60,10 @@ def run_ask(case: dict) -> dict:
             "image_encode_s": _median([r.image_encode_s for r in rows]),
             "prefill_s": _median([r.prefill_s for r in rows]),
             "image_tokens": last.image_tokens,
+            "image_tokens_all": [r.image_tokens for r in rows],
+            "native_tokens": eng.vision.native_tokens(tuple(source)) if source else None,
+            "rates_at_load": rates_at_load,
+            "calibration_s": calibration_s,
             "prompt_tokens": last.prompt_tokens,
             "evaluated_tokens": last.evaluated_tokens,
             "images_encoded": sum(r.images_encoded for r in rows),

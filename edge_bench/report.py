@@ -150,12 +150,30 @@ class BenchReport:
 # ---------------------------------------------------------------- building
 
 
+def image_tokens(party: PartyFigures | None) -> int | None:
+    return None if party is None or party.values.get("image_tokens") is None else int(party.values["image_tokens"])
+
+
 def compute_ratios(parties: dict[str, PartyFigures]) -> dict[str, float | None]:
+    """Each pair's ratio; a TTFT ratio not between parties that saw the image at unequal tokens (None:
+    a faster answer about a smaller image is no comparison). A party that cannot report its tokens
+    (llama-cpp-python's chat handler: llama.cpp's default budget, as raw llama.cpp) is compared, and the
+    table says its count is unknown."""
     out = {}
     for name, spec in RATIOS.items():
         a, b = parties.get(spec.num), parties.get(spec.den)
-        out[name] = ratio(a.get(spec.figure) if a else None, b.get(spec.figure) if b else None)
+        ta, tb = image_tokens(a), image_tokens(b)
+        unequal = spec.figure.startswith("ttft") and None not in (ta, tb) and ta != tb
+        out[name] = None if unequal else ratio(a.get(spec.figure) if a else None, b.get(spec.figure) if b else None)
     return out
+
+
+def fidelity(party: PartyFigures, native: int | None) -> str:
+    """Tokens per image and their share of the model's native budget (its processor at max_pixels)."""
+    tokens = image_tokens(party)
+    if tokens is None:
+        return "–"
+    return f"{tokens} ({tokens / native:.0%})" if native else str(tokens)
 
 
 def compute_roofline(runtime: PartyFigures | None, weight_bytes: int, n_ctx: int,
@@ -280,8 +298,8 @@ def runtime_table(report: BenchReport) -> list[str]:
 
 
 def baseline_table(report: BenchReport) -> list[str]:
-    header = ["config", "party", "load s", "encode s", "decode tok/s", "TTFT first s", "TTFT follow-up s",
-              "peak RSS MB"]
+    header = ["config", "party", "load s", "encode s", "image tokens (of native)", "decode tok/s", "TTFT first s",
+              "TTFT follow-up s", "peak RSS MB"]
     rows, shown = [], set()
     for c in report.configs:
         for kind in (RUNTIME, RAW, CHAT_HANDLER, TRANSFORMERS):
@@ -293,20 +311,36 @@ def baseline_table(report: BenchReport) -> list[str]:
             label = c.config.label if kind != TRANSFORMERS else f"bf16 checkpoint {c.config.resolution}"
             if p.error:
                 rows.append([label, PARTY_NAMES[kind], "failed: " + p.error[:80].replace("|", "/"), "", "", "", "",
-                             ""])
+                             "", ""])
                 continue
+            runtime = c.parties.get(RUNTIME)
+            native = runtime.values.get("native_image_tokens") if runtime is not None else None
             rows.append([label, PARTY_NAMES[kind], fmt_summary(p.get("load_s")), fmt_summary(p.get("image_encode_s")),
-                         fmt_summary(p.get("decode_tok_s")), fmt_summary(p.get("ttft_first_s")),
+                         fidelity(p, native), fmt_summary(p.get("decode_tok_s")), fmt_summary(p.get("ttft_first_s")),
                          fmt_summary(p.get("ttft_followup_s")), fmt_bytes_mb(p.peak_rss_bytes)])
     return _table(header, rows)
 
 
 def ratio_table(report: BenchReport) -> list[str]:
-    names = [n for n in RATIOS if any(c.ratios.get(n) is not None for c in report.configs)]
+    names = [n for n in RATIOS if any(c.ratios.get(n) is not None or ratio_cell(c, n).startswith("not compared")
+                                      for c in report.configs)]
     header = ["config"] + [RATIOS[n].heading for n in names]
-    rows = [[c.config.label] + [fmt_ratio(c.ratios.get(n), RATIOS[n].op, RATIOS[n].threshold) for n in names]
-            for c in report.configs]
+    rows = [[c.config.label] + [ratio_cell(c, n) for n in names] for c in report.configs]
     return _table(header, rows) if names else ["(no baseline ran)"]
+
+
+def ratio_cell(c: "ConfigReport", name: str) -> str:
+    """A ratio with the image tokens each side saw (TTFT ratios), or why it was not taken."""
+    spec = RATIOS[name]
+    if not spec.figure.startswith("ttft"):
+        return fmt_ratio(c.ratios.get(name), spec.op, spec.threshold)
+    a, b = image_tokens(c.parties.get(spec.num)), image_tokens(c.parties.get(spec.den))
+    if a != b and a is not None and b is not None:
+        return f"not compared: {a} vs {b} image tokens"
+    value = fmt_ratio(c.ratios.get(name), spec.op, spec.threshold)
+    if value == "–":
+        return value
+    return f"{value} (both {a} image tokens)" if a == b else f"{value} ({a or '?'} vs {b or '?'} image tokens)"
 
 
 def roofline_table(report: BenchReport) -> list[str]:

@@ -16,13 +16,15 @@ from .workers import Recorder, WorkerSpec
 
 def open_chat(spec: WorkerSpec):
     from edge_runtime import VisionChat
+    from edge_runtime.vision.image_budget import HIGH_MAX_TOKENS
 
     m = spec.measure
     return VisionChat(
         spec.text_path, spec.mmproj_path, n_ctx=m.n_ctx, n_batch=m.n_batch, n_ubatch=m.n_ubatch, mmap=m.mmap,
         repack=spec.config.repack(m), amx=spec.config.amx, kv_cache_type=spec.config.kv_type,
         flash_attn=m.flash_attn, n_gpu_layers="auto" if m.rpc_servers else m.n_gpu_layers, threads=m.threads,
-        image_max_tokens=m.image_max_tokens, encoder_cache_mb=0,
+        # llama.cpp's own default budget unless one is given: every party sees the image at equal tokens
+        image_max_tokens=m.image_max_tokens or HIGH_MAX_TOKENS, encoder_cache_mb=0,
         rpc_servers=m.rpc_servers, tensor_split=m.tensor_split, n_cpu_moe=m.n_cpu_moe,
         override_tensor=m.override_tensor,
     )
@@ -59,6 +61,7 @@ def measure(spec: WorkerSpec, rec: Recorder) -> None:
                 rec.note(f"the first answer ended after {first.generated_tokens} of {m.decode_tokens} tokens "
                          f"({first.stop_reason})")
             rec.value("image_tokens", first.image_tokens)
+            rec.value("native_image_tokens", chat.engine.vision.native_tokens((res.width, res.height)))
             rec.value("prompt_tokens", first.prompt_tokens)
             rec.value("decode_tokens", first.generated_tokens)
             rec.value("kv_cache_bytes", first.kv_cache_bytes)

@@ -101,12 +101,35 @@ REAL_CACHE_ROOTS = tuple(
 def isolated_cache_home(tmp_path_factory):
     """Every cache the code keeps goes under a temporary directory for the whole run, in this
     process and in every subprocess a test starts (they inherit the environment): a test run
-    never writes into the user's ~/.cache/qwen3-vl-edge."""
+    never writes into the user's ~/.cache/qwen3-vl-edge. The AMX verdict ($EDGE_CACHE_DIR) stays
+    session-wide; the user cache dir proper is narrowed per module and per test below."""
     root = tmp_path_factory.mktemp("cache-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(root))
-        mp.delenv("EDGE_CACHE_DIR", raising=False)
+        mp.setenv("EDGE_CACHE_DIR", str(root / "qwen3-vl-edge"))
         yield root
+
+
+def _own_cache_home(root: Path, name: str):
+    """$XDG_CACHE_HOME pointed at a fresh folder under `root` (a generator for a fixture)."""
+    home = root / "homes" / hashlib.sha256(name.encode()).hexdigest()[:16]
+    home.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_cache_home(isolated_cache_home, request):
+    """A module's own user cache dir, for its module-scoped engines and servers: the device cost
+    file each engine keeps by default (auto budgets) is never one an earlier module wrote."""
+    yield from _own_cache_home(isolated_cache_home, request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def test_cache_home(isolated_cache_home, module_cache_home, request):
+    """Each test's own user cache dir: no test's image budget depends on which tests ran before it."""
+    yield from _own_cache_home(isolated_cache_home, request.node.nodeid)
 
 
 class Artifacts:

@@ -99,6 +99,28 @@ def test_runtime_values_and_file_sizes(report_json):
     assert v["prefill_tokens@48"] > v["prefill_tokens@16"] > 0
     assert cfg["text_bytes"] > 0 and cfg["mmproj_bytes"] > 0
     assert cfg["parties"][RAW]["values"]["image_tokens"] == v["image_tokens"]  # same image, same tokens
+    # the image's native budget: the tiny processor's tokens at its max_pixels (smart_resize by hand:
+    # RES is a multiple of 32 on both sides and far under max_pixels, so it is kept as it is)
+    assert v["native_image_tokens"] == (RES.width // 32) * (RES.height // 32)
+
+
+def test_ttft_ratios_are_taken_at_equal_image_tokens_only():
+    """A faster first answer about a smaller image is no comparison: the ratio is refused and says why."""
+    from edge_bench.report import ConfigReport, PartyFigures, compute_ratios, ratio_cell
+    from edge_bench.summary import summarize_all
+
+    def party(kind: str, ttft: float, tokens: int) -> PartyFigures:
+        return PartyFigures(kind, summarize_all({"ttft_first_s": [ttft], "decode_tok_s": [10.0]}),
+                            {"image_tokens": tokens}, 1, [], None, {})
+
+    cfg = Config("q4_k_m", "q8_0", "f16", RES)
+    unequal = ConfigReport(cfg, {RUNTIME: party(RUNTIME, 1.0, 117), RAW: party(RAW, 2.0, 300)}, 1, 1)
+    unequal.ratios = compute_ratios(unequal.parties)
+    assert unequal.ratios["ttft_first_vs_raw"] is None and unequal.ratios["decode_vs_raw"] == 1.0
+    assert ratio_cell(unequal, "ttft_first_vs_raw") == "not compared: 117 vs 300 image tokens"
+    equal = ConfigReport(cfg, {RUNTIME: party(RUNTIME, 1.0, 300), RAW: party(RAW, 2.0, 300)}, 1, 1)
+    equal.ratios = compute_ratios(equal.parties)
+    assert ratio_cell(equal, "ttft_first_vs_raw") == "0.50 (both 300 image tokens)"
 
 
 def test_worker_peaks_are_per_process(report_json):
@@ -345,6 +367,23 @@ def test_cli_renders_an_earlier_json(report, tmp_path):
     assert result.output.strip() == to_markdown(report).strip()
 
 
+def hf_native_tokens(size: tuple[int, int], max_tokens: int, factor: int = 32) -> int:
+    """HF's smart_resize (Qwen2-VL image processor) written out: the tokens of `size` at max_pixels."""
+    w, h = size
+    hb, wb = round(h / factor) * factor, round(w / factor) * factor
+    if hb * wb > max_tokens * factor ** 2:
+        beta = math.sqrt(h * w / (max_tokens * factor ** 2))
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    return (hb // factor) * (wb // factor)
+
+
+def max_tokens_of(mmproj: str) -> int:
+    """The projector's processor cap in tokens, from its GGUF metadata (clip.vision.image_max_pixels)."""
+    from gguf import GGUFReader
+
+    return int(GGUFReader(mmproj).fields["clip.vision.image_max_pixels"].contents()) // 32 ** 2
+
+
 def run_images_cli(model_dir, tmp_path) -> tuple[str, dict]:
     """edge-bench --images on a tiny model (f16 KV: its 16-wide heads take no q8_0 blocks): (output, cases)."""
     out = tmp_path / "images.json"
@@ -376,13 +415,26 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     assert 0.9 < profiles["q4_k"]["cosine_worst"] < 1.0  # quantized: close to, not equal to, the float one
     assert cases["fast"]["ttft_s"] > 0 and "weights not repacked" in cases["fast"]["name"]
     assert "| attention | FLASH_ATTN_EXT |" in output and "| q8_0 |" in output
+    # the phone photo in a fresh process: planned from the load-time calibration, asked three times,
+    # each at least auto's floor (the photo's native budget is the processor's 16384-token cap, here
+    # the tiny projector's: smart_resize of 4032x3024 at its max_pixels, by hand below)
+    fresh = cases["fresh"]
+    assert fresh["rates_at_load"] == "calibration" and len(fresh["image_tokens_all"]) == 3
+    assert all(t >= 256 for t in fresh["image_tokens_all"]) and fresh["calibration_s"] > 0
+    assert fresh["native_tokens"] == hf_native_tokens((4032, 3024), max_tokens_of(fresh["mmproj"]))
+    assert f"| {fresh['name']} | {fresh['image_tokens']} (" in output and "Phone photo in a fresh process" in output
 
 
 def test_transformers_ratio_pairs_first_with_first_and_second_with_second():
     from edge_bench.image_bench import transformers_ratio
 
-    line = transformers_ratio({"name": "case", "ttft_all_s": [10.0, 6.0]}, {"ttft_all_s": [5.0, 8.0]})
-    assert line == "case: first ask 10.00 s vs 5.00 s = 2.00; second ask 6.00 s vs 8.00 s = 0.75"
+    line = transformers_ratio({"name": "case", "ttft_all_s": [10.0, 6.0], "image_tokens": 300},
+                              {"ttft_all_s": [5.0, 8.0], "image_tokens": 300})
+    assert line == ("case (both 300 image tokens): first ask 10.00 s vs 5.00 s = 2.00; "
+                    "second ask 6.00 s vs 8.00 s = 0.75")
+    unequal = transformers_ratio({"name": "case", "ttft_all_s": [1.0], "image_tokens": 117},
+                                 {"ttft_all_s": [5.0], "image_tokens": 300})
+    assert unequal == "case: not compared (117 vs 300 image tokens)"
 
 
 def test_cli_images_compares_projector_types_with_an_f32_reference(tiny_f32_dir, tmp_path):

@@ -36,8 +36,16 @@ def test_subprocesses_inherit_the_temporary_home(isolated_cache_home):
 
 
 def test_cache_dir_follows_the_environment_at_call_time(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDGE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert user_cache_dir() == tmp_path / "qwen3-vl-edge"
     assert amx.cache_dir() == tmp_path / "qwen3-vl-edge"
     monkeypatch.setenv("EDGE_CACHE_DIR", str(tmp_path / "edge"))
     assert amx.cache_dir() == tmp_path / "edge"
+
+
+def test_each_test_has_its_own_user_cache_dir(isolated_cache_home, module_cache_home, test_cache_home):
+    """The device cost file (kept by default in the user cache dir) is per test: budgets never depend on order."""
+    assert user_cache_dir().parent == test_cache_home != module_cache_home
+    assert isolated_cache_home in test_cache_home.parents
+    assert amx.cache_dir() == isolated_cache_home / "qwen3-vl-edge"  # the AMX verdict stays session-wide

@@ -6,6 +6,7 @@ implementation); equality of answers against a fresh conversation.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from edge_runtime import VisionChat
 from edge_runtime.vision.disk_cache import SUFFIX
-from edge_runtime.vision.image_budget import plan_for_context
+from edge_runtime.vision.image_budget import image_need, plan_for_context
 from edge_runtime.vision.vision_spec import VisionSpec
 from tests.conftest import make_test_image
 
@@ -26,6 +27,13 @@ def hf_tokens(size, min_tokens, max_tokens) -> int:
     h, w = hf_smart_resize(size[1], size[0], factor=FACTOR, min_pixels=min_tokens * FACTOR ** 2,
                            max_pixels=max_tokens * FACTOR ** 2)
     return (h // FACTOR) * (w // FACTOR)
+
+
+def hf_floor_tokens(size, floor: int, budget: int | None = None) -> int:
+    """auto's tokens for a large image at a `budget` (default: the floor): the smallest budget from it up
+    whose smart_resize grid has at least `floor` cells (a 4:3 photo fits only 234 into 256)."""
+    start = budget or floor
+    return next(t for m in range(start, 4 * start) if (t := hf_tokens(size, MIN_TOKENS, m)) >= floor)
 
 
 def png(img) -> bytes:
@@ -64,9 +72,12 @@ def test_detail_levels_choose_budgets_and_report_why(chat, photo):
 def test_auto_fits_the_latency_target_and_never_upscales(tiny_f32_dir, photo):
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e-9) as fast:
         plan = fast.engine.plan_image("auto")
-        assert plan.max_tokens == 16, "nothing fits: the smallest auto budget"
+        # nothing fits the target: auto keeps its fidelity floor and the plan says it misses the target
+        assert plan.max_tokens == plan.floor == 256 and plan.meets_target is False
+        assert plan.predicted_s > plan.target_s == 1e-9 and "over the" in plan.reason
         fast.ask("Hi?", images=[photo], **GREEDY)
-        assert fast.last_stats.image_tokens == hf_tokens((1000, 700), MIN_TOKENS, 16)
+        assert fast.last_stats.image_tokens == hf_floor_tokens((1000, 700), 256) >= 256
+        assert fast.last_stats.image_details[0]["meets_target"] is False
     with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e9) as slow:
         slow.ask("Hi?", images=[make_test_image(300, 200, seed=1)], **GREEDY)
         assert slow.last_stats.image_tokens == hf_tokens((300, 200), MIN_TOKENS, 16384) == 6 * 9
@@ -213,11 +224,18 @@ def test_images_of_one_message_share_the_latency_target_and_the_half_context():
     assert plan_for_context("auto", spec, 4096, cost, text_flops, 30.0, share=2).max_tokens < \
         plan_for_context("auto", spec, 4096, cost, text_flops, 30.0).max_tokens
     high = plan_for_context("high", spec, 4096, cost, text_flops, 8.0, share=4)
-    assert high == plan_for_context("high", spec, 4096, cost, text_flops, 8.0)  # only auto is shared
+    alone = plan_for_context("high", spec, 4096, cost, text_flops, 8.0)
+    assert (high.min_tokens, high.max_tokens) == (alone.min_tokens, alone.max_tokens)  # only auto is shared
+    assert high.target_s == alone.target_s / 4  # but its wait is judged against its share of the target
+    # a share never takes an image below the fidelity floor: four images at 2 s each keep 256 tokens,
+    # and their plans say they miss the half-second each was given
+    four = plan_for_context("auto", spec, 4096, cost, text_flops, 2.0, share=4)
+    assert four.max_tokens == four.floor == 256 and four.meets_target is False and four.target_s == 0.5
 
 
 def test_vision_chat_plans_the_images_of_one_ask_together(tiny_f32_dir, photo):
-    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096) as c:
+    # no latency cut (a tiny model on a busy machine may hold both at the floor): the half context is shared
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e9) as c:
         alone, together = c.engine.plan_image("auto"), c.engine.plan_image("auto", 2)
         c.ask("Compare them.", images=[photo, make_test_image(900, 600, seed=3)], **GREEDY)
         details = c.last_stats.image_details
@@ -228,3 +246,85 @@ def test_vision_chat_plans_the_images_of_one_ask_together(tiny_f32_dir, photo):
                 + __import__("base64").b64encode(png(photo)).decode()}}, {"type": "text", "text": "What is it?"}]}]
         c.generate(msg, **GREEDY)
         assert c.last_stats.image_details[0]["max_tokens"] == c.engine.plan_image("auto").max_tokens
+
+
+def test_the_first_image_is_planned_from_this_device_and_the_rates_persist(tiny_f32_dir, photo, test_cache_home):
+    """A fresh process measures the device at load (a small calibration image through the ask path) and
+    keeps the rates in the user cache dir by default; the first real ask replaces the calibration, and
+    a later process plans its first photo from the stored rates exactly as the first one planned its third."""
+    from edge_runtime.vision.image_budget import GUESS_CPU, DeviceCost
+
+    stored = test_cache_home / "qwen3-vl-edge" / "device-cost.json"
+    assert not stored.exists(), "each test starts with an empty user cache dir"
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096) as first:
+        cost = first.engine.cost
+        assert cost.source == "calibration" and cost.prefill_measured and cost.prefill_calibrated
+        assert (cost.encoder_flops_s, cost.prefill_flops_s) != GUESS_CPU
+        (entry,) = json.loads(stored.read_text()).values()  # written at load, before any image
+        assert DeviceCost(**entry) == cost
+        planned = first.plan_image(photo)
+        assert planned.plan.max_tokens >= 256
+        assert planned.tokens == hf_floor_tokens((1000, 700), 256, planned.plan.max_tokens)
+        first.ask("What is it?", images=[photo], **GREEDY)
+        assert first.last_stats.image_tokens == planned.tokens
+        assert first.engine.cost.source == "measured" and not first.engine.cost.prefill_calibrated
+        measured = first.engine.cost
+        for _ in range(2):
+            first.reset()
+            first.ask("What is it?", images=[photo], **GREEDY)
+        third = first.last_stats.image_details[0]
+        assert first.engine.cost == measured, "measured once, then kept: a busy moment moves no budget"
+    (entry,) = json.loads(stored.read_text()).values()
+    assert DeviceCost(**entry) == measured
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096) as later:  # a new process on this device
+        assert later.engine.cost == measured, "read back, not calibrated again"
+        later.ask("What is it?", images=[photo], **GREEDY)
+        assert later.last_stats.image_details[0]["max_tokens"] == third["max_tokens"]
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, cost_cache_dir=None) as memory_only:
+        assert memory_only.engine.cost.source == "calibration", "None keeps the rates in memory: calibrated"
+
+
+@pytest.mark.parametrize("prompt, schema, need", [
+    ("What is in this photo?", None, ""),
+    ("Read the text on the sign.", None, "text"),
+    ("Transcribe the receipt", None, "text"),
+    ("What does the label say?", None, "text"),
+    ("Locate every cup and output their bbox coordinates in JSON.", None, "grounding"),
+    ("List the objects.", {"type": "array", "items": {"type": "object", "properties": {
+        "bbox_2d": {"type": "array"}, "label": {"type": "string"}}}}, "grounding"),
+    ("List the objects.", json.dumps({"properties": {"point_2d": {}}}), "grounding"),
+    ("List the objects.", {"properties": {"name": {"type": "string"}}}, ""),
+])
+def test_image_need_from_the_question_and_the_schema(prompt, schema, need):
+    assert image_need(prompt, schema) == need
+
+
+def test_auto_keeps_a_fidelity_floor_that_rises_for_text_and_boxes(tiny_f32_dir, photo):
+    """auto never goes below 256 tokens, 1024 when the question reads text or the answer is boxes
+    (the page's Locate mode sends a json_schema with bbox_2d); `low` is the caller's to ask for."""
+    boxes = {"type": "array", "items": {"type": "object", "properties": {"bbox_2d": {"type": "array"},
+                                                                         "label": {"type": "string"}}}}
+    big = make_test_image(2000, 1500, seed=4)
+    with VisionChat.from_dir(tiny_f32_dir, n_ctx=4096, image_latency_s=1e-9) as c:  # no budget fits the target
+        look = c.plan_image(big)
+        read = c.plan_image(big, prompt="Read the sign.")
+        grounding = c.plan_image(big, prompt="List them.", json_schema=boxes)
+        low = c.plan_image(big, "low")
+        assert (look.plan.floor, read.plan.floor, grounding.plan.floor) == (256, 1024, 1024)
+        assert look.tokens == hf_floor_tokens((2000, 1500), 256) == 266  # 19 x 14: 18 x 13 = 234 is short
+        assert read.tokens == grounding.tokens == hf_floor_tokens((2000, 1500), 1024)
+        assert low.tokens == hf_tokens((2000, 1500), MIN_TOKENS, 256) and low.plan.floor == 0
+        assert not (look.meets_target or read.meets_target) and read.predicted_s > look.predicted_s > 0
+        assert "floor 1024 for text" in read.plan.reason and "over the" in read.plan.reason
+        c.ask("Read the sign.", images=[big], **GREEDY)
+        assert c.last_stats.image_tokens == read.tokens
+        details = c.last_stats.image_details[0]
+        assert details["need"] == "text" and details["floor"] == 1024 and details["meets_target"] is False
+        c.reset()
+        c.ask("List them.", images=[big], json_schema=boxes, max_tokens=4)
+        assert c.last_stats.image_details[0]["need"] == "grounding"
+        assert c.last_stats.image_tokens == grounding.tokens
+        c.reset()
+        c.ask("What is it?", images=[big, photo], **GREEDY)  # two images share the target, each keeps the floor
+        assert [d["max_tokens"] for d in c.last_stats.image_details] == [256, 256]
+        assert [d["tokens"] for d in c.last_stats.image_details] == [266, hf_floor_tokens((1000, 700), 256)]

@@ -21,9 +21,10 @@ from edge_llama.offload import gpu_offload_available
 from edge_runtime.core.detokenize import PieceTable
 from edge_runtime.core.step import Answer, Core
 from edge_runtime.core.generation import AnswerStep, StopReason
-from edge_runtime.errors import ChatBusyError, ContextOverflowError, EmptyPromptError, SavedConversationError, VisionUnsupportedError
+from edge_runtime.errors import (ChatBusyError, ContextOverflowError, EmptyPromptError, OptionError, SavedConversationError,
+                                 VisionUnsupportedError)
 from edge_runtime.vision.images import ImageLimits
-from edge_runtime.vision.image_budget import ImagePlan, check_detail
+from edge_runtime.vision.image_budget import ImagePlan, PlannedImage, check_detail, image_need
 from edge_runtime.chat.messages import check_text, image_input, media_in, split_messages, user_message, videos_in
 from edge_runtime.core.open_model import engine_options, open_engine
 from edge_runtime.core.options import GenerationOptions
@@ -77,7 +78,7 @@ class VisionChat:
         image_latency_s: float = 8.0,
         encoder_cache_dir: str | Path | None = None,
         encoder_cache_disk_mb: float = 1024,
-        cost_cache_dir: str | Path | None = None,
+        cost_cache_dir: str | Path | None = "auto",
         system_prompt: str | None = None,
         seed: int = 0,
         n_batch: int = 512,
@@ -185,7 +186,8 @@ class VisionChat:
         check_text(prompt, "the prompt")
         self._refuse_inside_stream("ask")
         attached = self._take_attached()
-        loaded = self._load_images(images or (), detail) if images or not attached else attached
+        need = image_need(prompt, gen.get("json_schema"))
+        loaded = self._load_images(images or (), detail, need) if images or not attached else attached
         clips = self._load_videos(videos or ())
         if not prompt.strip() and not loaded and not clips:
             raise EmptyPromptError("the prompt is empty and no image was given: nothing to answer")
@@ -225,23 +227,43 @@ class VisionChat:
         iterator ends. `with_reasoning` as for `stream`.
         """
         t_start = time.perf_counter()
+        need = image_need(last_user_text(messages), gen.get("json_schema"))
         template_messages, images = split_messages(
-            messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share),
+            messages, load=lambda src, name, detail, share: self.load_image(src, detail, name, share, need),
             load_video=self.load_video
         )
         return self._stream(template_messages, images, gen, t_start, record=None, tools=_tools,
                             with_reasoning=with_reasoning)
 
-    def load_image(self, src: Any, detail: str | None = None, name: str = "image", share: int = 1) -> ImageInput:
+    def load_image(self, src: Any, detail: str | None = None, name: str = "image", share: int = 1,
+                   need: str = "") -> ImageInput:
         """Load and resize one image for its detail level, as the HF processor would for that budget;
-        `share`: the images asked about together, which split `auto`'s latency target."""
+        `share`: the images asked about together, which split `auto`'s latency target; `need`: what
+        the answer needs to see ("text", "grounding": image_budget.image_need), which raises auto's floor."""
         if isinstance(src, dict) and "image" in src:
             src, detail = src["image"], src.get("detail", detail)
         if isinstance(src, ImageInput):
             return src
         detail = check_detail(self.detail if detail is None else detail)
-        plan = self.engine.plan_image(detail, share) if self.engine.has_vision else None
+        plan = self.engine.plan_image(detail, share, need) if self.engine.has_vision else None
         return image_input(src, name, self.image_limits, plan)
+
+    def plan_image(self, image: Any, detail: str | None = None, *, prompt: str = "",
+                   json_schema: Any = None) -> "PlannedImage":
+        """What asking about `image` would cost, before asking: its tokens, grid, the seconds of encode +
+        prefill predicted on this device and whether they meet `image_latency_s` (an app can show
+        "this photo will take ~N s at M tokens"). `prompt` and `json_schema`: the question to come,
+        which raise auto's floor for reading text and for boxes, as asking does."""
+        if not self.engine.has_vision:
+            raise VisionUnsupportedError(f"{self.engine.model_path.name} was loaded without a projector (mmproj)")
+        loaded = self.load_image(image, detail, "image", 1, image_need(prompt, json_schema))
+        plan = loaded.plan
+        if plan is None:  # an ImageInput built by the caller: sized already, planned by nobody
+            raise OptionError("plan_image needs an image source (path, bytes, PIL image, array), not an ImageInput")
+        grid = (loaded.width // plan.factor, loaded.height // plan.factor)
+        tokens = grid[0] * grid[1]
+        return PlannedImage(plan, tokens, grid, (loaded.width, loaded.height), loaded.source_size,
+                            self.engine.planner().predict_s(tokens))
 
     def encode_image(self, image: Any, detail: str | None = None) -> "EncodedImage":
         """The vision encoder's output for `image` at `detail`: embeddings, grid and token count.
@@ -375,11 +397,11 @@ class VisionChat:
 
     # ------------------------------------------------------------ internals
 
-    def _load_images(self, images: Sequence[Any], detail: str | None = None) -> list[ImageInput]:
+    def _load_images(self, images: Sequence[Any], detail: str | None = None, need: str = "") -> list[ImageInput]:
         images = self._media_list(images, "images")
         if detail is not None:
             check_detail(detail)
-        return [self.load_image(src, detail, f"image {i + 1}", len(images)) for i, src in enumerate(images)]
+        return [self.load_image(src, detail, f"image {i + 1}", len(images), need) for i, src in enumerate(images)]
 
     def _media_list(self, items: Any, what: str) -> list[Any]:
         if isinstance(items, (str, Path, bytes, dict)) or not isinstance(items, Sequence):
@@ -575,6 +597,20 @@ class _Guard:
 
 # Stands for the question while rendering an attached turn; the prompt is cut before it.
 _ATTACH_SENTINEL = "\u2063ATTACHED-IMAGES-END\u2063"
+
+
+def last_user_text(messages: Sequence[Any]) -> str:
+    """The text of the last user message (its text parts joined): the question its images serve."""
+    for message in reversed(messages if isinstance(messages, (list, tuple)) else ()):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, (list, tuple)):
+                return " ".join(p.get("text", "") for p in content
+                                if isinstance(p, dict) and isinstance(p.get("text"), str))
+            return ""
+    return ""
 
 
 @dataclass(frozen=True)

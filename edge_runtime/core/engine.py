@@ -29,7 +29,7 @@ import numpy as np
 from edge_llama import Batch, EmbeddingBatch, LlamaError, Sampler, image_grid, image_positions
 
 from edge_runtime.core.encoder_path import EncoderPath
-from edge_runtime.core.image_costs import ImageCosts
+from edge_runtime.core.image_costs import ImageCosts, calibration_image
 from edge_runtime.core.kv_state import SeqState, StateFingerprint, Unit, image_unit, plan_reuse, text_units
 from edge_runtime.core.loading import LoadedModel
 from edge_runtime.core.prompt import Chunk, Piece, Prompt, PromptCursor, tokenize_multimodal, tokenize_text
@@ -63,6 +63,8 @@ class Engine(LoadedModel):
         self.sequences = Sequences(lambda: self.context, self.options.n_seq_max, self.n_ctx, self.kv_token_bytes)
         self.encoder = EncoderPath(self.options, self.mmproj_path, lambda: self.projector, self.mtmd_lock,
                                    self.measured)
+        if self._costs is not None and self._costs.needs_calibration:
+            self.calibrate()
 
     # ------------------------------------------------------------ the parts' faces callers know
 
@@ -100,14 +102,27 @@ class Engine(LoadedModel):
         """This engine's image budgets as they stand (the cost model moves once, on the first measurement)."""
         return self._vision_costs().planner(self.n_ctx_seq)
 
-    def plan_image(self, detail: str = "auto", share: int = 1) -> ImagePlan:
-        """The token budget for one of `share` images of a message at `detail`."""
-        return self.planner().plan(detail, share)
+    def plan_image(self, detail: str = "auto", share: int = 1, need: str = "") -> ImagePlan:
+        """The token budget for one of `share` images of a message at `detail`, whose answer has `need`."""
+        return self.planner().plan(detail, share, need)
 
     def measured(self, kind: str, tokens: int, seconds: float) -> None:
         """Feed the device cost model with one encode ("encoder") or prompt evaluation ("prefill") of
         `tokens`; the first of each kind is stored for later processes and for `edge-convert --plan`."""
         self._vision_costs().measured(kind, tokens, seconds)
+
+    def calibrate(self) -> None:
+        """Measure this device's encoder and prefill rates on a small image (32 tokens: a tenth of what a
+        640x480 photo costs), through the path an ask takes, so the first image is planned from them;
+        done at load where the cost cache has no entry for this model pair on this device."""
+        costs = self._vision_costs()
+        with costs.calibrating(), self.tokenize(self.marker + "\n", [calibration_image(self.vision)]) as prompt:
+            try:
+                self.prefill(prompt, seq_id=0)
+            finally:
+                self.reset(0)
+        log.info("image cost model calibrated: encoder %.1f GFLOP/s, prefill %.1f GFLOP/s",
+                 costs.cost.encoder_flops_s / 1e9, costs.cost.prefill_flops_s / 1e9)
 
     def truncate(self, seq_id: int, keep: int) -> None:
         """Keep the first `keep` units of sequence `seq_id` (cells past them, even half-written, go)."""

@@ -14,7 +14,7 @@ def engine_options(
     *,
     encoder_cache_dir: str | Path | None = None,
     encoder_cache_disk_mb: float | None = None,
-    cost_cache_dir: str | Path | None = None,
+    cost_cache_dir: str | Path | None = "auto",
     rpc_servers: Sequence[str] | str = (),
     tensor_split: Sequence[float] | None = None,
     **rest: Any,
@@ -26,7 +26,7 @@ def engine_options(
         extra["encoder_cache_disk_mb"] = encoder_cache_disk_mb
     return EngineOptions(
         encoder_cache_dir=str(encoder_cache_dir) if encoder_cache_dir else None,
-        cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,
+        cost_cache_dir=str(cost_cache_dir) if cost_cache_dir else None,  # "auto": the user cache dir
         rpc_servers=rpc_servers if isinstance(rpc_servers, str) else tuple(rpc_servers),
         tensor_split=tuple(tensor_split) if tensor_split is not None else None,
         **extra,

@@ -42,8 +42,9 @@ class EngineOptions:
     encoder_cache_disk_mb: float = 1024
     # detail="auto": the largest image budget whose predicted encode + prefill fits this.
     image_latency_s: float = 8.0
-    # Where the measured encoder/prefill rates of this device are kept (None: in memory only).
-    cost_cache_dir: str | None = None
+    # Where the measured encoder/prefill rates of this device are kept: "auto" the user cache dir
+    # ($XDG_CACHE_HOME/qwen3-vl-edge), None in memory only (then each process calibrates at load).
+    cost_cache_dir: str | None = "auto"
     n_seq_max: int = 1  # parallel sequences (a server would raise it)
     mmproj_gpu: bool | None = None  # None: follow n_gpu_layers
     # "auto": map the file unless CPU layers are repacked (then read it once:

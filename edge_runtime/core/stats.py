@@ -100,5 +100,5 @@ def image_report(image: Any, n_tokens: int) -> dict[str, Any]:
         "grid": [image.width // factor, image.height // factor] if factor else None,
     }
     if plan is not None:
-        report.update(detail=plan.detail, min_tokens=plan.min_tokens, max_tokens=plan.max_tokens, reason=plan.reason)
+        report.update(plan.report())  # the budget, its floor, the predicted seconds and whether they meet the target
     return report

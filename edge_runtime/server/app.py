@@ -30,7 +30,9 @@ from edge_common.manifest import resolve_model_paths
 from edge_runtime.core.logprobs import TokenLogprob
 from edge_runtime.core.stats import GenerationStats
 from edge_runtime.core.options import GenerationOptions
+from edge_runtime.chat.chat import last_user_text
 from edge_runtime.chat.tool_calls import ToolCall, ToolCallStream, parse_calls
+from edge_runtime.vision.image_budget import image_need
 from .config import ServerOptions
 from .conversations import add_conversation_routes
 from .errors import ApiError, bad_request, from_exception
@@ -170,8 +172,8 @@ def create_app(options: ServerOptions) -> FastAPI:
             plan = tool_plan(req)
             gen = generation_options(req, plan, options.reasoning_budget)  # before any image is fetched or decoded
             rendered: RenderedPrompt = await run_in_threadpool(
-                render_prompt, scheduler.prompt_format, template_messages(req), policy.load, policy.load_video,
-                plan.template_tools(), req.chat_template_kwargs)
+                render_prompt, scheduler.prompt_format, template_messages(req), policy.loader(request_need(req)),
+                policy.load_video, plan.template_tools(), req.chat_template_kwargs)
         # catching Exception: the request's door: from_exception turns a refusal into its 4xx and anything else into a logged 500
         except Exception as exc:
             error = from_exception(exc)
@@ -231,6 +233,15 @@ def fingerprint_of(options: ServerOptions) -> str | None:
     except Exception as exc:
         log.warning("no system_fingerprint: %s", exc)
         return None
+
+
+def request_need(req: ChatRequest) -> str:
+    """What the request's answer needs to see of its images (boxes from a schema, text to read)."""
+    fmt = req.response_format
+    schema = req.json_schema
+    if schema is None and fmt is not None:
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else fmt.schema_
+    return image_need(last_user_text(template_messages(req)), schema)
 
 
 def make_job(req: ChatRequest, gen: GenerationOptions, rendered: RenderedPrompt, deadline: float) -> Job:

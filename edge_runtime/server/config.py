@@ -60,7 +60,7 @@ class ServerOptions:
     detail: str = "auto"  # images without image_url.detail
     image_latency_s: float = 8.0
     encoder_cache_dir: Path | None = None  # encoder outputs on disk (the CLI: the user cache dir)
-    cost_cache_dir: Path | None = None
+    cost_cache_dir: Path | str | None = "auto"  # the device's measured image costs ("auto": the user cache dir)
     api_key: str | None = None
     # Saving/restoring conversations (their KV cache) on the server's disk needs this key
     # when set; with only api_key those routes are refused; with neither they are open.

@@ -130,9 +130,10 @@ class EngineHost(EngineFront):
                            "engine_restarting", {"Retry-After": "2"})
         return future
 
-    def plan_image(self, detail: str, share: int = 1) -> Any:
-        """The engine's token budget for one of `share` images at `detail` (None until it is ready)."""
-        return self._planner.plan(detail, share) if self._planner is not None else None
+    def plan_image(self, detail: str, share: int = 1, need: str = "") -> Any:
+        """The engine's token budget for one of `share` images at `detail` whose answer has `need`
+        (None until it is ready)."""
+        return self._planner.plan(detail, share, need) if self._planner is not None else None
 
     def cancel(self, job: Job) -> None:
         if job.done:

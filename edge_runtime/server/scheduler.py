@@ -167,10 +167,11 @@ class Scheduler(EngineFront):
         engine = self._engine
         return engine.planner() if engine is not None and engine.has_vision else None
 
-    def plan_image(self, detail: str, share: int = 1):
-        """The token budget of one of `share` images at `detail` (None until a vision model is loaded)."""
+    def plan_image(self, detail: str, share: int = 1, need: str = ""):
+        """The token budget of one of `share` images at `detail` whose answer has `need` (None until a
+        vision model is loaded)."""
         planner = self.planner()
-        return planner.plan(detail, share) if planner is not None else None
+        return planner.plan(detail, share, need) if planner is not None else None
 
     def _load(self) -> None:
         opts = self.options

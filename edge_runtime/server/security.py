@@ -247,8 +247,8 @@ class ImagePolicy:
     allow_remote: bool = False
     local_root: Path | None = None
     fetch_timeout_s: float = 10.0
-    # (detail, images of the message) -> the budget the loaded engine gives an image (None before it is loaded)
-    planner: Callable[[str, int], Any] | None = None
+    # (detail, images of the message, need) -> the budget the loaded engine gives an image (None before it is loaded)
+    planner: Callable[[str, int, str], Any] | None = None
     default_detail: str = "auto"
 
     video: VideoOptions = VideoOptions(max_bytes=64 * 1024 * 1024)
@@ -257,14 +257,18 @@ class ImagePolicy:
     def limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes)
 
-    def load(self, src: Any, name: str, detail: str | None = None, share: int = 1) -> ImageInput:
-        """An image_url value -> ImageInput (resized for its detail level and the images sharing its
-        message), refusing sources the server was not told to allow."""
-        plan = self.planner(detail or self.default_detail, share) if self.planner is not None else None
+    def load(self, src: Any, name: str, detail: str | None = None, share: int = 1, need: str = "") -> ImageInput:
+        """An image_url value -> ImageInput (resized for its detail level, the images sharing its
+        message and what the answer needs to see), refusing sources the server was not told to allow."""
+        plan = self.planner(detail or self.default_detail, share, need) if self.planner is not None else None
         try:
             return image_input(self._source(src, name, self.max_image_bytes, "image"), name, self.limits, plan)
         except ImageError as exc:
             raise bad_request(str(exc), name, "invalid_image") from None
+
+    def loader(self, need: str) -> Callable[[Any, str, str | None, int], ImageInput]:
+        """`load` for the images of one request whose answer has `need` (image_budget.image_need)."""
+        return lambda src, name, detail, share: self.load(src, name, detail, share, need)
 
     def load_video(self, src: Any, name: str) -> VideoInput:
         """A video_url value -> VideoInput, under the same source policy as images."""

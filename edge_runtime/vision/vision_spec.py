@@ -18,7 +18,7 @@ from gguf import GGUFReader, Keys
 
 from edge_models import VisionFacts, family_for_gguf, family_for_hf, family_for_projector
 
-from edge_runtime.vision.resize import PixelBudget
+from edge_runtime.vision.resize import PixelBudget, target_size
 from edge_models import ModelConfigError
 
 __all__ = ["VisionSpec", "block_weight_type", "hf_vision_spec", "read_vision_spec"]
@@ -52,6 +52,12 @@ class VisionSpec:
 
     def budget(self, min_tokens: int, max_tokens: int) -> PixelBudget:
         return PixelBudget.from_tokens(factor=self.factor, min_tokens=min_tokens, max_tokens=max_tokens)
+
+    def native_tokens(self, size: tuple[int, int]) -> int:
+        """Tokens the model's own processor gives an image of `size` (width, height) at its max_pixels:
+        what the model was trained to see, the measure of a budget's fidelity."""
+        w, h = target_size(size, self.budget(self.min_tokens, self.max_tokens))
+        return (w // self.factor) * (h // self.factor)
 
     def compute_bytes(self, tokens: int) -> int:
         """The projector's compute buffer for one image of `tokens` merged tokens (0: shape unknown)."""
