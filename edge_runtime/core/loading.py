@@ -155,8 +155,12 @@ class LoadedModel(Closeable):
         """--n-cpu-moe as asked, or ("auto") the fewest blocks whose experts must stay in host RAM for
         the offloaded part to fit the devices' free memory; sets `n_cpu_moe` and `experts_how`."""
         opts = self.options
-        sizes = layer_bytes(self.model_path)
         self.n_cpu_moe = 0
+        devices = self._offload_devices() if opts.n_cpu_moe == "auto" and not opts.override_tensor else None
+        if devices == []:  # nothing to choose, so the tensor table is not read (it costs a GGUF parse)
+            self.experts_how = "experts, if any, in host RAM with everything else (no GPU or RPC device to offload to)"
+            return ()
+        sizes = layer_bytes(self.model_path)
         if not sizes.has_experts:
             self.experts_how = "no experts (dense model)"
             return ()
@@ -172,10 +176,7 @@ class LoadedModel(Closeable):
         if opts.override_tensor:
             self.experts_how = "experts where --override-tensor puts them"
             return ()
-        devices = self._offload_devices()
-        if not devices:
-            self.experts_how = "experts in host RAM with everything else (no GPU or RPC device to offload to)"
-            return ()
+        assert devices  # "auto" without an --override-tensor: the devices were listed above
         plan = self.placement.plan if self.placement is not None else SplitPlan(self.n_gpu_layers, (1.0,))
         owners = assign_layers(sizes.n_layer, plan, len(devices))
         # each device's KV cache (n_ctx cells of its blocks) and compute buffers beside its weights
