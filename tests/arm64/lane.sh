@@ -86,7 +86,7 @@ rm -rf "$run" && mkdir -p "$run/gguf-tests" "$run/parity/out"
 # The torch-free selection is what the root runs; here it also writes the GGUF files it needs.
 (cd "$repo" && EDGE_TEST_GGUF_STORE="$run/gguf-tests" EDGE_TEST_RUNTIME_ONLY=1 \
     "$host_python" -m pytest -q -p no:cacheprovider $ARM64_PYTEST_ARGS 2>&1 | tail -3)
-(cd "$repo" && "$host_python" "$here/parity.py" prepare "$run/parity/gguf" \
+(cd "$repo" && export PYTHONPATH="$repo" && "$host_python" "$here/parity.py" prepare "$run/parity/gguf" \
     && "$host_python" "$here/parity.py" record "$run/parity/gguf" "$run/parity/out" > "$run/parity/x86.log")
 
 mounts=()
