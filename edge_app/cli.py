@@ -38,7 +38,7 @@ ENGINE = EngineOptions()  # --plan sizes memory for the runtime's defaults unles
               help="Measure the quantized pair against f16 (KL divergence, top-1, image cosine) into manifest.json.")
 @click.option("--plan", is_flag=True, help="Print file sizes and runtime memory of every type, then exit.")
 @flags.ctx_size(ENGINE.n_ctx, "Context length --plan sizes the KV cache for.")
-@flags.cache_types(ENGINE.kv_cache_type_k, ENGINE.kv_cache_type_v)
+@flags.cache_types("f16", "f16")  # the runtime's KV type when no tuned one is stored
 @flags.rpc_flags("With --plan: also split --quant over this machine and these edge-rpc-worker processes, by "
                  "their free memory (or --tensor-split), and say what fits where.")
 @flags.options(

@@ -138,6 +138,10 @@ def parse_baselines(text: str, transformers: bool) -> tuple[str, ...]:
 @click.option("--must-show", is_flag=True, help="With --images: only the cases the image targets read (640x480 "
               "at 300 tokens, a phone photo asked three times in a fresh process, transformers with "
               "--transformers): a few minutes on 2 cores.")
+@click.option("--tune", is_flag=True, help="Measure repack, flash attention (text and projector), threads, ubatch "
+              "and KV type on this device, one at a time from the defaults, store the fastest per workload (image: "
+              "first-image TTFT at 300 tokens; chat: decode) as the runtime's defaults for this model pair, and "
+              "check the defaults after tuning against the sweep's best: a few minutes on 2 cores.")
 @click.option("--no-bandwidth", is_flag=True, help="Skip the memory bandwidth measurement (and the roofline).")
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds allowed per worker.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -145,7 +149,7 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
          decode_tokens, repeats, warmup, passes, n_ctx, n_batch, n_ubatch, mmap, repack, amx, rpc_servers,
          tensor_split, cpu_moe, n_cpu_moe, override_tensor, extra_bufts, threads, n_gpu_layers,
          flash_attn, image_max_tokens, baselines, with_transformers, transformers_repeats, json_path, plot_path,
-         convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, must_show, no_bandwidth,
+         convert, convert_targets, memory_breakdown, accuracy, render_path, images_bench, must_show, tune, no_bandwidth,
          timeout, quiet) -> None:
     """Measure load time, image encoding, prefill, decode, time to first token and peak memory of
     VisionChat for each quant x KV-cache type x image size, beside raw llama.cpp, llama-cpp-python's
@@ -175,6 +179,11 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
         except PlotUnavailable as exc:
             fail(str(exc))
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    if tune:
+        if not (model_dir or synthetic):
+            fail("--tune needs a model: an edge-convert output directory or --synthetic 2b")
+        run_tuning(model_dir, synthetic, cache_dir, quant, mmproj_quant, json_path, quiet, log)
+        return
     if images_bench:
         if not (model_dir or synthetic):
             fail("--images needs a model: an edge-convert output directory or --synthetic 2b")
@@ -185,7 +194,7 @@ def main(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, kv_type
     json_out: dict = {}
     try:
         if model_dir or synthetic:
-            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack, "amx": amx,
+            load = load_settings({"n_ubatch": n_ubatch, "mmap": mmap, "repack": repack is not False, "amx": amx,
                                   "rpc_servers": rpc_servers, "tensor_split": tensor_split, "cpu_moe": cpu_moe,
                                   "n_cpu_moe": n_cpu_moe, "override_tensor": override_tensor})
             load.pop("amx")
@@ -279,6 +288,22 @@ def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n
     click.echo(image_bench_markdown(cases, detect().one_line(), settings))
     if json_path:
         json_path.write_text(json.dumps(cases, indent=2) + "\n", encoding="utf-8")
+
+
+def run_tuning(model_dir, synthetic, cache_dir, quant, mmproj_quant, json_path, quiet, log) -> None:
+    from .machine import detect
+    from .models import BenchSetupError
+    from .tune import TuneSetup, run_tune, tune_markdown
+
+    try:
+        models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log)
+        result = run_tune(TuneSetup(text=models.text_path(q[0]), mmproj=models.mmproj_path(proj)), log,
+                          progress=not quiet)
+    except (BenchSetupError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    click.echo(tune_markdown(result, detect().one_line()))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def render(json_path: Path, plot_path: Path | None) -> None:

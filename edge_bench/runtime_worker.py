@@ -27,6 +27,7 @@ def open_chat(spec: WorkerSpec):
         image_max_tokens=m.image_max_tokens or HIGH_MAX_TOKENS, encoder_cache_mb=0,
         rpc_servers=m.rpc_servers, tensor_split=m.tensor_split, n_cpu_moe=m.n_cpu_moe,
         override_tensor=m.override_tensor,
+        tuned_dir=None,  # the parties run at the same, given settings: no tuned n_ubatch for one of them
     )
 
 

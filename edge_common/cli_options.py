@@ -86,13 +86,18 @@ def n_gpu_layers(default: int | str) -> Decorator:
                              "backend exists.")
 
 
-def cache_types(default_k: str, default_v: str) -> Decorator:
-    """--cache-type-k / --cache-type-v (edge-bench spells its lists the same way, as llama-bench does)."""
+TUNED = " [default: edge-bench --tune's choice for this device and model, else {}]"
+
+
+def cache_types(default_k: str | None, default_v: str | None) -> Decorator:
+    """--cache-type-k / --cache-type-v (edge-bench spells its lists the same way, as llama-bench does);
+    a None default: the tuned type, else f16."""
     return options(
-        click.option("--cache-type-k", "-ctk", "kv_cache_type_k", default=default_k, show_default=True,
-                     help="K cache type: f16, q8_0, q4_0, ..."),
-        click.option("--cache-type-v", "-ctv", "kv_cache_type_v", default=default_v, show_default=True,
-                     help="V cache type (a quantized V cache turns flash attention on)."),
+        click.option("--cache-type-k", "-ctk", "kv_cache_type_k", default=default_k, show_default=default_k is not None,
+                     help="K cache type: f16, q8_0, q4_0, ..." + (TUNED.format("f16") if default_k is None else "")),
+        click.option("--cache-type-v", "-ctv", "kv_cache_type_v", default=default_v, show_default=default_v is not None,
+                     help="V cache type (a quantized V cache turns flash attention on)."
+                          + (TUNED.format("f16") if default_v is None else "")),
     )
 
 
@@ -128,8 +133,9 @@ def load_flags(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mmap/--no-mmap", "mmap", default=None,
                      help="Map the weights instead of reading them [default: read them when CPU layers are "
                           "repacked, since the mapped pages would stay resident beside the copy]."),
-        click.option("--repack/--no-repack", "repack", default=True, show_default=True,
-                     help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)."),
+        click.option("--repack/--no-repack", "repack", default=None,
+                     help="llama.cpp's interleaved CPU weight layouts (faster matmuls, one more copy with mmap)"
+                          + TUNED.format("on") + "."),
         click.option("--amx", "amx", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Intel AMX for repacked weights: auto = only where a cached probe showed llama.cpp's AMX "
                           "kernels work on this CPU (else repack without AMX); also $EDGE_AMX."),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_common.preflight import projector_problems
-from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
+from edge_llama import (FLASH_ATTN_AUTO, FLASH_ATTN_OFF, FLASH_ATTN_ON, Batch, Closeable, Context, ContextOptions, EmbeddingBatch,
                         LlamaLoadError, LoadOptions, Model, Projector, ProjectorOptions, default_marker,
                         ensure_backend, kv_type, log_suffix, physical_cores, take_errors)
 from edge_llama.experts import ALL_EXPERTS_ON_HOST, TensorOverride, experts_on_host, fit_n_cpu_moe, layer_bytes, \
@@ -28,6 +28,7 @@ from edge_llama.rpc import DecodeWatchdog, SplitPlan, assign_layers, placement_f
 from edge_models import chat_format
 
 from edge_runtime.core.options import EngineOptions
+from edge_runtime.core.tuned import apply_tuned
 from edge_runtime.errors import (EngineClosedError, ModelFileError, ModelLoadError, ProjectorMismatchError,
                                  VisionUnsupportedError)
 from edge_runtime.vision.image_budget import HIGH_MAX_TOKENS
@@ -53,9 +54,11 @@ class LoadedModel(Closeable):
     def __init__(
         self, model_path: str | Path, mmproj_path: str | Path | None = None, options: EngineOptions | None = None
     ) -> None:
-        self.options = options or EngineOptions()
         self.model_path = _check_file(model_path, "text model GGUF")
         self.mmproj_path = _check_file(mmproj_path, "projector GGUF") if mmproj_path else None
+        # the settings left unset take this device's tuned values (edge-bench --tune), else the defaults
+        self.options, self.tuned, self.tuned_file = apply_tuned(options or EngineOptions(), self.model_path,
+                                                                self.mmproj_path)
         ensure_backend()
         self._model: Any = None  # the text model's pointer: None once closed
         # The mtmd context is not thread-safe: tokenizing and encoding take this lock, so a
@@ -136,7 +139,7 @@ class LoadedModel(Closeable):
         self._eot = self._end_of_turn_tokens()
         log.info(
             "loaded %s (%s)%s: n_ctx=%d, KV %s/%s, flash_attn=%s, gpu_layers=%d, threads=%d, "
-            "n_batch=%d/%d, weights %s",
+            "n_batch=%d/%d, weights %s%s",
             self.model_path.name,
             self.arch,
             f" + {self.mmproj_path.name}" if self.mmproj_path else "",
@@ -149,7 +152,15 @@ class LoadedModel(Closeable):
             self.n_batch,
             self.n_ubatch,
             self.weights_how,
+            self.tuned_note(),
         )
+
+    def tuned_note(self) -> str:
+        """Which settings came from edge-bench --tune's file (for the load log and engine info)."""
+        if not self.tuned:
+            return ""
+        return (" (tuned: " + ", ".join(f"{k}={v}" for k, v in sorted(self.tuned.items()))
+                + f" from {self.tuned_file})")
 
     def _experts_on_host(self, type_k: Any, type_v: Any) -> tuple[TensorOverride, ...]:
         """--n-cpu-moe as asked, or ("auto") the fewest blocks whose experts must stay in host RAM for
@@ -210,7 +221,9 @@ class LoadedModel(Closeable):
             raise ModelLoadError(f"projector {self.mmproj_path}: " + "; ".join(problems))
         opts = self.options
         use_gpu = projector_on_gpu(opts.mmproj_gpu, self.n_gpu_layers)
-        if self.flash_attn_type == FLASH_ATTN_AUTO and not use_gpu:
+        if opts.mmproj_flash_attn != "auto":
+            flash = FLASH_ATTN_ON if opts.mmproj_flash_attn else FLASH_ATTN_OFF
+        elif self.flash_attn_type == FLASH_ATTN_AUTO and not use_gpu:
             # mtmd resolves "auto" only in its warm-up, which the CPU skips: without this the
             # projector would run without flash attention (slower, and O(patches^2) memory).
             flash = FLASH_ATTN_ON

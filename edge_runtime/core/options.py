@@ -27,9 +27,13 @@ class EngineOptions:
     # Tokens per forward pass inside a batch; sizes the compute buffer.
     # None: n_batch on a GPU, at most 64 on the CPU (see backend.resolve_ubatch).
     n_ubatch: int | None = None
-    kv_cache_type_k: str = "f16"
-    kv_cache_type_v: str = "f16"
+    # None / "auto" on the tunable settings (KV types, flash attention, threads, n_ubatch, repack):
+    # the value edge-bench --tune measured best on this device for this model pair (core/tuned.py),
+    # else the built-in default (f16 KV, llama.cpp's auto, physical cores, see below, repack on).
+    kv_cache_type_k: str | None = None
+    kv_cache_type_v: str | None = None
     flash_attn: bool | str = "auto"
+    mmproj_flash_attn: bool | str = "auto"  # "auto": on for a CPU projector, else flash_attn's
     n_gpu_layers: int | str = "auto"
     threads: int | None = None  # None: physical cores
     image_min_tokens: int | None = None  # None: the projector's default
@@ -50,7 +54,7 @@ class EngineOptions:
     # "auto": map the file unless CPU layers are repacked (then read it once:
     # the mapped pages would stay resident beside the repacked copy).
     mmap: bool | str = "auto"
-    repack: bool = True  # llama.cpp's interleaved CPU weight layouts (faster matmuls)
+    repack: bool | None = None  # llama.cpp's interleaved CPU weight layouts (None: tuned, else on)
     # llama.cpp RPC workers ("host:port", edge-rpc-worker) that take a share of the layers.
     rpc_servers: tuple[str, ...] = ()
     # Shares: one per local device (its GPUs, or its CPU) then one per worker
@@ -73,6 +77,10 @@ class EngineOptions:
     n_cpu_moe: int | str = "auto"
     # llama.cpp's -ot: "PATTERN=BUFFER_TYPE" entries (e.g. "exps=CPU"), applied before n_cpu_moe.
     override_tensor: tuple[str, ...] = ()
+    # Where edge-bench --tune's settings are read from: "auto" the user cache dir, None ignore them.
+    tuned_dir: str | None = "auto"
+    # Whose tuned settings: "image" (first-image TTFT), "chat" (decode); "auto": image with a projector.
+    workload: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rpc_servers, str):
@@ -86,8 +94,13 @@ class EngineOptions:
             raise OptionError("with rpc_servers, layers are placed by tensor_split: leave n_gpu_layers='auto'")
         if self.rpc_timeout_s <= 0 or self.rpc_stall_s <= 0:
             raise OptionError("rpc_timeout_s and rpc_stall_s must be positive")
-        kv_type(self.kv_cache_type_k)
-        kv_type(self.kv_cache_type_v)
+        for kv in (self.kv_cache_type_k, self.kv_cache_type_v):
+            if kv is not None:
+                kv_type(kv)
+        if not (self.mmproj_flash_attn == "auto" or isinstance(self.mmproj_flash_attn, bool)):
+            raise OptionError(f"mmproj_flash_attn must be 'auto', True or False, got {self.mmproj_flash_attn!r}")
+        if self.workload not in ("auto", "image", "chat"):
+            raise OptionError(f"workload must be 'auto', 'image' or 'chat', got {self.workload!r}")
         if isinstance(self.override_tensor, str):
             object.__setattr__(self, "override_tensor", (self.override_tensor,))
         object.__setattr__(self, "override_tensor",
@@ -103,7 +116,7 @@ class EngineOptions:
             raise OptionError(f"n_ubatch must be positive, got {self.n_ubatch}")
         if not (self.mmap == "auto" or isinstance(self.mmap, bool)):
             raise OptionError(f"mmap must be 'auto', True or False, got {self.mmap!r}")
-        LoadOptions(mmap=self.mmap, repack=self.repack, amx=self.amx)  # refuses bad mmap / amx values
+        LoadOptions(mmap=self.mmap, repack=self.repack is not False, amx=self.amx)  # refuses bad mmap / amx values
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"threads must be positive, got {self.threads}")
         if self.n_seq_max < 1:

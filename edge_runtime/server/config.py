@@ -43,9 +43,9 @@ class ServerOptions:
     n_batch: int = 512
     n_ubatch: int | None = None  # None: see EngineOptions
     mmap: bool | str = "auto"
-    repack: bool = True
-    kv_cache_type_k: str = "f16"
-    kv_cache_type_v: str = "f16"
+    repack: bool | None = None  # None (and None KV types): edge-bench --tune's values, else on / f16
+    kv_cache_type_k: str | None = None
+    kv_cache_type_v: str | None = None
     rpc_servers: tuple[str, ...] = ()  # edge-rpc-worker HOST:PORT list (see EngineOptions)
     tensor_split: tuple[float, ...] | None = None
     amx: bool | str = "auto"
@@ -84,8 +84,9 @@ class ServerOptions:
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        kv_type(self.kv_cache_type_k)
-        kv_type(self.kv_cache_type_v)
+        for kv in (self.kv_cache_type_k, self.kv_cache_type_v):
+            if kv is not None:
+                kv_type(kv)
         object.__setattr__(self, "override_tensor", tuple(str(o) for o in parse_overrides(self.override_tensor)))
         positive = {
             "port": self.port, "parallel": self.parallel, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
