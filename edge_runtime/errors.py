@@ -62,3 +62,8 @@ class EngineClosedError(EdgeRuntimeError):
 
 class SavedConversationError(EdgeRuntimeError, ValueError):
     """A saved conversation cannot be read, or does not fit the model it is restored into."""
+
+
+class TunedSettingsError(EdgeRuntimeError, ValueError):
+    """A tuned-settings file (edge-bench --tune) that is damaged, foreign or holds a bad setting: the
+    load warns and goes on with the built-in defaults."""

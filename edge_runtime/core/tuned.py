@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from edge_common.atomic import atomic_output
 from edge_llama.hardware import cpu_identity, physical_cores
+from edge_runtime.errors import OptionError, TunedSettingsError
 from edge_runtime.vision.disk_cache import user_cache_dir
 
 log = logging.getLogger("edge_runtime")
@@ -73,23 +74,23 @@ def _read(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise ValueError(f"cannot be read ({exc.strerror})") from None
+        raise TunedSettingsError(f"cannot be read ({exc.strerror})") from None
     try:
         table = json.loads(text)
     except ValueError:
-        raise ValueError("is not JSON") from None
+        raise TunedSettingsError("is not JSON") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("entries"), dict):
-        raise ValueError(f"is not a tuned-settings file (no \"format\": \"{FORMAT}\")")
+        raise TunedSettingsError(f"is not a tuned-settings file (no \"format\": \"{FORMAT}\")")
     return table["entries"]
 
 
 def check_settings(settings: Any) -> dict[str, Any]:
     """The stored settings as EngineOptions fields; ValueError naming the first bad one."""
     if not isinstance(settings, dict):
-        raise ValueError("settings are not an object")
+        raise TunedSettingsError("settings are not an object")
     for name, value in settings.items():
         if name not in TUNABLE or not TUNABLE[name][2](value):
-            raise ValueError(f"setting {name}={value!r} is not a tunable setting")
+            raise TunedSettingsError(f"setting {name}={value!r} is not a tunable setting")
     return dict(settings)
 
 
@@ -98,7 +99,7 @@ def save_tuned(cache_dir: Path, key: str, entry: Mapping[str, Any]) -> Path:
     keeping the other devices' and models' entries (a damaged file is replaced)."""
     for workload, choice in entry["workloads"].items():
         if workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+            raise OptionError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
         check_settings(choice["settings"])
     path = Path(cache_dir) / TUNED_FILE
     try:
@@ -159,7 +160,7 @@ def choose(points: list[Mapping[str, Any]], workload: str) -> tuple[dict[str, An
     "decode_long_tok_s"). Each setting takes its fastest value for the workload: first-image TTFT for
     "image", decode (at long context where measured, as long chats are) for "chat"."""
     if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+        raise OptionError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
     def speed(p: Mapping[str, Any], long: bool) -> float:
         if workload == IMAGE:
