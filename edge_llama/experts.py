@@ -98,6 +98,9 @@ def layer_bytes(path: str | Path) -> LayerBytes:
     """Read from the GGUF's tensor table (no weights are loaded)."""
     from gguf import GGUFReader
 
+    from .gguf_check import check_gguf
+
+    check_gguf(path)  # gguf-py trusts the lengths too
     reader = GGUFReader(str(path))
     tensors = reader.tensors
 
