@@ -17,6 +17,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES
 
+from edge_common.errors import EdgeError
+
 from .errors import DamagedGGUFError
 
 _MAGIC = b"GGUF"
@@ -30,7 +32,7 @@ _MIN_KV = 8 + 4 + 1  # an empty key, its type, one byte of value
 _MIN_TENSOR = 8 + 4 + 4 + 8  # an empty name, n_dims, type, offset
 
 
-class _Damaged(Exception):
+class _Damaged(EdgeError):
     """Internal: where the walk stopped and why; turned into DamagedGGUFError with the file's name."""
 
     def __init__(self, key: str, why: str):
