@@ -22,3 +22,11 @@ class KVTypeError(EdgeError, ValueError):
 
 class LoadOptionError(EdgeError, ValueError):
     """A load setting (mmap, extra buffer types, AMX, GPU layers) has a value llama.cpp cannot use."""
+
+
+class DamagedGGUFError(LlamaLoadError):
+    """A GGUF's structure (lengths, token arrays, tensor records) cannot be right; `key` names where."""
+
+    def __init__(self, message: str, key: str = ""):
+        super().__init__(message)
+        self.key = key

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import LlamaLoadError, LoadOptionError
+from .errors import LoadOptionError
 
 # common.h LLM_FFN_EXPS_REGEX: the merged expert matrices of a block (searched, not matched)
 EXPERT_TENSORS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -98,10 +98,10 @@ def layer_bytes(path: str | Path) -> LayerBytes:
     """Read from the GGUF's tensor table (no weights are loaded)."""
     from gguf import GGUFReader
 
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf-py's words for a damaged file
-        raise LlamaLoadError(f"{path} is not a readable GGUF ({exc}); download or convert it again") from None
+    from .gguf_check import check_gguf
+
+    check_gguf(path)  # gguf-py trusts the lengths too
+    reader = GGUFReader(str(path))
     tensors = reader.tensors
 
     def number(key: str, default: int = 0) -> int:

@@ -21,6 +21,7 @@ import llama_cpp as L
 from .batch import Batch
 from .backend import capture, ensure_backend, log_suffix, take_errors
 from .errors import LlamaError, LlamaLoadError
+from .gguf_check import check_gguf
 from .hardware import physical_cores
 from .owned import Owned
 from .params import LoadOptions, build_model_params
@@ -54,6 +55,7 @@ class Model(Owned):
         self.path = Path(path)
         if not self.path.is_file():
             raise LlamaLoadError(f"{what} not found: {self.path}")
+        check_gguf(self.path, what)  # llama.cpp aborts or allocates without bound on some damage
         built = build_model_params(self.path, options, plan=plan)
         self.how = built.how
         take_errors()

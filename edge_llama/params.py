@@ -84,6 +84,9 @@ def repackable_tensors(path: str | Path) -> list[str]:
     """Names of the weights in a GGUF that CPU_REPACK would take on an x86 CPU."""
     from gguf import GGUFReader
 
+    from .gguf_check import check_gguf
+
+    check_gguf(path)  # gguf-py trusts the lengths too
     out = []
     for t in GGUFReader(str(path)).tensors:
         shape = [int(x) for x in t.shape]  # ggml order: ne0 (row length), ne1 (rows)

@@ -31,6 +31,9 @@ def block_count(model_path: Path) -> int:
     """Transformer blocks of a GGUF (`{arch}.block_count`), read without loading weights."""
     import gguf
 
+    from .gguf_check import check_gguf
+
+    check_gguf(model_path)  # gguf-py trusts the lengths too
     reader = gguf.GGUFReader(str(model_path))
     arch_field = reader.fields["general.architecture"]
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode()

@@ -20,6 +20,7 @@ from llama_cpp import mtmd_cpp as M
 
 from .backend import ensure_backend, log_suffix, take_errors
 from .errors import LlamaError, LlamaLoadError
+from .gguf_check import check_gguf
 from .graph_watch import GraphWatch
 from .hardware import physical_cores
 from .objects import FLASH_ATTN_AUTO, Context, Model
@@ -155,6 +156,7 @@ class Projector(Owned):
         self.path, self.model = Path(path), model
         if not self.path.is_file():
             raise LlamaLoadError(f"projector GGUF not found: {self.path}")
+        check_gguf(self.path, "projector")  # llama.cpp allocates without bound on some header damage
         p = M.mtmd_context_params_default()
         p.use_gpu = options.use_gpu
         p.n_threads = options.n_threads or physical_cores()

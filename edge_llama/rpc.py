@@ -42,6 +42,8 @@ from .ggml_devices import Device, describe, open_lib, registry
 
 DEFAULT_PORT = 50052
 DEFAULT_TIMEOUT_S = 5.0
+# the wait for a connected worker's HELLO: this many connection round trips, at least HANDSHAKE_MIN_S
+HANDSHAKE_MIN_S, HANDSHAKE_RTTS = 1.0, 50
 WORKER_LOST_EXIT = 75  # EX_TEMPFAIL: try again once the worker is back
 
 # ggml-rpc.cpp wire format: | cmd u8 | size u64 | payload | -> | size u64 | payload |
@@ -160,9 +162,11 @@ def probe(endpoint: Endpoint, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, 
 
     A worker serves one host at a time: one that is busy accepts the TCP
     connection but answers only when its current host leaves, which this
-    reports as such rather than hanging.
+    reports as such rather than hanging, after a few connection round trips
+    (at least HANDSHAKE_MIN_S) rather than the whole `timeout`.
     """
     deadline = f"within {timeout:g} s"
+    start = time.monotonic()
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
     except socket.timeout:
@@ -171,9 +175,14 @@ def probe(endpoint: Endpoint, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[int, 
     except OSError as e:
         raise WorkerUnreachableError(f"RPC worker {endpoint}: cannot connect ({e.strerror or e}); is "
                                      f"`edge-rpc-worker --port {endpoint.port}` running there?") from None
+    # An idle worker sits in accept() and answers HELLO within a round trip or two; one serving
+    # another host leaves the connection in its backlog, so waiting the whole timeout tells nothing more.
+    rtt = time.monotonic() - start
+    window = min(timeout, max(HANDSHAKE_MIN_S, HANDSHAKE_RTTS * rtt))
+    deadline = f"within {window:g} s"
     try:
         with sock:
-            sock.settimeout(timeout)
+            sock.settimeout(window)
             sock.sendall(struct.pack("<BQ", _RPC_CMD_HELLO, _CONN_CAPS) + bytes(_CONN_CAPS))
             (size,) = struct.unpack("<Q", _recv_exact(sock, 8))
             reply = _recv_exact(sock, size)

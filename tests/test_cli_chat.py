@@ -51,6 +51,16 @@ def test_load_flags_reach_the_engine(tiny_f32_dir, image_path, caplog):
     assert result.exit_code == 2 and "--ubatch-size" in result.stderr
 
 
+def test_batch_size_flag_reaches_the_engine(tiny_f32_dir, caplog):
+    """-b/--batch-size as llama.cpp and edge-serve spell it."""
+    with caplog.at_level("INFO", logger="edge_runtime"):
+        result = run([tiny_f32_dir, *FAST, "-b", "64", "-ub", "16", "Hello."])
+    assert result.exit_code == 0, result.output
+    assert "n_batch=64/16" in caplog.text
+    result = run([tiny_f32_dir, "--batch-size", "0", "Hello."])
+    assert result.exit_code == 2 and "--batch-size" in result.stderr
+
+
 def test_interactive_session_commands(tiny_f32_dir, image_path, tmp_path):
     script = "\n".join(
         [

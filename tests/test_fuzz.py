@@ -342,6 +342,108 @@ def test_a_damaged_gguf_header_is_an_edge_error_naming_the_file(live, tmp_path_f
         assert chat.ask("More?", **GREEDY) == live["follow_up"]
 
 
+# ---------------------------------------------------------------- GGUF key/value bytes (tokenizer arrays, lengths)
+
+def _gguf_parts(path):
+    """(key, [(offset, array)]) for every key/value of a GGUF, as gguf-py's reader lays them out:
+    key length, key, type, then the value (for an array: element type, count, elements)."""
+    import gguf
+
+    out = []
+    for field in gguf.GGUFReader(str(path)).fields.values():
+        off, parts = field.offset, []
+        for p in field.parts:
+            parts.append((off, p))
+            off += p.nbytes
+        out.append((field.name, parts))
+    return out
+
+
+GGUF_KV_EDITS = st.one_of(
+    # random bytes inside one tokenizer array, or anywhere in the key/value section
+    st.tuples(st.sampled_from(["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "kv"]),
+              st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)),
+                       min_size=1, max_size=8)),
+    # one token's text written over another of the same length: a repeated token
+    st.tuples(st.just("repeat token"), st.integers(min_value=0)),
+    # a string length or array count (any u64 of the section) set to a huge number
+    st.tuples(st.just("length"), st.integers(min_value=0), st.integers(min_value=1 << 20, max_value=(1 << 64) - 1)),
+)
+
+
+def _damage_kv(data: bytearray, parts, edit) -> None:
+    import numpy as np
+
+    kind = edit[0]
+    if kind == "repeat token":
+        (tokens,) = [p for k, p in parts if k == "tokenizer.ggml.tokens"]
+        words = [(o, bytes(p)) for o, p in tokens[6::2]]
+        pairs = [(a, b) for a, b in zip(words, words[1:] + words[:1]) if len(a[1]) == len(b[1]) and a[1] != b[1]]
+        pairs = pairs or [(a, b) for a in words for b in words if len(a[1]) == len(b[1]) and a[1] != b[1]]
+        (_, word), (at, _) = pairs[edit[1] % len(pairs)]
+        data[at:at + len(word)] = word
+    elif kind == "length":
+        lengths = [o for _, ps in parts for o, p in ps if p.dtype == np.uint64]
+        struct.pack_into("<Q", data, lengths[edit[1] % len(lengths)], edit[2])
+    else:
+        spans = [(ps[0][0], ps[-1][0] + ps[-1][1].nbytes) for k, ps in parts if kind in (k, "kv")]
+        lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+        for where, value in edit[1]:
+            data[lo + where % (hi - lo)] = value
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(role=st.sampled_from(["text", "mmproj"]), edit=GGUF_KV_EDITS)
+def test_damaged_gguf_key_values_load_or_are_refused_never_abort(live, tmp_path_factory, role, edit):
+    """Random bytes in the tokenizer arrays and the key/value section, a repeated token, a length no
+    file could hold: the load, in this very process, either works (the vocab tokenizes and renders
+    every token) or is an EdgeError naming the file. llama.cpp alone aborts on a repeated token
+    (GGML_ASSERT in llama_vocab's load): edge_llama's check of the file comes first."""
+    from edge_llama.objects import Model
+    from edge_llama.projector import Projector
+
+    if role == "mmproj" and edit[0] in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                        "tokenizer.ggml.merges", "repeat token"):
+        edit = ("kv",) + edit[1:] if edit[0] != "repeat token" else ("length", edit[1], 1 << 40)
+    with surface("GGUF key/values, load"):
+        folder = Path(live["model_dir"])
+        text = next(f for f in folder.glob("*.gguf") if not f.name.startswith("mmproj"))
+        source = next(folder.glob("mmproj*.gguf")) if role == "mmproj" else text
+        target = tmp_path_factory.mktemp("gguf") / source.name
+        data = bytearray(source.read_bytes())
+        _damage_kv(data, _gguf_parts(source), edit)
+        target.write_bytes(bytes(data))
+        try:
+            if role == "text":
+                with Model(target) as model:
+                    assert model.tokenize("hello\nworld") is not None
+                    assert all(isinstance(model.piece(t), bytes) for t in range(model.n_vocab))
+            else:
+                with Model(text) as model, Projector(target, model):
+                    pass
+        except EdgeError as e:
+            assert str(target) in str(e)
+
+
+def test_a_repeated_token_is_refused_where_llama_cpp_alone_aborts(live, tmp_path_factory):
+    """The case found by hand: the load runs in a child process, so the old code's abort (SIGABRT
+    from GGML_ASSERT) fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    folder = Path(live["model_dir"])
+    text = next(f for f in folder.glob("*.gguf") if not f.name.startswith("mmproj"))
+    target = tmp_path_factory.mktemp("gguf") / text.name
+    data = bytearray(text.read_bytes())
+    _damage_kv(data, _gguf_parts(text), ("repeat token", 0))
+    target.write_bytes(bytes(data))
+    code = ("import sys\nfrom edge_common.errors import EdgeError\nfrom edge_llama.objects import Model\n"
+            "try:\n    Model(sys.argv[1]).close()\nexcept EdgeError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(target) in done.stdout and "tokenizer.ggml.tokens" in done.stdout and "twice" in done.stdout
+
+
 # ---------------------------------------------------------------- config.json numbers
 
 CONFIG_NUMBERS = [("text_config", k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",

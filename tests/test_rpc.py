@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -185,6 +186,27 @@ def test_worker_reports_a_busy_port(workers):
 def test_worker_rejects_an_unknown_device():
     result = CliRunner().invoke(worker_main, ["--device", "NOPE0", "--port", str(free_port())])
     assert result.exit_code == 2 and "NOPE0" in result.output and "CPU" in result.output
+
+
+def test_a_busy_worker_is_reported_fast_not_after_the_whole_timeout():
+    """A real worker kept busy by another host (a raw client that did the HELLO handshake and stays
+    connected): the probe says so within about a second, not after its 5 s timeout; once the host
+    leaves, the worker answers again."""
+    from edge_llama.rpc import _CONN_CAPS, _RPC_CMD_HELLO, DEFAULT_TIMEOUT_S
+
+    worker = Worker()
+    try:
+        with socket.create_connection(("127.0.0.1", worker.port), timeout=5) as host:
+            host.sendall(struct.pack("<BQ", _RPC_CMD_HELLO, _CONN_CAPS) + bytes(_CONN_CAPS))
+            assert len(host.recv(64)) > 0  # the worker now serves this host
+            t0 = time.monotonic()
+            with pytest.raises(WorkerUnreachableError, match=f"{worker.endpoint}.*serving another host"):
+                probe(worker.endpoint)
+            took = time.monotonic() - t0
+        assert DEFAULT_TIMEOUT_S == 5.0 and took < 2.5, f"the probe took {took:.1f} s"
+        assert probe(worker.endpoint, timeout=5) == (7, 0, 0)
+    finally:
+        worker.kill()
 
 
 def test_probe_reads_the_protocol_version(workers):

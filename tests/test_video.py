@@ -332,3 +332,36 @@ def test_a_saved_video_conversation_continues_without_re_encoding(chat, tmp_path
     assert chat.ask("And then?", max_tokens=3, temperature=0) == expected
     assert chat.last_stats.images_encoded == 0 and chat.last_stats.reused_tokens > first_prompt
     chat.reset()
+
+
+# A ChatML template that renders text and images only (as some third-party GGUFs carry).
+_NO_VIDEO_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.content is string %}{{ m.content }}{%- else %}{%- for p in m.content %}"
+    "{%- if p.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif p.type == 'text' %}{{ p.text }}{%- endif %}{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_gguf_template_without_videos_falls_back_to_the_family_template(tiny_f16_dir, tmp_path, test_image):
+    """The GGUF's own template cannot place a video: the request is rendered with the family's
+    template (as for tools) and answered, frames and all; images keep the GGUF's template."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    text = next(f for f in tiny_f16_dir.glob("*.gguf") if not f.name.startswith("mmproj"))
+    mmproj = next(tiny_f16_dir.glob("mmproj*.gguf"))
+    # gguf-py's own metadata tool writes the new template
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(text), str(folder / text.name),
+                    "--chat-template", _NO_VIDEO_TEMPLATE, "--force"], check=True, capture_output=True)
+    path = write_video(tmp_path / "v.mp4")
+    with VisionChat(folder / text.name, mmproj, n_ctx=1024) as chat:
+        assert chat.template.source == _NO_VIDEO_TEMPLATE
+        chat.ask("What happens?", videos=[path], max_tokens=2)
+        assert chat.last_stats.images == 3 and chat.last_stats.image_tokens == 3 * 12
+        chat.reset()
+        chat.ask("What is this?", images=[test_image], max_tokens=2)
+        assert chat.last_stats.images == 1

@@ -41,7 +41,7 @@ from edge_runtime.chat.saved_conversation import (
 from edge_runtime.core.stats import GenerationStats, image_report
 from edge_runtime.core.template import opens_think, render_with_markers
 from edge_runtime.vision.video import MTMD_MAX_TOKENS, VideoInput, VideoOptions, load_video
-from edge_runtime.chat.tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, tools_template_for, uses_tools
+from edge_runtime.chat.tool_calls import ToolAnswer, ToolError, parse_calls, plan_tools, template_for, uses_tools
 
 
 class Reasoning(str):
@@ -457,9 +457,7 @@ class VisionChat:
     def _render(self, messages: list[dict], images: Sequence[ImageInput], tools: list[dict] | None = None) -> str:
         marker = self.engine.marker if self.engine.has_vision else None
         videos = videos_in(messages)
-        if not tools and not uses_tools(messages):
-            return render_with_markers(self.template, messages, len(images), marker, videos)
-        template = tools_template_for(self.template)
+        template = template_for(self.template, tools=bool(tools) or uses_tools(messages), videos=bool(videos))
         return render_with_markers(template, messages, len(images), marker, videos,
                                    **({"tools": tools} if tools else {}))
 

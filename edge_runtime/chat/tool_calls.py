@@ -365,10 +365,21 @@ def template_supports_tools(source: str) -> bool:
     return "tools" in source and CALL_OPEN in source
 
 
-def tools_template_for(template: ChatTemplate) -> ChatTemplate:
-    """The template for a conversation with tools: the model's own when it renders them, else the
-    family's (the format the model was trained on; a Thinking model's still opens its reasoning)."""
-    if template_supports_tools(template.source):
+def template_supports_videos(source: str) -> bool:
+    """Whether a chat template renders a video part (Qwen3-VL's does; a GGUF's minimal one may not)."""
+    return not FORMAT.video_pad or FORMAT.video_pad in source
+
+
+def template_for(template: ChatTemplate, *, tools: bool = False, videos: bool = False) -> ChatTemplate:
+    """The template a conversation renders with: the model's own when it renders the tools and videos
+    the conversation carries, else the family's (the format the model was trained on, which renders
+    both; a Thinking model's still opens its reasoning)."""
+    if (not tools or template_supports_tools(template.source)) and (not videos or template_supports_videos(template.source)):
         return template
     source = FORMAT.thinking_tools_template if template.thinking and FORMAT.thinking_tools_template else TOOLS_TEMPLATE
     return ChatTemplate(source, bos_token=template.bos_token, eos_token=template.eos_token)
+
+
+def tools_template_for(template: ChatTemplate) -> ChatTemplate:
+    """The template for a conversation with tools (see `template_for`)."""
+    return template_for(template, tools=True)

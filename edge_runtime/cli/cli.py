@@ -63,6 +63,7 @@ ENGINE, GEN = EngineOptions(), GenerationOptions()  # the CLI's defaults are the
               help="Reasoning tokens of a Thinking model before its answer is forced to start; -1: no limit, "
                    "0: answer at once (llama.cpp's flag). They count toward --max-tokens.")
 @flags.ctx_size(ENGINE.n_ctx)
+@flags.batch_size(ENGINE.n_batch)
 @flags.engine_flags(ENGINE)
 @flags.image_flags
 @click.option("--stats/--no-stats", default=False, help="Print timings after each answer (stderr).")
@@ -99,6 +100,7 @@ def main(
             model,
             projector,
             n_ctx=settings["n_ctx"],
+            n_batch=settings["n_batch"],
             kv_cache_type_k=settings["kv_cache_type_k"],
             kv_cache_type_v=settings["kv_cache_type_v"],
             flash_attn=settings["flash_attn"],
