@@ -60,6 +60,11 @@ class EngineClosedError(EdgeRuntimeError):
     """The engine was used after `close()`."""
 
 
+class ImageNotCachedError(EdgeRuntimeError, ValueError):
+    """An image given by its digest alone (a restored conversation's) that this engine holds neither
+    in a sequence's cells nor in an encoder cache: its pixels must be sent again."""
+
+
 class SavedConversationError(EdgeRuntimeError, ValueError):
     """A saved conversation cannot be read, or does not fit the model it is restored into."""
 

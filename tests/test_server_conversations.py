@@ -103,6 +103,32 @@ def test_a_visionchat_file_restores_on_a_server_of_the_same_layout(server, conv_
     assert resp.status_code == 409 and "kv_streams: saved 1, here 2" in resp.json()["error"]["message"]
 
 
+def test_a_visionchat_conversation_sent_back_from_its_restore_is_answered(server, conv_dir, model_dir, test_image):
+    """The restore of a file VisionChat saved gives its images as digest references (it kept no data: URI);
+    the server's own schema takes them back while it holds the image, and names what to do when it does not."""
+    with VisionChat.from_dir(model_dir, n_ctx=2048, seq_id=1) as local:
+        local.ask("Describe it.", images=[test_image], temperature=0.0, max_tokens=6)
+        local.save(conv_dir / "sent-back.edgeconv")
+        expected = local.ask("And the colours?", temperature=0.0, max_tokens=6)
+    resp = httpx.post(server.url("/v1/conversations/sent-back/restore"), headers=auth(ADMIN_KEY), timeout=120)
+    assert resp.status_code == 200, resp.text
+    messages = resp.json()["messages"]
+    image = next(p for p in messages[0]["content"] if p.get("type") == "image")
+    assert set(image) == {"type", "digest", "width", "height"} and len(image["digest"]) == 64
+    body = {"messages": messages + [{"role": "user", "content": "And the colours?"}], **GREEDY, "max_tokens": 6}
+    answer = httpx.post(server.url("/v1/chat/completions"), headers=auth(API_KEY), timeout=120, json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == expected
+    assert answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    unknown = dict(image, digest="0" * 64)  # an image this server never saw: its pixels are needed
+    body["messages"] = [{"role": "user", "content": [unknown, {"type": "text", "text": "What is it?"}]}]
+    refused = httpx.post(server.url("/v1/chat/completions"), headers=auth(API_KEY), timeout=120, json=body)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "image_not_cached" and "send it again" in refused.text
+    assert chat(server, [{"role": "user", "content": "still answering?"}])["choices"]
+
+
 @pytest.mark.parametrize("key, status", [(None, 401), ("wrong", 401), (API_KEY, 403)])
 def test_only_the_admin_key_may_save_or_restore(server, conversation, key, status):
     headers = auth(key) if key else {}

@@ -20,7 +20,7 @@ from edge_llama import LlamaError, Projector
 from edge_runtime.core.options import MiB, EngineOptions
 from edge_runtime.core.prompt import Chunk, Prompt
 from edge_runtime.core.stats import GenerationStats
-from edge_runtime.errors import DecodeError
+from edge_runtime.errors import DecodeError, ImageNotCachedError
 from edge_runtime.vision.disk_cache import DiskEncoderCache, check_cache_dir, projector_sha256
 from edge_runtime.vision.encoder_cache import EncoderCache
 
@@ -120,7 +120,9 @@ class EncoderPath:
         if embd is None and digest:
             embd = self.memory.get(digest)
         if embd is None and chunk.placeholder:
-            raise DecodeError(f"image {digest[:12]} has neither pixels nor cached embeddings")
+            raise ImageNotCachedError(f"image {digest[:12]} has neither pixels nor cached embeddings here: send it "
+                                      "again with its pixels (a digest reference only works while the engine "
+                                      "still holds that image in its cells or encoder caches)")
         return None if embd is None else np.asarray(embd).reshape(chunk.n_tokens, -1)
 
     def embedding(self, chunk: Chunk, prompt: Prompt, stats: GenerationStats) -> np.ndarray:

@@ -110,8 +110,8 @@ def _client_part(part: Any) -> Any:
         if "url" in part:
             return {"type": "image_url", "image_url": {"url": part["url"]}}
         image = part.get("image")  # restored by messages_from_json: a pixel-less ImageInput
-        digest = getattr(image, "digest", part.get("digest"))
-        return {"type": "image", "digest": digest}
+        return {"type": "image", "digest": getattr(image, "digest", part.get("digest")),
+                "width": getattr(image, "width", part.get("width")), "height": getattr(image, "height", part.get("height"))}
     return part
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from edge_common.errors import EdgeError
 
 from ..errors import (ContextOverflowError, DecodeError, EdgeRuntimeError, EmptyPromptError, EngineClosedError,
-                      GrammarError, ModelLoadError)
+                      GrammarError, ImageNotCachedError, ModelLoadError)
 from edge_runtime.vision.images import ImageError
 from edge_runtime.core.template import TemplateError
 
@@ -88,6 +88,8 @@ def from_exception(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, GrammarError):
         return bad_request(str(exc), "grammar", "invalid_grammar")
+    if isinstance(exc, ImageNotCachedError):  # the request is well formed; the server's state lacks the image
+        return ApiError(409, str(exc), "invalid_request_error", "messages", "image_not_cached")
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
     if isinstance(exc, (DecodeError, ModelLoadError, EngineClosedError)):

@@ -17,6 +17,7 @@ from edge_llama import JSON_GBNF
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_runtime.core.options import GenerationOptions
+from edge_runtime.vision.image_input import ImageInput
 from edge_runtime.chat.tool_calls import MAX_JSON_DEPTH, ToolError, ToolPlan, json_depth, plan_tools
 from edge_runtime.core.sampling import schema_to_grammar
 from .errors import ApiError, bad_request
@@ -57,7 +58,18 @@ class VideoPart(_Model):
     video_url: URL
 
 
-Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+class ImageRefPart(_Model):
+    """An image by its digest alone, as a restored conversation gives it back (GET /v1/conversations/{id}
+    of one saved without its data: URI, e.g. by VisionChat): usable while the server still holds the
+    image in a slot's cells or an encoder cache, else a 409 asking for its pixels."""
+
+    type: Literal["image"]
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    width: int = Field(ge=1, le=1 << 16)
+    height: int = Field(ge=1, le=1 << 16)
+
+
+Part = Annotated[Union[TextPart, ImagePart, ImageRefPart, VideoPart], Field(discriminator="type")]
 
 
 class FunctionCall(_Model):
@@ -430,13 +442,19 @@ def _schema_grammar(schema: dict[str, Any] | None, where: str) -> str:
         raise bad_request(str(exc), where, "invalid_json_schema") from None
 
 
+def _template_part(part: Any) -> dict:
+    if isinstance(part, ImageRefPart):  # a pixel-less image: the engine finds it by its digest
+        return {"type": "image", "image": ImageInput(part.digest, part.width, part.height)}
+    return part.model_dump(exclude_none=True)
+
+
 def template_messages(req: ChatRequest) -> list[dict]:
     """Plain dicts in the shape `messages.split_messages` reads (developer -> system)."""
     out = []
     for message in req.messages:
         content = message.content
         if isinstance(content, list):
-            content = [part.model_dump(exclude_none=True) for part in content]
+            content = [_template_part(part) for part in content]
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content if content is not None else ""}
         if message.tool_calls:

@@ -260,6 +260,8 @@ class ImagePolicy:
     def load(self, src: Any, name: str, detail: str | None = None, share: int = 1, need: str = "") -> ImageInput:
         """An image_url value -> ImageInput (resized for its detail level, the images sharing its
         message and what the answer needs to see), refusing sources the server was not told to allow."""
+        if isinstance(src, ImageInput):  # a digest reference (schemas.ImageRefPart): no pixels to fetch or plan
+            return src
         plan = self.planner(detail or self.default_detail, share, need) if self.planner is not None else None
         try:
             return image_input(self._source(src, name, self.max_image_bytes, "image"), name, self.limits, plan)
