@@ -32,7 +32,7 @@ def store(text, mmproj, settings, workload="image"):
 
 def test_choice_follows_the_workloads_measure():
     """A fixed sweep table: the image workload takes each setting's lowest TTFT, the chat workload its
-    highest decode (at long context where measured), and a gain under 2% keeps the default."""
+    highest decode (at long context where measured), and a gain under 3% keeps the default."""
     points = [
         {"vary": "", "settings": {}, "ttft_s": 10.0, "decode_tok_s": 8.0, "decode_long_tok_s": 6.0},
         {"vary": "repack", "changes": {"repack": False}, "settings": {"repack": False}, "ttft_s": 8.0,
@@ -49,6 +49,24 @@ def test_choice_follows_the_workloads_measure():
     chat, why = choose(points, "chat")
     assert chat == {"flash_attn": False}  # 7.0 vs 6.0 tok/s at long context, though 7.9 vs 8.0 at short
     assert "long-context" in why["flash_attn"]
+
+
+def test_winners_that_cannot_combine_keep_the_larger_gain_and_encoder_settings_stay_out_of_chat():
+    """llama.cpp refuses a quantized V cache without flash attention: when both won apart, the smaller
+    gain goes back to its default; the projector's flash attention never decides text decode."""
+    points = [
+        {"vary": "", "settings": {}, "ttft_s": 10.0, "decode_tok_s": 20.0, "decode_long_tok_s": 10.0},
+        {"vary": "flash_attn", "changes": {"flash_attn": False}, "settings": {"flash_attn": False}, "ttft_s": 11.0,
+         "decode_tok_s": 21.0, "decode_long_tok_s": 14.0},
+        {"vary": "mmproj_flash_attn", "changes": {"mmproj_flash_attn": False}, "settings": {"mmproj_flash_attn": False},
+         "ttft_s": 10.5, "decode_tok_s": 25.0},
+        {"vary": "kv", "changes": {"kv_cache_type_k": "q8_0", "kv_cache_type_v": "q8_0"}, "settings": {"kv": "q8_0"},
+         "ttft_s": 10.2, "decode_tok_s": 22.0},
+    ]
+    chat, why = choose(points, "chat")
+    assert chat == {"flash_attn": False}  # 1.4x at long context beats KV q8_0's 1.1x
+    assert why["kv"].startswith("default kept: needs the other")
+    assert why["mmproj_flash_attn"].startswith("default kept")
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +88,13 @@ def test_tune_stores_every_measured_value_and_the_choice(tuned_run):
     assert stored["sweep"] == sweep  # the why: each measured value, as measured
     for p in sweep:
         assert p["image_tokens"] == 300 and p["ttft_s"] > 0 and p["decode_tok_s"] > 0
-    # the image workload's choice is, per setting, the lowest TTFT (or the default within 2%)
+    # the image workload's choice is, per setting, the lowest TTFT (or the default within 3%)
     base = sweep[0]
     for name in {p["vary"] for p in sweep[1:]}:
         tried = [p for p in sweep[1:] if p["vary"] == name]
         best = min(tried, key=lambda p: p["ttft_s"])
         chosen = stored["workloads"]["image"]["settings"]
-        if best["ttft_s"] * 1.02 < base["ttft_s"]:
+        if best["ttft_s"] * 1.03 < base["ttft_s"]:
             assert all(chosen[k] == v for k, v in best["changes"].items())
         elif all(p["ttft_s"] * 1.02 >= base["ttft_s"] for p in tried):
             assert not set(best["changes"]) & set(chosen)

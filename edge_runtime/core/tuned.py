@@ -31,6 +31,7 @@ log = logging.getLogger("edge_runtime")
 TUNED_FILE = "tuned-settings.json"
 FORMAT = "qwen3-vl-edge tuned settings 1"
 IMAGE, CHAT = "image", "chat"  # first-image TTFT decides / decode tok/s decides
+ENCODER_ONLY = ("mmproj_flash_attn",)  # settings of the image encoder alone
 WORKLOADS = (IMAGE, CHAT)
 # EngineOptions field -> (its "unset" value, the value a load without tuning resolves it to,
 # a check of a stored value): tuned values replace only the unset value.
@@ -149,7 +150,7 @@ def apply_tuned(options: Any, model_path: Path, mmproj_path: Path | None) -> tup
 
 # A measured value must beat the default's by this much to replace it: closer than that is the
 # noise of one measurement, and a default that is not wrong need not change.
-MARGIN = 0.02
+MARGIN = 0.03
 
 
 def choose(points: list[Mapping[str, Any]], workload: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -171,7 +172,11 @@ def choose(points: list[Mapping[str, Any]], workload: str) -> tuple[dict[str, An
     base = points[0]
     settings: dict[str, Any] = {}
     why: dict[str, str] = {}
+    gains: dict[str, float] = {}
     for name in dict.fromkeys(p["vary"] for p in points[1:]):
+        if workload == CHAT and name in ENCODER_ONLY:  # text decode never runs the encoder: noise only
+            why[name] = "default kept (the image encoder's setting; text decode does not use it)"
+            continue
         tried = [base] + [p for p in points[1:] if p["vary"] == name]
         long = workload == CHAT and all(p.get("decode_long_tok_s") for p in tried)
         best = max(tried, key=lambda p: speed(p, long))
@@ -184,5 +189,20 @@ def choose(points: list[Mapping[str, Any]], workload: str) -> tuple[dict[str, An
             why[name] = f"default kept ({measured} {unit})"
         else:
             settings.update(best["changes"])
+            gains[name] = speed(best, long) / speed(base, long)
             why[name] = f"{best['settings'][name]} ({measured} {unit})"
+    _drop_conflicts(settings, why, gains)
     return settings, why
+
+
+def _drop_conflicts(settings: dict[str, Any], why: dict[str, str], gains: Mapping[str, float]) -> None:
+    """Winners measured one at a time may not combine: llama.cpp needs flash attention for a quantized V
+    cache, so of text flash attention off and a quantized KV the smaller gain goes back to its default."""
+    if settings.get("flash_attn") is False and settings.get("kv_cache_type_v", "f16") not in ("f16", "bf16", "f32"):
+        loser = "kv" if gains.get("kv", 1.0) <= gains.get("flash_attn", 1.0) else "flash_attn"
+        if loser == "kv":
+            settings.pop("kv_cache_type_k", None)
+            settings.pop("kv_cache_type_v", None)
+        else:
+            settings.pop("flash_attn")
+        why[loser] = f"default kept: needs the other ({why[loser]}; a quantized V cache needs flash attention)"
