@@ -24,26 +24,26 @@ profile splits the decode steps' time into llama_decode, sampling, logits handli
 the loop (Python bookkeeping). Targets (issue 25): N at once >= 0.9x llama.cpp's
 N-sequence decode and >= 1.2x edge-serve's one stream.
 
-Measured on a busy machine (2-core AMD EPYC at load average 11-15 from other jobs,
-so the rates are noise; `--synthetic 2b --repeats 2 --threads 1`, q4_k_m), before
-(per-token messages, llama.cpp's sampler for every answer) and after (one message a
-step, one argmax over the step's logits block), two runs after; a quiet machine's
-figures replace these:
+Measured on a quiet 2-core AMD EPYC (Zen 4), `--synthetic 2b` (q4_k_m, defaults, 2
+threads, best of 3 rounds), after the fixes (one message a step, one argmax over the
+step's logits block):
 
 \b
-    decode tok/s                          before    after   after (2)
-    llama.cpp, 1 sequence                   3.97     5.58     8.21
-    llama.cpp, 4 sequences                  3.58     6.73     8.34
-    edge-serve, 4 one at a time             3.02     7.81     7.65
-    edge-serve, 4 at once                   3.97     6.64     9.78
-    4 at once / llama.cpp's 4 sequences    1.11x    0.99x    1.17x
-    4 at once / one at a time              1.32x    0.85x    1.28x
-    ms per step, 4 at once: llama_decode  870.12   571.12   373.00
-      sampling                              6.32     0.39     0.19
-      logits handling                       1.17     0.66     0.36
-      detokenizing                          0.95     0.46     0.56
-      messages                              1.43     0.03     0.05
-      bookkeeping                           1.38     0.84     2.71
+    decode tok/s                              quiet, after
+    llama.cpp, 1 sequence                        32.84
+    llama.cpp, 4 sequences                       43.06
+    edge-serve, 4 one at a time                  32.68
+    edge-serve, 4 at once (mean batch 3.81)      43.34
+    4 at once / llama.cpp's 4 sequences          1.01x   (target >= 0.9x)
+    4 at once / one at a time                    1.33x   (target >= 1.2x)
+    end to end, 4 at once / one at a time        1.73x
+    ms per step, 4 at once: llama_decode 87.23 (99%), sampling 0.12, logits 0.12,
+      detokenizing 0.07, messages 0.12, bookkeeping 0.17
+
+Before the fixes (a busy machine, load 11-15, `--threads 1`, so only its shares
+count): sampling 6.32 ms a step (llama.cpp's sampler copies the 151,936-entry row
+per answer), messages 1.43 ms (one per token), 4 at once 0.70x one at a time in the
+issue's quiet run, where steps carrying prompt chunks also counted as decode.
 """
 from __future__ import annotations
 
