@@ -62,6 +62,11 @@ def test_developer_role_and_parts_reach_the_template_shape():
     (b'{"messages": [{"role": "user", "content": "x"}], "n_predict": 0}', "n_predict", "invalid_value"),
     (b'{"messages": [{"role": "user", "content": "x"}], "mirostat": 2}', "mirostat", "unknown_parameter"),
     (b'{"messages": [{"role": "user", "content": "x"}], "foo": NaN}', "foo", "unknown_parameter"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f", '
+     b'"parameters": {"type": "object", "properties": {"x": {"type": "number", "minimum": NaN}}}}}]}',
+     "tools", "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": '
+     b'{"name": "s", "schema": {"type": "number", "maximum": -Infinity}}}}', "response_format", "invalid_value"),
 ])
 def test_bad_requests_name_the_field(body, param, code):
     with pytest.raises(ApiError) as info:

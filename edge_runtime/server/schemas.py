@@ -274,10 +274,33 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     data = load_json(body)
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    fields = known_fields(data)
+    for name, value in fields.items():  # free-form JSON (tools' schemas, json_schema): typed fields refuse NaN
+        where = _non_finite(value, name)
+        if where is not None:
+            raise bad_request(f"{where} is NaN or infinite: JSON has no such numbers; give a finite number", name)
     try:
-        return ChatRequest.model_validate(known_fields(data))
+        return ChatRequest.model_validate(fields)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity in `value` (json.loads takes the literals NaN and Infinity
+    without calling the number hooks); None if every number is finite. Depth is bounded by load_json."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, v in items:
+        found = _non_finite(v, sub)
+        if found is not None:
+            return found
+    return None
 
 
 def known_fields(data: dict[str, Any]) -> dict[str, Any]:
