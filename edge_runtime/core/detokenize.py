@@ -7,7 +7,7 @@ from functools import cached_property
 from edge_llama import Model
 from edge_models import chat_format
 
-from edge_runtime.core.template import ThinkFilter
+from edge_runtime.core.template import ThinkFilter, partial_suffix_len
 
 
 class PieceTable:
@@ -69,24 +69,13 @@ class StopMatcher:
             self._pending = ""
             self.stopped = True
             return buf[:cut], True
-        keep = _longest_partial_suffix(buf, self._stops)
+        keep = partial_suffix_len(buf, self._stops)
         self._pending = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
-
-
-def _longest_partial_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 class TextPipeline:

@@ -211,8 +211,9 @@ def strip_think(text: str) -> str:
     return stripped.lstrip() if not text[: first.start()].strip() else stripped
 
 
-def _partial_tag_len(buf: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of buf that could still grow into one of tags."""
+def partial_suffix_len(buf: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of buf that could still grow into one of tags (a <think> tag, a
+    stop string): what a stream holds back until the next piece decides."""
     best = 0
     for tag in tags:
         for n in range(min(len(tag) - 1, len(buf)), best, -1):
@@ -261,7 +262,7 @@ class ThinkFilter:
             if self._inside:
                 end = self._buf.find(THINK_CLOSE)
                 if end < 0:
-                    keep = _partial_tag_len(self._buf, (THINK_CLOSE,))
+                    keep = partial_suffix_len(self._buf, (THINK_CLOSE,))
                     self._reason(self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
@@ -284,7 +285,7 @@ class ThinkFilter:
                 self._inside = tag == THINK_OPEN
                 self._skip_ws = not self._inside
                 continue
-            keep = _partial_tag_len(self._buf, (THINK_OPEN, THINK_CLOSE))
+            keep = partial_suffix_len(self._buf, (THINK_OPEN, THINK_CLOSE))
             visible = self._buf[: len(self._buf) - keep]
             if not self._shown and not visible.strip():
                 break  # hold leading whitespace: it goes if a think block follows
