@@ -62,11 +62,15 @@ mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc
 update-binfmts --enable qemu-aarch64
 [ "$(cat /proc/sys/fs/binfmt_misc/qemu-aarch64 | head -1)" = enabled ]
 
+# A cold cache builds the root (mostly downloads and dpkg under the emulator) in the background
+# while the cross build keeps both cores busy: the two overlap instead of adding up.
+root_pid=""
 if [ ! -x "$root/usr/bin/python3" ]; then
-    step "root: mmdebstrap bookworm arm64 ($ROOT_PACKAGES) into $root"
+    step "root: mmdebstrap bookworm arm64 ($ROOT_PACKAGES) into $root (background, log $root.log)"
     rm -rf "$root.tmp" && mkdir -p "$(dirname "$root")"
-    mmdebstrap --quiet --arch=arm64 --variant=apt --include="$ROOT_PACKAGES" bookworm "$root.tmp"
-    mv "$root.tmp" "$root"
+    mmdebstrap --quiet --arch=arm64 --variant=apt --include="$ROOT_PACKAGES" bookworm "$root.tmp" \
+        >"$root.log" 2>&1 &
+    root_pid=$!
 else
     step "root: reusing $root"
 fi
@@ -79,6 +83,12 @@ if ! ls "$wheels"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; the
     "$here/build_llama.sh" "$wheels" "$sdist"
 else
     step "llama-cpp-python $LLAMA_CPP_VERSION for aarch64 [$LLAMA_FLAGS]: reusing $wheels"
+fi
+
+if [ -n "$root_pid" ]; then
+    step "root: waiting for mmdebstrap"
+    wait "$root_pid" || { cat "$root.log" >&2; echo "mmdebstrap failed (log above: $root.log)" >&2; exit 1; }
+    mv "$root.tmp" "$root"
 fi
 
 step "x86: GGUF files (edge-convert), the torch-free tests, the parity reference"
