@@ -22,6 +22,7 @@ from .batch import Batch
 from .backend import capture, ensure_backend, log_suffix, take_errors
 from .errors import LlamaError, LlamaLoadError
 from .gguf_check import check_gguf
+from .kv_pages import anonymous_mappings, host_kv_bytes, release_zeroed_kv
 from .hardware import physical_cores
 from .owned import Owned
 from .params import LoadOptions, build_model_params
@@ -131,6 +132,7 @@ class ContextOptions:
     flash_attn: int = FLASH_ATTN_AUTO
     no_perf: bool = True
     eval_callback: Any = None  # a ggml scheduler eval callback (graph_watch.GraphWatch.callback)
+    lazy_kv: bool = True  # hand llama.cpp's zeroed KV pages back until used (kv_pages; Linux)
 
 
 # llama_decode's return codes (llama.h); the one table of them
@@ -149,7 +151,10 @@ class Context(Owned):
         if options.eval_callback is not None:
             p.cb_eval = options.eval_callback
         take_errors()
-        self.ptr = L.llama_init_from_model(model.ptr, p)
+        before = anonymous_mappings() if options.lazy_kv else set()
+        with capture() as cap:
+            self.ptr = L.llama_init_from_model(model.ptr, p)
+        self.kv_released_bytes = release_zeroed_kv(before, host_kv_bytes(cap.text)) if self.ptr and before else 0
         if not self.ptr:
             errors = take_errors()
             raise LlamaLoadError(f"{model.path}: llama.cpp could not create a context (n_ctx={options.n_ctx})"

@@ -29,7 +29,7 @@ LLAMA_FLAGS="-DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL
 # default 512-bit SVE (max), where ggml's vector-length-generic SVE paths run and repacking falls
 # back to the i8mm layouts.
 PROFILES=(cortex-a76 "max,sve=off" "max,sve-max-vq=2" max)
-ARM64_PYTEST_ARGS=${ARM64_PYTEST_ARGS-tests/test_hardware.py tests/test_engine_units.py tests/test_edge_llama.py tests/test_chat.py tests/test_saved_conversation.py}
+ARM64_PYTEST_ARGS=${ARM64_PYTEST_ARGS-tests/test_hardware.py tests/test_engine_units.py tests/test_edge_llama.py tests/test_kv_pages.py tests/test_chat.py tests/test_saved_conversation.py}
 root=$cache/root/bookworm_$ROOT_PACKAGES
 wheels=$cache/llama-cpp-python-$LLAMA_CPP_VERSION/$(echo "$LLAMA_FLAGS" | sed 's/-D//g; s/ /_/g')
 run=$cache/run  # this run's GGUF files and results (replaced each run)
