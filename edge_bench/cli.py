@@ -266,19 +266,23 @@ def parse_extra_bufts(text: str, amx: str) -> tuple[str, ...]:
 
 def run_images(model_dir, synthetic, cache_dir, quant, mmproj_quant, kv_types, n_ctx, repeats, threads,
                with_transformers, timeout, json_path, quiet, log, must_show=False) -> None:
+    from edge_llama.hardware import fastest_projector_type, this_cpuinfo
+    from edge_llama.offload import gpu_offload_available
+
     from .image_bench import PROJECTOR_TYPES, ImageBenchSetup, image_bench_markdown, run_image_bench
     from .machine import detect
     from .models import BenchSetupError
 
+    auto_q = fastest_projector_type(this_cpuinfo(), gpu_offload_available())[0]
     try:
         models, q, proj = resolve_models(model_dir, synthetic, cache_dir, quant, mmproj_quant, quiet, log,
-                                         extra_mmproj=() if must_show else PROJECTOR_TYPES)
+                                         extra_mmproj=(auto_q,) if must_show else PROJECTOR_TYPES)
         setup = ImageBenchSetup(
             text=models.text_path(q[0]), mmproj=models.mmproj_path(proj), projectors=dict(models.mmproj),
             mmproj_float=models.reference[1] if models.reference else None, hf_dir=models.hf_dir,
             threads=threads, kv=parse_kv(kv_types)[0],
             n_ctx=n_ctx, repeats=min(repeats, 2), transformers=with_transformers, timeout=timeout,
-            must_show=must_show)
+            must_show=must_show, auto_mmproj=(auto_q, models.mmproj[auto_q]) if auto_q in models.mmproj else None)
         cases = run_image_bench(setup, log)
     except (BenchSetupError, ValueError, RuntimeError) as exc:
         fail(str(exc))

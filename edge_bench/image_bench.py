@@ -64,6 +64,7 @@ class ImageBenchSetup:
     timeout: float = 1800.0
     projectors: dict[str, Path] = field(default_factory=dict)  # type -> projector GGUF, for the comparison
     must_show: bool = False  # only the cases the targets read (a few minutes on 2 cores)
+    auto_mmproj: tuple[str, Path] | None = None  # (type, file) edge-convert --mmproj-quant auto picks here
 
 
 def _run(case: dict, timeout: float) -> dict:
@@ -103,6 +104,10 @@ def run_image_bench(setup: ImageBenchSetup, log: Log) -> dict:
         # the rates measured by the first; its peak RSS is the photo ask's at n_ctx 4096.
         cases["fresh"] = case("4032x3024, fresh process and device, runtime defaults (f16 KV): asks 1-3", photo,
                               repeats=3, kv_cache_type="f16", cost_cache_dir=str(work / "fresh-cost"))
+        if setup.auto_mmproj is not None and setup.auto_mmproj[1] != setup.mmproj:
+            q, path = setup.auto_mmproj
+            cases["auto-projector"] = case(f"640x480 at 300 tokens, {q} projector (--mmproj-quant auto here)", small,
+                                           image_max_tokens=4096, mmproj=str(path))
         if setup.must_show:
             if setup.transformers and setup.hf_dir is not None:
                 cases["transformers"] = case("transformers bf16, 640x480 (300 tokens)", small, mode="transformers")
@@ -228,7 +233,7 @@ def image_bench_markdown(cases: dict, machine: str, settings: str = "") -> str:
     if hf:
         lines.append(f"- First-image TTFT at {hf['image_tokens']} image tokens against transformers bf16 (each a "
                      "fresh process; the first ask pays one-time set-up on both sides, the second is warm):")
-        for key in ("640x480@300", "fast"):
+        for key in ("640x480@300", "auto-projector", "fast"):
             if key in cases:
                 lines.append("  - " + transformers_ratio(cases[key], hf))
     for key in ("640x480", "4032x3024"):

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -414,6 +415,10 @@ def test_cli_images_scenarios(tiny_f16_dir, tmp_path):
     assert profiles["f16"]["cosine_mean"] == pytest.approx(1.0) and profiles["f16"]["reference"] == "f16"
     assert 0.9 < profiles["q4_k"]["cosine_worst"] < 1.0  # quantized: close to, not equal to, the float one
     assert cases["fast"]["ttft_s"] > 0 and "weights not repacked" in cases["fast"]["name"]
+    # the projector --mmproj-quant auto picks on this CPU: bf16 where the flags have AVX-512 BF16, else q6_k
+    auto = "bf16" if " avx512_bf16" in Path("/proc/cpuinfo").read_text() else "q6_k"
+    assert cases["auto-projector"]["mmproj"].endswith(f"-{auto}.gguf") and cases["auto-projector"]["ttft_s"] > 0
+    assert f"{auto} projector (--mmproj-quant auto here)" in output
     assert "| attention | FLASH_ATTN_EXT |" in output and "| q8_0 |" in output
     # the phone photo in a fresh process: planned from the load-time calibration, asked three times,
     # each at least auto's floor (the photo's native budget is the processor's 16384-token cap, here

@@ -88,6 +88,8 @@ def test_tune_stores_every_measured_value_and_the_choice(tuned_run):
     assert stored["sweep"] == sweep  # the why: each measured value, as measured
     for p in sweep:
         assert p["image_tokens"] == 300 and p["ttft_s"] > 0 and p["decode_tok_s"] > 0
+        assert len(p["samples"]) == 2  # the sweep forward, then backward: each point keeps its best
+        assert p["ttft_s"] == min(t for t, _ in p["samples"]) and p["decode_tok_s"] == max(d for _, d in p["samples"])
     # the image workload's choice is, per setting, the lowest TTFT (or the default within 3%)
     base = sweep[0]
     for name in {p["vary"] for p in sweep[1:]}:
