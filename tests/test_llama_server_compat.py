@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from edge_models.qwen3vl.synthetic import SyntheticSpec
-from support.logprobs import assert_logprobs_match, reference_logprobs
+from support.logprobs import LOGPROB_TOL, assert_logprobs_match, reference_logprobs
 from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
@@ -501,9 +501,9 @@ def test_logprobs_do_not_see_temperature_or_top_k(server, model_dir):
     assert res.status_code == 200, res.text
     first = res.json()["choices"][0]["logprobs"]["content"][0]
     assert [t["bytes"] for t in first["top_logprobs"]] == [t["bytes"] for t in want]
-    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx([t["logprob"] for t in want], abs=2e-3)
+    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx([t["logprob"] for t in want], abs=LOGPROB_TOL)
     sampled = next(t for t in want if t["bytes"] == first["bytes"])
-    assert first["logprob"] == pytest.approx(sampled["logprob"], abs=2e-3)
+    assert first["logprob"] == pytest.approx(sampled["logprob"], abs=LOGPROB_TOL)
 
 
 @pytest.mark.parametrize("extra,param", [({"top_logprobs": 2}, "top_logprobs"),

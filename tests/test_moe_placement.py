@@ -182,6 +182,7 @@ def test_edge_serve_and_bench_take_the_flags(moe_dir):
     assert all(flag in helped.output for flag in ("--cpu-moe", "--n-cpu-moe", "--override-tensor"))
 
 
+@pytest.mark.torch  # the Hugging Face MoE checkpoint --plan reads is built with torch
 def test_edge_convert_plan_rpc_experts_match_llama_cpps_buffers(artifacts, moe_dir, workers):
     """--plan --rpc --n-cpu-moe 2: each worker's weights equal the buffer llama.cpp allocated on it."""
     from edge_app.cli import main as convert_main
@@ -206,6 +207,7 @@ def test_edge_convert_plan_rpc_experts_match_llama_cpps_buffers(artifacts, moe_d
 # ------------------------------------------------------------ edge-bench's transformers party
 
 
+@pytest.mark.torch
 def test_edge_bench_transformers_party_runs_the_moe_class(artifacts):
     """The transformers baseline loads an MoE checkpoint with transformers' MoE class (through the family
     registry) and times its greedy tokens."""

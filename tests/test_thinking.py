@@ -265,6 +265,7 @@ def test_bad_reasoning_fields_are_refused(server, field, value):
 # --- the page --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.browser
 def test_page_streams_reasoning_into_a_folded_block(server):
     """The page's answer shows the reasoning folded (<details>), filled while the answer streams;
     its text is what the API returns as reasoning_content for the same request."""
