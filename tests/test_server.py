@@ -20,6 +20,7 @@ import pytest
 from edge_models.qwen3vl.synthetic import SyntheticSpec
 from edge_runtime import VisionChat
 from edge_runtime.server.metrics import parse_metrics
+from support.logprobs import F16_SUMS_IN_F16
 from support.server import ServerProcess
 
 SPEC = SyntheticSpec(tied=False, seed=3)
@@ -228,7 +229,12 @@ def test_concurrent_requests_equal_their_single_request_answers(client, server, 
 
     with ThreadPoolExecutor(len(cases)) as pool:
         answers = list(pool.map(ask, cases))
-    assert answers == expected
+    # Where f16 products are summed in f16 (ARM's FP16_VA kernels), a row's logits move by ~1e-3 with
+    # the rows that share its batch (support/logprobs.py): greedy answers hold, a temperature-0.9 draw
+    # may part. x86 sums in f32 and every answer, sampled ones too, is exact.
+    exact = len(PROMPTS) + 1 if F16_SUMS_IN_F16 else len(cases)
+    assert answers[:exact] == expected[:exact]
+    assert all(answers[exact:]), "every sampled answer has text"
     assert len(set(expected)) > len(PROMPTS) // 2  # the prompts really lead to different answers
     after = metrics(server)
     steps = after["edge_decode_steps_total"] - before["edge_decode_steps_total"]
