@@ -18,7 +18,7 @@ import pytest
 
 from edge_llama import Context, ContextOptions, Model
 from edge_llama.backend import capture
-from edge_llama.kv_pages import PAGE, host_kv_bytes, runs
+from edge_llama.kv_pages import MADV_DONTNEED, PAGE, host_kv_bytes, libc, runs
 from edge_llama.objects import FLASH_ATTN_OFF, FLASH_ATTN_ON
 
 N_CTX = 32768  # the tiny model keeps 512 bytes a cell: a 16 MiB cache, plain to see in RssAnon
@@ -33,15 +33,13 @@ def rss_anon() -> int:
 
 def madvise_frees_pages() -> bool:
     """Whether this kernel (not an emulator that ignores the hint) drops a written anonymous page."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib = libc()
     buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.write(b"\1")
     view = ctypes.c_char.from_buffer(buf)
     addr, flag = ctypes.addressof(view), np.zeros(1, np.uint8)
-    libc.madvise(addr, PAGE, 4)
-    libc.mincore(addr, PAGE, flag.ctypes.data)
+    lib.madvise(addr, PAGE, MADV_DONTNEED)
+    lib.mincore(addr, PAGE, flag.ctypes.data)
     gone = not flag[0] & 1 and buf[0] == 0
     del view
     buf.close()
