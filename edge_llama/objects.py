@@ -151,7 +151,7 @@ class Context(Owned):
         if options.eval_callback is not None:
             p.cb_eval = options.eval_callback
         take_errors()
-        before = anonymous_mappings() if options.lazy_kv else set()
+        before = anonymous_mappings() if options.lazy_kv else []
         with capture() as cap:
             self.ptr = L.llama_init_from_model(model.ptr, p)
         self.kv_released_bytes = release_zeroed_kv(before, host_kv_bytes(cap.text)) if self.ptr and before else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import os
 import sys
 
 import numpy as np
@@ -18,7 +19,8 @@ import pytest
 
 from edge_llama import Context, ContextOptions, Model
 from edge_llama.backend import capture
-from edge_llama.kv_pages import MADV_DONTNEED, PAGE, host_kv_bytes, libc, runs
+from edge_llama.kv_pages import (MADV_DONTNEED, PAGE, host_kv_bytes, libc, new_spans, open_own_memory, runs,
+                                  zero_pages)
 from edge_llama.objects import FLASH_ATTN_OFF, FLASH_ATTN_ON
 
 N_CTX = 32768  # the tiny model keeps 512 bytes a cell: a 16 MiB cache, plain to see in RssAnon
@@ -110,3 +112,35 @@ def test_logits_are_bit_identical_to_a_cache_kept_resident(text_path, flash_attn
     (lazy_a, lazy_b), (kept_a, kept_b) = results
     assert np.isfinite(lazy_a).all() and np.abs(lazy_a).max() > 0
     assert np.array_equal(lazy_a, kept_a) and np.array_equal(lazy_b, kept_b)
+
+
+def test_new_spans_cut_out_what_was_mapped_before():
+    """The kernel merges a new mapping with an old neighbour into one line: only the new part is ours."""
+    assert new_spans([(10, 20)], [(10, 30), (40, 50)]) == [(20, 30), (40, 50)]
+    assert new_spans([(10, 20), (25, 28)], [(5, 30)]) == [(5, 10), (20, 25), (28, 30)]
+    assert new_spans([(0, 100)], [(0, 100)]) == []
+    assert new_spans([], [(1, 2)]) == [(1, 2)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/mem: Linux")
+def test_pages_read_through_proc_self_mem_and_an_unmapped_span_is_no_crash():
+    """Zero pages are found as numpy sees them; a span unmapped since /proc/self/maps was read is a
+    failed read (no page of it counts as zero), not the segmentation fault a pointer read would be."""
+    fd = open_own_memory()
+    if fd is None:
+        pytest.skip("/proc/self/mem does not read this process's own addresses here (an emulator's host memory)")
+    try:
+        n = 8
+        buf = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for page in (1, 4, 5):
+            buf[page * PAGE + 123] = 7
+        view = ctypes.c_char.from_buffer(buf)
+        addr = ctypes.addressof(view)
+        expected = ~np.frombuffer(buf, np.uint8).reshape(n, PAGE).any(axis=1)
+        scratch = np.empty(3 * PAGE // 8, np.uint64)  # blocks smaller than the span: the block loop is used
+        assert zero_pages(fd, addr, n, scratch).tolist() == expected.tolist()
+        del view
+        buf.close()  # munmap: the same addresses are gone now
+        assert not zero_pages(fd, addr, n, scratch).any()
+    finally:
+        os.close(fd)
