@@ -46,6 +46,19 @@ def pytest_configure(config):
         "arm64 root) skipped with the reason")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the log of every edge-serve still running: a dropped connection
+    or a 500 is explained there, and the log file is deleted when the server stops."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        from support.server import ServerProcess
+
+        for server in list(ServerProcess.running):
+            report.sections.append((f"edge-serve log (port {server.port}, last 8000 characters)", server.log_text()))
+
+
 def pytest_collection_modifyitems(config, items):
     """Without torch, tests marked `torch` (or using the HF checkpoint fixture) are deselected, and
     pytest's summary counts them: the runtime-only install runs every other test."""

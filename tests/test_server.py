@@ -6,6 +6,7 @@ between prompts); answers are compared with `VisionChat` run in this process.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -96,6 +97,20 @@ def metrics(server):
 
 
 # ---------------------------------------------------------------- the openai client
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server):
+    """A connection left idle past httpx's 5 s keep-alive expiry (the openai SDK's) is still open: the
+    server never closes a connection a client may be reusing at that moment."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        time.sleep(6.0)
+        conn.request("GET", "/health")  # the same socket: HTTPConnection reconnects only once closed
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
 
 
 def test_health_and_models(server, client):

@@ -141,6 +141,13 @@ def server_options(target: Path, mmproj: Path | None, flash_attn: bool | str, se
                          **flags.image_settings(settings, user_cache_dir()), **settings)
 
 
+# Idle keep-alive connections are closed by the server only after clients let them go: httpx (the
+# openai SDK's transport) drops a pooled connection after 5 s idle, uvicorn's default closes it after
+# 5 s too, so a request sent on a connection idle for just about 5 s met a socket the server was
+# closing ("Server disconnected without sending a response"). nginx's default keepalive_timeout.
+KEEP_ALIVE_S = 75
+
+
 def serve(options: ServerOptions, log_level: str = "info", sock: socket.socket | None = None) -> None:
     import uvicorn
 
@@ -149,7 +156,7 @@ def serve(options: ServerOptions, log_level: str = "info", sock: socket.socket |
     click.echo(f"edge-serve: http://{options.host}:{options.port}/v1 ({options.parallel} slot(s); "
                "GET /health says when the model is loaded)", err=True)
     config = uvicorn.Config(create_app(options), host=options.host, port=options.port, log_level=log_level,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S)
     uvicorn.Server(config).run(sockets=[sock if sock is not None else listen_socket(options.host, options.port)])
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,8 @@ def free_port() -> int:
 
 class ServerProcess:
     """`with ServerProcess(model_dir, "--parallel", "4") as server: server.url("/v1")`."""
+
+    running: "weakref.WeakSet[ServerProcess]" = weakref.WeakSet()  # their logs go with a failing test's report
 
     def __init__(self, model_dir: str | Path, args: Sequence[str] = (), *, env: dict[str, str] | None = None,
                  startup_timeout_s: float = 180.0, root: Path = REPO_ROOT) -> None:
@@ -57,6 +60,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "edge_runtime.server", str(self.model_dir), "--port", str(self.port),
                "--log-level", "warning", *self.args]
         self._proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        ServerProcess.running.add(self)
         try:
             self.wait_ready()
         except BaseException:  # the exception carries the log; nothing is left behind
@@ -80,6 +84,7 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         proc, self._proc = self._proc, None
+        ServerProcess.running.discard(self)
         if proc is None:
             return None
         if proc.poll() is None:
