@@ -46,7 +46,7 @@ _KV_LINE = re.compile(r"\b(CPU\w*) KV buffer size =\s*([0-9.]+) MiB")
 _MIN_SHARE = 0.99
 
 Mapping = tuple[int, int]  # [start, end) of an anonymous private read-write mapping
-BLOCK = 32 << 20  # bytes read per /proc/self/mem call
+BLOCK = 1 << 20  # bytes per /proc/self/mem read: a small scratch stays in cache (1 MiB: 448 MiB in ~0.1 s)
 
 
 def host_kv_bytes(load_log: str) -> list[int]:
